@@ -1,0 +1,143 @@
+//! Wiring: builds the pool, sink, sources and HTTP server from the
+//! configuration, runs them until shutdown, and shuts down in order
+//! (stop reading, flush the open batch, acknowledge, exit).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::db::{self, Partitions};
+use crate::http::{self, HttpState};
+use crate::sink::{PostgresSink, SinkSettings};
+use crate::source::{self, stream::StreamSource};
+use crate::telemetry::Metrics;
+
+/// Runs the worker until `shutdown` fires (or a fatal start-up error).
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let policy = Arc::new(config.validation_policy()?);
+    if policy.hmac_keys.is_empty() {
+        tracing::warn!("no HMAC keys configured: event signatures are stored but not verified (set integrity.hmac_keys)");
+    } else {
+        tracing::info!(keys = ?policy.hmac_keys.ids(), "HMAC keys loaded");
+    }
+
+    let pool = db::connect_pool(&config).await?;
+    if config.database.migrate_on_start {
+        let applied = db::migrate(&config).await?;
+        if !applied.is_empty() {
+            tracing::info!(?applied, "migrations applied");
+        }
+    }
+    let partitions = Arc::new(Partitions::default());
+    {
+        let client = pool
+            .get()
+            .await
+            .context("getting a connection for partition upkeep")?;
+        partitions
+            .ensure_ahead(&client, config.database.partitions_ahead_months)
+            .await
+            .context("creating monthly partitions (did `audit-worker migrate` run?)")?;
+    }
+    let upkeep = tokio::spawn(partition_upkeep(
+        pool.clone(),
+        partitions.clone(),
+        config.database.partitions_ahead_months,
+        shutdown.clone(),
+    ));
+
+    let client = source::redis_client(&config.redis)?;
+    let commands = source::command_connection(&client, &config.redis).await?;
+
+    let http_stop = CancellationToken::new();
+    let http_task = http::serve(
+        &config.http.listen,
+        HttpState {
+            metrics: metrics.clone(),
+            redis: commands.clone(),
+            pool: pool.clone(),
+        },
+        http_stop.clone(),
+    )
+    .await?;
+
+    let sink = PostgresSink::spawn(
+        pool.clone(),
+        partitions,
+        SinkSettings::from_config(&config.sink),
+        metrics.clone(),
+    );
+    let mut sources = tokio::task::JoinSet::new();
+    if config.stream.enabled {
+        let stream = StreamSource::new(
+            &config,
+            client.clone(),
+            commands.clone(),
+            policy.clone(),
+            sink.handle(),
+            metrics.clone(),
+        );
+        sources.spawn(stream.run(shutdown.clone()));
+    }
+    tracing::info!("audit-worker running");
+
+    while let Some(r) = sources.join_next().await {
+        if let Err(e) = r {
+            tracing::error!(error = %e, "a source task failed");
+        }
+    }
+    tracing::info!("sources stopped; flushing the sink");
+    sink.finish().await;
+    let _ = upkeep.await;
+    http_stop.cancel();
+    let _ = http_task.await;
+    tracing::info!("audit-worker stopped cleanly");
+    Ok(())
+}
+
+/// Creates next months' partitions once an hour.
+async fn partition_upkeep(
+    pool: deadpool_postgres::Pool,
+    partitions: Arc<Partitions>,
+    ahead: u32,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let result = async {
+            let client = pool.get().await.map_err(|e| db::pool_error_cause(&e))?;
+            partitions
+                .ensure_ahead(&client, ahead)
+                .await
+                .map_err(|e| db::root_cause(&e))
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "partition upkeep failed; will retry in an hour");
+        }
+    }
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,204 @@
+//! PostgreSQL connection pool, migrations and partition upkeep.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono::{Datelike, NaiveDate, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+use crate::config::Config;
+
+refinery::embed_migrations!("migrations");
+
+/// A database problem phrased for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database unreachable at {target} ({cause}): start PostgreSQL or set AUDIT_WORKER__DATABASE__URL")]
+    Unreachable { target: String, cause: String },
+    #[error(
+        "database.url is not a valid PostgreSQL URL ({0}): use postgres://user@host:port/dbname"
+    )]
+    BadUrl(String),
+    #[error("migration failed: {0}")]
+    Migration(String),
+    #[error("database error: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("no database connection available: {0}")]
+    Pool(String),
+}
+
+/// Builds the tokio-postgres config from the settings: URL, password
+/// override, schema (as the connection's search_path) and timeouts.
+pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, DbError> {
+    let mut pg: tokio_postgres::Config = config
+        .database
+        .url
+        .expose()
+        .parse()
+        .map_err(|e: tokio_postgres::Error| DbError::BadUrl(e.to_string()))?;
+    if let Some(password) = config
+        .database_password()
+        .map_err(|e| DbError::BadUrl(e.to_string()))?
+    {
+        pg.password(password.expose());
+    }
+    pg.options(format!("-c search_path={}", config.database.schema));
+    pg.connect_timeout(Duration::from_secs(config.database.connect_timeout_secs));
+    pg.application_name("audit-worker");
+    Ok(pg)
+}
+
+/// `host:port` of the database, for messages (never the password).
+pub fn describe_target(pg: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let host = match pg.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}")
+}
+
+/// Creates the connection pool and checks that one connection works, so a
+/// wrong URL fails at start-up with a clear message instead of later.
+pub async fn connect_pool(config: &Config) -> Result<Pool, DbError> {
+    let pg = pg_config(config)?;
+    let target = describe_target(&pg);
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let pool = Pool::builder(manager)
+        .max_size(config.database.pool_size)
+        .wait_timeout(Some(Duration::from_secs(
+            config.database.connect_timeout_secs,
+        )))
+        .create_timeout(Some(Duration::from_secs(
+            config.database.connect_timeout_secs,
+        )))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| DbError::Pool(e.to_string()))?;
+    let client = pool.get().await.map_err(|e| DbError::Unreachable {
+        target: target.clone(),
+        cause: pool_error_cause(&e),
+    })?;
+    client.simple_query("SELECT 1").await?;
+    Ok(pool)
+}
+
+/// The root cause of a pool error, without the URL.
+pub fn pool_error_cause(e: &deadpool_postgres::PoolError) -> String {
+    use deadpool_postgres::PoolError;
+    match e {
+        PoolError::Backend(err) => {
+            let mut cause = err.to_string();
+            let mut source = std::error::Error::source(err);
+            while let Some(s) = source {
+                cause = s.to_string();
+                source = s.source();
+            }
+            cause
+        }
+        PoolError::Timeout(_) => "timed out".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Creates the schema if missing and applies pending migrations.
+pub async fn migrate(config: &Config) -> Result<Vec<String>, DbError> {
+    let pg = pg_config(config)?;
+    let target = describe_target(&pg);
+    let (mut client, connection) = pg.connect(NoTls).await.map_err(|e| DbError::Unreachable {
+        target,
+        cause: root_cause(&e),
+    })?;
+    let conn_task = tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{}\"",
+            config.database.schema
+        ))
+        .await?;
+    let report = migrations::runner()
+        .run_async(&mut client)
+        .await
+        .map_err(|e| DbError::Migration(e.to_string()))?;
+    let applied = report
+        .applied_migrations()
+        .iter()
+        .map(|m| m.to_string())
+        .collect();
+    drop(client);
+    let _ = conn_task.await;
+    Ok(applied)
+}
+
+/// The innermost error message (e.g. "Connection refused (os error 111)").
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        cause = s.to_string();
+        source = s.source();
+    }
+    cause
+}
+
+/// Keeps the set of monthly partitions known to exist, so a batch only pays
+/// for partition DDL the first time it meets a month.
+#[derive(Debug, Default)]
+pub struct Partitions {
+    known: Mutex<HashSet<NaiveDate>>,
+}
+
+impl Partitions {
+    /// Ensures a partition exists for every month in `months` (first days).
+    pub async fn ensure(
+        &self,
+        client: &deadpool_postgres::Client,
+        months: impl IntoIterator<Item = NaiveDate>,
+    ) -> Result<(), tokio_postgres::Error> {
+        let missing: Vec<NaiveDate> = {
+            let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+            months.into_iter().filter(|m| !known.contains(m)).collect()
+        };
+        for month in missing {
+            client
+                .execute("SELECT audit_log_ensure_partition($1)", &[&month])
+                .await?;
+            self.known
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(month);
+        }
+        Ok(())
+    }
+
+    /// Ensures the current month and `ahead` months after it exist.
+    pub async fn ensure_ahead(
+        &self,
+        client: &deadpool_postgres::Client,
+        ahead: u32,
+    ) -> Result<(), tokio_postgres::Error> {
+        let today = Utc::now().date_naive();
+        let months = (0..=ahead).map(|i| add_months(month_start(today), i));
+        self.ensure(client, months).await
+    }
+}
+
+/// First day of the month of `d`.
+pub fn month_start(d: NaiveDate) -> NaiveDate {
+    d.with_day(1).unwrap_or(d)
+}
+
+fn add_months(d: NaiveDate, n: u32) -> NaiveDate {
+    d.checked_add_months(chrono::Months::new(n)).unwrap_or(d)
+}

@@ -1,0 +1,745 @@
+//! The audit event: decoding and validation of the bytes a producer sent.
+//!
+//! The schema is the one the smart-logs `Audit.log()` SDK emits (DESIGN.md
+//! section 4). Decoding is pure: given the raw bytes, the limits and the
+//! current time it yields either a [`ValidEvent`] ready to store or a
+//! [`Rejection`] with a stable [`RejectReason`] code for the dead-letter
+//! stream. It never panics on input.
+
+use chrono::{DateTime, Duration, Utc};
+use serde_json::{Map, Value};
+
+use crate::integrity::{canonical_hash_v1, HashedFields, HmacKeyRing};
+
+/// Stable reason codes written to the `reason` field of a dead letter.
+///
+/// These strings are a contract with operators (dashboards, `dlq replay
+/// --reason`): add new ones, never rename old ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// Not valid UTF-8, not JSON, or not a JSON object.
+    InvalidJson,
+    /// A required field is missing, or a field has the wrong type or value.
+    InvalidEvent,
+    /// A string is longer than `validation.max_string_chars`.
+    StringTooLong,
+    /// A custom field nests deeper than `validation.max_custom_depth`.
+    NestingTooDeep,
+    /// The raw event is larger than `validation.max_event_bytes`.
+    TooLarge,
+    /// A string contains U+0000, which PostgreSQL cannot store in text/jsonb.
+    NulCharacter,
+    /// The timestamp lies outside the accepted window (too old, or in the future).
+    TimestampOutOfRange,
+    /// `hashAlgorithm` or `algorithm` names something other than SHA-256 / HMAC-SHA256.
+    UnsupportedAlgorithm,
+    /// The event carries no `hash` and `validation.require_hash` is on.
+    MissingHash,
+    /// The `hash` differs from canonical hash v1 of the event.
+    HashMismatch,
+    /// The event carries no `signature` and `validation.require_signature` is on.
+    MissingSignature,
+    /// No configured HMAC key produced the `signature`.
+    SignatureMismatch,
+    /// PostgreSQL refused the row for a reason no retry can fix.
+    DatabaseRejected,
+    /// The entry was delivered more than `max_deliveries` times without success.
+    MaxDeliveries,
+    /// The job name names a kind this worker does not handle.
+    UnknownKind,
+}
+
+impl RejectReason {
+    /// The stable code written to dead letters and metric labels.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "invalid_json",
+            Self::InvalidEvent => "invalid_event",
+            Self::StringTooLong => "string_too_long",
+            Self::NestingTooDeep => "nesting_too_deep",
+            Self::TooLarge => "too_large",
+            Self::NulCharacter => "nul_character",
+            Self::TimestampOutOfRange => "timestamp_out_of_range",
+            Self::UnsupportedAlgorithm => "unsupported_algorithm",
+            Self::MissingHash => "missing_hash",
+            Self::HashMismatch => "hash_mismatch",
+            Self::MissingSignature => "missing_signature",
+            Self::SignatureMismatch => "signature_mismatch",
+            Self::DatabaseRejected => "database_rejected",
+            Self::MaxDeliveries => "max_deliveries",
+            Self::UnknownKind => "unknown_kind",
+        }
+    }
+
+    /// Every reason, for documentation and for pre-registering metric labels.
+    pub const ALL: [RejectReason; 15] = [
+        Self::InvalidJson,
+        Self::InvalidEvent,
+        Self::StringTooLong,
+        Self::NestingTooDeep,
+        Self::TooLarge,
+        Self::NulCharacter,
+        Self::TimestampOutOfRange,
+        Self::UnsupportedAlgorithm,
+        Self::MissingHash,
+        Self::HashMismatch,
+        Self::MissingSignature,
+        Self::SignatureMismatch,
+        Self::DatabaseRejected,
+        Self::MaxDeliveries,
+        Self::UnknownKind,
+    ];
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// Why an event can never be stored: a stable code and a human sentence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub reason: RejectReason,
+    pub message: String,
+}
+
+impl Rejection {
+    /// Builds a rejection with its explanatory message.
+    pub fn new(reason: RejectReason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.reason.code(), self.message)
+    }
+}
+
+/// The limits and integrity policy that validation applies.
+#[derive(Debug, Clone)]
+pub struct ValidationPolicy {
+    /// Largest accepted raw event, in bytes.
+    pub max_event_bytes: usize,
+    /// Longest accepted string anywhere in the event, in Unicode characters.
+    pub max_string_chars: usize,
+    /// Deepest accepted nesting of a custom field (a scalar is depth 0,
+    /// `{"a":1}` is depth 1).
+    pub max_custom_depth: usize,
+    /// Oldest accepted event timestamp, relative to now.
+    pub max_event_age: Duration,
+    /// How far in the future a timestamp may lie (producer clock skew).
+    pub max_future_skew: Duration,
+    /// Reject events that carry no `hash`.
+    pub require_hash: bool,
+    /// Reject events that carry no `signature`.
+    pub require_signature: bool,
+    /// Keys that signatures are verified against.
+    pub hmac_keys: HmacKeyRing,
+}
+
+impl Default for ValidationPolicy {
+    fn default() -> Self {
+        Self {
+            max_event_bytes: 64 * 1024,
+            max_string_chars: 10_000,
+            max_custom_depth: 3,
+            max_event_age: Duration::days(3650),
+            max_future_skew: Duration::days(1),
+            require_hash: false,
+            require_signature: false,
+            hmac_keys: HmacKeyRing::default(),
+        }
+    }
+}
+
+/// Allowed values of `status`.
+pub const STATUSES: [&str; 3] = ["attempt", "success", "failure"];
+/// Allowed values of `dataClassification`.
+pub const DATA_CLASSIFICATIONS: [&str; 4] = ["PUBLIC", "INTERNAL", "CONFIDENTIAL", "PHI"];
+
+/// An event that passed validation and integrity checks, in the shape of an
+/// `audit_log` row (minus the source identity, which the source adds).
+///
+/// String fields hold exactly what the producer sent, so the stored row can
+/// be re-hashed later; `hash` is the verified (or, when absent, computed)
+/// canonical hash v1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidEvent {
+    pub event_id: Option<String>,
+    pub event_time: DateTime<Utc>,
+    pub timestamp_raw: String,
+    pub action: String,
+    pub status: String,
+    pub principal_id: Option<String>,
+    pub organization_id: Option<String>,
+    pub target_resource_type: Option<String>,
+    pub target_resource_id: Option<String>,
+    pub outcome_description: Option<String>,
+    pub hash: String,
+    /// Whether the producer sent the hash (verified) or we computed it.
+    pub hash_provided: bool,
+    pub signature: Option<String>,
+    pub signature_algorithm: Option<String>,
+    /// Id of the HMAC key that verified `signature`; `None` if unsigned or
+    /// if no keys are configured (then the signature is stored unverified).
+    pub signature_key_id: Option<String>,
+    pub event_version: Option<String>,
+    pub correlation_id: Option<String>,
+    pub data_classification: Option<String>,
+    pub retention_policy: Option<String>,
+    pub session_context: Option<Value>,
+    /// Keys outside the schema (and the SDK's own `details` object), kept as JSONB.
+    pub details: Option<Value>,
+}
+
+impl ValidEvent {
+    /// The fields canonical hash v1 covers, as stored.
+    pub fn hashed_fields(&self) -> HashedFields<'_> {
+        HashedFields {
+            timestamp: Some(&self.timestamp_raw),
+            action: Some(&self.action),
+            status: Some(&self.status),
+            principal_id: self.principal_id.as_deref(),
+            organization_id: self.organization_id.as_deref(),
+            target_resource_type: self.target_resource_type.as_deref(),
+            target_resource_id: self.target_resource_id.as_deref(),
+            outcome_description: self.outcome_description.as_deref(),
+        }
+    }
+}
+
+/// Decodes and validates one event.
+///
+/// Order matters for hostile input: the size limit is checked before any
+/// parsing, and serde_json's own recursion limit stops deep nesting before
+/// it can exhaust the stack.
+pub fn decode_event(
+    raw: &[u8],
+    policy: &ValidationPolicy,
+    now: DateTime<Utc>,
+) -> Result<ValidEvent, Rejection> {
+    use RejectReason::*;
+    if raw.len() > policy.max_event_bytes {
+        return Err(Rejection::new(
+            TooLarge,
+            format!(
+                "event is {} bytes, the limit is {} (validation.max_event_bytes)",
+                raw.len(),
+                policy.max_event_bytes
+            ),
+        ));
+    }
+    let text = std::str::from_utf8(raw)
+        .map_err(|e| Rejection::new(InvalidJson, format!("event is not valid UTF-8: {e}")))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        if e.to_string().contains("recursion limit") {
+            Rejection::new(NestingTooDeep, "event nests too deeply to parse")
+        } else {
+            Rejection::new(InvalidJson, format!("event is not valid JSON: {e}"))
+        }
+    })?;
+    let Value::Object(mut obj) = value else {
+        return Err(Rejection::new(InvalidJson, "event must be a JSON object"));
+    };
+    check_strings(&obj, policy.max_string_chars)?;
+
+    let timestamp_raw = required_string(&mut obj, "timestamp")?;
+    let event_time = parse_timestamp(&timestamp_raw)?;
+    if event_time < now - policy.max_event_age || event_time > now + policy.max_future_skew {
+        return Err(Rejection::new(
+            TimestampOutOfRange,
+            format!(
+                "timestamp {timestamp_raw} is outside the accepted window \
+                 (validation.max_event_age_days / validation.max_future_skew_secs)"
+            ),
+        ));
+    }
+    let action = required_string(&mut obj, "action")?;
+    let status = required_string(&mut obj, "status")?;
+    if !STATUSES.contains(&status.as_str()) {
+        return Err(Rejection::new(
+            InvalidEvent,
+            format!("status {status:?} is not one of attempt, success, failure"),
+        ));
+    }
+
+    let event_id = optional_string(&mut obj, "eventId")?.filter(|s| !s.is_empty());
+    let principal_id = optional_string(&mut obj, "principalId")?;
+    let organization_id = optional_string(&mut obj, "organizationId")?;
+    let target_resource_type = optional_string(&mut obj, "targetResourceType")?;
+    let target_resource_id = optional_string(&mut obj, "targetResourceId")?;
+    let outcome_description = optional_string(&mut obj, "outcomeDescription")?;
+    let provided_hash = optional_string(&mut obj, "hash")?.filter(|s| !s.is_empty());
+    let hash_algorithm = optional_string(&mut obj, "hashAlgorithm")?;
+    let signature = optional_string(&mut obj, "signature")?.filter(|s| !s.is_empty());
+    let signature_algorithm = optional_string(&mut obj, "algorithm")?;
+    let event_version = optional_string(&mut obj, "eventVersion")?;
+    let correlation_id = optional_string(&mut obj, "correlationId")?;
+    let data_classification = optional_string(&mut obj, "dataClassification")?;
+    let retention_policy = optional_string(&mut obj, "retentionPolicy")?;
+
+    if let Some(alg) = hash_algorithm.as_deref() {
+        if alg != "SHA-256" {
+            return Err(Rejection::new(
+                UnsupportedAlgorithm,
+                format!("hashAlgorithm {alg:?} is not supported (only SHA-256)"),
+            ));
+        }
+    }
+    if let Some(alg) = signature_algorithm.as_deref() {
+        if alg != "HMAC-SHA256" {
+            return Err(Rejection::new(
+                UnsupportedAlgorithm,
+                format!("algorithm {alg:?} is not supported (only HMAC-SHA256)"),
+            ));
+        }
+    }
+    if let Some(dc) = data_classification.as_deref() {
+        if !DATA_CLASSIFICATIONS.contains(&dc) {
+            return Err(Rejection::new(
+                InvalidEvent,
+                format!(
+                    "dataClassification {dc:?} is not one of PUBLIC, INTERNAL, CONFIDENTIAL, PHI"
+                ),
+            ));
+        }
+    }
+
+    let session_context = match obj.remove("sessionContext") {
+        None | Some(Value::Null) => None,
+        Some(v @ Value::Object(_)) => {
+            check_depth("sessionContext", &v, policy.max_custom_depth)?;
+            Some(v)
+        }
+        Some(_) => {
+            return Err(Rejection::new(
+                InvalidEvent,
+                "sessionContext must be an object",
+            ))
+        }
+    };
+    // Whatever is left is custom data; `details` is the SDK's own free-form
+    // object and stays nested under its name like any other custom key.
+    for (key, v) in &obj {
+        check_depth(key, v, policy.max_custom_depth)?;
+    }
+    let details = (!obj.is_empty()).then(|| Value::Object(obj));
+
+    let mut event = ValidEvent {
+        event_id,
+        event_time,
+        timestamp_raw,
+        action,
+        status,
+        principal_id,
+        organization_id,
+        target_resource_type,
+        target_resource_id,
+        outcome_description,
+        hash: String::new(),
+        hash_provided: provided_hash.is_some(),
+        signature,
+        signature_algorithm,
+        signature_key_id: None,
+        event_version,
+        correlation_id,
+        data_classification,
+        retention_policy,
+        session_context,
+        details,
+    };
+    let computed = canonical_hash_v1(&event.hashed_fields());
+    match provided_hash {
+        Some(h) if !h.eq_ignore_ascii_case(&computed) => {
+            return Err(Rejection::new(
+                HashMismatch,
+                format!("hash {h} does not match canonical hash v1 of the event ({computed})"),
+            ))
+        }
+        None if policy.require_hash => {
+            return Err(Rejection::new(
+                MissingHash,
+                "event has no hash and validation.require_hash is on",
+            ))
+        }
+        _ => {}
+    }
+    event.hash = computed;
+    match event.signature.as_deref() {
+        Some(sig) if !policy.hmac_keys.is_empty() => {
+            match policy.hmac_keys.verify(&event.hash, sig) {
+                Some(id) => event.signature_key_id = Some(id.to_owned()),
+                None => {
+                    return Err(Rejection::new(
+                        SignatureMismatch,
+                        "signature was not made by any configured HMAC key over the event's hash",
+                    ))
+                }
+            }
+        }
+        None if policy.require_signature => {
+            return Err(Rejection::new(
+                MissingSignature,
+                "event has no signature and validation.require_signature is on",
+            ))
+        }
+        _ => {}
+    }
+    Ok(event)
+}
+
+/// Parses the ISO-8601 timestamp. RFC 3339 (what `Date.toISOString()`
+/// produces) is required: an offset or `Z` must be present so the instant
+/// is unambiguous.
+fn parse_timestamp(raw: &str) -> Result<DateTime<Utc>, Rejection> {
+    DateTime::parse_from_rfc3339(raw)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| {
+            Rejection::new(
+                RejectReason::InvalidEvent,
+                format!(
+                    "timestamp {raw:?} is not an ISO-8601 date-time with offset \
+                     (like 2024-01-31T12:00:00.000Z): {e}"
+                ),
+            )
+        })
+}
+
+fn required_string(obj: &mut Map<String, Value>, key: &str) -> Result<String, Rejection> {
+    match obj.remove(key) {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s),
+        Some(Value::String(_)) => Err(Rejection::new(
+            RejectReason::InvalidEvent,
+            format!("required field {key} is empty"),
+        )),
+        None | Some(Value::Null) => Err(Rejection::new(
+            RejectReason::InvalidEvent,
+            format!("required field {key} is missing"),
+        )),
+        Some(other) => Err(Rejection::new(
+            RejectReason::InvalidEvent,
+            format!("field {key} must be a string, not {}", type_name(&other)),
+        )),
+    }
+}
+
+fn optional_string(obj: &mut Map<String, Value>, key: &str) -> Result<Option<String>, Rejection> {
+    match obj.remove(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(Rejection::new(
+            RejectReason::InvalidEvent,
+            format!("field {key} must be a string, not {}", type_name(&other)),
+        )),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Checks every string (keys included) for length and NUL characters.
+/// Iterative, so hostile nesting cannot overflow the stack.
+fn check_strings(obj: &Map<String, Value>, max_chars: usize) -> Result<(), Rejection> {
+    let check = |path: &str, s: &str| -> Result<(), Rejection> {
+        // A byte length within the limit is a cheap proof the char count is too.
+        if s.len() > max_chars && s.chars().count() > max_chars {
+            return Err(Rejection::new(
+                RejectReason::StringTooLong,
+                format!(
+                    "{path} is {} characters long, the limit is {max_chars} \
+                     (validation.max_string_chars)",
+                    s.chars().count()
+                ),
+            ));
+        }
+        if s.contains('\0') {
+            return Err(Rejection::new(
+                RejectReason::NulCharacter,
+                format!("{path} contains a NUL character (U+0000), which PostgreSQL cannot store"),
+            ));
+        }
+        Ok(())
+    };
+    let mut stack: Vec<(&str, &Value)> = Vec::new();
+    for (k, v) in obj {
+        check(k, k)?;
+        stack.push((k.as_str(), v));
+    }
+    while let Some((path, v)) = stack.pop() {
+        match v {
+            Value::String(s) => check(path, s)?,
+            Value::Array(items) => stack.extend(items.iter().map(|i| (path, i))),
+            Value::Object(map) => {
+                for (k, v) in map {
+                    check(path, k)?;
+                    stack.push((path, v));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Nesting depth of a JSON value: scalars are 0, a container is one more
+/// than its deepest child. Iterative for the same reason as [`check_strings`].
+fn depth(v: &Value) -> usize {
+    let mut max = 0;
+    let mut stack = vec![(v, 0usize)];
+    while let Some((v, d)) = stack.pop() {
+        match v {
+            Value::Array(items) => stack.extend(items.iter().map(|i| (i, d + 1))),
+            Value::Object(map) => stack.extend(map.values().map(|i| (i, d + 1))),
+            _ => max = max.max(d),
+        }
+        if matches!(v, Value::Array(a) if a.is_empty())
+            || matches!(v, Value::Object(o) if o.is_empty())
+        {
+            max = max.max(d + 1);
+        }
+    }
+    max
+}
+
+fn check_depth(key: &str, v: &Value, limit: usize) -> Result<(), Rejection> {
+    let d = depth(v);
+    if d > limit {
+        return Err(Rejection::new(
+            RejectReason::NestingTooDeep,
+            format!("field {key} nests {d} levels deep, the limit is {limit} (validation.max_custom_depth)"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::integrity::canonical::tests::fixtures;
+    use crate::integrity::HmacKey;
+    use serde_json::json;
+
+    fn now() -> DateTime<Utc> {
+        "2025-06-01T00:00:00Z".parse().unwrap()
+    }
+
+    fn policy() -> ValidationPolicy {
+        ValidationPolicy {
+            max_event_age: Duration::days(3650),
+            ..Default::default()
+        }
+    }
+
+    fn decode(v: &Value) -> Result<ValidEvent, Rejection> {
+        decode_event(v.to_string().as_bytes(), &policy(), now())
+    }
+
+    fn reason(v: &Value) -> RejectReason {
+        decode(v).expect_err("should be rejected").reason
+    }
+
+    fn base() -> Value {
+        json!({"timestamp": "2025-05-01T10:00:00.000Z", "action": "user.login", "status": "success"})
+    }
+
+    fn with(key: &str, value: Value) -> Value {
+        let mut e = base();
+        e[key] = value;
+        e
+    }
+
+    #[test]
+    fn every_fixture_event_is_accepted_with_its_hash_and_signature_verified() {
+        let fx = fixtures();
+        for case in fx["canonicalHashV1"].as_array().unwrap() {
+            let mut e = case["event"].clone();
+            e["hash"] = case["hash"].clone();
+            e["signature"] = case["signature"].clone();
+            e["hashAlgorithm"] = json!("SHA-256");
+            e["algorithm"] = json!("HMAC-SHA256");
+            let p = ValidationPolicy {
+                hmac_keys: HmacKeyRing::new(vec![HmacKey::new(
+                    "k1",
+                    case["hmacKey"].as_str().unwrap(),
+                )]),
+                require_hash: true,
+                require_signature: true,
+                ..policy()
+            };
+            let ev = decode_event(e.to_string().as_bytes(), &p, now()).unwrap();
+            assert_eq!(ev.hash, case["hash"].as_str().unwrap());
+            assert!(ev.hash_provided);
+            assert_eq!(ev.signature_key_id.as_deref(), Some("k1"));
+        }
+    }
+
+    #[test]
+    fn fields_are_kept_exactly_as_sent_and_unknown_keys_go_to_details() {
+        let mut e = base();
+        e["principalId"] = json!("");
+        e["outcomeDescription"] = json!("Zoë \"quoted\"\n");
+        e["customerTier"] = json!({"level": "gold"});
+        e["details"] = json!({"ip": "10.0.0.1"});
+        e["sessionContext"] = json!({"sessionId": "s1", "ipAddress": "1.2.3.4"});
+        let ev = decode(&e).unwrap();
+        assert_eq!(ev.timestamp_raw, "2025-05-01T10:00:00.000Z");
+        assert_eq!(ev.principal_id.as_deref(), Some(""));
+        assert_eq!(ev.outcome_description.as_deref(), Some("Zoë \"quoted\"\n"));
+        assert_eq!(
+            ev.details,
+            Some(json!({"customerTier": {"level": "gold"}, "details": {"ip": "10.0.0.1"}}))
+        );
+        assert_eq!(
+            ev.session_context,
+            Some(json!({"sessionId": "s1", "ipAddress": "1.2.3.4"}))
+        );
+        assert!(!ev.hash_provided);
+        assert_eq!(ev.hash, canonical_hash_v1(&ev.hashed_fields()));
+    }
+
+    #[test]
+    fn each_invalid_class_gets_its_stable_reason_code() {
+        use RejectReason::*;
+        assert_eq!(
+            decode_event(b"not json", &policy(), now())
+                .unwrap_err()
+                .reason,
+            InvalidJson
+        );
+        assert_eq!(
+            decode_event(b"[1,2]", &policy(), now()).unwrap_err().reason,
+            InvalidJson
+        );
+        assert_eq!(
+            decode_event(b"{\"a\":\"\xff\"}", &policy(), now())
+                .unwrap_err()
+                .reason,
+            InvalidJson
+        );
+        let mut missing = base();
+        missing.as_object_mut().unwrap().remove("action");
+        assert_eq!(reason(&missing), InvalidEvent);
+        assert_eq!(reason(&with("status", json!("done"))), InvalidEvent);
+        assert_eq!(reason(&with("status", json!(1))), InvalidEvent);
+        assert_eq!(reason(&with("timestamp", json!("yesterday"))), InvalidEvent);
+        assert_eq!(
+            reason(&with("timestamp", json!("2025-05-01T10:00:00"))),
+            InvalidEvent
+        );
+        assert_eq!(
+            reason(&with("timestamp", json!("1999-01-01T00:00:00Z"))),
+            TimestampOutOfRange
+        );
+        assert_eq!(
+            reason(&with("timestamp", json!("2030-01-01T00:00:00Z"))),
+            TimestampOutOfRange
+        );
+        assert_eq!(reason(&with("principalId", json!(42))), InvalidEvent);
+        assert_eq!(
+            reason(&with("dataClassification", json!("SECRET"))),
+            InvalidEvent
+        );
+        assert_eq!(
+            reason(&with("hashAlgorithm", json!("MD5"))),
+            UnsupportedAlgorithm
+        );
+        assert_eq!(
+            reason(&with("outcomeDescription", json!("x".repeat(10_001)))),
+            StringTooLong
+        );
+        assert_eq!(
+            reason(&with("extra", json!({"a": ["x".repeat(10_001)]}))),
+            StringTooLong
+        );
+        assert_eq!(
+            reason(&with("extra", json!({"a": {"b": {"c": {"d": 1}}}}))),
+            NestingTooDeep
+        );
+        assert_eq!(reason(&with("action", json!("a\u{0}b"))), NulCharacter);
+        assert_eq!(reason(&with("hash", json!("00".repeat(32)))), HashMismatch);
+        let big = with("extra", json!("y".repeat(9_000)));
+        let mut big = big.to_string().into_bytes();
+        let filler = format!(",\"pad\":[{}]}}", vec!["\"zzzzzzzz\""; 7_000].join(","));
+        big.truncate(big.len() - 1);
+        big.extend_from_slice(filler.as_bytes());
+        assert_eq!(
+            decode_event(&big, &policy(), now()).unwrap_err().reason,
+            TooLarge
+        );
+    }
+
+    #[test]
+    fn a_string_of_exactly_the_limit_and_nesting_of_exactly_the_limit_are_accepted() {
+        let e = with("outcomeDescription", json!("é".repeat(10_000)));
+        assert!(decode(&e).is_ok());
+        let e = with("extra", json!({"a": {"b": {"c": 1}}}));
+        assert!(decode(&e).is_ok());
+    }
+
+    #[test]
+    fn hostile_nesting_is_rejected_without_overflowing_the_stack() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let doc = format!("{{\"timestamp\":\"2025-05-01T10:00:00Z\",\"x\":{deep}}}");
+        let p = ValidationPolicy {
+            max_event_bytes: 1 << 20,
+            ..policy()
+        };
+        assert_eq!(
+            decode_event(doc.as_bytes(), &p, now()).unwrap_err().reason,
+            RejectReason::NestingTooDeep
+        );
+    }
+
+    #[test]
+    fn signatures_are_checked_against_the_configured_keys() {
+        let key = HmacKey::new("k", "secret");
+        let p = ValidationPolicy {
+            hmac_keys: HmacKeyRing::new(vec![key.clone()]),
+            ..policy()
+        };
+        let ev = decode(&base()).unwrap();
+        let mut signed = base();
+        signed["signature"] = json!(key.sign(&ev.hash));
+        assert!(decode_event(signed.to_string().as_bytes(), &p, now()).is_ok());
+        signed["action"] = json!("user.logout");
+        let err = decode_event(signed.to_string().as_bytes(), &p, now()).unwrap_err();
+        assert_eq!(err.reason, RejectReason::SignatureMismatch);
+    }
+
+    #[test]
+    fn require_flags_reject_unhashed_and_unsigned_events() {
+        let p = ValidationPolicy {
+            require_hash: true,
+            ..policy()
+        };
+        let err = decode_event(base().to_string().as_bytes(), &p, now()).unwrap_err();
+        assert_eq!(err.reason, RejectReason::MissingHash);
+        let p = ValidationPolicy {
+            require_signature: true,
+            ..policy()
+        };
+        let err = decode_event(base().to_string().as_bytes(), &p, now()).unwrap_err();
+        assert_eq!(err.reason, RejectReason::MissingSignature);
+    }
+
+    #[test]
+    fn reason_codes_are_unique() {
+        let mut codes: Vec<_> = RejectReason::ALL.iter().map(|r| r.code()).collect();
+        codes.sort();
+        codes.dedup();
+        assert_eq!(codes.len(), RejectReason::ALL.len());
+    }
+}

@@ -1,0 +1,12 @@
+//! Integrity primitives: the canonical event hash (v1), HMAC signatures,
+//! and (for snapshots) RFC 6962 Merkle trees and signed checkpoints.
+//!
+//! Everything here is pure: bytes in, bytes out, no I/O, so it can be
+//! unit-tested against the known-answer vectors in
+//! `shared/fixtures/integrity-vectors.json` and fuzzed.
+
+pub mod canonical;
+pub mod signature;
+
+pub use canonical::{canonical_hash_v1, canonical_string_v1, HashedFields};
+pub use signature::{HmacKey, HmacKeyRing};

@@ -1,0 +1,16 @@
+//! audit-worker: consumes audit events from Redis (Streams, BullMQ),
+//! validates them, verifies their integrity and stores them in PostgreSQL
+//! exactly once. See DESIGN.md for the architecture and wire contracts.
+
+pub mod app;
+pub mod config;
+pub mod db;
+pub mod dlq;
+pub mod event;
+pub mod http;
+pub mod integrity;
+pub mod processor;
+pub mod retry;
+pub mod sink;
+pub mod source;
+pub mod telemetry;

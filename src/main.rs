@@ -1,0 +1,89 @@
+//! The `audit-worker` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use audit_worker::config::Config;
+use audit_worker::{app, db, telemetry};
+
+/// Stores audit events from Redis in PostgreSQL, exactly once, verifiably.
+#[derive(Parser)]
+#[command(name = "audit-worker", version, about)]
+struct Cli {
+    /// Configuration file overriding the built-in defaults
+    /// (environment variables AUDIT_WORKER__SECTION__KEY override both).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the worker: consume, validate, store, serve health and metrics.
+    Run,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Load and validate the configuration, print it (secrets redacted), exit.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("audit-worker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init_logging(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("audit-worker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Run => {
+                let shutdown = CancellationToken::new();
+                let trigger = shutdown.clone();
+                tokio::spawn(async move {
+                    app::shutdown_signal().await;
+                    trigger.cancel();
+                });
+                app::run(config, shutdown).await
+            }
+            Command::Migrate => {
+                let applied = db::migrate(&config).await?;
+                if applied.is_empty() {
+                    println!("database is up to date");
+                } else {
+                    for m in applied {
+                        println!("applied {m}");
+                    }
+                }
+                Ok(())
+            }
+            Command::CheckConfig => {
+                println!("{config:#?}");
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("audit-worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

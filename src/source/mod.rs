@@ -1,0 +1,73 @@
+//! Sources turn Redis deliveries into records for the sink and acknowledge
+//! them only once their outcome is durable (a committed row, or a dead
+//! letter written atomically with the acknowledgement).
+
+pub mod stream;
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Client};
+
+use crate::config::RedisConfig;
+
+/// A Redis problem phrased for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisSetupError {
+    #[error("redis.url is not a valid Redis URL ({0}): use redis://host:port")]
+    BadUrl(String),
+    #[error(
+        "redis unreachable at {target} ({cause}): start Redis or set AUDIT_WORKER__REDIS__URL"
+    )]
+    Unreachable { target: String, cause: String },
+}
+
+/// Opens the Redis client for the configured URL (no I/O yet).
+pub fn redis_client(config: &RedisConfig) -> Result<Client, RedisSetupError> {
+    Client::open(config.url.expose()).map_err(|e| RedisSetupError::BadUrl(e.to_string()))
+}
+
+/// `host:port` of Redis, for messages (never credentials).
+pub fn describe_target(client: &Client) -> String {
+    client.get_connection_info().addr().to_string()
+}
+
+/// The shared command connection: reconnects by itself after a drop (the
+/// first command after a drop still fails, so callers retry idempotent
+/// commands).
+pub async fn command_connection(
+    client: &Client,
+    config: &RedisConfig,
+) -> Result<ConnectionManager, RedisSetupError> {
+    let cfg = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(config.connect_timeout_secs)))
+        .set_response_timeout(Some(Duration::from_secs(config.response_timeout_secs)))
+        .set_number_of_retries(6)
+        .set_max_delay(Duration::from_secs(5));
+    client
+        .get_connection_manager_with_config(cfg)
+        .await
+        .map_err(|e| RedisSetupError::Unreachable {
+            target: describe_target(client),
+            cause: e.to_string(),
+        })
+}
+
+/// A dedicated connection for blocking reads. A `BLOCK` holds up every
+/// other command on a multiplexed connection, and its reply may take the
+/// whole block time, so it gets its own connection with a response timeout
+/// longer than the block.
+pub async fn blocking_connection(
+    client: &Client,
+    config: &RedisConfig,
+    block: Duration,
+) -> redis::RedisResult<MultiplexedConnection> {
+    let cfg = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(config.connect_timeout_secs)))
+        .set_response_timeout(Some(
+            block + Duration::from_secs(config.response_timeout_secs),
+        ));
+    client
+        .get_multiplexed_async_connection_with_config(&cfg)
+        .await
+}
