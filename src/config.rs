@@ -42,6 +42,12 @@ impl Secret {
     }
 }
 
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.0.is_empty() {
@@ -183,7 +189,22 @@ impl Config {
             figment = figment.merge(Toml::file(path));
         }
         let config: Config = figment.merge(env).extract().map_err(|e| {
-            let text: Vec<String> = e.into_iter().map(|err| err.to_string()).collect();
+            let text: Vec<String> = e
+                .into_iter()
+                .map(|err| {
+                    let setting = err.path.join(".").to_lowercase();
+                    let origin = err
+                        .metadata
+                        .as_ref()
+                        .map(|m| m.interpolate(&err.profile.clone().unwrap_or_default(), &err.path))
+                        .unwrap_or_default();
+                    match (setting.is_empty(), origin.is_empty()) {
+                        (true, _) => err.kind.to_string(),
+                        (false, true) => format!("{setting}: {}", err.kind),
+                        (false, false) => format!("{setting} (from {origin}): {}", err.kind),
+                    }
+                })
+                .collect();
             ConfigError(format!(
                 "{}: fix the value in the config file or the AUDIT_WORKER__* variable",
                 text.join("; ")

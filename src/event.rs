@@ -328,7 +328,7 @@ pub fn decode_event(
     for (key, v) in &obj {
         check_depth(key, v, policy.max_custom_depth)?;
     }
-    let details = (!obj.is_empty()).then(|| Value::Object(obj));
+    let details = (!obj.is_empty()).then_some(Value::Object(obj));
 
     let mut event = ValidEvent {
         event_id,

@@ -6,6 +6,8 @@
 //! `shared/fixtures/integrity-vectors.json` and fuzzed.
 
 pub mod canonical;
+pub mod checkpoint;
+pub mod merkle;
 pub mod signature;
 
 pub use canonical::{canonical_hash_v1, canonical_string_v1, HashedFields};

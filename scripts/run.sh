@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Starts audit-worker against local Redis and PostgreSQL, installing and
+# starting them first when needed. Extra arguments go to `audit-worker run`
+# (e.g. --config my.toml). Migrations are applied at start.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v cargo >/dev/null 2>&1 || { echo "run: cargo not found: install the Rust toolchain (rustup) first" >&2; exit 1; }
+scripts/services.sh
+cargo build --release --locked
+exec target/release/audit-worker run "$@"

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs the whole test suite against real Redis and PostgreSQL (installed and
+# started first when needed): unit tests, integration and fault tests, and
+# the Node BullMQ compatibility tests once their project exists.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v cargo >/dev/null 2>&1 || { echo "test: cargo not found: install the Rust toolchain (rustup) first" >&2; exit 1; }
+scripts/services.sh
+if [ -f tests/bullmq/package.json ]; then
+  command -v npm >/dev/null 2>&1 || { echo "test: npm not found: apt-get install nodejs npm" >&2; exit 1; }
+  (cd tests/bullmq && npm ci --no-audit --no-fund --loglevel=error)
+fi
+cargo test --locked --all-targets "$@"

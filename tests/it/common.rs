@@ -1,0 +1,307 @@
+//! Test harness: every test gets its own stream keys, consumer group and
+//! PostgreSQL schema (in the `audit_worker_test` database), so tests run in
+//! parallel and can be run again. Real Redis and PostgreSQL only.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use audit_worker::config::Config;
+use chrono::{SecondsFormat, Utc};
+use redis::aio::MultiplexedConnection;
+use serde_json::{json, Value};
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+/// Base URL of the test database (created by scripts/services.sh, or here).
+pub fn test_database_url() -> String {
+    std::env::var("AUDIT_WORKER_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/audit_worker_test".into())
+}
+
+/// Redis for tests.
+pub fn test_redis_url() -> String {
+    std::env::var("AUDIT_WORKER_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A free TCP port on loopback (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One test's isolated world.
+pub struct TestEnv {
+    pub name: String,
+    pub schema: String,
+    pub stream: String,
+    pub dlq: String,
+    pub group: String,
+    pub redis: redis::Client,
+    pub pg: tokio_postgres::Client,
+    pub http_port: u16,
+}
+
+impl TestEnv {
+    /// Creates unique names, the database if missing, and a clean schema.
+    pub async fn new(test: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let nanos = Utc::now().timestamp_nanos_opt().unwrap_or_default() % 1_000_000_000;
+        let name = format!("{test}_{}_{n}_{nanos}", std::process::id());
+        ensure_test_database().await;
+        let (pg, conn) = tokio_postgres::connect(&test_database_url(), NoTls)
+            .await
+            .expect("test database reachable: run scripts/services.sh");
+        tokio::spawn(conn);
+        let schema = format!("t_{name}");
+        pg.batch_execute(&format!(
+            "CREATE SCHEMA \"{schema}\"; SET search_path = \"{schema}\""
+        ))
+        .await
+        .unwrap();
+        Self {
+            stream: format!("test:{name}:events"),
+            dlq: format!("test:{name}:dlq"),
+            group: format!("group-{name}"),
+            schema,
+            redis: redis::Client::open(test_redis_url()).unwrap(),
+            pg,
+            http_port: free_port(),
+            name,
+        }
+    }
+
+    /// The worker configuration for this test (defaults plus its names).
+    pub fn config(&self) -> Config {
+        let mut c = Config::load_from(
+            None,
+            figment::providers::Env::prefixed("AUDIT_WORKER_IT_UNSET__"),
+        )
+        .expect("defaults load");
+        c.redis.url = test_redis_url().into();
+        c.database.url = test_database_url().into();
+        c.database.schema = self.schema.clone();
+        c.stream.key = self.stream.clone();
+        c.stream.group = self.group.clone();
+        c.stream.consumer = format!("consumer-{}", self.name);
+        c.stream.block_ms = 200;
+        c.stream.claim_interval_ms = 200;
+        c.dlq.key = self.dlq.clone();
+        c.http.listen = format!("127.0.0.1:{}", self.http_port);
+        c
+    }
+
+    /// The same configuration as environment variables, for the binary.
+    pub fn env_vars(&self) -> Vec<(String, String)> {
+        let c = self.config();
+        vec![
+            ("AUDIT_WORKER__REDIS__URL".into(), test_redis_url()),
+            ("AUDIT_WORKER__DATABASE__URL".into(), test_database_url()),
+            ("AUDIT_WORKER__DATABASE__SCHEMA".into(), c.database.schema),
+            ("AUDIT_WORKER__STREAM__KEY".into(), c.stream.key),
+            ("AUDIT_WORKER__STREAM__GROUP".into(), c.stream.group),
+            ("AUDIT_WORKER__STREAM__CONSUMER".into(), c.stream.consumer),
+            ("AUDIT_WORKER__STREAM__BLOCK_MS".into(), "200".into()),
+            (
+                "AUDIT_WORKER__STREAM__CLAIM_INTERVAL_MS".into(),
+                "200".into(),
+            ),
+            ("AUDIT_WORKER__DLQ__KEY".into(), c.dlq.key),
+            ("AUDIT_WORKER__HTTP__LISTEN".into(), c.http.listen),
+            ("AUDIT_WORKER__LOG__FORMAT".into(), "text".into()),
+        ]
+    }
+
+    pub async fn redis_conn(&self) -> MultiplexedConnection {
+        self.redis.get_multiplexed_async_connection().await.unwrap()
+    }
+
+    /// XADDs `data` payloads (with an optional name) in pipelined chunks.
+    pub async fn add_entries(&self, payloads: &[(Option<&str>, Vec<u8>)]) -> Vec<String> {
+        let mut conn = self.redis_conn().await;
+        let mut ids = Vec::new();
+        for chunk in payloads.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for (name, data) in chunk {
+                let cmd = pipe
+                    .cmd("XADD")
+                    .arg(&self.stream)
+                    .arg("*")
+                    .arg("data")
+                    .arg(&data[..]);
+                if let Some(n) = name {
+                    cmd.arg("name").arg(*n);
+                }
+            }
+            let chunk_ids: Vec<String> = pipe.query_async(&mut conn).await.unwrap();
+            ids.extend(chunk_ids);
+        }
+        ids
+    }
+
+    /// Adds audit events given as JSON values.
+    pub async fn add_events(&self, events: &[Value]) -> Vec<String> {
+        let payloads: Vec<_> = events
+            .iter()
+            .map(|e| (None, e.to_string().into_bytes()))
+            .collect();
+        self.add_entries(&payloads).await
+    }
+
+    pub async fn row_count(&self) -> i64 {
+        self.pg
+            .query_one("SELECT count(*) FROM audit_log", &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0)
+    }
+
+    pub async fn dlq_len(&self) -> usize {
+        let mut conn = self.redis_conn().await;
+        redis::cmd("XLEN")
+            .arg(&self.dlq)
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    /// Entries pending in the group (delivered, not acknowledged).
+    pub async fn pending_count(&self) -> usize {
+        let mut conn = self.redis_conn().await;
+        let v: redis::Value = redis::cmd("XPENDING")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .query_async(&mut conn)
+            .await
+            .unwrap_or(redis::Value::Nil);
+        match v {
+            redis::Value::Array(items) => match items.first() {
+                Some(redis::Value::Int(n)) => *n as usize,
+                _ => 0,
+            },
+            _ => 0,
+        }
+    }
+
+    /// Reads the whole DLQ: (reason, data, source, fields).
+    pub async fn dlq_entries(&self) -> Vec<std::collections::HashMap<String, Vec<u8>>> {
+        let mut conn = self.redis_conn().await;
+        let v: redis::Value = redis::cmd("XRANGE")
+            .arg(&self.dlq)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        audit_worker::source::stream::parse_entries(&v)
+            .into_iter()
+            .map(|e| {
+                e.fields
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (String::from_utf8(k).unwrap(), v))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Drops the schema and the Redis keys.
+    pub async fn cleanup(self) {
+        let _ = self
+            .pg
+            .batch_execute(&format!("DROP SCHEMA \"{}\" CASCADE", self.schema))
+            .await;
+        let mut conn = self.redis_conn().await;
+        let _: redis::RedisResult<()> = redis::cmd("DEL")
+            .arg(&self.stream)
+            .arg(&self.dlq)
+            .query_async(&mut conn)
+            .await;
+    }
+}
+
+async fn ensure_test_database() {
+    let url = test_database_url();
+    if tokio_postgres::connect(&url, NoTls).await.is_ok() {
+        return;
+    }
+    let (db, admin_url) = match url.rsplit_once('/') {
+        Some((base, db)) => (db.to_string(), format!("{base}/postgres")),
+        None => return,
+    };
+    if let Ok((c, conn)) = tokio_postgres::connect(&admin_url, NoTls).await {
+        tokio::spawn(conn);
+        let _ = c.batch_execute(&format!("CREATE DATABASE \"{db}\"")).await;
+    }
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A worker running in this process.
+pub struct InProcessWorker {
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcessWorker {
+    pub fn start(config: Config) -> Self {
+        if std::env::var_os("TEST_LOG").is_some() {
+            audit_worker::telemetry::init_logging(&config.log);
+        }
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(audit_worker::app::run(config, shutdown.clone()));
+        Self { shutdown, task }
+    }
+
+    /// Graceful stop; returns the worker's result.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("worker task")
+            .expect("worker ran cleanly");
+    }
+}
+
+/// An ISO timestamp a little in the past, as producers send.
+pub fn ts(offset_secs: i64) -> String {
+    (Utc::now() - chrono::Duration::seconds(offset_secs))
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// A valid event with distinctive fields.
+pub fn event(i: usize) -> Value {
+    let status = ["attempt", "success", "failure"][i % 3];
+    json!({
+        "eventId": format!("evt-{i}"),
+        "timestamp": ts((i % 3600) as i64),
+        "action": format!("record.read.{}", i % 7),
+        "status": status,
+        "principalId": format!("user-{}", i % 100),
+        "organizationId": format!("org-{}", i % 5),
+        "targetResourceType": "Patient",
+        "targetResourceId": format!("p-{i}"),
+        "outcomeDescription": format!("Zoë read \"chart\" {i}\n\t— 日本語 \u{1}"),
+        "dataClassification": "PHI",
+        "sessionContext": {"sessionId": format!("s-{i}"), "ipAddress": "10.0.0.1", "userAgent": "test"},
+        "customField": {"nested": {"value": i}},
+    })
+}

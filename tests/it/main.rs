@@ -1,0 +1,5 @@
+//! Integration tests against real Redis and PostgreSQL.
+
+mod common;
+mod process;
+mod stream_ingest;
