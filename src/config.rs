@@ -70,6 +70,7 @@ pub struct Config {
     pub validation: ValidationConfig,
     pub integrity: IntegrityConfig,
     pub http: HttpConfig,
+    pub storage: StorageConfig,
     pub log: LogConfig,
 }
 
@@ -159,6 +160,13 @@ pub struct IntegrityConfig {
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: String,
+}
+
+/// `[storage]`: where artifacts (exports, snapshot manifests) are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    pub url: String,
 }
 
 /// `[log]`: log format and filter.

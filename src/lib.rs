@@ -13,4 +13,5 @@ pub mod processor;
 pub mod retry;
 pub mod sink;
 pub mod source;
+pub mod storage;
 pub mod telemetry;
