@@ -209,6 +209,44 @@ impl TestEnv {
             .collect()
     }
 
+    /// Makes this test's PostgreSQL refuse (or accept again) every insert
+    /// into audit_log, as a database in read-only or recovery mode does
+    /// (SQLSTATE 25006), without disturbing other tests. The table must exist
+    /// (the worker migrates at start).
+    pub async fn refuse_writes(&self, refuse: bool) {
+        let sql = if refuse {
+            format!(
+                "CREATE OR REPLACE FUNCTION \"{s}\".refuse_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN RAISE EXCEPTION 'test: database refuses writes' USING ERRCODE = '25006'; END $$;
+                 DROP TRIGGER IF EXISTS refuse_insert ON \"{s}\".audit_log;
+                 CREATE TRIGGER refuse_insert BEFORE INSERT ON \"{s}\".audit_log
+                 FOR EACH ROW EXECUTE FUNCTION \"{s}\".refuse_insert();",
+                s = self.schema
+            )
+        } else {
+            format!(
+                "DROP TRIGGER IF EXISTS refuse_insert ON \"{}\".audit_log",
+                self.schema
+            )
+        };
+        self.pg
+            .batch_execute(&sql)
+            .await
+            .expect("toggle refused writes");
+    }
+
+    /// Waits until the worker has created audit_log in this test's schema.
+    pub async fn wait_for_schema(&self) {
+        wait_until(Duration::from_secs(30), "audit_log migrated", || async {
+            self.pg
+                .query_one("SELECT to_regclass('audit_log') IS NOT NULL", &[])
+                .await
+                .map(|r| r.get::<_, bool>(0))
+                .unwrap_or(false)
+        })
+        .await;
+    }
+
     /// Drops the schema and the Redis keys.
     pub async fn cleanup(self) {
         let _ = self

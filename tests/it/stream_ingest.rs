@@ -410,3 +410,31 @@ async fn health_readiness_and_metrics_endpoints_report_the_worker_state() {
     worker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_refusing_writes_defers_events_instead_of_dead_lettering_them() {
+    let env = TestEnv::new("refuse").await;
+    let mut config = env.config();
+    config.sink.retry_max_attempts = 2;
+    config.sink.retry_base_ms = 50;
+    config.stream.claim_idle_ms = 500;
+    let worker = InProcessWorker::start(config);
+    env.wait_for_schema().await;
+    env.refuse_writes(true).await;
+    env.add_events(&(0..50).map(event).collect::<Vec<_>>())
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.row_count().await, 0);
+    assert_eq!(env.dlq_len().await, 0, "an outage is not the events' fault");
+    assert_eq!(env.pending_count().await, 50, "the entries wait in Redis");
+    env.refuse_writes(false).await;
+    wait_until(
+        Duration::from_secs(30),
+        "backlog stored after recovery",
+        || async { env.row_count().await == 50 && env.pending_count().await == 0 },
+    )
+    .await;
+    worker.stop().await;
+    assert_eq!(env.dlq_len().await, 0);
+    env.cleanup().await;
+}
