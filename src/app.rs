@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::db::{self, Partitions};
 use crate::http::{self, HttpState};
+use crate::jobs::JobHandlers;
 use crate::sink::{PostgresSink, SinkSettings};
 use crate::source::{self, stream::StreamSource};
 use crate::telemetry::Metrics;
@@ -71,6 +72,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         SinkSettings::from_config(&config.sink),
         metrics.clone(),
     );
+    // Job kinds register their handlers here (export, snapshot).
+    let job_handlers = JobHandlers::default();
     let mut sources = tokio::task::JoinSet::new();
     if config.stream.enabled {
         let stream = StreamSource::new(
@@ -79,6 +82,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             commands.clone(),
             policy.clone(),
             sink.handle(),
+            job_handlers.clone(),
             metrics.clone(),
         );
         sources.spawn(stream.run(shutdown.clone()));

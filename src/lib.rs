@@ -9,6 +9,7 @@ pub mod dlq;
 pub mod event;
 pub mod http;
 pub mod integrity;
+pub mod jobs;
 pub mod processor;
 pub mod retry;
 pub mod sink;

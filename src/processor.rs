@@ -32,21 +32,21 @@ impl JobKind {
 }
 
 /// Decides what to do with one audit-event message: store it (a record for
-/// the sink) or reject it (a reason for the dead-letter stream).
+/// the sink) or reject it (a reason for the dead-letter stream). Messages of
+/// other kinds go to [`crate::jobs::JobHandlers`] instead; sources check
+/// [`JobKind::from_name`] first.
 pub fn process_message(
     name: &str,
     data: &[u8],
     source: &str,
     policy: &ValidationPolicy,
 ) -> Result<AuditRecord, Rejection> {
-    match JobKind::from_name(name) {
-        JobKind::AuditEvent => {}
-        kind => {
-            return Err(Rejection::new(
-                RejectReason::UnknownKind,
-                format!("job kind {kind:?} ({name}) is not handled by this worker version"),
-            ))
-        }
+    let kind = JobKind::from_name(name);
+    if kind != JobKind::AuditEvent {
+        return Err(Rejection::new(
+            RejectReason::UnknownKind,
+            format!("{name} is a {kind:?} job, not an audit event"),
+        ));
     }
     let event = decode_event(data, policy, Utc::now())?;
     Ok(AuditRecord::new(event, source.to_owned()))

@@ -26,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, RedisConfig, StreamConfig};
 use crate::dlq::DeadLetter;
 use crate::event::{RejectReason, Rejection, ValidationPolicy};
-use crate::processor::{process_message, AUDIT_EVENT};
+use crate::jobs::{JobError, JobHandlers};
+use crate::processor::{process_message, JobKind, AUDIT_EVENT};
 use crate::sink::{SinkHandle, StoreOutcome};
 use crate::telemetry::Metrics;
 
@@ -117,6 +118,7 @@ struct Shared {
     consumer: String,
     policy: Arc<ValidationPolicy>,
     sink: SinkHandle,
+    jobs: JobHandlers,
     commands: ConnectionManager,
     metrics: Metrics,
 }
@@ -136,6 +138,7 @@ impl StreamSource {
         commands: ConnectionManager,
         policy: Arc<ValidationPolicy>,
         sink: SinkHandle,
+        jobs: JobHandlers,
         metrics: Metrics,
     ) -> Self {
         Self {
@@ -145,6 +148,7 @@ impl StreamSource {
                 consumer: config.consumer_name(),
                 policy,
                 sink,
+                jobs,
                 commands,
                 metrics,
             }),
@@ -361,6 +365,7 @@ async fn handle_batch(
     entries: Vec<StreamEntry>,
     _slot: tokio::sync::OwnedSemaphorePermit,
 ) {
+    let (mut inserted, mut duplicates, mut deferred) = (0u64, 0u64, 0u64);
     let mut acks: Vec<String> = Vec::with_capacity(entries.len());
     let mut dead: Vec<(String, DeadLetter)> = Vec::new();
     let mut waiting = Vec::with_capacity(entries.len());
@@ -382,6 +387,20 @@ async fn handle_batch(
             dead.push((entry.id, dead_letter(Vec::new(), name, rejection, source)));
             continue;
         };
+        let kind = JobKind::from_name(&name);
+        if kind != JobKind::AuditEvent {
+            match s.jobs.accept(kind, &name, &data, &source).await {
+                Ok(_) => acks.push(entry.id),
+                Err(JobError::Rejected(rejection)) => {
+                    dead.push((entry.id, dead_letter(data, name, rejection, source)))
+                }
+                Err(JobError::Transient(cause)) => {
+                    deferred += 1;
+                    tracing::warn!(%source, %cause, "job request not recorded; it stays pending");
+                }
+            }
+            continue;
+        }
         match process_message(&name, &data, &source, &s.policy) {
             Ok(record) => {
                 let pending = s.sink.submit(record).await;
@@ -390,7 +409,6 @@ async fn handle_batch(
             Err(rejection) => dead.push((entry.id, dead_letter(data, name, rejection, source))),
         }
     }
-    let (mut inserted, mut duplicates, mut deferred) = (0u64, 0u64, 0u64);
     for (id, pending, data, name, source) in waiting {
         match pending.wait().await {
             StoreOutcome::Inserted => {

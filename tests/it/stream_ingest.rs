@@ -438,3 +438,28 @@ async fn a_database_refusing_writes_defers_events_instead_of_dead_lettering_them
     assert_eq!(env.dlq_len().await, 0);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_kinds_without_a_handler_are_dead_lettered_as_unknown_kind() {
+    let env = TestEnv::new("unknownkind").await;
+    let worker = InProcessWorker::start(env.config());
+    env.add_entries(&[
+        (
+            Some("audit.snapshot"),
+            br#"{"from":"2025-01-01T00:00:00Z"}"#.to_vec(),
+        ),
+        (Some("user.login"), event(1).to_string().into_bytes()),
+    ])
+    .await;
+    wait_until(
+        Duration::from_secs(30),
+        "one row, one dead letter",
+        || async { env.row_count().await == 1 && env.dlq_len().await == 1 },
+    )
+    .await;
+    worker.stop().await;
+    let letters = env.dlq_entries().await;
+    assert_eq!(letters[0]["reason"], b"unknown_kind");
+    assert_eq!(letters[0]["name"], b"audit.snapshot");
+    env.cleanup().await;
+}

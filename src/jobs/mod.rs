@@ -1,0 +1,69 @@
+//! Job kinds other than audit events (`export.audit`, `audit.snapshot`).
+//!
+//! A queue message for a job is only a request: the source hands its bytes
+//! to the kind's [`JobHandler`], which validates it and records the job
+//! durably in PostgreSQL (deduplicated by the message identity), then the
+//! message is acknowledged. The work itself runs in the kind's own executor,
+//! which leases jobs from PostgreSQL and checkpoints their progress there,
+//! so a long job neither holds a Redis delivery open nor restarts from zero
+//! after a crash.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+
+use crate::event::{RejectReason, Rejection};
+use crate::processor::JobKind;
+
+/// Why a job request was not accepted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobError {
+    /// The request can never be accepted (bad payload): dead-letter it.
+    Rejected(Rejection),
+    /// The request could not be recorded now (database down): retry later.
+    Transient(String),
+}
+
+/// Accepts job requests of one kind.
+pub trait JobHandler: Send + Sync {
+    /// Validates the request and records it durably; returns a JSON value
+    /// for the requester (e.g. the job id). Must be idempotent for the same
+    /// `source` (a redelivered message returns the same job).
+    fn accept<'a>(
+        &'a self,
+        data: &'a [u8],
+        source: &'a str,
+    ) -> BoxFuture<'a, Result<serde_json::Value, JobError>>;
+}
+
+/// The handlers known to this worker, by kind.
+#[derive(Clone, Default)]
+pub struct JobHandlers {
+    pub export: Option<Arc<dyn JobHandler>>,
+    pub snapshot: Option<Arc<dyn JobHandler>>,
+}
+
+impl JobHandlers {
+    /// Routes a job request to its kind's handler; a kind without a handler
+    /// is rejected with `unknown_kind`.
+    pub async fn accept(
+        &self,
+        kind: JobKind,
+        name: &str,
+        data: &[u8],
+        source: &str,
+    ) -> Result<serde_json::Value, JobError> {
+        let handler = match kind {
+            JobKind::Export => self.export.as_ref(),
+            JobKind::Snapshot => self.snapshot.as_ref(),
+            JobKind::AuditEvent => None,
+        };
+        match handler {
+            Some(h) => h.accept(data, source).await,
+            None => Err(JobError::Rejected(Rejection::new(
+                RejectReason::UnknownKind,
+                format!("job kind {name} is not handled by this worker"),
+            ))),
+        }
+    }
+}
