@@ -97,6 +97,7 @@ pub struct StreamConfig {
     pub claim_interval_ms: u64,
     pub max_in_flight_batches: usize,
     pub delete_acked: bool,
+    pub max_deliveries: u64,
 }
 
 /// `[dlq]`: the dead-letter stream.
@@ -104,6 +105,8 @@ pub struct StreamConfig {
 #[serde(deny_unknown_fields)]
 pub struct DlqConfig {
     pub key: String,
+    pub alert_threshold: u64,
+    pub alert_window_secs: u64,
 }
 
 /// `[database]`: PostgreSQL.
@@ -132,6 +135,8 @@ pub struct SinkConfig {
     pub retry_factor: f64,
     pub retry_cap_ms: u64,
     pub retry_jitter: f64,
+    pub breaker_failure_threshold: u32,
+    pub breaker_recovery_secs: u64,
 }
 
 /// `[validation]`: limits and integrity requirements for events.
@@ -280,6 +285,15 @@ impl Config {
         }
         if self.sink.batch_size == 0 || self.sink.batch_size > 10_000 {
             return err("sink.batch_size", "must be between 1 and 10000");
+        }
+        if self.sink.breaker_failure_threshold == 0 || self.sink.breaker_recovery_secs == 0 {
+            return err(
+                "sink.breaker_failure_threshold / sink.breaker_recovery_secs",
+                "must be at least 1",
+            );
+        }
+        if self.stream.max_deliveries == 0 {
+            return err("stream.max_deliveries", "must be at least 1");
         }
         if self.sink.writers == 0 {
             return err("sink.writers", "must be at least 1");
