@@ -107,7 +107,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     drop(ctx);
     tracing::info!("audit-worker running");
 
-
     while let Some(r) = sources.join_next().await {
         if let Err(e) = r {
             tracing::error!(error = %e, "a source task failed");
