@@ -1,10 +1,15 @@
-//! Ingest benchmark (issue 2): events per second from a pre-filled Redis
-//! stream to committed rows, against a plain binary COPY of the same rows
-//! into the same table definition, and the worker's peak RSS.
+//! Ingest benchmarks, run with `benches/ingest.sh` (builds the release
+//! binary first). They use the `audit_worker` database and throw-away
+//! schemas; Redis and PostgreSQL must be up (scripts/services.sh).
+//! `BENCH_EVENTS` sets the count (default 200,000).
 //!
-//! Run with `benches/ingest.sh` (builds the release binary first). Uses the
-//! `audit_worker` database and throw-away schemas; Redis and PostgreSQL must
-//! be up (scripts/services.sh). `BENCH_EVENTS` sets the count (200,000).
+//! - `BENCH_MODE=ingest` (default, issue 2): events per second from a
+//!   pre-filled Redis stream to committed rows, against a plain binary COPY
+//!   of the same rows into the same table definition; the worker's peak RSS.
+//! - `BENCH_MODE=drain` (issue 3): the database refuses writes (a trigger
+//!   raising SQLSTATE 25006) while the stream fills and the breaker opens;
+//!   then it accepts them again: time from that moment to the backlog
+//!   drained, and the throughput of the drain.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -50,6 +55,9 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
 
 #[tokio::main]
 async fn main() {
+    if std::env::var("BENCH_MODE").as_deref() == Ok("drain") {
+        return drain().await;
+    }
     let n: usize = std::env::var("BENCH_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -199,4 +207,149 @@ async fn main() {
         ))
         .await;
     let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&stream).query_async(&mut rc).await;
+}
+
+/// Fills `stream` with `n` events.
+async fn prefill(rc: &mut redis::aio::MultiplexedConnection, stream: &str, n: usize) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(2_000) {
+        let mut pipe = redis::pipe();
+        for &i in chunk {
+            pipe.cmd("XADD")
+                .arg(stream)
+                .arg("*")
+                .arg("data")
+                .arg(event(i))
+                .ignore();
+        }
+        let _: () = pipe.query_async(rc).await.unwrap();
+    }
+}
+
+/// Issue 3's figures: recovery after a database outage.
+async fn drain() {
+    let n: usize = std::env::var("BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let tag = format!("drain_{}", std::process::id());
+    let (pg, conn) = tokio_postgres::connect(DB, NoTls)
+        .await
+        .expect("PostgreSQL up: run scripts/services.sh");
+    tokio::spawn(conn);
+    let stream = format!("bench:{tag}:events");
+    let schema = format!("{tag}_worker");
+    let mut config = audit_worker::config::Config::load_from(
+        None,
+        figment::providers::Env::prefixed("AUDIT_WORKER_BENCH_UNSET__"),
+    )
+    .unwrap();
+    config.database.url = DB.to_string().into();
+    config.database.schema = schema.clone();
+    audit_worker::db::migrate(&config).await.unwrap();
+    pg.batch_execute(&format!(
+        "CREATE FUNCTION \"{schema}\".refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'bench: refusing writes' USING ERRCODE = '25006'; END $$;
+         CREATE TRIGGER refuse BEFORE INSERT ON \"{schema}\".audit_log FOR EACH ROW EXECUTE FUNCTION \"{schema}\".refuse();"
+    ))
+    .await
+    .unwrap();
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut rc = client.get_multiplexed_async_connection().await.unwrap();
+    prefill(&mut rc, &stream, n).await;
+
+    let bin =
+        std::env::var("AUDIT_WORKER_BIN").unwrap_or_else(|_| "target/release/audit-worker".into());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(&bin)
+        .arg("run")
+        .env("AUDIT_WORKER__DATABASE__URL", DB)
+        .env("AUDIT_WORKER__DATABASE__SCHEMA", &schema)
+        .env("AUDIT_WORKER__STREAM__KEY", &stream)
+        .env("AUDIT_WORKER__STREAM__GROUP", format!("{tag}-group"))
+        .env("AUDIT_WORKER__DLQ__KEY", format!("bench:{tag}:dlq"))
+        .env("AUDIT_WORKER__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .env("AUDIT_WORKER__LOG__LEVEL", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start {bin} ({e}): build it with cargo build --release")
+        });
+    // Wait for the breaker to open (default settings: 5 failed attempts).
+    let breaker_url = format!("http://127.0.0.1:{port}/health/circuit-breaker");
+    let opened = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let body = match reqwest_lite(&breaker_url).await {
+            Some(b) => b,
+            None => continue,
+        };
+        if body.contains("\"open\"") {
+            break;
+        }
+        assert!(
+            opened.elapsed() < Duration::from_secs(300),
+            "breaker never opened"
+        );
+    }
+    eprintln!(
+        "breaker open after {:.1?}; database accepts writes again now",
+        opened.elapsed()
+    );
+    pg.batch_execute(&format!("DROP TRIGGER refuse ON \"{schema}\".audit_log"))
+        .await
+        .unwrap();
+    let back = Instant::now();
+    let mut first_row: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let count: i64 = pg
+            .query_one(&format!("SELECT count(*) FROM \"{schema}\".audit_log"), &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if count > 0 && first_row.is_none() {
+            first_row = Some(Instant::now());
+        }
+        if count as usize >= n {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(1200),
+            "drain stuck at {count}"
+        );
+    }
+    let drained = back.elapsed();
+    let drain_rate = first_row
+        .map(|t| n as f64 / t.elapsed().as_secs_f64())
+        .unwrap_or(0.0);
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+    let dlq: u64 = redis::cmd("XLEN")
+        .arg(format!("bench:{tag}:dlq"))
+        .query_async(&mut rc)
+        .await
+        .unwrap();
+    println!("events: {n}");
+    println!("database back -> backlog drained: {:.2} s (includes waiting for the breaker's half-open probe)", drained.as_secs_f64());
+    println!(
+        "first row after recovery: {:.2} s",
+        first_row.map(|t| (t - back).as_secs_f64()).unwrap_or(0.0)
+    );
+    println!("drain throughput: {drain_rate:.0} events/s; dead letters: {dlq}");
+    let _ = pg
+        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .await;
+    let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&stream).query_async(&mut rc).await;
+}
+
+/// The body of a GET, if any.
+async fn reqwest_lite(url: &str) -> Option<String> {
+    reqwest::get(url).await.ok()?.text().await.ok()
 }

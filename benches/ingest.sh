@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Ingest benchmark: worker (release) vs plain binary COPY; see benches/README.md.
+# Ingest benchmarks (see benches/README.md):
+#   benches/ingest.sh                   worker vs plain binary COPY, peak RSS
+#   BENCH_MODE=drain benches/ingest.sh  recovery after a database outage
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh

@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use deadpool_postgres::Pool;
-use serde_json::Value;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
+use tokio_postgres::types::Json;
 
 use super::{AuditRecord, CircuitBreaker, SinkHandle, StoreOutcome, StoreRequest};
 use crate::db::{month_start, Partitions};
@@ -403,24 +403,6 @@ async fn insert_rows(
             )
         })
         .collect())
-}
-
-/// Borrowed JSON for a `jsonb` parameter, without cloning the value.
-#[derive(Debug)]
-struct Json<'a>(&'a Value);
-
-impl tokio_postgres::types::ToSql for Json<'_> {
-    fn to_sql(
-        &self,
-        ty: &tokio_postgres::types::Type,
-        out: &mut bytes::BytesMut,
-    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        tokio_postgres::types::Json(self.0).to_sql(ty, out)
-    }
-    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
-        <tokio_postgres::types::Json<&Value> as tokio_postgres::types::ToSql>::accepts(ty)
-    }
-    tokio_postgres::types::to_sql_checked!();
 }
 
 #[cfg(test)]

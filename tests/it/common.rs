@@ -209,6 +209,34 @@ impl TestEnv {
             .collect()
     }
 
+    /// Creates the consumer group and reads `count` new entries as
+    /// `consumer` without acknowledging them: a consumer that crashed (or
+    /// vanished) with entries in flight.
+    pub async fn read_without_ack(&self, consumer: &str, count: usize) {
+        let mut conn = self.redis_conn().await;
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&self.group)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("STREAMS")
+            .arg(&self.stream)
+            .arg(">")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+
     /// Makes this test's PostgreSQL refuse (or accept again) every insert
     /// into audit_log, as a database in read-only or recovery mode does
     /// (SQLSTATE 25006), without disturbing other tests. The table must exist

@@ -320,29 +320,9 @@ async fn a_poison_entry_is_dead_lettered_after_max_deliveries() {
     let env = TestEnv::new("poison").await;
     let poison = event(1);
     let ids = env.add_events(&[poison.clone(), event(2)]).await;
-    let mut conn = env.redis_conn().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&env.stream)
-        .arg(&env.group)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
     // A consumer that keeps crashing on the first entry: delivered 10 times.
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(&env.group)
-        .arg("crashy")
-        .arg("COUNT")
-        .arg(1)
-        .arg("STREAMS")
-        .arg(&env.stream)
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    env.read_without_ack("crashy", 1).await;
+    let mut conn = env.redis_conn().await;
     let _: redis::Value = redis::cmd("XCLAIM")
         .arg(&env.stream)
         .arg(&env.group)
