@@ -13,7 +13,7 @@ use crate::db::{self, Partitions};
 use crate::http::{self, HttpState};
 use crate::jobs::JobHandlers;
 use crate::sink::{PostgresSink, SinkSettings};
-use crate::source::{self, stream::StreamSource};
+use crate::source::{self, bullmq::BullmqSource, stream::StreamSource};
 use crate::telemetry::Metrics;
 
 /// Runs the worker until `shutdown` fires (or a fatal start-up error).
@@ -86,6 +86,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             metrics.clone(),
         );
         sources.spawn(stream.run(shutdown.clone()));
+    }
+    if config.bullmq.enabled {
+        let bullmq = BullmqSource::new(
+            &config,
+            commands.clone(),
+            policy.clone(),
+            sink.handle(),
+            metrics.clone(),
+        );
+        sources.spawn(bullmq.run(shutdown.clone()));
     }
     tracing::info!("audit-worker running");
 
