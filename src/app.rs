@@ -93,6 +93,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             commands.clone(),
             policy.clone(),
             sink.handle(),
+            job_handlers.clone(),
             metrics.clone(),
         );
         sources.spawn(bullmq.run(shutdown.clone()));

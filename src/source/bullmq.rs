@@ -14,6 +14,7 @@
 //! | what happened to the event                     | the job                                   |
 //! |------------------------------------------------|-------------------------------------------|
 //! | stored (a new row, or one already there)       | completed, JSON return value              |
+//! | a job request (export, snapshot) accepted      | completed with its handler's JSON value   |
 //! | rejected for good (invalid, hash or signature  | dead letter written to `audit:dlq`, then  |
 //! | mismatch, unknown kind, refused by PostgreSQL) | failed as unrecoverable (no retries)      |
 //! | database unavailable, or the DLQ write failed  | attempt failed: BullMQ retries it with    |
@@ -47,7 +48,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{BullmqConfig, Config, Secret};
 use crate::dlq::DeadLetter;
 use crate::event::{Rejection, ValidationPolicy};
-use crate::processor::{process_message, AUDIT_EVENT};
+use crate::jobs::{JobError, JobHandlers};
+use crate::processor::{process_message, JobKind, AUDIT_EVENT};
 use crate::sink::{SinkHandle, StoreOutcome};
 use crate::telemetry::Metrics;
 
@@ -60,6 +62,8 @@ struct Shared {
     dlq_key: String,
     policy: Arc<ValidationPolicy>,
     sink: SinkHandle,
+    /// Where requests of the other job kinds (export, snapshot) go.
+    jobs: JobHandlers,
     /// Our own Redis connection, for dead letters (never BullMQ's keys,
     /// except the one read in [`QueueHandler::job_bytes`]).
     commands: ConnectionManager,
@@ -77,6 +81,7 @@ pub struct BullmqSource {
     commands: ConnectionManager,
     policy: Arc<ValidationPolicy>,
     sink: SinkHandle,
+    jobs: JobHandlers,
     metrics: Metrics,
     dlq_key: String,
 }
@@ -88,6 +93,7 @@ impl BullmqSource {
         commands: ConnectionManager,
         policy: Arc<ValidationPolicy>,
         sink: SinkHandle,
+        jobs: JobHandlers,
         metrics: Metrics,
     ) -> Self {
         Self {
@@ -97,6 +103,7 @@ impl BullmqSource {
             commands,
             policy,
             sink,
+            jobs,
             metrics,
             dlq_key: config.dlq.key.clone(),
         }
@@ -112,6 +119,7 @@ impl BullmqSource {
             dlq_key: self.dlq_key,
             policy: self.policy,
             sink: self.sink,
+            jobs: self.jobs,
             commands: self.commands,
             metrics: self.metrics,
             outage_retry_delay: Duration::from_millis(self.settings.outage_retry_delay_ms),
@@ -273,6 +281,18 @@ impl QueueHandler {
             Ok(data) => data,
             Err(cause) => return self.transient(&job, cause).await,
         };
+        let kind = JobKind::from_name(&name);
+        if kind != JobKind::AuditEvent {
+            // A job request (export, snapshot): its handler records it and
+            // answers for the requester; no handler means `unknown_kind`.
+            return match self.shared.jobs.accept(kind, &name, &data, &source).await {
+                Ok(value) => Ok(value),
+                Err(JobError::Rejected(rejection)) => {
+                    self.dead_letter(&job, data, name, rejection, source).await
+                }
+                Err(JobError::Transient(cause)) => self.transient(&job, cause).await,
+            };
+        }
         let record = match process_message(&name, &data, &source, &self.shared.policy) {
             Ok(record) => record,
             Err(rejection) => return self.dead_letter(&job, data, name, rejection, source).await,

@@ -3,7 +3,8 @@
 // attemptsMade, failedReason, parsed return value.
 //
 //   SCENARIO=wrong-hash  an event whose hash is wrong, with attempts: 5
-//                        (and a valid control job)
+//                        (and a valid control job, a snapshot request
+//                        and data that is not an event object)
 //   SCENARIO=smart-logs  events built as the smart-logs SDK builds them
 //                        (canonical hash v1 + HMAC, key HMAC_SECRET), and
 //                        copies with one thing altered after signing
@@ -32,6 +33,10 @@ function wrongHash() {
   return [
     { label: 'wrong-hash', name: 'audit.event', data: bad, opts: retryOpts },
     { label: 'control', name: 'audit.event', data: good, opts: retryOpts },
+    // Kinds of later issues: without their handler, unknown_kind at once.
+    { label: 'unknown-kind', name: 'audit.snapshot', data: { upTo: 'now' }, opts: retryOpts },
+    // Valid JSON, but not an event object.
+    { label: 'not-an-object', name: 'audit.event', data: 'just a string', opts: retryOpts },
   ];
 }
 

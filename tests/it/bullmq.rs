@@ -242,10 +242,24 @@ async fn bullmq_wrong_hash_fails_after_one_attempt_despite_attempts_5_and_is_dea
     assert_eq!(good["state"], "completed", "{good}");
     assert_eq!(good["returnvalue"]["stored"], "inserted", "{good}");
 
+    for (label, code) in [
+        ("unknown-kind", "unknown_kind: "),
+        ("not-an-object", "invalid_json: "),
+    ] {
+        let job = jobs.iter().find(|j| j["label"] == label).unwrap();
+        assert_eq!(job["state"], "failed", "{job}");
+        assert_eq!(job["attemptsMade"], 1, "{job}");
+        let reason = job["failedReason"].as_str().unwrap();
+        assert!(reason.starts_with(code), "{label}: {reason}");
+    }
+
     assert_eq!(env.row_count().await, 1);
     let letters = env.dlq_entries().await;
-    assert_eq!(letters.len(), 1, "exactly one dead letter");
-    let letter = &letters[0];
+    assert_eq!(letters.len(), 3, "one dead letter per rejected job");
+    let letter = letters
+        .iter()
+        .find(|l| field(l, "reason") == "hash_mismatch")
+        .expect("the wrong hash is dead-lettered");
     assert_eq!(field(letter, "reason"), "hash_mismatch");
     assert_eq!(
         field(letter, "source"),
@@ -256,6 +270,12 @@ async fn bullmq_wrong_hash_fails_after_one_attempt_despite_attempts_5_and_is_dea
     let data: Value = serde_json::from_slice(&letter["data"]).expect("the data is the event JSON");
     assert_eq!(data["action"], "record.read.1");
     assert!(field(letter, "error").contains("does not match"));
+    let snapshot = letters
+        .iter()
+        .find(|l| field(l, "reason") == "unknown_kind")
+        .unwrap();
+    assert_eq!(field(snapshot, "name"), "audit.snapshot");
+    assert_eq!(&snapshot["data"][..], br#"{"upTo":"now"}"#);
     stop(worker);
     cleanup(env).await;
 }
@@ -544,6 +564,45 @@ async fn bullmq_node_worker_and_audit_worker_on_one_queue_neither_repeat_nor_los
         .unwrap()
         .get::<_, i64>(0);
     assert_eq!(overlap, 0, "no job processed by both");
+    stop(worker);
+    cleanup(env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bullmq_job_data_that_is_not_json_is_dead_lettered_with_its_original_bytes() {
+    let env = TestEnv::new("bq_rawdata").await;
+    // A producer that bypassed JSON.stringify: Node adds the job, then its
+    // stored data is overwritten (the worker is not running yet).
+    let added = node_json(&env, "add.mjs", &[("COUNT", "2".into())]).await;
+    let first = added["first"].as_str().unwrap().to_owned();
+    let raw: &[u8] = b"{not json \xff";
+    let mut conn = env.redis_conn().await;
+    let _: () = redis::cmd("HSET")
+        .arg(format!("bull:{}:{first}", env.queue))
+        .arg("data")
+        .arg(raw)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let worker = spawn_worker(&env, &[]);
+    wait_ready(&env).await;
+    wait_until(
+        Duration::from_secs(60),
+        "one row and one dead letter",
+        || async { env.row_count().await == 1 && env.dlq_len().await == 1 },
+    )
+    .await;
+    let letters = env.dlq_entries().await;
+    assert_eq!(field(&letters[0], "reason"), "invalid_json");
+    assert_eq!(
+        &letters[0]["data"][..],
+        raw,
+        "the original bytes, untouched"
+    );
+    assert_eq!(
+        field(&letters[0], "source"),
+        format!("bullmq:{}:{first}", env.queue)
+    );
     stop(worker);
     cleanup(env).await;
 }
