@@ -484,3 +484,33 @@ impl QueueHandler {
         Err(bullmq::Error::Delayed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_options_carry_the_bullmq_settings_and_hide_the_redis_password() {
+        let mut config = Config::load_from(
+            None,
+            figment::providers::Env::prefixed("AUDIT_WORKER_UNIT_TEST_UNSET__"),
+        )
+        .unwrap();
+        config.bullmq.concurrency = 321;
+        config.bullmq.prefix = "audit".into();
+        config.bullmq.lock_duration_ms = 12_000;
+        config.bullmq.max_stalled_count = 4;
+        let url = Secret::from("redis://:hunter2@127.0.0.1:6379".to_string());
+        let opts = worker_options(&config.bullmq, &url, "host-1");
+        assert_eq!(opts.concurrency, 321);
+        assert_eq!(opts.prefix, "audit");
+        assert_eq!(opts.lock_duration, 12_000);
+        assert_eq!(opts.max_stalled_count, 4);
+        assert_eq!(opts.stalled_interval, config.bullmq.stalled_interval_ms);
+        assert_eq!(opts.drain_delay, config.bullmq.drain_delay_secs);
+        assert_eq!(opts.name.as_deref(), Some("host-1"));
+        assert_eq!(opts.connection.url, url.expose());
+        let debug = format!("{opts:?} {:?}", opts.connection);
+        assert!(!debug.contains("hunter2"), "{debug}");
+    }
+}
