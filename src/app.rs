@@ -10,10 +10,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::db::{self, Partitions};
-use crate::http::{self, HttpState};
+use crate::http::{self, HttpState, QueueInfo};
+
 use crate::jobs::JobHandlers;
 use crate::sink::{PostgresSink, SinkSettings};
-use crate::source::{self, bullmq::BullmqSource, stream::StreamSource};
+use crate::source::{self, bullmq::BullmqSource, stream::StreamSource, SourceContext};
 use crate::telemetry::Metrics;
 
 /// Runs the worker until `shutdown` fires (or a fatal start-up error).
@@ -54,6 +55,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let client = source::redis_client(&config.redis)?;
     let commands = source::command_connection(&client, &config.redis).await?;
 
+    let sink = PostgresSink::spawn(
+        pool.clone(),
+        partitions,
+        SinkSettings::from_config(&config.sink),
+        metrics.clone(),
+        shutdown.clone(),
+    );
+    let queue = QueueInfo {
+        stream_key: config.stream.key.clone(),
+        group: config.stream.group.clone(),
+        dlq_key: config.dlq.key.clone(),
+        alert_threshold: config.dlq.alert_threshold,
+        alert_window: Duration::from_secs(config.dlq.alert_window_secs),
+    };
     let http_stop = CancellationToken::new();
     let http_task = http::serve(
         &config.http.listen,
@@ -61,43 +76,39 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             metrics: metrics.clone(),
             redis: commands.clone(),
             pool: pool.clone(),
+            breaker: sink.handle().breaker().clone(),
+            queue: queue.clone(),
         },
         http_stop.clone(),
     )
     .await?;
+    let dlq_watch = tokio::spawn(watch_dead_letters(
+        commands.clone(),
+        queue,
+        shutdown.clone(),
+    ));
 
-    let sink = PostgresSink::spawn(
-        pool.clone(),
-        partitions,
-        SinkSettings::from_config(&config.sink),
-        metrics.clone(),
-    );
     // Job kinds register their handlers here (export, snapshot).
     let job_handlers = JobHandlers::default();
+    let ctx = SourceContext {
+        policy: policy.clone(),
+        sink: sink.handle(),
+        jobs: job_handlers.clone(),
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+    };
     let mut sources = tokio::task::JoinSet::new();
     if config.stream.enabled {
-        let stream = StreamSource::new(
-            &config,
-            client.clone(),
-            commands.clone(),
-            policy.clone(),
-            sink.handle(),
-            job_handlers.clone(),
-            metrics.clone(),
-        );
-        sources.spawn(stream.run(shutdown.clone()));
+        let stream = StreamSource::new(&config, client.clone(), commands.clone(), ctx.clone());
+        sources.spawn(stream.run());
     }
     if config.bullmq.enabled {
-        let bullmq = BullmqSource::new(
-            &config,
-            commands.clone(),
-            policy.clone(),
-            sink.handle(),
-            job_handlers.clone(),
-            metrics.clone(),
-        );
-        sources.spawn(bullmq.run(shutdown.clone()));
+        let bullmq = BullmqSource::new(&config, commands.clone(), ctx.clone());
+        sources.spawn(bullmq.run());
     }
+    // Only the sources may keep sink handles now: once they stop, the sink
+    // sees its queue close, flushes and ends.
+    drop(ctx);
     tracing::info!("audit-worker running");
 
     while let Some(r) = sources.join_next().await {
@@ -108,10 +119,43 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!("sources stopped; flushing the sink");
     sink.finish().await;
     let _ = upkeep.await;
+    let _ = dlq_watch.await;
     http_stop.cancel();
     let _ = http_task.await;
     tracing::info!("audit-worker stopped cleanly");
     Ok(())
+}
+
+/// Logs a warning when dead letters reach the alert threshold within the
+/// window (once per crossing, not on every check), so a flood of rejected
+/// events is noticed even without dashboards.
+async fn watch_dead_letters(
+    redis: redis::aio::ConnectionManager,
+    queue: QueueInfo,
+    shutdown: CancellationToken,
+) {
+    let mut alerting = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let mut conn = redis.clone();
+        if let Ok(stats) = http::queue_stats(&mut conn, &queue).await {
+            let over = stats.recent_dead_letters >= queue.alert_threshold;
+            if over && !alerting {
+                tracing::warn!(
+                    recent = stats.recent_dead_letters,
+                    window_secs = queue.alert_window.as_secs(),
+                    dlq = %queue.dlq_key,
+                    "dead letters reached the alert threshold: inspect them with `audit-worker dlq list`"
+                );
+            } else if !over && alerting {
+                tracing::info!("dead letters back under the alert threshold");
+            }
+            alerting = over;
+        }
+    }
 }
 
 /// Creates next months' partitions once an hour.

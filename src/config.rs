@@ -98,6 +98,7 @@ pub struct StreamConfig {
     pub claim_interval_ms: u64,
     pub max_in_flight_batches: usize,
     pub delete_acked: bool,
+    pub max_deliveries: u64,
 }
 
 /// `[bullmq]`: the BullMQ source (DESIGN.md section 3). Times are in the
@@ -123,6 +124,8 @@ pub struct BullmqConfig {
 #[serde(deny_unknown_fields)]
 pub struct DlqConfig {
     pub key: String,
+    pub alert_threshold: u64,
+    pub alert_window_secs: u64,
 }
 
 /// `[database]`: PostgreSQL.
@@ -151,6 +154,8 @@ pub struct SinkConfig {
     pub retry_factor: f64,
     pub retry_cap_ms: u64,
     pub retry_jitter: f64,
+    pub breaker_failure_threshold: u32,
+    pub breaker_recovery_secs: u64,
 }
 
 /// `[validation]`: limits and integrity requirements for events.
@@ -300,6 +305,15 @@ impl Config {
         }
         if self.sink.batch_size == 0 || self.sink.batch_size > 10_000 {
             return err("sink.batch_size", "must be between 1 and 10000");
+        }
+        if self.sink.breaker_failure_threshold == 0 || self.sink.breaker_recovery_secs == 0 {
+            return err(
+                "sink.breaker_failure_threshold / sink.breaker_recovery_secs",
+                "must be at least 1",
+            );
+        }
+        if self.stream.max_deliveries == 0 {
+            return err("stream.max_deliveries", "must be at least 1");
         }
         if self.sink.writers == 0 {
             return err("sink.writers", "must be at least 1");

@@ -15,6 +15,7 @@ use redis::aio::ConnectionManager;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::sink::{BreakerState, CircuitBreaker};
 use crate::telemetry::Metrics;
 
 /// What the handlers need.
@@ -23,14 +24,30 @@ pub struct HttpState {
     pub metrics: Metrics,
     pub redis: ConnectionManager,
     pub pool: Pool,
+    pub breaker: CircuitBreaker,
+    pub queue: QueueInfo,
 }
 
-/// The router: `/healthz`, `/readyz`, `/metrics`.
+/// The stream and dead-letter keys `/health/queue` reports on.
+#[derive(Debug, Clone)]
+pub struct QueueInfo {
+    pub stream_key: String,
+    pub group: String,
+    pub dlq_key: String,
+    pub alert_threshold: u64,
+    pub alert_window: Duration,
+}
+
+/// The router: liveness, readiness, health detail and metrics.
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/health/database", get(health_database))
+        .route("/health/redis", get(health_redis))
+        .route("/health/queue", get(health_queue))
+        .route("/health/circuit-breaker", get(health_breaker))
         .with_state(state)
 }
 
@@ -61,13 +78,19 @@ async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
-/// Readiness: Redis and PostgreSQL both answer within two seconds.
+/// Readiness: Redis and PostgreSQL both answer within two seconds and the
+/// circuit breaker is not open.
 async fn readyz(State(state): State<HttpState>) -> Response {
     let (redis, db) = tokio::join!(check_redis(&state.redis), check_database(&state.pool));
-    let ready = redis.0 && db.0;
+    let breaker = state.breaker.state();
+    let ready = redis.0 && db.0 && breaker != BreakerState::Open;
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
-        "checks": { "redis": redis.1, "database": db.1 },
+        "checks": {
+            "redis": redis.1,
+            "database": db.1,
+            "circuit_breaker": {"ok": breaker != BreakerState::Open, "state": breaker.as_str()},
+        },
     });
     let code = if ready {
         StatusCode::OK
@@ -126,6 +149,226 @@ pub async fn check_database(pool: &Pool) -> (bool, serde_json::Value) {
             json!({"ok": false, "latency_ms": ms, "error": "timeout"}),
         ),
     }
+}
+
+/// Overall status of one health check, as operators' tooling expects it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Health {
+    Healthy,
+    Degraded,
+    Critical,
+}
+
+impl Health {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Healthy => "healthy",
+            Self::Degraded => "degraded",
+            Self::Critical => "critical",
+        }
+    }
+}
+
+/// A health answer: 200 unless critical (503), JSON with status, latency of
+/// the check and details.
+fn health_response(status: Health, started: Instant, details: serde_json::Value) -> Response {
+    let code = if status == Health::Critical {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    let body = json!({
+        "status": status.as_str(),
+        "latency_ms": started.elapsed().as_secs_f64() * 1000.0,
+        "details": details,
+    });
+    (code, Json(body)).into_response()
+}
+
+/// `/health/database`: a query round trip and the pool's state.
+async fn health_database(State(state): State<HttpState>) -> Response {
+    let started = Instant::now();
+    let (ok, detail) = check_database(&state.pool).await;
+    let pool = state.pool.status();
+    let details = json!({
+        "check": detail,
+        "pool": {"size": pool.size, "available": pool.available, "max_size": pool.max_size, "waiting": pool.waiting},
+    });
+    let status = if !ok {
+        Health::Critical
+    } else if pool.waiting > 0 {
+        Health::Degraded
+    } else {
+        Health::Healthy
+    };
+    health_response(status, started, details)
+}
+
+/// `/health/redis`: a PING round trip (critical while Redis is down).
+async fn health_redis(State(state): State<HttpState>) -> Response {
+    let started = Instant::now();
+    let (ok, detail) = check_redis(&state.redis).await;
+    let status = if ok {
+        Health::Healthy
+    } else {
+        Health::Critical
+    };
+    health_response(status, started, detail)
+}
+
+/// `/health/circuit-breaker`: closed is healthy, half-open degraded, open critical.
+async fn health_breaker(State(state): State<HttpState>) -> Response {
+    let started = Instant::now();
+    let b = &state.breaker;
+    let status = match b.state() {
+        BreakerState::Closed => Health::Healthy,
+        BreakerState::HalfOpen => Health::Degraded,
+        BreakerState::Open => Health::Critical,
+    };
+    let details = json!({
+        "state": b.state().as_str(),
+        "transitions": b.transitions(),
+        "recovery_timeout_secs": b.recovery_timeout().as_secs(),
+    });
+    health_response(status, started, details)
+}
+
+/// `/health/queue`: pending entries, consumer lag, stream and dead-letter
+/// lengths, and dead letters written recently (degraded at the alert
+/// threshold).
+async fn health_queue(State(state): State<HttpState>) -> Response {
+    let started = Instant::now();
+    let mut conn = state.redis.clone();
+    match tokio::time::timeout(CHECK_TIMEOUT, queue_stats(&mut conn, &state.queue)).await {
+        Ok(Ok(stats)) => {
+            let status = if stats.recent_dead_letters >= state.queue.alert_threshold {
+                Health::Degraded
+            } else {
+                Health::Healthy
+            };
+            health_response(
+                status,
+                started,
+                serde_json::to_value(&stats).unwrap_or_default(),
+            )
+        }
+        Ok(Err(e)) => health_response(
+            Health::Critical,
+            started,
+            json!({"error": format!("{:?}", e.kind())}),
+        ),
+        Err(_) => health_response(Health::Critical, started, json!({"error": "timeout"})),
+    }
+}
+
+/// What `/health/queue` reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueueStats {
+    pub stream: String,
+    pub stream_length: u64,
+    pub pending: u64,
+    /// Entries not yet delivered to the group (Redis 7 `lag`), if known.
+    pub lag: Option<u64>,
+    pub dead_letters: u64,
+    pub recent_dead_letters: u64,
+    pub alert_threshold: u64,
+    pub alert_window_secs: u64,
+}
+
+/// Reads the queue statistics from Redis.
+pub async fn queue_stats(
+    conn: &mut ConnectionManager,
+    q: &QueueInfo,
+) -> redis::RedisResult<QueueStats> {
+    let window_start = chrono::Utc::now().timestamp_millis() - q.alert_window.as_millis() as i64;
+    let (stream_length, dead_letters, pending, groups, recent): (
+        u64,
+        u64,
+        redis::Value,
+        redis::Value,
+        redis::Value,
+    ) = redis::pipe()
+        .cmd("XLEN")
+        .arg(&q.stream_key)
+        .cmd("XLEN")
+        .arg(&q.dlq_key)
+        .cmd("XPENDING")
+        .arg(&q.stream_key)
+        .arg(&q.group)
+        .cmd("XINFO")
+        .arg("GROUPS")
+        .arg(&q.stream_key)
+        .cmd("XRANGE")
+        .arg(&q.dlq_key)
+        .arg(format!("{}-0", window_start.max(0)))
+        .arg("+")
+        .arg("COUNT")
+        .arg(q.alert_threshold.max(1))
+        .query_async(conn)
+        .await
+        .or_else(|e| {
+            // No stream yet (XPENDING/XINFO fail on a missing key): all zero.
+            if e.to_string().contains("no such key") || e.code() == Some("NOGROUP") {
+                Ok((
+                    0,
+                    0,
+                    redis::Value::Nil,
+                    redis::Value::Nil,
+                    redis::Value::Nil,
+                ))
+            } else {
+                Err(e)
+            }
+        })?;
+    let pending = match pending {
+        redis::Value::Array(items) => match items.first() {
+            Some(redis::Value::Int(n)) => *n as u64,
+            _ => 0,
+        },
+        _ => 0,
+    };
+    let recent = match recent {
+        redis::Value::Array(items) => items.len() as u64,
+        _ => 0,
+    };
+    Ok(QueueStats {
+        stream: q.stream_key.clone(),
+        stream_length,
+        pending,
+        lag: group_field(&groups, &q.group, "lag"),
+        dead_letters,
+        recent_dead_letters: recent,
+        alert_threshold: q.alert_threshold,
+        alert_window_secs: q.alert_window.as_secs(),
+    })
+}
+
+/// An integer field of one group in an XINFO GROUPS reply.
+fn group_field(v: &redis::Value, group: &str, field: &str) -> Option<u64> {
+    let redis::Value::Array(groups) = v else {
+        return None;
+    };
+    groups.iter().find_map(|g| {
+        let pairs: Vec<&redis::Value> = match g {
+            redis::Value::Array(items) => items.iter().collect(),
+            _ => return None,
+        };
+        let get = |name: &str| {
+            pairs.chunks(2).find_map(|kv| match kv {
+                [redis::Value::BulkString(k), v] if k == name.as_bytes() => Some(*v),
+                [redis::Value::SimpleString(k), v] if k == name => Some(*v),
+                _ => None,
+            })
+        };
+        match get("name") {
+            Some(redis::Value::BulkString(n)) if n == group.as_bytes() => {}
+            _ => return None,
+        }
+        match get(field) {
+            Some(redis::Value::Int(n)) => u64::try_from(*n).ok(),
+            _ => None,
+        }
+    })
 }
 
 /// Prometheus text exposition.

@@ -29,6 +29,96 @@ enum Command {
     Migrate,
     /// Load and validate the configuration, print it (secrets redacted), exit.
     CheckConfig,
+    /// Inspect, replay or purge the dead-letter stream.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters: id, time, reason, source and an excerpt.
+    List {
+        /// Only this reason code (e.g. hash_mismatch).
+        #[arg(long)]
+        reason: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Put dead letters back on the event stream (removed from the DLQ only
+    /// together with the re-add).
+    Replay {
+        #[arg(long)]
+        reason: Option<String>,
+        /// One dead letter by its DLQ entry id.
+        #[arg(long)]
+        id: Option<String>,
+        /// Replay everything when neither --reason nor --id is given.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete dead letters older than a duration (e.g. 30d, 12h).
+    Purge {
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: std::time::Duration,
+    },
+}
+
+/// The `dlq` subcommands.
+async fn run_dlq(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
+    use audit_worker::dlq::{self, DeadLetterFilter};
+    let client = audit_worker::source::redis_client(&config.redis)?;
+    let mut conn = audit_worker::source::command_connection(&client, &config.redis).await?;
+    let key = &config.dlq.key;
+    match command {
+        DlqCommand::List { reason, limit } => {
+            let filter = DeadLetterFilter { reason, id: None };
+            let letters = dlq::list(&mut conn, key, &filter, limit).await?;
+            for l in &letters {
+                println!(
+                    "{}  {}  {:<22} {}\n    {}\n    {}",
+                    l.id,
+                    l.failed_at,
+                    l.reason,
+                    l.source,
+                    l.error
+                        .chars()
+                        .flat_map(char::escape_default)
+                        .collect::<String>(),
+                    l.excerpt(120)
+                );
+            }
+            println!("{} dead letter(s) shown from {key}", letters.len());
+        }
+        DlqCommand::Replay { reason, id, all } => {
+            if reason.is_none() && id.is_none() && !all {
+                anyhow::bail!("say what to replay: --reason R, --id ID, or --all");
+            }
+            let filter = DeadLetterFilter { reason, id };
+            let replayed = dlq::replay(&mut conn, key, &config.stream.key, &filter).await?;
+            for (letter, new_id) in &replayed {
+                println!(
+                    "{} ({}) -> {} {}",
+                    letter.id, letter.reason, config.stream.key, new_id
+                );
+            }
+            println!(
+                "{} dead letter(s) replayed onto {}",
+                replayed.len(),
+                config.stream.key
+            );
+        }
+        DlqCommand::Purge { older_than } => {
+            let removed = dlq::purge_older_than(&mut conn, key, older_than).await?;
+            println!(
+                "{removed} dead letter(s) older than {} removed from {key}",
+                humantime::format_duration(older_than)
+            );
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -77,6 +167,7 @@ fn main() -> ExitCode {
                 println!("{config:#?}");
                 Ok(())
             }
+            Command::Dlq { command } => run_dlq(&config, command).await,
         }
     });
     match result {

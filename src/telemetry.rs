@@ -6,8 +6,8 @@
 //! from event contents.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::config::LogConfig;
@@ -32,6 +32,10 @@ pub struct Metrics {
     pub redis_errors: IntCounterVec,
     /// Build information (value 1, labels carry the version).
     pub build_info: IntGaugeVec,
+    /// Circuit breaker state: 0 closed, 1 open, 2 half-open.
+    pub breaker_state: IntGauge,
+    /// Circuit breaker transitions, by the state entered.
+    pub breaker_transitions: IntCounterVec,
 }
 
 impl Metrics {
@@ -93,6 +97,19 @@ impl Metrics {
             &["version"],
         )
         .expect("valid metric");
+        let breaker_state = IntGauge::new(
+            "audit_worker_circuit_breaker_state",
+            "Circuit breaker around database writes: 0 closed, 1 open, 2 half-open.",
+        )
+        .expect("valid metric");
+        let breaker_transitions = IntCounterVec::new(
+            Opts::new(
+                "audit_worker_circuit_breaker_transitions_total",
+                "Circuit breaker state changes, by the state entered.",
+            ),
+            &["to"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(events.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(dead_letters.clone()),
@@ -101,6 +118,8 @@ impl Metrics {
             Box::new(sink_retries.clone()),
             Box::new(redis_errors.clone()),
             Box::new(build_info.clone()),
+            Box::new(breaker_state.clone()),
+            Box::new(breaker_transitions.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -119,6 +138,8 @@ impl Metrics {
             sink_retries,
             redis_errors,
             build_info,
+            breaker_state,
+            breaker_transitions,
         }
     }
 

@@ -6,12 +6,15 @@
 //! is invisible to them: many sources and many in-flight jobs share one
 //! batch, so one database round trip serves them all.
 
+pub mod breaker;
 pub mod postgres;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::event::{Rejection, ValidEvent};
 
+pub use breaker::{BreakerState, CircuitBreaker};
 pub use postgres::{PostgresSink, SinkSettings};
 
 /// A validated event together with where it came from.
@@ -68,9 +71,21 @@ pub(crate) struct StoreRequest {
 #[derive(Clone)]
 pub struct SinkHandle {
     pub(crate) tx: mpsc::Sender<StoreRequest>,
+    pub(crate) breaker: CircuitBreaker,
 }
 
 impl SinkHandle {
+    /// Waits while the circuit breaker is open, so that sources stop
+    /// reading during a database outage; false if `cancel` fired first.
+    pub async fn wait_writable(&self, cancel: &CancellationToken) -> bool {
+        self.breaker.wait_writable(cancel).await
+    }
+
+    /// The breaker guarding the writes (for health and readiness).
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.breaker
+    }
+
     /// Queues a record for the next batch and returns where its outcome
     /// will arrive. Waits while the batcher's queue is full (backpressure).
     pub async fn submit(&self, record: AuditRecord) -> PendingOutcome {

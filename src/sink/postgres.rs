@@ -26,11 +26,12 @@ use serde_json::Value;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 
-use super::{AuditRecord, SinkHandle, StoreOutcome, StoreRequest};
+use super::{AuditRecord, CircuitBreaker, SinkHandle, StoreOutcome, StoreRequest};
 use crate::db::{month_start, Partitions};
 use crate::event::{RejectReason, Rejection};
 use crate::retry::Backoff;
 use crate::telemetry::Metrics;
+use tokio_util::sync::CancellationToken;
 
 /// Settings of the sink, derived from `[sink]`.
 #[derive(Debug, Clone)]
@@ -40,6 +41,8 @@ pub struct SinkSettings {
     pub writers: usize,
     pub max_attempts: u32,
     pub backoff: Backoff,
+    pub breaker_failures: u32,
+    pub breaker_recovery: Duration,
 }
 
 impl SinkSettings {
@@ -56,6 +59,8 @@ impl SinkSettings {
                 cap: Duration::from_millis(c.retry_cap_ms),
                 jitter: c.retry_jitter,
             },
+            breaker_failures: c.breaker_failure_threshold,
+            breaker_recovery: Duration::from_secs(c.breaker_recovery_secs),
         }
     }
 }
@@ -92,22 +97,32 @@ pub struct PostgresSink {
 impl PostgresSink {
     /// Starts the batcher. Requests queue up to a few batches deep; beyond
     /// that `submit` waits, which slows the sources instead of growing memory.
+    /// `shutdown` ends waits for the breaker or a backoff: what could not be
+    /// written then is reported `Unavailable` and stays in Redis.
     pub fn spawn(
         pool: Pool,
         partitions: Arc<Partitions>,
         settings: SinkSettings,
         metrics: Metrics,
+        shutdown: CancellationToken,
     ) -> Self {
         let (tx, rx) = mpsc::channel(settings.batch_size * (settings.writers + 2));
+        let breaker = CircuitBreaker::new(
+            settings.breaker_failures,
+            settings.breaker_recovery,
+            metrics.clone(),
+        );
         let writer = Arc::new(BatchWriter {
             pool,
             partitions,
             settings,
             metrics,
+            breaker: breaker.clone(),
+            shutdown,
         });
         let task = tokio::spawn(writer.run_batcher(rx));
         Self {
-            handle: SinkHandle { tx },
+            handle: SinkHandle { tx, breaker },
             task,
         }
     }
@@ -130,6 +145,8 @@ struct BatchWriter {
     partitions: Arc<Partitions>,
     settings: SinkSettings,
     metrics: Metrics,
+    breaker: CircuitBreaker,
+    shutdown: CancellationToken,
 }
 
 impl BatchWriter {
@@ -175,11 +192,18 @@ impl BatchWriter {
         }
     }
 
-    /// Finds the outcome of every record: retries transient failures of the
-    /// still-unresolved rows with backoff; gives up as `Unavailable`.
+    /// Finds the outcome of every record: each attempt needs the breaker's
+    /// permission (waiting while it is open does not count as an attempt);
+    /// transient failures of the still-unresolved rows are retried with
+    /// backoff; after `max_attempts`, or on shutdown, they are `Unavailable`.
     async fn resolve(&self, records: &[AuditRecord]) -> Vec<StoreOutcome> {
         let mut outcomes: Vec<Option<StoreOutcome>> = vec![None; records.len()];
         let mut attempt = 0;
+        let give_up = |outcomes: &mut Vec<Option<StoreOutcome>>, cause: &str| {
+            for o in outcomes.iter_mut().filter(|o| o.is_none()) {
+                *o = Some(StoreOutcome::Unavailable(cause.to_owned()));
+            }
+        };
         loop {
             let pending: Vec<usize> = (0..records.len())
                 .filter(|&i| outcomes[i].is_none())
@@ -187,20 +211,33 @@ impl BatchWriter {
             if pending.is_empty() {
                 break;
             }
+            let Some(permit) = self.breaker.acquire(&self.shutdown).await else {
+                give_up(
+                    &mut outcomes,
+                    "shutting down while the database is unavailable",
+                );
+                break;
+            };
             attempt += 1;
             match self.try_write(records, pending, &mut outcomes).await {
-                Ok(()) => {}
-                Err(cause) if attempt >= self.settings.max_attempts => {
-                    tracing::warn!(attempts = attempt, %cause, "database write failed; events stay pending in their queue");
-                    for o in outcomes.iter_mut().filter(|o| o.is_none()) {
-                        *o = Some(StoreOutcome::Unavailable(cause.clone()));
-                    }
-                }
+                Ok(()) => permit.success(),
                 Err(cause) => {
+                    permit.failure();
+                    if attempt >= self.settings.max_attempts {
+                        tracing::warn!(attempts = attempt, %cause, "database write failed; the events wait in their queue");
+                        give_up(&mut outcomes, &cause);
+                        break;
+                    }
                     self.metrics.sink_retries.inc();
                     let delay = self.settings.backoff.delay(attempt);
                     tracing::info!(attempt, ?delay, %cause, "transient database error; retrying");
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.cancelled() => {
+                            give_up(&mut outcomes, &cause);
+                            break;
+                        }
+                    }
                 }
             }
         }

@@ -35,6 +35,10 @@
 //!   job unless someone reads it: [`drain_events`] reads it.
 //! - Retried attempts do not record their `failedReason` on the job (Node's
 //!   worker does): the reason is logged here instead.
+//! - Exponential backoff ignores Node's `jitter` option (not worked around).
+//!
+//! Circuit breaker: [`pause_while_unwritable`] pauses fetching while it is
+//! open; [`QueueHandler::hold_while_unwritable`] holds jobs already fetched.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -45,6 +49,7 @@ use redis::aio::ConnectionManager;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use super::SourceContext;
 use crate::config::{BullmqConfig, Config, Secret};
 use crate::dlq::DeadLetter;
 use crate::event::{Rejection, ValidationPolicy};
@@ -79,49 +84,37 @@ pub struct BullmqSource {
     redis_url: Secret,
     consumer: String,
     commands: ConnectionManager,
-    policy: Arc<ValidationPolicy>,
-    sink: SinkHandle,
-    jobs: JobHandlers,
-    metrics: Metrics,
+    ctx: SourceContext,
     dlq_key: String,
 }
 
 impl BullmqSource {
     /// Prepares the source (no I/O until `run`).
-    pub fn new(
-        config: &Config,
-        commands: ConnectionManager,
-        policy: Arc<ValidationPolicy>,
-        sink: SinkHandle,
-        jobs: JobHandlers,
-        metrics: Metrics,
-    ) -> Self {
+    pub fn new(config: &Config, commands: ConnectionManager, ctx: SourceContext) -> Self {
         Self {
             settings: config.bullmq.clone(),
             redis_url: config.redis.url.clone(),
             consumer: config.consumer_name(),
             commands,
-            policy,
-            sink,
-            jobs,
-            metrics,
+            ctx,
             dlq_key: config.dlq.key.clone(),
         }
     }
 
-    /// Runs one BullMQ worker per queue until `shutdown` fires, then closes
-    /// them: jobs in flight get `close_timeout_ms` to finish; any still
-    /// running after that keep their lock until it expires and BullMQ's
-    /// stalled-job check puts them back in the queue.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Runs one BullMQ worker per queue until the context's shutdown token
+    /// fires, then closes them: jobs in flight get `close_timeout_ms` to
+    /// finish; any still running after that keep their lock until it
+    /// expires and BullMQ's stalled-job check puts them back in the queue.
+    pub async fn run(self) {
+        let shutdown = self.ctx.shutdown.clone();
         let shared = Arc::new(Shared {
             prefix: self.settings.prefix.clone(),
             dlq_key: self.dlq_key,
-            policy: self.policy,
-            sink: self.sink,
-            jobs: self.jobs,
+            policy: self.ctx.policy,
+            sink: self.ctx.sink,
+            jobs: self.ctx.jobs,
             commands: self.commands,
-            metrics: self.metrics,
+            metrics: self.ctx.metrics,
             outage_retry_delay: Duration::from_millis(self.settings.outage_retry_delay_ms),
             shutdown: shutdown.clone(),
         });
@@ -178,6 +171,7 @@ async fn run_queue(
 ) {
     let queue = handler.queue.clone();
     let metrics = handler.shared.metrics.clone();
+    let sink = handler.shared.sink.clone();
     let mut failures: u32 = 0;
     let worker = loop {
         if shutdown.is_cancelled() {
@@ -213,7 +207,7 @@ async fn run_queue(
         "BullMQ source consuming"
     );
     let events = tokio::spawn(drain_events(worker.clone(), queue.clone(), metrics));
-    shutdown.cancelled().await;
+    pause_while_unwritable(&worker, &sink, &shutdown, &queue).await;
     let in_flight = worker.active_count().await;
     tracing::info!(
         queue = %queue,
@@ -230,6 +224,36 @@ async fn run_queue(
     // The event channel never closes while the worker exists: stop reading.
     events.abort();
     tracing::info!(queue = %queue, "BullMQ worker closed");
+}
+
+/// Runs until shutdown, pausing the worker's fetching while the circuit
+/// breaker is open, as the stream source stops reading: jobs stay `waiting`
+/// in BullMQ (for any healthy worker) instead of being taken and held. The
+/// crate's pause also stops the fetch chained to each job's completion.
+/// Jobs already in flight when it opens wait at [`QueueHandler::hold_while_unwritable`].
+async fn pause_while_unwritable(
+    worker: &Worker,
+    sink: &SinkHandle,
+    shutdown: &CancellationToken,
+    queue: &str,
+) {
+    loop {
+        // The breaker has no "opened" notification: poll it, as it polls itself.
+        while sink.breaker().is_writable() {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+        worker.pause();
+        tracing::warn!(queue = %queue, "database unwritable (circuit breaker open): BullMQ worker stops fetching");
+        let writable = sink.wait_writable(shutdown).await;
+        worker.resume();
+        if !writable {
+            return;
+        }
+        tracing::info!(queue = %queue, "database writable again: BullMQ worker fetches again");
+    }
 }
 
 /// Reads the worker's event channel, which is unbounded in bullmq-official
@@ -269,7 +293,7 @@ struct QueueHandler {
 impl QueueHandler {
     /// The processor: decides the job's outcome (module docs, table).
     async fn handle(&self, job: Job) -> Result<Value, bullmq::Error> {
-        if let Gate::ShuttingDown = self.pause_while_unwritable().await {
+        if let Gate::ShuttingDown = self.hold_while_unwritable().await {
             return self.give_back(&job).await;
         }
         let source = format!("bullmq:{}:{}", self.queue, job.id());
@@ -312,26 +336,22 @@ impl QueueHandler {
         }
     }
 
-    /// The circuit breaker's hold on this source: the ONE place where a job
-    /// waits while the database cannot be written (issue 3). A job held here
-    /// keeps its BullMQ lock (the crate renews it), and the crate fetches a
-    /// job only into a free concurrency slot, so once `concurrency` jobs are
-    /// held the worker fetches nothing more, as the stream source stops
-    /// reading. On shutdown held jobs are given back to the queue.
-    async fn pause_while_unwritable(&self) -> Gate {
-        let writable = async {
-            // Issue 3 (circuit breaker) wires itself here with one line:
-            // self.shared.sink.wait_writable().await;
-        };
-        tokio::select! {
-            biased;
-            () = writable => Gate::Proceed,
-            () = self.shared.shutdown.cancelled() => Gate::ShuttingDown,
+    /// The circuit breaker's hold on jobs already fetched when it opened
+    /// (fetching itself is paused by [`pause_while_unwritable`]): such a job
+    /// waits here, keeping its BullMQ lock (the crate renews it), instead of
+    /// spending an attempt on a write that cannot succeed. On shutdown held
+    /// jobs are given back to the queue.
+    async fn hold_while_unwritable(&self) -> Gate {
+        // Resolves at once while the breaker is closed.
+        if self.shared.sink.wait_writable(&self.shared.shutdown).await {
+            Gate::Proceed
+        } else {
+            Gate::ShuttingDown
         }
     }
 
-    /// Puts a job that has not been worked on back in the queue without
-    /// spending an attempt (shutdown while it was held at the gate). If even
+    /// Puts a job back in the queue without spending an attempt (shutdown
+    /// while it was held at the gate or its write was pending). If even
     /// that fails, the job keeps its lock until it expires and the stalled
     /// check puts it back.
     async fn give_back(&self, job: &Job) -> Result<Value, bullmq::Error> {
@@ -452,6 +472,12 @@ impl QueueHandler {
     /// `attempts` and `backoff`; on its last attempt, move it back to
     /// delayed without spending the attempt, so it is never failed for good.
     async fn transient(&self, job: &Job, cause: String) -> Result<Value, bullmq::Error> {
+        if self.shared.shutdown.is_cancelled() {
+            // The sink gave up because we are stopping, not because of the
+            // event: hand the job back without spending an attempt.
+            tracing::info!(queue = %self.queue, job_id = %job.id(), %cause, "shutting down; job given back to the queue");
+            return self.give_back(job).await;
+        }
         self.shared
             .metrics
             .events

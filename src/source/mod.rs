@@ -9,8 +9,26 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::RedisConfig;
+use crate::event::ValidationPolicy;
+use crate::jobs::JobHandlers;
+use crate::sink::SinkHandle;
+use crate::telemetry::Metrics;
+
+/// What every source hands its messages to; the same for all sources, so
+/// that a stream entry and a BullMQ job are validated, stored, routed and
+/// counted alike.
+#[derive(Clone)]
+pub struct SourceContext {
+    pub policy: std::sync::Arc<ValidationPolicy>,
+    pub sink: SinkHandle,
+    pub jobs: JobHandlers,
+    pub metrics: Metrics,
+    /// Fired at shutdown: sources stop reading and stop waiting.
+    pub shutdown: CancellationToken,
+}
 
 /// A Redis problem phrased for the operator.
 #[derive(Debug, thiserror::Error)]

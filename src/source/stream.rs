@@ -14,6 +14,7 @@
 //! leave a dead letter for an unacknowledged entry or the reverse. Entries
 //! whose write failed stay pending and come back through XAUTOCLAIM.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +31,8 @@ use crate::jobs::{JobError, JobHandlers};
 use crate::processor::{process_message, JobKind, AUDIT_EVENT};
 use crate::sink::{SinkHandle, StoreOutcome};
 use crate::telemetry::Metrics;
+
+use super::SourceContext;
 
 /// One stream entry as read: its id and fields, or `None` fields when the
 /// entry was deleted while pending.
@@ -121,6 +124,17 @@ struct Shared {
     jobs: JobHandlers,
     commands: ConnectionManager,
     metrics: Metrics,
+    /// Fired at shutdown: stops waits for the database.
+    shutdown: CancellationToken,
+}
+
+/// How a batch reached us: fresh entries count as a first delivery; own
+/// pending and claimed entries have been delivered before, so their
+/// delivery counts are checked against `max_deliveries`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    Fresh,
+    Redelivered,
 }
 
 /// The stream source; `run` consumes until the shutdown token fires.
@@ -136,21 +150,19 @@ impl StreamSource {
         config: &Config,
         client: Client,
         commands: ConnectionManager,
-        policy: Arc<ValidationPolicy>,
-        sink: SinkHandle,
-        jobs: JobHandlers,
-        metrics: Metrics,
+        ctx: SourceContext,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 stream: config.stream.clone(),
                 dlq_key: config.dlq.key.clone(),
                 consumer: config.consumer_name(),
-                policy,
-                sink,
-                jobs,
+                policy: ctx.policy,
+                sink: ctx.sink,
+                jobs: ctx.jobs,
                 commands,
-                metrics,
+                metrics: ctx.metrics,
+                shutdown: ctx.shutdown,
             }),
             client,
             redis: config.redis.clone(),
@@ -160,8 +172,9 @@ impl StreamSource {
     /// Consumes until `shutdown` fires, then waits for the batches in flight
     /// to be written and acknowledged. Redis errors are logged and retried
     /// with backoff; they never end the loop.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(self) {
         let s = &self.shared;
+        let shutdown = s.shutdown.clone();
         tracing::info!(stream = %s.stream.key, group = %s.stream.group, consumer = %s.consumer, "stream source starting");
         let slots = Arc::new(Semaphore::new(s.stream.max_in_flight_batches));
         let mut tasks = JoinSet::new();
@@ -201,6 +214,11 @@ impl StreamSource {
                 p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
                 _ = shutdown.cancelled() => break,
             };
+            // Nothing is read while the circuit breaker is open: entries
+            // stay in Redis until the database takes writes again.
+            if !s.sink.wait_writable(&shutdown).await {
+                break;
+            }
 
             // 1. Own pending entries, page by page, without blocking.
             if let Some(cursor) = own_pending_cursor.clone() {
@@ -209,7 +227,12 @@ impl StreamSource {
                     Ok(entries) => {
                         own_pending_cursor = entries.last().map(|e| e.id.clone());
                         failures = 0;
-                        tasks.spawn(handle_batch(s.clone(), entries, permit));
+                        tasks.spawn(handle_batch(
+                            s.clone(),
+                            entries,
+                            Delivery::Redelivered,
+                            permit,
+                        ));
                     }
                     Err(e) => {
                         failures += 1;
@@ -231,7 +254,12 @@ impl StreamSource {
                 match self.claim_idle().await {
                     Ok(entries) if !entries.is_empty() => {
                         tracing::info!(count = entries.len(), "claimed idle pending entries");
-                        tasks.spawn(handle_batch(s.clone(), entries, permit));
+                        tasks.spawn(handle_batch(
+                            s.clone(),
+                            entries,
+                            Delivery::Redelivered,
+                            permit,
+                        ));
                         continue;
                     }
                     Ok(_) => {}
@@ -281,7 +309,7 @@ impl StreamSource {
                     failures = 0;
                     let entries = parse_read_reply(&v);
                     if !entries.is_empty() {
-                        tasks.spawn(handle_batch(s.clone(), entries, permit));
+                        tasks.spawn(handle_batch(s.clone(), entries, Delivery::Fresh, permit));
                     }
                 }
                 Err(e) => {
@@ -354,21 +382,80 @@ impl StreamSource {
     }
 }
 
+/// Delivery counts of redelivered entries, from XPENDING (now that they
+/// are ours). A failed lookup counts every entry as a first delivery: the
+/// poison check is skipped rather than anything dead-lettered by mistake.
+async fn delivery_counts(s: &Shared, entries: &[StreamEntry]) -> HashMap<String, u64> {
+    let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+        return HashMap::new();
+    };
+    let mut conn = s.commands.clone();
+    let reply: redis::RedisResult<Value> = redis::cmd("XPENDING")
+        .arg(&s.stream.key)
+        .arg(&s.stream.group)
+        .arg(&first.id)
+        .arg(&last.id)
+        .arg(entries.len())
+        .arg(&s.consumer)
+        .query_async(&mut conn)
+        .await;
+    match reply {
+        Ok(v) => parse_pending_counts(&v),
+        Err(e) => {
+            s.metrics
+                .redis_errors
+                .with_label_values(&["xpending"])
+                .inc();
+            tracing::warn!(error = %e, "XPENDING failed; delivery counts not checked for this batch");
+            HashMap::new()
+        }
+    }
+}
+
+/// Parses the extended XPENDING reply: `[[id, consumer, idle, count], ...]`.
+pub fn parse_pending_counts(v: &Value) -> HashMap<String, u64> {
+    let Value::Array(rows) = v else {
+        return HashMap::new();
+    };
+    rows.iter()
+        .filter_map(|row| {
+            let Value::Array(cols) = row else { return None };
+            let id = String::from_utf8(bytes_of(cols.first()?)?).ok()?;
+            let count = match cols.get(3)? {
+                Value::Int(n) => u64::try_from(*n).ok()?,
+                _ => return None,
+            };
+            Some((id, count))
+        })
+        .collect()
+}
+
 fn is_nogroup(e: &redis::RedisError) -> bool {
     e.code() == Some("NOGROUP") || e.to_string().contains("NOGROUP")
 }
 
 /// Processes one read batch: validate, hand valid events to the sink, wait
 /// for their outcomes, then dead-letter and acknowledge in one transaction.
+///
+/// Events the database could not take (`Unavailable`) are not acknowledged
+/// and not given up: once the breaker lets writes through again they are
+/// handed to the sink again, without a new Redis delivery, so an outage
+/// never counts towards `max_deliveries`. Only shutdown leaves them pending
+/// (for the next start, or another replica).
 async fn handle_batch(
     s: Arc<Shared>,
     entries: Vec<StreamEntry>,
+    delivery: Delivery,
     _slot: tokio::sync::OwnedSemaphorePermit,
 ) {
     let (mut inserted, mut duplicates, mut deferred) = (0u64, 0u64, 0u64);
     let mut acks: Vec<String> = Vec::with_capacity(entries.len());
     let mut dead: Vec<(String, DeadLetter)> = Vec::new();
     let mut waiting = Vec::with_capacity(entries.len());
+    let deliveries = match delivery {
+        Delivery::Fresh => HashMap::new(),
+        Delivery::Redelivered => delivery_counts(&s, &entries).await,
+    };
     for entry in entries {
         let source = format!("stream:{}:{}", s.stream.key, entry.id);
         if entry.fields.is_none() {
@@ -381,7 +468,22 @@ async fn handle_batch(
             .map(|n| String::from_utf8_lossy(n).into_owned())
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| AUDIT_EVENT.to_owned());
-        let Some(data) = entry.field("data").map(<[u8]>::to_vec) else {
+        let data = entry.field("data").map(<[u8]>::to_vec);
+        let delivered = deliveries.get(&entry.id).copied().unwrap_or(1);
+        if delivered > s.stream.max_deliveries {
+            let rejection = Rejection::new(
+                RejectReason::MaxDeliveries,
+                format!(
+                    "delivered {delivered} times without being stored (stream.max_deliveries = {})",
+                    s.stream.max_deliveries
+                ),
+            );
+            let mut letter = dead_letter(data.unwrap_or_default(), name, rejection, source);
+            letter.attempts = delivered;
+            dead.push((entry.id, letter));
+            continue;
+        }
+        let Some(data) = data else {
             let rejection =
                 Rejection::new(RejectReason::InvalidEvent, "stream entry has no data field");
             dead.push((entry.id, dead_letter(Vec::new(), name, rejection, source)));
@@ -409,20 +511,41 @@ async fn handle_batch(
             Err(rejection) => dead.push((entry.id, dead_letter(data, name, rejection, source))),
         }
     }
-    for (id, pending, data, name, source) in waiting {
-        match pending.wait().await {
-            StoreOutcome::Inserted => {
-                inserted += 1;
-                acks.push(id);
+    while !waiting.is_empty() {
+        let mut retry = Vec::new();
+        for (id, pending, data, name, source) in waiting.drain(..) {
+            match pending.wait().await {
+                StoreOutcome::Inserted => {
+                    inserted += 1;
+                    acks.push(id);
+                }
+                StoreOutcome::Duplicate => {
+                    duplicates += 1;
+                    acks.push(id);
+                }
+                StoreOutcome::Rejected(rejection) => {
+                    dead.push((id, dead_letter(data, name, rejection, source)))
+                }
+                StoreOutcome::Unavailable(_) => retry.push((id, data, name, source)),
             }
-            StoreOutcome::Duplicate => {
-                duplicates += 1;
-                acks.push(id);
+        }
+        if retry.is_empty() {
+            break;
+        }
+        if !s.sink.wait_writable(&s.shutdown).await {
+            deferred += retry.len() as u64;
+            break;
+        }
+        for (id, data, name, source) in retry {
+            // Validation already passed once; it is pure, so this repeats it
+            // only to rebuild the record the sink consumed.
+            match process_message(&name, &data, &source, &s.policy) {
+                Ok(record) => {
+                    let pending = s.sink.submit(record).await;
+                    waiting.push((id, pending, data, name, source));
+                }
+                Err(rejection) => dead.push((id, dead_letter(data, name, rejection, source))),
             }
-            StoreOutcome::Rejected(rejection) => {
-                dead.push((id, dead_letter(data, name, rejection, source)))
-            }
-            StoreOutcome::Unavailable(_) => deferred += 1,
         }
     }
     if acks.is_empty() && dead.is_empty() {

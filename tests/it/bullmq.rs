@@ -290,6 +290,8 @@ async fn bullmq_database_refusing_writes_retries_with_the_jobs_backoff_and_compl
             // Report the database unavailable at once: BullMQ does the retrying.
             ("AUDIT_WORKER__SINK__RETRY_MAX_ATTEMPTS", "1"),
             ("AUDIT_WORKER__BULLMQ__OUTAGE_RETRY_DELAY_MS", "1000"),
+            // This test is about BullMQ's backoff, not the circuit breaker.
+            ("AUDIT_WORKER__SINK__BREAKER_FAILURE_THRESHOLD", "1000"),
         ],
     );
     wait_ready(&env).await;
@@ -603,6 +605,64 @@ async fn bullmq_job_data_that_is_not_json_is_dead_lettered_with_its_original_byt
         field(&letters[0], "source"),
         format!("bullmq:{}:{first}", env.queue)
     );
+    stop(worker);
+    cleanup(env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bullmq_worker_stops_fetching_while_the_circuit_breaker_is_open() {
+    let env = TestEnv::new("bq_breaker").await;
+    let worker = spawn_worker(
+        &env,
+        &[
+            ("AUDIT_WORKER__SINK__RETRY_MAX_ATTEMPTS", "1"),
+            ("AUDIT_WORKER__SINK__BREAKER_FAILURE_THRESHOLD", "1"),
+            // Long enough that the check below happens while it is open.
+            ("AUDIT_WORKER__SINK__BREAKER_RECOVERY_SECS", "15"),
+            ("AUDIT_WORKER__BULLMQ__OUTAGE_RETRY_DELAY_MS", "500"),
+        ],
+    );
+    wait_ready(&env).await;
+    env.refuse_writes(true).await;
+    // One job's failed write opens the breaker.
+    node_json(
+        &env,
+        "add.mjs",
+        &[("COUNT", "1".into()), ("TAG", "first".into())],
+    )
+    .await;
+    let url = format!("http://127.0.0.1:{}/metrics", env.http_port);
+    wait_until(Duration::from_secs(30), "breaker open", || async {
+        reqwest::get(&url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+            .contains("audit_worker_circuit_breaker_state 1")
+    })
+    .await;
+    node_json(
+        &env,
+        "add.mjs",
+        &[("COUNT", "50".into()), ("TAG", "later".into())],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let counts = node_json(&env, "counts.mjs", &[]).await;
+    assert!(
+        counts["waiting"].as_i64().unwrap() >= 50 && counts["active"] == 0,
+        "nothing fetched while the breaker is open: {counts}"
+    );
+    assert_eq!(counts["failed"], 0, "{counts}");
+    env.refuse_writes(false).await;
+    let r = node_json(&env, "await.mjs", &[("COUNT", "51".into())]).await;
+    assert_eq!(
+        r["counts"]["completed"], 51,
+        "all stored once it closed: {r}"
+    );
+    assert_eq!(env.row_count().await, 51);
+    assert_eq!(env.dlq_len().await, 0);
     stop(worker);
     cleanup(env).await;
 }

@@ -2,5 +2,6 @@
 
 mod bullmq;
 mod common;
+mod faults;
 mod process;
 mod stream_ingest;

@@ -1,0 +1,202 @@
+//! Ingest benchmark (issue 2): events per second from a pre-filled Redis
+//! stream to committed rows, against a plain binary COPY of the same rows
+//! into the same table definition, and the worker's peak RSS.
+//!
+//! Run with `benches/ingest.sh` (builds the release binary first). Uses the
+//! `audit_worker` database and throw-away schemas; Redis and PostgreSQL must
+//! be up (scripts/services.sh). `BENCH_EVENTS` sets the count (200,000).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::{SecondsFormat, Utc};
+use futures::SinkExt;
+use serde_json::json;
+use tokio_postgres::NoTls;
+
+const DB: &str = "postgres://postgres@127.0.0.1:5432/audit_worker";
+const REDIS: &str = "redis://127.0.0.1:6379";
+
+fn event(i: usize) -> String {
+    let status = ["attempt", "success", "failure"][i % 3];
+    json!({
+        "eventId": format!("bench-{i}"),
+        "timestamp": (Utc::now() - chrono::Duration::seconds((i % 86_400) as i64)).to_rfc3339_opts(SecondsFormat::Millis, true),
+        "action": format!("patient.record.read.{}", i % 20),
+        "status": status,
+
+        "principalId": format!("user-{}", i % 5_000),
+        "organizationId": format!("org-{}", i % 50),
+        "targetResourceType": "Patient",
+        "targetResourceId": format!("patient-{}", i % 100_000),
+        "outcomeDescription": "Record viewed from the chart summary screen",
+        "dataClassification": "PHI",
+        "sessionContext": {"sessionId": format!("sess-{}", i % 10_000), "ipAddress": "10.1.2.3", "userAgent": "Mozilla/5.0"},
+    })
+    .to_string()
+}
+
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[tokio::main]
+async fn main() {
+    let n: usize = std::env::var("BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let tag = format!("bench_{}", std::process::id());
+    let (pg, conn) = tokio_postgres::connect(DB, NoTls)
+        .await
+        .expect("PostgreSQL up: run scripts/services.sh");
+    tokio::spawn(conn);
+    let stream = format!("bench:{tag}:events");
+    let schema_worker = format!("{tag}_worker");
+    let schema_copy = format!("{tag}_copy");
+
+    // Pre-fill the stream.
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut rc = client.get_multiplexed_async_connection().await.unwrap();
+    let started = Instant::now();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(2_000) {
+        let mut pipe = redis::pipe();
+        for &i in chunk {
+            pipe.cmd("XADD")
+                .arg(&stream)
+                .arg("*")
+                .arg("data")
+                .arg(event(i))
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut rc).await.unwrap();
+    }
+    eprintln!("pre-filled {n} entries in {:.1?}", started.elapsed());
+
+    // The worker, as a separate release process.
+    let bin =
+        std::env::var("AUDIT_WORKER_BIN").unwrap_or_else(|_| "target/release/audit-worker".into());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let started = Instant::now();
+    let mut child = Command::new(&bin)
+        .arg("run")
+        .env("AUDIT_WORKER__DATABASE__URL", DB)
+        .env("AUDIT_WORKER__DATABASE__SCHEMA", &schema_worker)
+        .env("AUDIT_WORKER__STREAM__KEY", &stream)
+        .env("AUDIT_WORKER__STREAM__GROUP", format!("{tag}-group"))
+        .env("AUDIT_WORKER__DLQ__KEY", format!("bench:{tag}:dlq"))
+        .env("AUDIT_WORKER__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .env("AUDIT_WORKER__LOG__LEVEL", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start {bin} ({e}): build it with cargo build --release")
+        });
+    let mut first_row: Option<Instant> = None;
+    let mut peak_kib = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        peak_kib = peak_kib.max(vm_hwm_kib(child.id()).unwrap_or(0));
+        let count: i64 = match pg
+            .query_one(
+                &format!("SELECT count(*) FROM \"{schema_worker}\".audit_log"),
+                &[],
+            )
+            .await
+        {
+            Ok(r) => r.get(0),
+            Err(_) => 0,
+        };
+        if count > 0 && first_row.is_none() {
+            first_row = Some(Instant::now());
+        }
+        if count as usize >= n {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1200),
+            "worker too slow or stuck at {count}"
+        );
+    }
+    let total = started.elapsed();
+    let steady = first_row.map(|t| t.elapsed()).unwrap_or(total);
+    peak_kib = peak_kib.max(vm_hwm_kib(child.id()).unwrap_or(0));
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+
+    // The same rows by plain binary COPY into an identical, empty table.
+    let cols = "event_time, timestamp_raw, idempotency_key, event_id, action, status, principal_id, organization_id, target_resource_type, target_resource_id, outcome_description, hash, hash_provided, signature, signature_algorithm, signature_key_id, event_version, correlation_id, data_classification, retention_policy, session_context, details, source";
+    let mut config = audit_worker::config::Config::load_from(
+        None,
+        figment::providers::Env::prefixed("AUDIT_WORKER_BENCH_UNSET__"),
+    )
+    .unwrap();
+    config.database.url = DB.to_string().into();
+    config.database.schema = schema_copy.clone();
+    audit_worker::db::migrate(&config).await.unwrap();
+    pg.batch_execute(&format!(
+        "SET search_path = \"{schema_copy}\"; SELECT audit_log_ensure_partition(m::date) FROM generate_series(date_trunc('month', now() - interval '2 days'), now(), interval '1 month') m"
+    ))
+    .await
+    .unwrap();
+    let out = pg
+        .copy_out(&format!(
+            "COPY (SELECT {cols} FROM \"{schema_worker}\".audit_log) TO STDOUT (FORMAT binary)"
+        ))
+        .await
+        .unwrap();
+    use futures::TryStreamExt;
+    let chunks: Vec<Bytes> = out.try_collect().await.unwrap();
+    let copy_started = Instant::now();
+    let sink = pg
+        .copy_in(&format!(
+            "COPY \"{schema_copy}\".audit_log ({cols}) FROM STDIN (FORMAT binary)"
+        ))
+        .await
+        .unwrap();
+    futures::pin_mut!(sink);
+    for c in chunks {
+        sink.send(c).await.unwrap();
+    }
+    let copied = sink.finish().await.unwrap();
+    let copy_time = copy_started.elapsed();
+
+    let worker_rate = n as f64 / total.as_secs_f64();
+    let steady_rate = n as f64 / steady.as_secs_f64();
+    let copy_rate = copied as f64 / copy_time.as_secs_f64();
+    println!("events: {n}");
+    println!("worker: {:.2} s from start to last row = {:.0} events/s (first row to last: {:.2} s = {:.0} events/s)", total.as_secs_f64(), worker_rate, steady.as_secs_f64(), steady_rate);
+    println!(
+        "binary COPY of the same rows: {:.2} s = {:.0} rows/s",
+        copy_time.as_secs_f64(),
+        copy_rate
+    );
+    println!(
+        "ratio worker/COPY: {:.2} (steady: {:.2})",
+        worker_rate / copy_rate,
+        steady_rate / copy_rate
+    );
+    println!("worker peak RSS: {:.1} MiB", peak_kib as f64 / 1024.0);
+
+    let _ = pg
+        .batch_execute(&format!(
+            "DROP SCHEMA \"{schema_worker}\" CASCADE; DROP SCHEMA \"{schema_copy}\" CASCADE"
+        ))
+        .await;
+    let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&stream).query_async(&mut rc).await;
+}
