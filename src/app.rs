@@ -14,7 +14,7 @@ use crate::http::{self, HttpState, QueueInfo};
 
 use crate::jobs::JobHandlers;
 use crate::sink::{PostgresSink, SinkSettings};
-use crate::source::{self, stream::StreamSource, SourceContext};
+use crate::source::{self, bullmq::BullmqSource, stream::StreamSource, SourceContext};
 use crate::telemetry::Metrics;
 
 /// Runs the worker until `shutdown` fires (or a fatal start-up error).
@@ -101,6 +101,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if config.stream.enabled {
         let stream = StreamSource::new(&config, client.clone(), commands.clone(), ctx.clone());
         sources.spawn(stream.run());
+    }
+    if config.bullmq.enabled {
+        let bullmq = BullmqSource::new(&config, commands.clone(), ctx.clone());
+        sources.spawn(bullmq.run());
     }
     // Only the sources may keep sink handles now: once they stop, the sink
     // sees its queue close, flushes and ends.

@@ -64,6 +64,7 @@ impl std::fmt::Debug for Secret {
 pub struct Config {
     pub redis: RedisConfig,
     pub stream: StreamConfig,
+    pub bullmq: BullmqConfig,
     pub dlq: DlqConfig,
     pub database: DatabaseConfig,
     pub sink: SinkConfig,
@@ -98,6 +99,24 @@ pub struct StreamConfig {
     pub max_in_flight_batches: usize,
     pub delete_acked: bool,
     pub max_deliveries: u64,
+}
+
+/// `[bullmq]`: the BullMQ source (DESIGN.md section 3). Times are in the
+/// units BullMQ itself uses, and the defaults are BullMQ's own unless the
+/// default file says why not.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BullmqConfig {
+    pub enabled: bool,
+    pub queues: Vec<String>,
+    pub prefix: String,
+    pub concurrency: usize,
+    pub lock_duration_ms: u64,
+    pub stalled_interval_ms: u64,
+    pub max_stalled_count: u32,
+    pub drain_delay_secs: u64,
+    pub outage_retry_delay_ms: u64,
+    pub close_timeout_ms: u64,
 }
 
 /// `[dlq]`: the dead-letter stream.
@@ -257,6 +276,7 @@ impl Config {
                 "must be at least 1 (0 would block forever)",
             );
         }
+        self.validate_bullmq()?;
         if !self.database.url.expose().starts_with("postgres://")
             && !self.database.url.expose().starts_with("postgresql://")
         {
@@ -331,6 +351,57 @@ impl Config {
                 "validation.require_signature",
                 "is on but no HMAC key is configured: set integrity.hmac_keys or integrity.hmac_keys_file",
             );
+        }
+        Ok(())
+    }
+
+    /// Checks `[bullmq]` (only when the source is enabled).
+    fn validate_bullmq(&self) -> Result<(), ConfigError> {
+        let b = &self.bullmq;
+        let err = |key: &str, why: &str| Err(ConfigError(format!("{key} {why}")));
+        if !b.enabled {
+            return Ok(());
+        }
+        if b.queues.is_empty() {
+            return err(
+                "bullmq.queues",
+                "must name at least one queue (or set bullmq.enabled = false)",
+            );
+        }
+        for (i, q) in b.queues.iter().enumerate() {
+            if q.is_empty() || q.contains(':') {
+                return err(
+                    "bullmq.queues",
+                    "must hold non-empty queue names without ':' (BullMQ uses ':' in its keys)",
+                );
+            }
+            if b.queues[..i].contains(q) {
+                return err("bullmq.queues", "must not name the same queue twice");
+            }
+        }
+        if b.prefix.is_empty() || b.prefix.contains(':') {
+            return err(
+                "bullmq.prefix",
+                "must be non-empty and without ':' (BullMQ's default is \"bull\")",
+            );
+        }
+        if b.concurrency == 0 || b.concurrency > 10_000 {
+            return err("bullmq.concurrency", "must be between 1 and 10000");
+        }
+        if b.lock_duration_ms < 1_000 || b.stalled_interval_ms == 0 {
+            return err(
+                "bullmq.lock_duration_ms / stalled_interval_ms",
+                "need lock_duration_ms >= 1000 and stalled_interval_ms >= 1",
+            );
+        }
+        if b.drain_delay_secs == 0 {
+            return err(
+                "bullmq.drain_delay_secs",
+                "must be at least 1 (0 would block forever)",
+            );
+        }
+        if b.outage_retry_delay_ms == 0 {
+            return err("bullmq.outage_retry_delay_ms", "must be at least 1");
         }
         Ok(())
     }
@@ -451,6 +522,35 @@ mod tests {
         assert_eq!(c.http.listen, "0.0.0.0:3001");
         assert_eq!(c.sink.batch_size, 1000);
         assert_eq!(c.validation.max_event_bytes, 65536);
+        assert!(c.bullmq.enabled);
+        assert_eq!(c.bullmq.queues, vec!["audit-events".to_string()]);
+        assert_eq!(c.bullmq.prefix, "bull");
+        assert!(c.bullmq.concurrency >= 100);
+    }
+
+    #[test]
+    fn bullmq_settings_that_cannot_work_are_refused_with_the_setting_named() {
+        let dir = tempfile::tempdir().unwrap();
+        for (toml, expected) in [
+            ("[bullmq]\nqueues = []\n", "bullmq.queues"),
+            ("[bullmq]\nqueues = [\"a:b\"]\n", "bullmq.queues"),
+            ("[bullmq]\nqueues = [\"a\", \"a\"]\n", "bullmq.queues"),
+            ("[bullmq]\nconcurrency = 0\n", "bullmq.concurrency"),
+            (
+                "[bullmq]\ndrain_delay_secs = 0\n",
+                "bullmq.drain_delay_secs",
+            ),
+        ] {
+            let cfg = dir.path().join("c.toml");
+            std::fs::write(&cfg, toml).unwrap();
+            let e = Config::load_from(Some(&cfg), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(expected), "{toml}: {e}");
+        }
+        let cfg = dir.path().join("off.toml");
+        std::fs::write(&cfg, "[bullmq]\nenabled = false\nqueues = []\n").unwrap();
+        assert!(Config::load_from(Some(&cfg), env(&[])).is_ok());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! them only once their outcome is durable (a committed row, or a dead
 //! letter written atomically with the acknowledgement).
 
+pub mod bullmq;
 pub mod stream;
 
 use std::time::Duration;

@@ -41,6 +41,9 @@ pub struct TestEnv {
     pub stream: String,
     pub dlq: String,
     pub group: String,
+    /// This test's BullMQ queue (under the default prefix `bull`), so
+    /// workers of parallel tests never consume each other's jobs.
+    pub queue: String,
     pub redis: redis::Client,
     pub pg: tokio_postgres::Client,
     pub http_port: u16,
@@ -67,6 +70,7 @@ impl TestEnv {
             stream: format!("test:{name}:events"),
             dlq: format!("test:{name}:dlq"),
             group: format!("group-{name}"),
+            queue: format!("q-{name}"),
             schema,
             redis: redis::Client::open(test_redis_url()).unwrap(),
             pg,
@@ -91,6 +95,8 @@ impl TestEnv {
         c.stream.block_ms = 200;
         c.stream.claim_interval_ms = 200;
         c.dlq.key = self.dlq.clone();
+        c.bullmq.queues = vec![self.queue.clone()];
+        c.bullmq.drain_delay_secs = 1;
         c.http.listen = format!("127.0.0.1:{}", self.http_port);
         c
     }
@@ -111,6 +117,11 @@ impl TestEnv {
                 "200".into(),
             ),
             ("AUDIT_WORKER__DLQ__KEY".into(), c.dlq.key),
+            (
+                "AUDIT_WORKER__BULLMQ__QUEUES".into(),
+                format!("[\"{}\"]", self.queue),
+            ),
+            ("AUDIT_WORKER__BULLMQ__DRAIN_DELAY_SECS".into(), "1".into()),
             ("AUDIT_WORKER__HTTP__LISTEN".into(), c.http.listen),
             ("AUDIT_WORKER__LOG__FORMAT".into(), "text".into()),
         ]

@@ -1,5 +1,6 @@
 //! Integration tests against real Redis and PostgreSQL.
 
+mod bullmq;
 mod common;
 mod faults;
 mod process;

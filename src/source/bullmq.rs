@@ -1,0 +1,542 @@
+//! The BullMQ source (DESIGN.md section 3): audit events that Node services
+//! add with BullMQ's `Queue.add` / `addBulk`.
+//!
+//! The protocol (fetching, locks and their renewal, stalled-job recovery,
+//! completion, failure, retries and backoff) is bullmq-official's, BullMQ's
+//! own Rust port, which runs BullMQ's Lua scripts; this module holds no
+//! BullMQ Lua and builds no BullMQ key by hand. One [`bullmq::Worker`] runs
+//! per configured queue, with a high concurrency: every job hands its event
+//! to the shared batching sink and waits for its row to commit, so the many
+//! jobs in flight at once share one database round trip.
+//!
+//! What each job becomes:
+//!
+//! | what happened to the event                     | the job                                   |
+//! |------------------------------------------------|-------------------------------------------|
+//! | stored (a new row, or one already there)       | completed, JSON return value              |
+//! | a job request (export, snapshot) accepted      | completed with its handler's JSON value   |
+//! | rejected for good (invalid, hash or signature  | dead letter written to `audit:dlq`, then  |
+//! | mismatch, unknown kind, refused by PostgreSQL) | failed as unrecoverable (no retries)      |
+//! | database unavailable, or the DLQ write failed  | attempt failed: BullMQ retries it with    |
+//! |                                                | the job's own `attempts` and `backoff`    |
+//! | ... and that was the job's last attempt        | moved back to delayed, attempt not spent  |
+//!
+//! The last row is ours, not BullMQ's: an outage is not the event's fault,
+//! and a job failed for good because PostgreSQL was down would be an event
+//! lost (neither stored nor dead-lettered). So a job never fails for an
+//! infrastructure reason; it waits in `delayed` and comes back.
+//!
+//! Gaps in bullmq-official 1.4.4 worked around here (see the README too):
+//! - A job's `data` is handed over parsed; when it is not JSON the crate
+//!   silently turns it into `null`. For such jobs the original bytes are
+//!   read back with one HGET (key from the crate's [`QueueKeys`]) so the
+//!   dead letter keeps them.
+//! - The worker's event channel is unbounded and fills with two events per
+//!   job unless someone reads it: [`drain_events`] reads it.
+//! - Retried attempts do not record their `failedReason` on the job (Node's
+//!   worker does): the reason is logged here instead.
+//! - Exponential backoff ignores Node's `jitter` option (not worked around).
+//!
+//! Circuit breaker: [`pause_while_unwritable`] pauses fetching while it is
+//! open; [`QueueHandler::hold_while_unwritable`] holds jobs already fetched.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bullmq::worker::WorkerEvent;
+use bullmq::{Job, QueueKeys, Worker, WorkerOptions};
+use redis::aio::ConnectionManager;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::SourceContext;
+use crate::config::{BullmqConfig, Config, Secret};
+use crate::dlq::DeadLetter;
+use crate::event::{Rejection, ValidationPolicy};
+use crate::jobs::{JobError, JobHandlers};
+use crate::processor::{process_message, JobKind, AUDIT_EVENT};
+use crate::sink::{SinkHandle, StoreOutcome};
+use crate::telemetry::Metrics;
+
+/// The `source` label of this source's metrics.
+const SOURCE: &str = "bullmq";
+
+/// What the jobs of every queue share.
+struct Shared {
+    prefix: String,
+    dlq_key: String,
+    policy: Arc<ValidationPolicy>,
+    sink: SinkHandle,
+    /// Where requests of the other job kinds (export, snapshot) go.
+    jobs: JobHandlers,
+    /// Our own Redis connection, for dead letters (never BullMQ's keys,
+    /// except the one read in [`QueueHandler::job_bytes`]).
+    commands: ConnectionManager,
+    metrics: Metrics,
+    outage_retry_delay: Duration,
+    /// Fires on shutdown; releases jobs held at the breaker gate.
+    shutdown: CancellationToken,
+}
+
+/// The BullMQ source; `run` consumes every configured queue until shutdown.
+pub struct BullmqSource {
+    settings: BullmqConfig,
+    redis_url: Secret,
+    consumer: String,
+    commands: ConnectionManager,
+    ctx: SourceContext,
+    dlq_key: String,
+}
+
+impl BullmqSource {
+    /// Prepares the source (no I/O until `run`).
+    pub fn new(config: &Config, commands: ConnectionManager, ctx: SourceContext) -> Self {
+        Self {
+            settings: config.bullmq.clone(),
+            redis_url: config.redis.url.clone(),
+            consumer: config.consumer_name(),
+            commands,
+            ctx,
+            dlq_key: config.dlq.key.clone(),
+        }
+    }
+
+    /// Runs one BullMQ worker per queue until the context's shutdown token
+    /// fires, then closes them: jobs in flight get `close_timeout_ms` to
+    /// finish; any still running after that keep their lock until it
+    /// expires and BullMQ's stalled-job check puts them back in the queue.
+    pub async fn run(self) {
+        let shutdown = self.ctx.shutdown.clone();
+        let shared = Arc::new(Shared {
+            prefix: self.settings.prefix.clone(),
+            dlq_key: self.dlq_key,
+            policy: self.ctx.policy,
+            sink: self.ctx.sink,
+            jobs: self.ctx.jobs,
+            commands: self.commands,
+            metrics: self.ctx.metrics,
+            outage_retry_delay: Duration::from_millis(self.settings.outage_retry_delay_ms),
+            shutdown: shutdown.clone(),
+        });
+        let mut queues = tokio::task::JoinSet::new();
+        for queue in &self.settings.queues {
+            let handler = Arc::new(QueueHandler {
+                keys: QueueKeys::new(queue, Some(&shared.prefix)),
+                queue: queue.clone(),
+                shared: shared.clone(),
+            });
+            let opts = worker_options(&self.settings, &self.redis_url, &self.consumer);
+            queues.spawn(run_queue(
+                handler,
+                opts,
+                self.settings.close_timeout_ms,
+                shutdown.clone(),
+            ));
+        }
+        drop(shared);
+        while let Some(r) = queues.join_next().await {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "a BullMQ queue task failed");
+            }
+        }
+    }
+}
+
+/// The crate's worker options from `[bullmq]` and `[redis] url`.
+fn worker_options(settings: &BullmqConfig, url: &Secret, consumer: &str) -> WorkerOptions {
+    let mut opts = WorkerOptions {
+        prefix: settings.prefix.clone(),
+        // Stored on each job as `processedBy`, and in the connection name
+        // that Node's `Queue.getWorkers()` lists.
+        name: Some(consumer.to_owned()),
+        concurrency: settings.concurrency,
+        lock_duration: settings.lock_duration_ms,
+        stalled_interval: settings.stalled_interval_ms,
+        max_stalled_count: settings.max_stalled_count,
+        drain_delay: settings.drain_delay_secs,
+        ..WorkerOptions::default()
+    };
+    // The options' Debug redacts credentials in the URL.
+    opts.connection.url = url.expose().to_owned();
+    opts
+}
+
+/// Starts the worker of one queue (retrying while Redis is unreachable),
+/// reads its events, and closes it on shutdown.
+async fn run_queue(
+    handler: Arc<QueueHandler>,
+    opts: WorkerOptions,
+    close_timeout_ms: u64,
+    shutdown: CancellationToken,
+) {
+    let queue = handler.queue.clone();
+    let metrics = handler.shared.metrics.clone();
+    let sink = handler.shared.sink.clone();
+    let mut failures: u32 = 0;
+    let worker = loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let h = handler.clone();
+        let processor = move |job: Job, _cancel| {
+            let h = h.clone();
+            async move { h.handle(job).await }
+        };
+        match Worker::with_options(&queue, processor, opts.clone()).await {
+            Ok(worker) => break Arc::new(worker),
+            Err(e) => {
+                failures += 1;
+                metrics
+                    .redis_errors
+                    .with_label_values(&["bullmq_worker"])
+                    .inc();
+                tracing::warn!(queue = %queue, error = %e, "cannot start the BullMQ worker (is Redis up? see redis.url); retrying");
+                let delay = Duration::from_millis((200u64 << failures.min(5)).min(5_000));
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
+    };
+    drop(handler);
+    tracing::info!(
+        queue = %queue,
+        prefix = %opts.prefix,
+        concurrency = opts.concurrency,
+        "BullMQ source consuming"
+    );
+    let events = tokio::spawn(drain_events(worker.clone(), queue.clone(), metrics));
+    pause_while_unwritable(&worker, &sink, &shutdown, &queue).await;
+    let in_flight = worker.active_count().await;
+    tracing::info!(
+        queue = %queue,
+        in_flight,
+        "closing the BullMQ worker; letting jobs in flight finish"
+    );
+    if let Err(e) = worker.close(close_timeout_ms).await {
+        tracing::warn!(queue = %queue, error = %e, "closing the BullMQ worker failed; jobs in flight will be recovered as stalled");
+    }
+    let left = worker.active_count().await;
+    if left > 0 {
+        tracing::warn!(queue = %queue, in_flight = left, "close timeout passed with jobs in flight; BullMQ's stalled-job check will put them back in the queue");
+    }
+    // The event channel never closes while the worker exists: stop reading.
+    events.abort();
+    tracing::info!(queue = %queue, "BullMQ worker closed");
+}
+
+/// Runs until shutdown, pausing the worker's fetching while the circuit
+/// breaker is open, as the stream source stops reading: jobs stay `waiting`
+/// in BullMQ (for any healthy worker) instead of being taken and held. The
+/// crate's pause also stops the fetch chained to each job's completion.
+/// Jobs already in flight when it opens wait at [`QueueHandler::hold_while_unwritable`].
+async fn pause_while_unwritable(
+    worker: &Worker,
+    sink: &SinkHandle,
+    shutdown: &CancellationToken,
+    queue: &str,
+) {
+    loop {
+        // The breaker has no "opened" notification: poll it, as it polls itself.
+        while sink.breaker().is_writable() {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+        worker.pause();
+        tracing::warn!(queue = %queue, "database unwritable (circuit breaker open): BullMQ worker stops fetching");
+        let writable = sink.wait_writable(shutdown).await;
+        worker.resume();
+        if !writable {
+            return;
+        }
+        tracing::info!(queue = %queue, "database writable again: BullMQ worker fetches again");
+    }
+}
+
+/// Reads the worker's event channel, which is unbounded in bullmq-official
+/// 1.4.4 and would otherwise keep two events per processed job forever.
+/// Errors (Redis trouble inside the crate) become a metric and a log line.
+async fn drain_events(worker: Arc<Worker>, queue: String, metrics: Metrics) {
+    while let Some(event) = worker.next_event().await {
+        match event {
+            WorkerEvent::Error(e) => {
+                metrics
+                    .redis_errors
+                    .with_label_values(&["bullmq_worker"])
+                    .inc();
+                tracing::warn!(queue = %queue, error = %e, "BullMQ worker error; it retries by itself");
+            }
+            WorkerEvent::Stalled { job_id } => {
+                tracing::info!(queue = %queue, job_id = %job_id, "stalled job put back in the queue");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Whether a job may go on, or must be given back because we shut down.
+enum Gate {
+    Proceed,
+    ShuttingDown,
+}
+
+/// Turns the jobs of one queue into stored rows or dead letters.
+struct QueueHandler {
+    queue: String,
+    keys: QueueKeys,
+    shared: Arc<Shared>,
+}
+
+impl QueueHandler {
+    /// The processor: decides the job's outcome (module docs, table).
+    async fn handle(&self, job: Job) -> Result<Value, bullmq::Error> {
+        if let Gate::ShuttingDown = self.hold_while_unwritable().await {
+            return self.give_back(&job).await;
+        }
+        let source = format!("bullmq:{}:{}", self.queue, job.id());
+        let name = match job.name() {
+            "" => AUDIT_EVENT.to_owned(),
+            n => n.to_owned(),
+        };
+        let data = match self.job_bytes(&job).await {
+            Ok(data) => data,
+            Err(cause) => return self.transient(&job, cause).await,
+        };
+        let kind = JobKind::from_name(&name);
+        if kind != JobKind::AuditEvent {
+            // A job request (export, snapshot): its handler records it and
+            // answers for the requester; no handler means `unknown_kind`.
+            return match self.shared.jobs.accept(kind, &name, &data, &source).await {
+                Ok(value) => Ok(value),
+                Err(JobError::Rejected(rejection)) => {
+                    self.dead_letter(&job, data, name, rejection, source).await
+                }
+                Err(JobError::Transient(cause)) => self.transient(&job, cause).await,
+            };
+        }
+        let record = match process_message(&name, &data, &source, &self.shared.policy) {
+            Ok(record) => record,
+            Err(rejection) => return self.dead_letter(&job, data, name, rejection, source).await,
+        };
+        let key = record.idempotency_key.clone();
+        let hash = record.event.hash.clone();
+        match self.shared.sink.submit(record).await.wait().await {
+            StoreOutcome::Inserted => Ok(self.stored(key, hash, "inserted")),
+            StoreOutcome::Duplicate => Ok(self.stored(key, hash, "duplicate")),
+            StoreOutcome::Rejected(rejection) => {
+                self.dead_letter(&job, data, name, rejection, source).await
+            }
+            StoreOutcome::Unavailable(cause) => {
+                self.transient(&job, format!("database unavailable: {cause}"))
+                    .await
+            }
+        }
+    }
+
+    /// The circuit breaker's hold on jobs already fetched when it opened
+    /// (fetching itself is paused by [`pause_while_unwritable`]): such a job
+    /// waits here, keeping its BullMQ lock (the crate renews it), instead of
+    /// spending an attempt on a write that cannot succeed. On shutdown held
+    /// jobs are given back to the queue.
+    async fn hold_while_unwritable(&self) -> Gate {
+        // Resolves at once while the breaker is closed.
+        if self.shared.sink.wait_writable(&self.shared.shutdown).await {
+            Gate::Proceed
+        } else {
+            Gate::ShuttingDown
+        }
+    }
+
+    /// Puts a job back in the queue without spending an attempt (shutdown
+    /// while it was held at the gate or its write was pending). If even
+    /// that fails, the job keeps its lock until it expires and the stalled
+    /// check puts it back.
+    async fn give_back(&self, job: &Job) -> Result<Value, bullmq::Error> {
+        if let Err(e) = job.move_to_wait(None).await {
+            tracing::warn!(queue = %self.queue, job_id = %job.id(), error = %e, "could not give the job back; the stalled-job check will");
+        }
+        // `Delayed` tells the crate the job was already moved: nothing more to do.
+        Err(bullmq::Error::Delayed)
+    }
+
+    /// The job's data as bytes for the processor and the dead letter.
+    ///
+    /// bullmq-official parses `data` (BullMQ producers always store JSON)
+    /// and re-serialising it is exact for everything canonical hash v1
+    /// covers (eight strings). Data that is not JSON reaches us as `null`
+    /// (crate gap), so then the stored bytes are read back, to be validated
+    /// and dead-lettered as they are.
+    async fn job_bytes(&self, job: &Job) -> Result<Vec<u8>, String> {
+        if !job.data().is_null() {
+            return serde_json::to_vec(job.data())
+                .map_err(|e| format!("cannot re-serialise the job data: {e}"));
+        }
+        let mut conn = self.shared.commands.clone();
+        let key = self.keys.job_key(job.id());
+        let mut last = String::new();
+        for attempt in 1..=3u64 {
+            let r: redis::RedisResult<Option<Vec<u8>>> = redis::cmd("HGET")
+                .arg(&key)
+                .arg("data")
+                .query_async(&mut conn)
+                .await;
+            match r {
+                Ok(bytes) => return Ok(bytes.unwrap_or_else(|| b"null".to_vec())),
+                Err(e) => {
+                    self.shared
+                        .metrics
+                        .redis_errors
+                        .with_label_values(&["bullmq_hget"])
+                        .inc();
+                    last = e.to_string();
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+            }
+        }
+        Err(format!("cannot read the job's raw data from Redis: {last}"))
+    }
+
+    /// The return value of a stored event, for the producer.
+    fn stored(&self, key: String, hash: String, outcome: &'static str) -> Value {
+        self.shared
+            .metrics
+            .events
+            .with_label_values(&[SOURCE, outcome])
+            .inc();
+        json!({ "idempotencyKey": key, "stored": outcome, "hash": hash })
+    }
+
+    /// Writes the dead letter, then fails the job for good. If the dead
+    /// letter cannot be written the job must not fail for good (the letter
+    /// has to exist first): that becomes a transient failure.
+    async fn dead_letter(
+        &self,
+        job: &Job,
+        data: Vec<u8>,
+        name: String,
+        rejection: Rejection,
+        source: String,
+    ) -> Result<Value, bullmq::Error> {
+        let reason = format!("{}: {}", rejection.reason.code(), rejection.message);
+        let letter = DeadLetter {
+            data,
+            name,
+            reason: rejection.reason,
+            error: rejection.message,
+            source,
+            attempts: u64::from(job.attempts_made()) + 1,
+        };
+        let mut pipe = redis::pipe();
+        letter.add_to(&mut pipe, &self.shared.dlq_key);
+        let mut conn = self.shared.commands.clone();
+        let mut written = Err(String::new());
+        // The first command after a dropped connection fails (the manager
+        // reconnects behind it), so retry. An XADD whose reply was lost may
+        // leave a second copy of the letter: the DLQ is at-least-once.
+        for attempt in 1..=3u64 {
+            match pipe.query_async::<()>(&mut conn).await {
+                Ok(()) => {
+                    written = Ok(());
+                    break;
+                }
+                Err(e) => {
+                    self.shared
+                        .metrics
+                        .redis_errors
+                        .with_label_values(&["dlq_xadd"])
+                        .inc();
+                    written = Err(e.to_string());
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+            }
+        }
+        if let Err(e) = written {
+            return self
+                .transient(job, format!("could not write the dead letter ({e})"))
+                .await;
+        }
+        let m = &self.shared.metrics;
+        m.events.with_label_values(&[SOURCE, "dead_lettered"]).inc();
+        m.dead_letters
+            .with_label_values(&[letter.reason.code()])
+            .inc();
+        tracing::info!(reason = letter.reason.code(), source = %letter.source, error = %letter.error, "dead-lettered");
+        Err(bullmq::Error::Unrecoverable(reason))
+    }
+
+    /// A failure that is not the event's fault. While the job has attempts
+    /// left, fail this one and let BullMQ retry with the job's own
+    /// `attempts` and `backoff`; on its last attempt, move it back to
+    /// delayed without spending the attempt, so it is never failed for good.
+    async fn transient(&self, job: &Job, cause: String) -> Result<Value, bullmq::Error> {
+        if self.shared.shutdown.is_cancelled() {
+            // The sink gave up because we are stopping, not because of the
+            // event: hand the job back without spending an attempt.
+            tracing::info!(queue = %self.queue, job_id = %job.id(), %cause, "shutting down; job given back to the queue");
+            return self.give_back(job).await;
+        }
+        self.shared
+            .metrics
+            .events
+            .with_label_values(&[SOURCE, "deferred"])
+            .inc();
+        // The crate treats a job without `attempts` as one attempt, as Node does.
+        let attempts = job.opts().attempts.unwrap_or(0).max(1);
+        let attempt = job.attempts_made() + 1;
+        if attempt < attempts {
+            tracing::warn!(queue = %self.queue, job_id = %job.id(), attempt, attempts, %cause, "attempt failed; BullMQ retries it");
+            return Err(bullmq::Error::ProcessingError(format!(
+                "{cause} (attempt {attempt} of {attempts}; retried with the job's backoff)"
+            )));
+        }
+        let delay = self.shared.outage_retry_delay;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let until = u64::try_from((now + delay).as_millis()).unwrap_or(u64::MAX);
+        match job.move_to_delayed(until).await {
+            Ok(()) => {
+                tracing::warn!(queue = %self.queue, job_id = %job.id(), ?delay, %cause, "last attempt could not store the event; delayed without spending it");
+            }
+            Err(e) => {
+                tracing::warn!(queue = %self.queue, job_id = %job.id(), error = %e, %cause, "could not delay the job; the stalled-job check will put it back");
+            }
+        }
+        // The job was moved (or is left locked for the stalled check):
+        // `Delayed` tells the crate not to finish it.
+        Err(bullmq::Error::Delayed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_options_carry_the_bullmq_settings_and_hide_the_redis_password() {
+        let mut config = Config::load_from(
+            None,
+            figment::providers::Env::prefixed("AUDIT_WORKER_UNIT_TEST_UNSET__"),
+        )
+        .unwrap();
+        config.bullmq.concurrency = 321;
+        config.bullmq.prefix = "audit".into();
+        config.bullmq.lock_duration_ms = 12_000;
+        config.bullmq.max_stalled_count = 4;
+        let url = Secret::from("redis://:hunter2@127.0.0.1:6379".to_string());
+        let opts = worker_options(&config.bullmq, &url, "host-1");
+        assert_eq!(opts.concurrency, 321);
+        assert_eq!(opts.prefix, "audit");
+        assert_eq!(opts.lock_duration, 12_000);
+        assert_eq!(opts.max_stalled_count, 4);
+        assert_eq!(opts.stalled_interval, config.bullmq.stalled_interval_ms);
+        assert_eq!(opts.drain_delay, config.bullmq.drain_delay_secs);
+        assert_eq!(opts.name.as_deref(), Some("host-1"));
+        assert_eq!(opts.connection.url, url.expose());
+        let debug = format!("{opts:?} {:?}", opts.connection);
+        assert!(!debug.contains("hunter2"), "{debug}");
+    }
+}

@@ -1,0 +1,134 @@
+// Adds a small set of labelled jobs (SCENARIO), waits until QueueEvents
+// reports each finished, and prints per job what Node sees: state,
+// attemptsMade, failedReason, parsed return value.
+//
+//   SCENARIO=wrong-hash  an event whose hash is wrong, with attempts: 5
+//                        (and a valid control job, a snapshot request
+//                        and data that is not an event object)
+//   SCENARIO=smart-logs  events built as the smart-logs SDK builds them
+//                        (canonical hash v1 + HMAC, key HMAC_SECRET), and
+//                        copies with one thing altered after signing
+import { Job, Queue, QueueEvents } from 'bullmq';
+import {
+  env,
+  emit,
+  fail,
+  queueOptions,
+  plainEvent,
+  smartLogsEvent,
+  canonicalHashV1,
+  checkAgainstVectors,
+  deadline,
+} from './lib.mjs';
+
+const scenario = process.env.SCENARIO;
+const retryOpts = { attempts: 5, backoff: { type: 'fixed', delay: 100 } };
+
+function wrongHash() {
+  const bad = plainEvent(1, { tag: 'wronghash' });
+  bad.hash = canonicalHashV1({ ...bad, action: 'something.else' });
+  bad.hashAlgorithm = 'SHA-256';
+  const good = plainEvent(2, { tag: 'wronghash' });
+  good.hash = canonicalHashV1(good);
+  return [
+    { label: 'wrong-hash', name: 'audit.event', data: bad, opts: retryOpts },
+    { label: 'control', name: 'audit.event', data: good, opts: retryOpts },
+    // Kinds of later issues: without their handler, unknown_kind at once.
+    { label: 'unknown-kind', name: 'audit.snapshot', data: { upTo: 'now' }, opts: retryOpts },
+    // Valid JSON, but not an event object.
+    { label: 'not-an-object', name: 'audit.event', data: 'just a string', opts: retryOpts },
+  ];
+}
+
+function smartLogs() {
+  const secret = process.env.HMAC_SECRET ?? fail('HMAC_SECRET is required');
+  const vectors = checkAgainstVectors();
+  const jobs = [];
+  const n = Number(process.env.COUNT ?? 20);
+  for (let i = 0; i < n; i += 1) {
+    jobs.push({ label: 'genuine', name: 'audit.event', data: smartLogsEvent(i, secret), opts: retryOpts });
+  }
+  const alter = (i, label, change) => {
+    const e = smartLogsEvent(1000 + i, secret);
+    change(e);
+    jobs.push({ label, name: 'audit.event', data: e, opts: retryOpts });
+  };
+  alter(0, 'altered-action', (e) => (e.action = 'fhir.patient.delete'));
+  alter(1, 'altered-outcome', (e) => (e.outcomeDescription += '!'));
+  alter(2, 'altered-principal', (e) => (e.principalId = 'someone-else'));
+  alter(3, 'altered-timestamp', (e) => (e.timestamp = new Date(Date.parse(e.timestamp) - 1000).toISOString()));
+  // Altered, and the hash recomputed by someone without the key.
+  alter(4, 'rehashed-unsigned', (e) => {
+    e.status = 'success';
+    e.targetResourceId = 'patient-other';
+    e.hash = canonicalHashV1(e);
+  });
+  alter(5, 'altered-signature', (e) => (e.signature = e.signature.replace(/^./, (c) => (c === '0' ? '1' : '0'))));
+  // A field outside the hash may change freely: still genuine.
+  alter(6, 'genuine-other-field', (e) => (e.dataClassification = 'INTERNAL'));
+  return { jobs, vectors };
+}
+
+let jobs;
+let extra = {};
+if (scenario === 'wrong-hash') {
+  jobs = wrongHash();
+} else if (scenario === 'smart-logs') {
+  const s = smartLogs();
+  jobs = s.jobs;
+  extra = { vectorsChecked: s.vectors };
+} else {
+  fail(`unknown SCENARIO ${scenario}`);
+}
+
+const queue = new Queue(env.queue, queueOptions());
+const events = new QueueEvents(env.queue, queueOptions());
+await events.waitUntilReady();
+await queue.waitUntilReady();
+
+const finished = new Map();
+let resolveDone;
+const done = new Promise((r) => (resolveDone = r));
+const seen = { completed: 0, failed: 0 };
+const record = (kind) => ({ jobId }) => {
+  seen[kind] += 1;
+  finished.set(jobId, kind);
+  if ([...ids].every((id) => finished.has(id))) resolveDone();
+};
+events.on('completed', record('completed'));
+events.on('failed', record('failed'));
+
+const added = await queue.addBulk(jobs.map(({ name, data, opts }) => ({ name, data, opts })));
+const ids = new Set(added.map((j) => j.id));
+if ([...ids].every((id) => finished.has(id))) resolveDone();
+let timedOut = false;
+await Promise.race([done, deadline(env.timeoutMs, 'every job to finish')]).catch(() => {
+  timedOut = true;
+});
+
+const out = [];
+for (let k = 0; k < added.length; k += 1) {
+  const job = await Job.fromId(queue, added[k].id);
+  const state = await job.getState();
+  let returnvalue = job.returnvalue;
+  if (typeof returnvalue === 'string') {
+    try {
+      returnvalue = JSON.parse(returnvalue);
+    } catch {
+      // left as the raw string: the Rust side asserts on its shape
+    }
+  }
+  out.push({
+    label: jobs[k].label,
+    id: job.id,
+    event: finished.get(job.id) ?? null,
+    state,
+    attemptsMade: job.attemptsMade,
+    attemptsStarted: job.attemptsStarted,
+    failedReason: job.failedReason ?? null,
+    returnvalue: returnvalue ?? null,
+  });
+}
+emit({ jobs: out, timedOut, ...extra });
+await events.close();
+await queue.close();
