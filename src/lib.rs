@@ -11,6 +11,8 @@ pub mod http;
 pub mod integrity;
 pub mod jobs;
 pub mod processor;
+#[cfg(test)]
+mod properties;
 pub mod retry;
 pub mod sink;
 pub mod source;
