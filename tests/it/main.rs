@@ -4,4 +4,5 @@ mod common;
 mod faults;
 mod hostile;
 mod process;
+mod roles;
 mod stream_ingest;
