@@ -5,4 +5,5 @@ mod faults;
 mod hostile;
 mod process;
 mod roles;
+mod secrets;
 mod stream_ingest;
