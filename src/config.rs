@@ -81,6 +81,9 @@ pub struct RedisConfig {
     pub url: Secret,
     pub connect_timeout_secs: u64,
     pub response_timeout_secs: u64,
+    /// PEM file with the CA certificate(s) that sign the server's
+    /// certificate, for `rediss://` with a private CA; empty: system roots.
+    pub tls_ca_file: String,
 }
 
 /// `[stream]`: the Redis Streams source.
@@ -237,6 +240,12 @@ impl Config {
             return err(
                 "redis.url",
                 "must start with redis://, rediss:// or unix://",
+            );
+        }
+        if !self.redis.tls_ca_file.is_empty() && !self.redis.url.expose().starts_with("rediss://") {
+            return err(
+                "redis.tls_ca_file",
+                "is set but redis.url does not start with rediss:// (TLS)",
             );
         }
         if self.stream.key.is_empty() || self.stream.group.is_empty() {

@@ -7,3 +7,4 @@ mod process;
 mod roles;
 mod secrets;
 mod stream_ingest;
+mod tls;
