@@ -124,6 +124,11 @@ pub struct DatabaseConfig {
     pub connect_timeout_secs: u64,
     pub migrate_on_start: bool,
     pub partitions_ahead_months: u32,
+    /// `disable`, `require`, `verify-ca` or `verify-full` (see crate::pgtls).
+    pub sslmode: String,
+    /// PEM file of CA certificates for verify-ca / verify-full; empty:
+    /// the system's trusted roots.
+    pub tls_ca_file: String,
 }
 
 /// `[sink]`: batching and retries of database writes.
@@ -272,6 +277,12 @@ impl Config {
             return err(
                 "database.url",
                 "must start with postgres:// or postgresql://",
+            );
+        }
+        if crate::pgtls::SslMode::parse(&self.database.sslmode).is_none() {
+            return err(
+                "database.sslmode",
+                "must be disable, require, verify-ca or verify-full",
             );
         }
         if self.database.schema.is_empty()

@@ -10,6 +10,7 @@ pub mod event;
 pub mod http;
 pub mod integrity;
 pub mod jobs;
+pub mod pgtls;
 pub mod processor;
 #[cfg(test)]
 mod properties;

@@ -3,6 +3,7 @@
 mod common;
 mod faults;
 mod hostile;
+mod pg_tls;
 mod process;
 mod roles;
 mod secrets;
