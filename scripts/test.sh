@@ -11,3 +11,16 @@ if [ -f tests/bullmq/package.json ]; then
   (cd tests/bullmq && npm ci --no-audit --no-fund --loglevel=error)
 fi
 cargo test --locked --all-targets "$@"
+# Short bounded fuzz run (FUZZ_SECONDS per target, default 10); a machine
+# where cargo-fuzz cannot be installed skips it with a clear line.
+if [ "${SKIP_FUZZ:-0}" = 1 ]; then
+  echo "test: fuzzing SKIPPED (SKIP_FUZZ=1)"
+else
+  fuzz_status=0
+  scripts/fuzz.sh || fuzz_status=$?
+  if [ "$fuzz_status" -eq 3 ]; then
+    echo "test: fuzzing SKIPPED: cargo-fuzz is not installable here"
+  elif [ "$fuzz_status" -ne 0 ]; then
+    exit "$fuzz_status"
+  fi
+fi

@@ -82,6 +82,9 @@ pub struct RedisConfig {
     pub url: Secret,
     pub connect_timeout_secs: u64,
     pub response_timeout_secs: u64,
+    /// PEM file with the CA certificate(s) that sign the server's
+    /// certificate, for `rediss://` with a private CA; empty: system roots.
+    pub tls_ca_file: String,
 }
 
 /// `[stream]`: the Redis Streams source.
@@ -140,6 +143,11 @@ pub struct DatabaseConfig {
     pub connect_timeout_secs: u64,
     pub migrate_on_start: bool,
     pub partitions_ahead_months: u32,
+    /// `disable`, `require`, `verify-ca` or `verify-full` (see crate::pgtls).
+    pub sslmode: String,
+    /// PEM file of CA certificates for verify-ca / verify-full; empty:
+    /// the system's trusted roots.
+    pub tls_ca_file: String,
 }
 
 /// `[sink]`: batching and retries of database writes.
@@ -258,6 +266,12 @@ impl Config {
                 "must start with redis://, rediss:// or unix://",
             );
         }
+        if !self.redis.tls_ca_file.is_empty() && !self.redis.url.expose().starts_with("rediss://") {
+            return err(
+                "redis.tls_ca_file",
+                "is set but redis.url does not start with rediss:// (TLS)",
+            );
+        }
         if self.stream.key.is_empty() || self.stream.group.is_empty() {
             return err("stream.key / stream.group", "must not be empty");
         }
@@ -283,6 +297,12 @@ impl Config {
             return err(
                 "database.url",
                 "must start with postgres:// or postgresql://",
+            );
+        }
+        if crate::pgtls::SslMode::parse(&self.database.sslmode).is_none() {
+            return err(
+                "database.sslmode",
+                "must be disable, require, verify-ca or verify-full",
             );
         }
         if self.database.schema.is_empty()

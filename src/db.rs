@@ -27,6 +27,8 @@ pub enum DbError {
     Query(#[from] tokio_postgres::Error),
     #[error("no database connection available: {0}")]
     Pool(String),
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// Builds the tokio-postgres config from the settings: URL, password
@@ -44,10 +46,26 @@ pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, DbError> {
     {
         pg.password(password.expose());
     }
+    if crate::pgtls::SslMode::parse(&config.database.sslmode)
+        .is_some_and(|m| m != crate::pgtls::SslMode::Disable)
+    {
+        pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+    } else {
+        pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    }
     pg.options(format!("-c search_path={}", config.database.schema));
     pg.connect_timeout(Duration::from_secs(config.database.connect_timeout_secs));
     pg.application_name("audit-worker");
     Ok(pg)
+}
+
+/// The TLS connector `database.sslmode` asks for (`None`: plain TCP).
+pub fn tls_connector(
+    config: &Config,
+) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>, DbError> {
+    let mode = crate::pgtls::SslMode::parse(&config.database.sslmode)
+        .ok_or_else(|| DbError::Tls("database.sslmode is not a known mode".into()))?;
+    crate::pgtls::connector(mode, &config.database.tls_ca_file).map_err(DbError::Tls)
 }
 
 /// `host:port` of the database, for messages (never the password).
@@ -68,13 +86,13 @@ pub fn describe_target(pg: &tokio_postgres::Config) -> String {
 pub async fn connect_pool(config: &Config) -> Result<Pool, DbError> {
     let pg = pg_config(config)?;
     let target = describe_target(&pg);
-    let manager = Manager::from_config(
-        pg,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let manager_config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match tls_connector(config)? {
+        Some(tls) => Manager::from_config(pg, tls, manager_config),
+        None => Manager::from_config(pg, NoTls, manager_config),
+    };
     let pool = Pool::builder(manager)
         .max_size(config.database.pool_size)
         .wait_timeout(Some(Duration::from_secs(
@@ -116,11 +134,20 @@ pub fn pool_error_cause(e: &deadpool_postgres::PoolError) -> String {
 pub async fn migrate(config: &Config) -> Result<Vec<String>, DbError> {
     let pg = pg_config(config)?;
     let target = describe_target(&pg);
-    let (mut client, connection) = pg.connect(NoTls).await.map_err(|e| DbError::Unreachable {
-        target,
+    let unreachable = |e: tokio_postgres::Error| DbError::Unreachable {
+        target: target.clone(),
         cause: root_cause(&e),
-    })?;
-    let conn_task = tokio::spawn(connection);
+    };
+    let (mut client, conn_task) = match tls_connector(config)? {
+        Some(tls) => {
+            let (client, connection) = pg.connect(tls).await.map_err(unreachable)?;
+            (client, tokio::spawn(connection))
+        }
+        None => {
+            let (client, connection) = pg.connect(NoTls).await.map_err(unreachable)?;
+            (client, tokio::spawn(connection))
+        }
+    };
     client
         .batch_execute(&format!(
             "CREATE SCHEMA IF NOT EXISTS \"{}\"",

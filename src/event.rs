@@ -47,6 +47,10 @@ pub enum RejectReason {
     MaxDeliveries,
     /// The job name names a kind this worker does not handle.
     UnknownKind,
+    /// A JSON object has the same key twice. Parsers disagree on which
+    /// value wins (first or last), so the event a producer hashed and the
+    /// row we would store could differ: refused rather than guessed.
+    DuplicateKey,
 }
 
 impl RejectReason {
@@ -68,11 +72,12 @@ impl RejectReason {
             Self::DatabaseRejected => "database_rejected",
             Self::MaxDeliveries => "max_deliveries",
             Self::UnknownKind => "unknown_kind",
+            Self::DuplicateKey => "duplicate_key",
         }
     }
 
     /// Every reason, for documentation and for pre-registering metric labels.
-    pub const ALL: [RejectReason; 15] = [
+    pub const ALL: [RejectReason; 16] = [
         Self::InvalidJson,
         Self::InvalidEvent,
         Self::StringTooLong,
@@ -88,6 +93,7 @@ impl RejectReason {
         Self::DatabaseRejected,
         Self::MaxDeliveries,
         Self::UnknownKind,
+        Self::DuplicateKey,
     ];
 }
 
@@ -236,13 +242,7 @@ pub fn decode_event(
     }
     let text = std::str::from_utf8(raw)
         .map_err(|e| Rejection::new(InvalidJson, format!("event is not valid UTF-8: {e}")))?;
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        if e.to_string().contains("recursion limit") {
-            Rejection::new(NestingTooDeep, "event nests too deeply to parse")
-        } else {
-            Rejection::new(InvalidJson, format!("event is not valid JSON: {e}"))
-        }
-    })?;
+    let value = parse_json_strict(text)?;
     let Value::Object(mut obj) = value else {
         return Err(Rejection::new(InvalidJson, "event must be a JSON object"));
     };
@@ -391,6 +391,110 @@ pub fn decode_event(
         _ => {}
     }
     Ok(event)
+}
+
+/// Parses JSON text into a [`Value`], refusing duplicate object keys at any
+/// depth (serde_json alone silently keeps the last one).
+///
+/// serde_json's recursion limit (128) still applies: it is enforced by the
+/// deserializer, whatever visitor it drives.
+fn parse_json_strict(text: &str) -> Result<Value, Rejection> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let parsed = serde::Deserialize::deserialize(&mut de).and_then(|StrictValue(v)| {
+        de.end()?;
+        Ok(v)
+    });
+    parsed.map_err(|e| {
+        let text = e.to_string();
+        if text.starts_with(DUPLICATE_KEY_MARK) {
+            Rejection::new(
+                RejectReason::DuplicateKey,
+                format!("event is ambiguous: {text}"),
+            )
+        } else if text.contains("recursion limit") {
+            Rejection::new(
+                RejectReason::NestingTooDeep,
+                "event nests too deeply to parse",
+            )
+        } else {
+            Rejection::new(
+                RejectReason::InvalidJson,
+                format!("event is not valid JSON: {text}"),
+            )
+        }
+    })
+}
+
+/// Start of the error message for a repeated key, used to tell it from
+/// syntax errors.
+const DUPLICATE_KEY_MARK: &str = "duplicate key ";
+
+/// A JSON value whose objects have no repeated keys; see [`parse_json_strict`].
+/// Hand-written because serde_json offers no option for it; it mirrors
+/// serde_json's own `Value` visitor and differs only in `visit_map`.
+struct StrictValue(Value);
+
+impl<'de> serde::Deserialize<'de> for StrictValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+/// Builds a [`Value`] like serde_json's own visitor, refusing repeated keys.
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        // serde_json never yields a non-finite float from JSON text.
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(StrictValue(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut obj = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let StrictValue(v) = map.next_value()?;
+            if obj.contains_key(&key) {
+                let shown: String = key.chars().take(64).collect();
+                return Err(serde::de::Error::custom(format!(
+                    "{DUPLICATE_KEY_MARK}{shown:?}: each key may appear once per object"
+                )));
+            }
+            obj.insert(key, v);
+        }
+        Ok(Value::Object(obj))
+    }
 }
 
 /// Parses the ISO-8601 timestamp. RFC 3339 (what `Date.toISOString()`
@@ -733,6 +837,50 @@ mod tests {
         };
         let err = decode_event(base().to_string().as_bytes(), &p, now()).unwrap_err();
         assert_eq!(err.reason, RejectReason::MissingSignature);
+    }
+
+    #[test]
+    fn duplicate_keys_anywhere_are_refused_with_their_own_code() {
+        let top =
+            br#"{"timestamp":"2025-05-01T10:00:00Z","action":"a","action":"b","status":"success"}"#;
+        let err = decode_event(top, &policy(), now()).unwrap_err();
+        assert_eq!(err.reason, RejectReason::DuplicateKey);
+        assert!(err.message.contains("\"action\""), "{}", err.message);
+        let nested = br#"{"timestamp":"2025-05-01T10:00:00Z","action":"a","status":"success","x":[{"k":1,"k":1}]}"#;
+        assert_eq!(
+            decode_event(nested, &policy(), now()).unwrap_err().reason,
+            RejectReason::DuplicateKey
+        );
+        // Keys that differ only in escaping are the same key once decoded.
+        let escaped = br#"{"timestamp":"2025-05-01T10:00:00Z","action":"a","\u0061ction":"b","status":"success"}"#;
+        assert_eq!(
+            decode_event(escaped, &policy(), now()).unwrap_err().reason,
+            RejectReason::DuplicateKey
+        );
+        let distinct = br#"{"timestamp":"2025-05-01T10:00:00Z","action":"a","status":"success","x":{"k":1},"y":{"k":1}}"#;
+        assert!(decode_event(distinct, &policy(), now()).is_ok());
+    }
+
+    #[test]
+    fn lone_surrogates_huge_numbers_and_trailing_garbage_are_invalid_json() {
+        for doc in [
+            r#"{"timestamp":"2025-05-01T10:00:00Z","action":"\ud800","status":"success"}"#,
+            r#"{"timestamp":"2025-05-01T10:00:00Z","action":"\udc00x","status":"success"}"#,
+            r#"{"timestamp":"2025-05-01T10:00:00Z","action":"a","status":"success","n":1e400}"#,
+            r#"{"timestamp":"2025-05-01T10:00:00Z","action":"a","status":"success"} {}"#,
+        ] {
+            let err = decode_event(doc.as_bytes(), &policy(), now()).unwrap_err();
+            assert_eq!(err.reason, RejectReason::InvalidJson, "{doc}: {err}");
+        }
+        // A surrogate pair is one valid character.
+        let pair =
+            r#"{"timestamp":"2025-05-01T10:00:00Z","action":"\ud83d\ude00","status":"success"}"#;
+        assert_eq!(
+            decode_event(pair.as_bytes(), &policy(), now())
+                .unwrap()
+                .action,
+            "😀"
+        );
     }
 
     #[test]

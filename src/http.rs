@@ -48,7 +48,31 @@ pub fn router(state: HttpState) -> Router {
         .route("/health/redis", get(health_redis))
         .route("/health/queue", get(health_queue))
         .route("/health/circuit-breaker", get(health_breaker))
+        .layer(axum::middleware::from_fn(refuse_request_bodies))
         .with_state(state)
+}
+
+/// Every endpoint is a GET without a body, so any request that announces a
+/// body is refused before a handler runs: nobody can make the worker buffer
+/// or drain uploads through its operator port. Header sizes are bounded by
+/// hyper itself (about 400 KiB, then 431).
+async fn refuse_request_bodies(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let headers = request.headers();
+    let announces_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if announces_body {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "these endpoints take no request body\n",
+        )
+            .into_response();
+    }
+    next.run(request).await
 }
 
 /// Serves the router on `listen` until `shutdown` fires.

@@ -10,7 +10,10 @@ pub mod event;
 pub mod http;
 pub mod integrity;
 pub mod jobs;
+pub mod pgtls;
 pub mod processor;
+#[cfg(test)]
+mod properties;
 pub mod retry;
 pub mod sink;
 pub mod source;

@@ -35,15 +35,31 @@ pub struct SourceContext {
 pub enum RedisSetupError {
     #[error("redis.url is not a valid Redis URL ({0}): use redis://host:port")]
     BadUrl(String),
+    #[error("redis.tls_ca_file: {0}: give a readable PEM file with the CA certificate")]
+    TlsCa(String),
     #[error(
         "redis unreachable at {target} ({cause}): start Redis or set AUDIT_WORKER__REDIS__URL"
     )]
     Unreachable { target: String, cause: String },
 }
 
-/// Opens the Redis client for the configured URL (no I/O yet).
+/// Opens the Redis client for the configured URL (no I/O yet): plain, or
+/// TLS (`rediss://`, rustls) trusting the system roots or `tls_ca_file`.
 pub fn redis_client(config: &RedisConfig) -> Result<Client, RedisSetupError> {
-    Client::open(config.url.expose()).map_err(|e| RedisSetupError::BadUrl(e.to_string()))
+    if config.tls_ca_file.is_empty() {
+        return Client::open(config.url.expose())
+            .map_err(|e| RedisSetupError::BadUrl(e.to_string()));
+    }
+    let ca = std::fs::read(&config.tls_ca_file)
+        .map_err(|e| RedisSetupError::TlsCa(format!("cannot read {} ({e})", config.tls_ca_file)))?;
+    Client::build_with_tls(
+        config.url.expose(),
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca),
+        },
+    )
+    .map_err(|e| RedisSetupError::TlsCa(e.to_string()))
 }
 
 /// `host:port` of Redis, for messages (never credentials).

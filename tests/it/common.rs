@@ -268,13 +268,24 @@ impl TestEnv {
                 self.schema
             )
         };
-        self.pg
-            .batch_execute(&sql)
-            .await
-            .expect("toggle refused writes");
+        // DDL on audit_log can meet the worker's own catalog updates (a
+        // partition being attached): PostgreSQL then reports "tuple
+        // concurrently updated", and trying again is the remedy.
+        for attempt in 1.. {
+            match self.pg.batch_execute(&sql).await {
+                Ok(()) => break,
+                Err(e) if attempt < 10 && e.to_string().contains("concurrently updated") => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("toggle refused writes: {e}"),
+            }
+        }
     }
 
-    /// Waits until the worker has created audit_log in this test's schema.
+    /// Waits until the worker has created audit_log in this test's schema
+    /// and finished starting: its HTTP server answers only after every
+    /// migration and the initial partitions are done, so tests' own DDL does
+    /// not race the worker's.
     pub async fn wait_for_schema(&self) {
         wait_until(Duration::from_secs(30), "audit_log migrated", || async {
             self.pg
@@ -282,6 +293,13 @@ impl TestEnv {
                 .await
                 .map(|r| r.get::<_, bool>(0))
                 .unwrap_or(false)
+        })
+        .await;
+        let healthz = format!("http://127.0.0.1:{}/healthz", self.http_port);
+        wait_until(Duration::from_secs(30), "the worker started", || async {
+            reqwest::get(&healthz)
+                .await
+                .is_ok_and(|r| r.status().is_success())
         })
         .await;
     }

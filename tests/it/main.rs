@@ -3,5 +3,10 @@
 mod bullmq;
 mod common;
 mod faults;
+mod hostile;
+mod pg_tls;
 mod process;
+mod roles;
+mod secrets;
 mod stream_ingest;
+mod tls;

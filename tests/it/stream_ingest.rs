@@ -10,7 +10,7 @@ use crate::common::*;
 
 /// Recomputes canonical hash v1 in SQL, independently of our Rust code:
 /// PostgreSQL's `to_json(text)` escapes strings exactly as JSON.stringify.
-const SQL_CANONICAL_HASH: &str = "encode(sha256(convert_to(concat_ws('|',
+pub(crate) const SQL_CANONICAL_HASH: &str = "encode(sha256(convert_to(concat_ws('|',
     'action:' || coalesce(to_json(nullif(action, ''))::text, 'null'),
     'organizationId:' || coalesce(to_json(nullif(organization_id, ''))::text, 'null'),
     'outcomeDescription:' || coalesce(to_json(nullif(outcome_description, ''))::text, 'null'),
