@@ -54,6 +54,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let client = source::redis_client(&config.redis)?;
     let commands = source::command_connection(&client, &config.redis).await?;
 
+    let exports = crate::jobs::export::ExportService::new(&config, pool.clone(), commands.clone())?;
+
     let http_stop = CancellationToken::new();
     let http_task = http::serve(
         &config.http.listen,
@@ -61,6 +63,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             metrics: metrics.clone(),
             redis: commands.clone(),
             pool: pool.clone(),
+            exports: Some(exports.downloads.clone()),
         },
         http_stop.clone(),
     )
@@ -73,7 +76,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         metrics.clone(),
     );
     // Job kinds register their handlers here (export, snapshot).
-    let job_handlers = JobHandlers::default();
+    let job_handlers = JobHandlers {
+        export: Some(exports.handler.clone()),
+        ..JobHandlers::default()
+    };
+    let export_tasks = exports.spawn(&config.export, shutdown.clone());
     let mut sources = tokio::task::JoinSet::new();
     if config.stream.enabled {
         let stream = StreamSource::new(
@@ -96,6 +103,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     tracing::info!("sources stopped; flushing the sink");
     sink.finish().await;
+    for task in export_tasks {
+        let _ = task.await;
+    }
     let _ = upkeep.await;
     http_stop.cancel();
     let _ = http_task.await;

@@ -47,6 +47,9 @@ pub enum RejectReason {
     MaxDeliveries,
     /// The job name names a kind this worker does not handle.
     UnknownKind,
+    /// An `export.audit` request is malformed (unknown format or filter
+    /// key, `from` after `to`, ...).
+    InvalidExportRequest,
 }
 
 impl RejectReason {
@@ -68,11 +71,12 @@ impl RejectReason {
             Self::DatabaseRejected => "database_rejected",
             Self::MaxDeliveries => "max_deliveries",
             Self::UnknownKind => "unknown_kind",
+            Self::InvalidExportRequest => "invalid_export_request",
         }
     }
 
     /// Every reason, for documentation and for pre-registering metric labels.
-    pub const ALL: [RejectReason; 15] = [
+    pub const ALL: [RejectReason; 16] = [
         Self::InvalidJson,
         Self::InvalidEvent,
         Self::StringTooLong,
@@ -88,6 +92,7 @@ impl RejectReason {
         Self::DatabaseRejected,
         Self::MaxDeliveries,
         Self::UnknownKind,
+        Self::InvalidExportRequest,
     ];
 }
 

@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -23,14 +25,18 @@ pub struct HttpState {
     pub metrics: Metrics,
     pub redis: ConnectionManager,
     pub pool: Pool,
+    /// Export downloads (`None`: the endpoint answers 403).
+    pub exports: Option<crate::jobs::export::download::Downloads>,
 }
 
-/// The router: `/healthz`, `/readyz`, `/metrics`.
+/// The router: `/healthz`, `/readyz`, `/metrics`, and
+/// `/exports/{id}/download` (signed export links).
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/exports/{id}/download", get(export_download))
         .with_state(state)
 }
 
@@ -126,6 +132,15 @@ pub async fn check_database(pool: &Pool) -> (bool, serde_json::Value) {
             json!({"ok": false, "latency_ms": ms, "error": "timeout"}),
         ),
     }
+}
+
+/// Streams an export's artifact for a valid signed link (403 otherwise).
+async fn export_download(
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    crate::jobs::export::download::serve(state.exports.as_ref(), &id, &query).await
 }
 
 /// Prometheus text exposition.
