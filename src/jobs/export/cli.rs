@@ -161,12 +161,12 @@ pub async fn run_export(config: &Config, args: &RequestArgs, out: &PathBuf) -> a
                 bail!("job {} unreadable: {why}", recorded.id)
             }
         };
-    let total = PageQuery::new(&job.filters, job.cutoff)
-        .count(&client)
-        .await?;
-    drop(client);
     let progress = Arc::new(AtomicU64::new(0));
+    // Counting costs a scan of the range: only when someone watches.
     let bar = if std::io::stderr().is_terminal() {
+        let total = PageQuery::new(&job.filters, job.cutoff)
+            .count(&client)
+            .await?;
         let bar = indicatif::ProgressBar::new(total.max(0) as u64);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -178,6 +178,7 @@ pub async fn run_export(config: &Config, args: &RequestArgs, out: &PathBuf) -> a
     } else {
         None
     };
+    drop(client);
     let stop = CancellationToken::new();
     let ctrl_c = {
         let stop = stop.clone();

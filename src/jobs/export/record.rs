@@ -54,16 +54,26 @@ pub async fn record_request(
     let filters = serde_json::to_value(&request.filters).unwrap_or_default();
     let hash = request.filter_hash();
     // A completed job may vacate the in-progress slot between the INSERT
-    // and the SELECTs below; then inserting again succeeds.
+    // and the SELECTs below; then inserting again succeeds. After a few
+    // rounds the last INSERT goes without ON CONFLICT, so whatever keeps
+    // conflicting surfaces as the database's own error instead of a loop.
+    let mut round = 0;
     loop {
+        round += 1;
         let id = uuid::Uuid::new_v4().to_string();
         let (parts_prefix, artifact_key) = layout(&id);
+        let on_conflict = if round <= 5 {
+            "ON CONFLICT DO NOTHING"
+        } else {
+            ""
+        };
         let inserted = client
             .query_opt(
-                "INSERT INTO export_jobs (id, source, origin, requester_id, filters, filter_hash, \
-                 format, compression, parts_prefix, artifact_key) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                 ON CONFLICT DO NOTHING RETURNING status",
+                &format!(
+                    "INSERT INTO export_jobs (id, source, origin, requester_id, filters, filter_hash, \
+                     format, compression, parts_prefix, artifact_key) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) {on_conflict} RETURNING status"
+                ),
                 &[
                     &id,
                     &source,
