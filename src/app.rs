@@ -69,6 +69,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         alert_threshold: config.dlq.alert_threshold,
         alert_window: Duration::from_secs(config.dlq.alert_window_secs),
     };
+    let exports = crate::jobs::export::ExportService::new(&config, pool.clone(), commands.clone())?;
+
     let http_stop = CancellationToken::new();
     let http_task = http::serve(
         &config.http.listen,
@@ -78,6 +80,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             pool: pool.clone(),
             breaker: sink.handle().breaker().clone(),
             queue: queue.clone(),
+            exports: Some(exports.downloads.clone()),
         },
         http_stop.clone(),
     )
@@ -89,7 +92,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     ));
 
     // Job kinds register their handlers here (export, snapshot).
-    let job_handlers = JobHandlers::default();
+    let job_handlers = JobHandlers {
+        export: Some(exports.handler.clone()),
+        ..JobHandlers::default()
+    };
+    let export_tasks = exports.spawn(&config.export, shutdown.clone());
     let ctx = SourceContext {
         policy: policy.clone(),
         sink: sink.handle(),
@@ -97,6 +104,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
     };
+
     let mut sources = tokio::task::JoinSet::new();
     if config.stream.enabled {
         let stream = StreamSource::new(&config, client.clone(), commands.clone(), ctx.clone());
@@ -118,6 +126,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     tracing::info!("sources stopped; flushing the sink");
     sink.finish().await;
+    for task in export_tasks {
+        let _ = task.await;
+    }
     let _ = upkeep.await;
     let _ = dlq_watch.await;
     http_stop.cancel();

@@ -73,6 +73,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub storage: StorageConfig,
     pub log: LogConfig,
+    pub export: ExportConfig,
 }
 
 /// `[redis]`: where Redis is.
@@ -199,6 +200,31 @@ pub struct HttpConfig {
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
     pub url: String,
+}
+
+/// `[export]`: compliance exports (`export.audit` jobs), their executor,
+/// sweep, notifications and signed download links.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    pub enabled: bool,
+    pub part_rows: u64,
+    pub page_rows: u32,
+    pub concurrency: usize,
+    pub poll_interval_ms: u64,
+    pub lease_secs: u64,
+    pub max_attempts: i32,
+    pub retry_delay_secs: u64,
+    pub gzip_level: u32,
+    pub zstd_level: i32,
+    pub job_expiry_secs: u64,
+    pub download_expiry_secs: u64,
+    pub sweep_interval_secs: u64,
+    pub notifications_key: String,
+    pub link_secret: Secret,
+    pub link_secret_file: String,
+    pub link_ttl_secs: u64,
+    pub public_base_url: String,
 }
 
 /// `[log]`: log format and filter.
@@ -365,6 +391,7 @@ impl Config {
         if !["auto", "json", "text"].contains(&self.log.format.as_str()) {
             return err("log.format", "must be auto, json or text");
         }
+        crate::jobs::export::validate_config(&self.export).map_err(ConfigError)?;
         let keys = self.hmac_keys()?;
         if self.validation.require_signature && keys.is_empty() {
             return err(
@@ -455,6 +482,18 @@ impl Config {
             }
         }
         Ok(HmacKeyRing::new(keys))
+    }
+
+    /// The secret that signs export download links, from
+    /// `export.link_secret_file` or `export.link_secret`; `None` when
+    /// neither is set (downloads by link are then refused).
+    pub fn export_link_secret(&self) -> Result<Option<Secret>, ConfigError> {
+        if !self.export.link_secret_file.is_empty() {
+            let text = read_secret_file(&self.export.link_secret_file, "export.link_secret_file")?;
+            let first = text.lines().next().unwrap_or("").to_owned();
+            return Ok((!first.is_empty()).then_some(Secret(first)));
+        }
+        Ok((!self.export.link_secret.is_empty()).then(|| self.export.link_secret.clone()))
     }
 
     /// The database password from `password_file`, `password`, or none.

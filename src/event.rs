@@ -51,6 +51,9 @@ pub enum RejectReason {
     /// value wins (first or last), so the event a producer hashed and the
     /// row we would store could differ: refused rather than guessed.
     DuplicateKey,
+    /// An `export.audit` request is malformed (unknown format or filter
+    /// key, `from` after `to`, ...).
+    InvalidExportRequest,
 }
 
 impl RejectReason {
@@ -73,11 +76,12 @@ impl RejectReason {
             Self::MaxDeliveries => "max_deliveries",
             Self::UnknownKind => "unknown_kind",
             Self::DuplicateKey => "duplicate_key",
+            Self::InvalidExportRequest => "invalid_export_request",
         }
     }
 
     /// Every reason, for documentation and for pre-registering metric labels.
-    pub const ALL: [RejectReason; 16] = [
+    pub const ALL: [RejectReason; 17] = [
         Self::InvalidJson,
         Self::InvalidEvent,
         Self::StringTooLong,
@@ -94,6 +98,7 @@ impl RejectReason {
         Self::MaxDeliveries,
         Self::UnknownKind,
         Self::DuplicateKey,
+        Self::InvalidExportRequest,
     ];
 }
 

@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -26,6 +28,8 @@ pub struct HttpState {
     pub pool: Pool,
     pub breaker: CircuitBreaker,
     pub queue: QueueInfo,
+    /// Export downloads (`None`: the endpoint answers 403).
+    pub exports: Option<crate::jobs::export::download::Downloads>,
 }
 
 /// The stream and dead-letter keys `/health/queue` reports on.
@@ -38,7 +42,8 @@ pub struct QueueInfo {
     pub alert_window: Duration,
 }
 
-/// The router: liveness, readiness, health detail and metrics.
+/// The router: liveness, readiness, health detail, metrics, and
+/// `/exports/{id}/download` (signed export links).
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
@@ -48,6 +53,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/health/redis", get(health_redis))
         .route("/health/queue", get(health_queue))
         .route("/health/circuit-breaker", get(health_breaker))
+        .route("/exports/{id}/download", get(export_download))
         .layer(axum::middleware::from_fn(refuse_request_bodies))
         .with_state(state)
 }
@@ -393,6 +399,15 @@ fn group_field(v: &redis::Value, group: &str, field: &str) -> Option<u64> {
             _ => None,
         }
     })
+}
+
+/// Streams an export's artifact for a valid signed link (403 otherwise).
+async fn export_download(
+    State(state): State<HttpState>,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    crate::jobs::export::download::serve(state.exports.as_ref(), &id, &query).await
 }
 
 /// Prometheus text exposition.

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use audit_worker::config::Config;
+use audit_worker::jobs::export;
 use audit_worker::{app, db, telemetry};
 
 /// Stores audit events from Redis in PostgreSQL, exactly once, verifiably.
@@ -29,10 +30,42 @@ enum Command {
     Migrate,
     /// Load and validate the configuration, print it (secrets redacted), exit.
     CheckConfig,
+    /// Export matching audit events now, into a file in --out DIR.
+    Export {
+        #[command(flatten)]
+        request: export::cli::RequestArgs,
+        /// Directory the export and its manifest are written to.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Print a signed download link for a completed export.
+    ExportLink {
+        /// The export job id.
+        id: String,
+        /// How long the link stays valid (e.g. 15m, 1h, 2d; default
+        /// export.link_ttl_secs).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// Queue work for the workers and print its id.
+    Enqueue {
+        #[command(subcommand)]
+        what: EnqueueCommand,
+    },
     /// Inspect, replay or purge the dead-letter stream.
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+    },
+}
+
+/// What `enqueue` can queue.
+#[derive(Subcommand)]
+enum EnqueueCommand {
+    /// An export job (run by the workers; prints the job id).
+    Export {
+        #[command(flatten)]
+        request: export::cli::RequestArgs,
     },
 }
 
@@ -168,6 +201,15 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Dlq { command } => run_dlq(&config, command).await,
+            Command::Export { request, out } => {
+                export::cli::run_export(&config, &request, &out).await
+            }
+            Command::ExportLink { id, ttl } => {
+                export::cli::export_link(&config, &id, ttl.as_deref()).await
+            }
+            Command::Enqueue {
+                what: EnqueueCommand::Export { request },
+            } => export::cli::enqueue_export(&config, &request).await,
         }
     });
     match result {

@@ -54,7 +54,11 @@ pub fn open(config: &StorageConfig) -> Result<Storage, StorageError> {
         return Err(fail("empty path".into()));
     }
     std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
-    let local = LocalFileSystem::new_with_prefix(dir).map_err(|e| fail(e.to_string()))?;
+    // fsync: an export checkpoints a part only after it is written, which
+    // must mean "on disk", not "in the page cache".
+    let local = LocalFileSystem::new_with_prefix(dir)
+        .map_err(|e| fail(e.to_string()))?
+        .with_fsync(true);
     Ok(Storage {
         store: Arc::new(local),
         s3: None,

@@ -76,6 +76,12 @@ impl HmacKeyRing {
         self.keys.is_empty()
     }
 
+    /// The key the worker signs its own events with (the first configured,
+    /// i.e. the newest in a rotation), if any.
+    pub fn signing_key(&self) -> Option<&HmacKey> {
+        self.keys.first()
+    }
+
     /// The configured key ids (for start-up logs; never the secrets).
     pub fn ids(&self) -> Vec<&str> {
         self.keys.iter().map(|k| k.id()).collect()

@@ -8,6 +8,8 @@
 //! so a long job neither holds a Redis delivery open nor restarts from zero
 //! after a crash.
 
+pub mod export;
+
 use std::sync::Arc;
 
 use futures::future::BoxFuture;

@@ -2,6 +2,7 @@
 
 mod bullmq;
 mod common;
+mod export;
 mod faults;
 mod hostile;
 mod pg_tls;

@@ -1,0 +1,649 @@
+//! Runs export jobs: lease, stream rows into parts, compose, notify.
+//!
+//! A job moves `exporting → uploading → completed`:
+//! - **exporting**: rows are read in keyset pages, formatted and compressed
+//!   as they stream, and cut into parts of exactly `part_rows` rows. Each
+//!   part is one independent compressed member written as its own object
+//!   (`<parts_prefix>/000001`, ...); only once it is durably written does
+//!   one UPDATE (guarded by the lease) checkpoint the part number, the last
+//!   (event_time, id) and the row count. A resumed job continues after the
+//!   checkpoint and overwrites any part beyond it, so the output cannot
+//!   depend on where a crash happened.
+//! - **uploading**: the header member, the parts in order and the trailer
+//!   member are streamed into the artifact (a multipart upload), hashing
+//!   and counting as they pass; a manifest is written beside it. Re-running
+//!   this step after a crash rewrites the same bytes.
+//! - **completed**: parts are deleted, the export is audited and the
+//!   requester notified; only then is the job marked notified.
+//!
+//! Memory is one page of rows plus one upload chunk, whatever the size.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{SecondsFormat, Utc};
+use futures::StreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::format::{self, Encoder, ExportRow, Levels};
+use super::link::{self, LinkSigner};
+use super::notify::{CompletedExport, Notice, NoticeFields, Notifier};
+use super::query::{Key, PageQuery};
+use super::record::{self, Job};
+use crate::config::ExportConfig;
+use crate::storage::Storage;
+
+/// Upload chunk size: S3's minimum part size, and the bound on buffered
+/// output per upload.
+const UPLOAD_CHUNK: usize = 5 * 1024 * 1024;
+/// Upload chunks in flight at once per object.
+const UPLOAD_CONCURRENCY: usize = 2;
+
+/// Why an attempt at a job stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("the job's lease was lost (it expired, or another worker or the sweep took the job)")]
+    LeaseLost,
+    #[error("stopped by shutdown")]
+    Shutdown,
+    #[error("database error: {0}")]
+    Db(String),
+    #[error("object storage error: {0}")]
+    Storage(String),
+    #[error("formatting or compression error: {0}")]
+    Io(String),
+}
+
+impl From<tokio_postgres::Error> for ExportError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::Db(crate::db::root_cause(&e))
+    }
+}
+impl From<deadpool_postgres::PoolError> for ExportError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        Self::Db(crate::db::pool_error_cause(&e))
+    }
+}
+impl From<object_store::Error> for ExportError {
+    fn from(e: object_store::Error) -> Self {
+        Self::Storage(e.to_string())
+    }
+}
+impl From<std::io::Error> for ExportError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e.to_string())
+    }
+}
+
+/// Executor settings, from `[export]`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub part_rows: u64,
+    pub page_rows: u32,
+    pub concurrency: usize,
+    pub poll_interval: Duration,
+    pub lease_secs: u64,
+    pub max_attempts: i32,
+    pub retry_delay_secs: u64,
+    pub levels: Levels,
+    pub download_expiry_secs: u64,
+    pub public_base_url: String,
+}
+
+impl Settings {
+    /// Reads the settings from the configuration.
+    pub fn from_config(c: &ExportConfig) -> Self {
+        Self {
+            part_rows: c.part_rows,
+            page_rows: c.page_rows,
+            concurrency: c.concurrency,
+            poll_interval: Duration::from_millis(c.poll_interval_ms),
+            lease_secs: c.lease_secs,
+            max_attempts: c.max_attempts,
+            retry_delay_secs: c.retry_delay_secs,
+            levels: Levels {
+                gzip: c.gzip_level,
+                zstd: c.zstd_level,
+            },
+            download_expiry_secs: c.download_expiry_secs,
+            public_base_url: c.public_base_url.clone(),
+        }
+    }
+}
+
+/// Everything a job needs to run: database, storage, Redis, settings.
+pub struct Exporter {
+    pub pool: deadpool_postgres::Pool,
+    pub storage: Storage,
+    pub settings: Settings,
+    /// `None` only for a CLI export that could not reach Redis.
+    pub notifier: Option<Notifier>,
+    pub links: Option<LinkSigner>,
+    /// Identifies this process in lease tokens (`<consumer>/<uuid>`).
+    pub worker_name: String,
+    /// Woken when a request is recorded, so idle executors start at once.
+    pub wake: Arc<Notify>,
+}
+
+/// The object key of part `n` of a job.
+pub fn part_path(prefix: &str, n: i32) -> Path {
+    Path::from(format!("{prefix}/{n:06}"))
+}
+
+/// The object key of an artifact's manifest.
+pub fn manifest_path(artifact_key: &str) -> Path {
+    Path::from(format!("{artifact_key}.manifest.json"))
+}
+
+impl Exporter {
+    fn lease_token(&self) -> String {
+        format!("{}/{}", self.worker_name, uuid::Uuid::new_v4())
+    }
+
+    /// Claims and runs queue jobs until `shutdown`, at most
+    /// `settings.concurrency` at a time.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let permits = Arc::new(Semaphore::new(self.settings.concurrency.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            while tasks.try_join_next().is_some() {}
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = shutdown.cancelled() => break,
+            };
+            match self.claim_next().await {
+                Ok(Some(job)) => {
+                    let me = self.clone();
+                    let stop = shutdown.clone();
+                    tasks.spawn(async move {
+                        me.run_claimed(job, None, stop).await;
+                        drop(permit);
+                    });
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot claim export jobs; will retry"),
+            }
+            drop(permit);
+            tokio::select! {
+                _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                _ = self.wake.notified() => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    async fn claim_next(&self) -> Result<Option<Job>, ExportError> {
+        let client = self.pool.get().await?;
+        match record::claim_next(&**client, &self.lease_token(), self.settings.lease_secs).await {
+            Ok(job) => Ok(job),
+            Err(record::ClaimError::Db(e)) => Err(e.into()),
+            Err(record::ClaimError::Corrupt { id, why }) => {
+                // Cannot happen with rows this code wrote; fail the job so it
+                // does not block the queue, and say why.
+                tracing::error!(job = %id, %why, "export job unreadable; failing it");
+                let lease: Option<String> = client
+                    .query_one("SELECT leased_by FROM export_jobs WHERE id = $1", &[&id])
+                    .await?
+                    .get(0);
+                record::fail(&**client, &id, &lease.unwrap_or_default(), &why).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Runs one leased job to the end (or until its lease is lost, the
+    /// process shuts down, or an attempt fails), renewing the lease while
+    /// it works. Returns the error that stopped it, if any.
+    pub async fn run_claimed(
+        &self,
+        job: Job,
+        progress: Option<Arc<AtomicU64>>,
+        shutdown: CancellationToken,
+    ) -> Option<ExportError> {
+        let lost = CancellationToken::new();
+        let keeper = tokio::spawn(keep_lease(
+            self.pool.clone(),
+            job.clone(),
+            self.settings.lease_secs,
+            lost.clone(),
+        ));
+        let result = if job.status != "completed" && job.attempts > self.settings.max_attempts {
+            Err(ExportError::Io(format!(
+                "gave up after {} attempts",
+                self.settings.max_attempts
+            )))
+        } else {
+            tokio::select! {
+                r = self.drive(job.clone(), progress) => r,
+                _ = lost.cancelled() => Err(ExportError::LeaseLost),
+                _ = shutdown.cancelled() => Err(ExportError::Shutdown),
+            }
+        };
+        keeper.abort();
+        match result {
+            Ok(()) => None,
+            Err(e) => {
+                self.after_error(&job, &e).await;
+                Some(e)
+            }
+        }
+    }
+
+    async fn after_error(&self, job: &Job, e: &ExportError) {
+        let outcome: Result<(), ExportError> = async {
+            let client = self.pool.get().await?;
+            match e {
+                ExportError::LeaseLost => {
+                    tracing::warn!(job = %job.id, "export lease lost; another worker continues it")
+                }
+                ExportError::Shutdown => {
+                    record::release(&**client, job).await?;
+                    tracing::info!(job = %job.id, "export paused for shutdown; it resumes from its checkpoint");
+                }
+                _ if job.status == "completed" || job.attempts < self.settings.max_attempts => {
+                    record::release_for_retry(&**client, job, &e.to_string(), self.settings.retry_delay_secs)
+                        .await?;
+                    tracing::warn!(job = %job.id, error = %e, attempt = job.attempts,
+                        "export attempt failed; it resumes from its checkpoint after retry_delay_secs");
+                }
+                _ => {
+                    if record::fail(&**client, &job.id, &job.lease, &e.to_string()).await? {
+                        tracing::error!(job = %job.id, error = %e, "export failed for good");
+                        self.notify(
+                            Notice::Failed,
+                            NoticeFields {
+                                job_id: job.id.clone(),
+                                requester_id: job.requester_id.clone(),
+                                reason: Some(e.to_string()),
+                                ..Default::default()
+                            },
+                        )
+                        .await;
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e2) = outcome {
+            tracing::warn!(job = %job.id, error = %e2, "could not record the export's failure; its lease will expire");
+        }
+    }
+
+    /// Advances a leased job through its remaining states.
+    async fn drive(
+        &self,
+        mut job: Job,
+        progress: Option<Arc<AtomicU64>>,
+    ) -> Result<(), ExportError> {
+        if let Some(p) = &progress {
+            p.store(job.rows_done as u64, Ordering::Relaxed);
+        }
+        if job.status == "exporting" {
+            self.export_parts(&mut job, progress.as_deref()).await?;
+        }
+        if job.status == "uploading" {
+            self.compose(&mut job).await?;
+        }
+        if job.status == "completed" {
+            self.finish(&job).await?;
+        }
+        Ok(())
+    }
+
+    async fn export_parts(
+        &self,
+        job: &mut Job,
+        progress: Option<&AtomicU64>,
+    ) -> Result<(), ExportError> {
+        let client = self.pool.get().await?;
+        let query = PageQuery::new(&job.filters, job.cutoff);
+        let statement = client.prepare(&query.sql).await?;
+        let mut key = job
+            .last_key
+            .unwrap_or_else(|| PageQuery::start_key(&job.filters));
+        loop {
+            let part = job.parts_done + 1;
+            let (rows, last) = self
+                .write_part(&client, &statement, &query, job, part, key, progress)
+                .await?;
+            if rows == 0 {
+                break;
+            }
+            if !record::checkpoint(&**client, job, part, job.rows_done + rows as i64, last).await? {
+                return Err(ExportError::LeaseLost);
+            }
+            job.parts_done = part;
+            job.rows_done += rows as i64;
+            key = last;
+            if rows < self.settings.part_rows {
+                break;
+            }
+        }
+        if !record::mark_uploading(&**client, job).await? {
+            return Err(ExportError::LeaseLost);
+        }
+        job.status = "uploading".into();
+        Ok(())
+    }
+
+    /// Writes part `part`: up to `part_rows` rows after `after`, as one
+    /// compressed member. Returns the rows written and the last key.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_part(
+        &self,
+        client: &tokio_postgres::Client,
+        statement: &tokio_postgres::Statement,
+        query: &PageQuery,
+        job: &Job,
+        part: i32,
+        after: Key,
+        progress: Option<&AtomicU64>,
+    ) -> Result<(u64, Key), ExportError> {
+        let path = part_path(&job.parts_prefix, part);
+        let mut encoder = Some(Encoder::new(job.compression, self.settings.levels)?);
+        let mut upload: Option<WriteMultipart> = None;
+        let mut in_part = 0u64;
+        let mut last = after;
+        let result: Result<(), ExportError> = async {
+            loop {
+                let limit = (self.settings.page_rows as u64).min(self.settings.part_rows - in_part);
+                if limit == 0 {
+                    break;
+                }
+                let rows = query.page(client, statement, last, limit as i64).await?;
+                let got = rows.len() as u64;
+                if got == 0 {
+                    break;
+                }
+                let first_index = job.rows_done as u64 + in_part;
+                let format = job.format;
+                let mut enc = encoder
+                    .take()
+                    .ok_or_else(|| ExportError::Io("encoder lost".into()))?;
+                // Formatting and compressing a page is CPU work: keep it off
+                // the async threads that serve Redis and HTTP.
+                let (enc, out, page_last) = tokio::task::spawn_blocking(move || {
+                    let mut exported = Vec::with_capacity(rows.len());
+                    for r in &rows {
+                        exported.push(ExportRow::from_pg(r).map_err(std::io::Error::other)?);
+                    }
+                    let mut raw = Vec::with_capacity(rows.len() * 512);
+                    format::write_rows(format, &exported, first_index, &mut raw)?;
+                    enc.write_all(&raw)?;
+                    let out = enc.take_output();
+                    let last_row = rows
+                        .last()
+                        .ok_or_else(|| std::io::Error::other("empty page"))?;
+                    let key = Key {
+                        event_time: last_row.try_get(1).map_err(std::io::Error::other)?,
+                        id: last_row.try_get(0).map_err(std::io::Error::other)?,
+                    };
+                    Ok::<_, std::io::Error>((enc, out, key))
+                })
+                .await
+                .map_err(|e| ExportError::Io(e.to_string()))??;
+                encoder = Some(enc);
+                if !out.is_empty() {
+                    let w = match upload.as_mut() {
+                        Some(w) => w,
+                        None => upload.insert(self.start_upload(&path).await?),
+                    };
+                    w.write(&out);
+                    w.wait_for_capacity(UPLOAD_CONCURRENCY).await?;
+                }
+                in_part += got;
+                last = page_last;
+                if let Some(p) = progress {
+                    p.fetch_add(got, Ordering::Relaxed);
+                }
+                if got < limit {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            if let Some(w) = upload {
+                let _ = w.abort().await;
+            }
+            return Err(e);
+        }
+        if in_part == 0 {
+            if let Some(w) = upload {
+                let _ = w.abort().await;
+            }
+            return Ok((0, after));
+        }
+        let tail = encoder
+            .take()
+            .ok_or_else(|| ExportError::Io("encoder lost".into()))?
+            .finish()?;
+        let mut w = match upload {
+            Some(w) => w,
+            None => self.start_upload(&path).await?,
+        };
+        w.write(&tail);
+        w.finish().await?;
+        Ok((in_part, last))
+    }
+
+    async fn start_upload(&self, path: &Path) -> Result<WriteMultipart, ExportError> {
+        let upload = self.storage.store.put_multipart(path).await?;
+        Ok(WriteMultipart::new_with_chunk_size(upload, UPLOAD_CHUNK))
+    }
+
+    /// Streams header, parts and trailer into the artifact, computing its
+    /// SHA-256 and size; writes the manifest; records completion.
+    async fn compose(&self, job: &mut Job) -> Result<(), ExportError> {
+        let levels = self.settings.levels;
+        let header = format::compress_whole(&format::header(job.format), job.compression, levels)?;
+        let trailer = format::compress_whole(format::trailer(job.format), job.compression, levels)?;
+        let path = Path::from(job.artifact_key.as_str());
+        let mut w = self.start_upload(&path).await?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        let result: Result<(), ExportError> = async {
+            hasher.update(&header);
+            size += header.len() as u64;
+            w.write(&header);
+            for n in 1..=job.parts_done {
+                let mut body = self
+                    .storage
+                    .store
+                    .get(&part_path(&job.parts_prefix, n))
+                    .await?
+                    .into_stream();
+                while let Some(chunk) = body.next().await {
+                    let chunk = chunk?;
+                    hasher.update(&chunk);
+                    size += chunk.len() as u64;
+                    w.write(&chunk);
+                    w.wait_for_capacity(UPLOAD_CONCURRENCY).await?;
+                }
+            }
+            hasher.update(trailer.as_slice());
+            size += trailer.len() as u64;
+            w.write(&trailer);
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = w.abort().await;
+            return Err(e);
+        }
+        w.finish().await?;
+        let sha256 = hex::encode(hasher.finalize());
+        let client = self.pool.get().await?;
+        let Some((completed_at, expires_at)) = record::complete(
+            &**client,
+            job,
+            size as i64,
+            &sha256,
+            self.settings.download_expiry_secs,
+        )
+        .await?
+        else {
+            return Err(ExportError::LeaseLost);
+        };
+        let file_name = job
+            .artifact_key
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let manifest = json!({
+            "jobId": job.id,
+            "file": file_name,
+            "format": job.format.as_str(),
+            "compression": job.compression.as_str(),
+            "columns": format::COLUMNS,
+            "rows": job.rows_done,
+            "sizeBytes": size,
+            "sha256": sha256,
+            "filters": job.filters_json,
+            "requesterId": job.requester_id,
+            "rowsIngestedUpTo": job.cutoff.to_rfc3339_opts(SecondsFormat::Micros, true),
+            "exportedAt": completed_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+        });
+        let bytes = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+        self.storage
+            .store
+            .put(&manifest_path(&job.artifact_key), PutPayload::from(bytes))
+            .await?;
+        job.status = "completed".into();
+        job.row_count = Some(job.rows_done);
+        job.size_bytes = Some(size as i64);
+        job.sha256 = Some(sha256);
+        job.completed_at = Some(completed_at);
+        job.expires_at = Some(expires_at);
+        Ok(())
+    }
+
+    /// Deletes the parts, audits the export, notifies the requester, and
+    /// marks the job notified (in that order, so each happens at least once).
+    async fn finish(&self, job: &Job) -> Result<(), ExportError> {
+        for n in 1..=job.parts_done {
+            match self
+                .storage
+                .store
+                .delete(&part_path(&job.parts_prefix, n))
+                .await
+            {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let rows = job.row_count.unwrap_or(job.rows_done);
+        if let (Some(n), Some(completed_at)) = (&self.notifier, job.completed_at) {
+            n.audit_completed(&CompletedExport {
+                job_id: &job.id,
+                requester_id: &job.requester_id,
+                completed_at,
+                rows,
+                size_bytes: job.size_bytes.unwrap_or_default(),
+                sha256: job.sha256.as_deref().unwrap_or_default(),
+                format: job.format.as_str(),
+                compression: job.compression.as_str(),
+                filters: &job.filters_json,
+            })
+            .await
+            .map_err(|e| ExportError::Storage(format!("redis: {e}")))?;
+        }
+        let expires_at = job.expires_at.unwrap_or_else(Utc::now);
+        let link = link::download_link(
+            &self.storage,
+            self.links.as_ref(),
+            &self.settings.public_base_url,
+            &job.id,
+            &job.artifact_key,
+            expires_at,
+        )
+        .await?;
+        if let Some(n) = &self.notifier {
+            let notice = if rows == 0 {
+                Notice::NoResults
+            } else {
+                Notice::Ready
+            };
+            n.notify(
+                notice,
+                &NoticeFields {
+                    job_id: job.id.clone(),
+                    requester_id: job.requester_id.clone(),
+                    download_link: link,
+                    rows: Some(rows),
+                    size_bytes: job.size_bytes,
+                    sha256: job.sha256.clone(),
+                    expires_at: job.expires_at,
+                    reason: None,
+                },
+            )
+            .await
+            .map_err(|e| ExportError::Storage(format!("redis: {e}")))?;
+        }
+        let client = self.pool.get().await?;
+        if !record::mark_notified(&**client, job).await? {
+            return Err(ExportError::LeaseLost);
+        }
+        tracing::info!(job = %job.id, rows, sha256 = job.sha256.as_deref().unwrap_or(""), "export completed");
+        Ok(())
+    }
+
+    /// Sends a notification, logging (not failing) when Redis is away.
+    pub async fn notify(&self, notice: Notice, fields: NoticeFields) {
+        if let Some(n) = &self.notifier {
+            if let Err(e) = n.notify(notice, &fields).await {
+                tracing::warn!(job = %fields.job_id, error = %e, kind = notice.as_str(), "notification not sent");
+            }
+        }
+    }
+}
+
+/// Renews the lease every third of its length; cancels `lost` when it was
+/// taken away or could not be renewed before it ran out.
+async fn keep_lease(
+    pool: deadpool_postgres::Pool,
+    job: Job,
+    lease_secs: u64,
+    lost: CancellationToken,
+) {
+    let every = Duration::from_millis((lease_secs * 1000 / 3).max(100));
+    let mut last_ok = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(every).await;
+        let renewed = async {
+            let client = pool
+                .get()
+                .await
+                .map_err(|e| crate::db::pool_error_cause(&e))?;
+            record::renew(&**client, &job, lease_secs)
+                .await
+                .map_err(|e| crate::db::root_cause(&e))
+        }
+        .await;
+        match renewed {
+            Ok(true) => last_ok = tokio::time::Instant::now(),
+            Ok(false) => {
+                lost.cancel();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %e, "cannot renew the export lease");
+                if last_ok.elapsed() >= Duration::from_secs(lease_secs) {
+                    lost.cancel();
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Compliance exports (`export.audit` jobs, issue 5).
+//!
+//! A request arrives as a queue message; [`ExportHandler`] validates it and
+//! records it in export_jobs (deduplicated), then the message is
+//! acknowledged. The [`executor`] leases jobs from PostgreSQL and streams
+//! matching audit_log rows into object storage, resumably; the [`sweep`]
+//! expires and cleans up; [`download`] serves signed links; [`cli`] runs an
+//! export directly from the command line.
+
+pub mod cli;
+pub mod download;
+pub mod executor;
+pub mod format;
+pub mod link;
+pub mod notify;
+pub mod query;
+pub mod record;
+pub mod request;
+pub mod sweep;
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use redis::aio::ConnectionManager;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ExportConfig};
+use crate::jobs::{JobError, JobHandler};
+use crate::storage::Storage;
+use executor::{Exporter, Settings};
+use link::LinkSigner;
+use notify::Notifier;
+use record::Origin;
+use request::ExportRequest;
+
+/// Checks `[export]` values that parse but make no sense.
+pub fn validate_config(c: &ExportConfig) -> Result<(), String> {
+    let bad = |key: &str, why: &str| Err(format!("export.{key} {why}"));
+    if c.part_rows == 0 || c.page_rows == 0 {
+        return bad("part_rows / page_rows", "must be at least 1");
+    }
+    if c.concurrency == 0 {
+        return bad("concurrency", "must be at least 1");
+    }
+    if c.lease_secs < 2 {
+        return bad("lease_secs", "must be at least 2");
+    }
+    if c.max_attempts < 1 {
+        return bad("max_attempts", "must be at least 1");
+    }
+    if c.gzip_level > 9 {
+        return bad("gzip_level", "must be between 0 and 9");
+    }
+    if !(1..=22).contains(&c.zstd_level) {
+        return bad("zstd_level", "must be between 1 and 22");
+    }
+    if c.job_expiry_secs == 0 || c.download_expiry_secs == 0 || c.sweep_interval_secs == 0 {
+        return bad(
+            "job_expiry_secs / download_expiry_secs / sweep_interval_secs",
+            "must be at least 1",
+        );
+    }
+    if c.notifications_key.is_empty() {
+        return bad("notifications_key", "must not be empty");
+    }
+    Ok(())
+}
+
+/// Object keys of a queue job: parts under `exports/<id>/parts/`, the
+/// artifact at `exports/<id>/<file name>`.
+pub fn queue_layout(request: &ExportRequest) -> impl Fn(&str) -> (String, String) + '_ {
+    move |id| {
+        (
+            format!("exports/{id}/parts"),
+            format!("exports/{id}/{}", request.file_name(id)),
+        )
+    }
+}
+
+/// Accepts `export.audit` requests: validates them and records the job.
+pub struct ExportHandler {
+    pool: deadpool_postgres::Pool,
+    wake: Arc<Notify>,
+}
+
+impl ExportHandler {
+    /// A handler recording into `pool`, waking `wake` (the executor) on
+    /// every new job.
+    pub fn new(pool: deadpool_postgres::Pool, wake: Arc<Notify>) -> Self {
+        Self { pool, wake }
+    }
+
+    /// Records a request; the JSON answer is `{"jobId", "status",
+    /// "deduplicated"}`.
+    pub async fn record(&self, data: &[u8], source: &str) -> Result<serde_json::Value, JobError> {
+        let request = ExportRequest::parse(data).map_err(JobError::Rejected)?;
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| JobError::Transient(crate::db::pool_error_cause(&e)))?;
+        let recorded = record::record_request(
+            &**client,
+            &request,
+            source,
+            Origin::Queue,
+            queue_layout(&request),
+        )
+        .await
+        .map_err(|e| JobError::Transient(crate::db::root_cause(&e)))?;
+        if recorded.created {
+            tracing::info!(job = %recorded.id, %source, requester = %request.requester_id, "export job recorded");
+            self.wake.notify_one();
+        }
+        Ok(serde_json::json!({
+            "jobId": recorded.id,
+            "status": recorded.status,
+            "deduplicated": !recorded.created,
+        }))
+    }
+}
+
+impl JobHandler for ExportHandler {
+    fn accept<'a>(
+        &'a self,
+        data: &'a [u8],
+        source: &'a str,
+    ) -> BoxFuture<'a, Result<serde_json::Value, JobError>> {
+        Box::pin(self.record(data, source))
+    }
+}
+
+/// The link signer from the configuration, if a secret is set.
+pub fn link_signer(config: &Config) -> anyhow::Result<Option<LinkSigner>> {
+    Ok(config.export_link_secret()?.map(LinkSigner::new))
+}
+
+/// Builds the exporter for `run` (or the CLI): storage from `[storage]`,
+/// notifications through `redis` when given.
+pub fn exporter(
+    config: &Config,
+    pool: deadpool_postgres::Pool,
+    storage: Storage,
+    redis: Option<ConnectionManager>,
+    wake: Arc<Notify>,
+) -> anyhow::Result<Exporter> {
+    Ok(Exporter {
+        pool,
+        storage,
+        settings: Settings::from_config(&config.export),
+        notifier: redis.map(|redis| Notifier {
+            redis,
+            notifications_key: config.export.notifications_key.clone(),
+            events_key: config.stream.key.clone(),
+            hmac: config.hmac_keys().unwrap_or_default(),
+        }),
+        links: link_signer(config)?,
+        worker_name: config.consumer_name(),
+        wake,
+    })
+}
+
+/// The parts of exports that `app::run` wires in.
+pub struct ExportService {
+    pub handler: Arc<ExportHandler>,
+    pub exporter: Arc<Exporter>,
+    pub downloads: download::Downloads,
+}
+
+impl ExportService {
+    /// Opens storage and builds the handler, executor and download state.
+    pub fn new(
+        config: &Config,
+        pool: deadpool_postgres::Pool,
+        redis: ConnectionManager,
+    ) -> anyhow::Result<Self> {
+        let storage = crate::storage::open(&config.storage)?;
+        let wake = Arc::new(Notify::new());
+        let exporter = Arc::new(exporter(
+            config,
+            pool.clone(),
+            storage.clone(),
+            Some(redis),
+            wake.clone(),
+        )?);
+        if exporter.links.is_none() && storage.s3.is_none() {
+            tracing::warn!("export.link_secret is not set: export notifications carry no download link and downloads are refused");
+        }
+        Ok(Self {
+            handler: Arc::new(ExportHandler::new(pool.clone(), wake)),
+            downloads: download::Downloads {
+                pool,
+                storage,
+                signer: exporter.links.clone(),
+            },
+            exporter,
+        })
+    }
+
+    /// Starts the executor and the sweep (when `export.enabled`).
+    pub fn spawn(
+        &self,
+        config: &ExportConfig,
+        shutdown: CancellationToken,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        if !config.enabled {
+            return Vec::new();
+        }
+        vec![
+            tokio::spawn(self.exporter.clone().run(shutdown.clone())),
+            tokio::spawn(sweep::run(
+                self.exporter.clone(),
+                sweep::SweepSettings {
+                    job_expiry_secs: config.job_expiry_secs,
+                    interval: std::time::Duration::from_secs(config.sweep_interval_secs),
+                },
+                shutdown,
+            )),
+        ]
+    }
+}
