@@ -8,6 +8,10 @@
 //! so a long job neither holds a Redis delivery open nor restarts from zero
 //! after a crash.
 
+pub mod merkle_stream;
+pub mod snapshot;
+pub mod verify;
+
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
