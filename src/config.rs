@@ -341,7 +341,9 @@ impl Config {
                 "must be at least 1",
             );
         }
-        if self.snapshot.poll_interval_ms == 0 || !(1..=1_000_000).contains(&self.snapshot.page_size) {
+        if self.snapshot.poll_interval_ms == 0
+            || !(1..=1_000_000).contains(&self.snapshot.page_size)
+        {
             return err(
                 "snapshot.poll_interval_ms / snapshot.page_size",
                 "need poll_interval_ms >= 1 and 1 <= page_size <= 1000000",

@@ -116,6 +116,9 @@ pub fn frontier_ranges(size: u64) -> Vec<Range<u64>> {
     out
 }
 
+/// One node of a proof plan: its leaf range, and its hash when already known.
+pub type ProofNode = (Range<u64>, Option<Hash>);
+
 /// Splits a consistency proof's ranges into nodes taken from the old tree's
 /// frontier and ranges over new leaves only.
 ///
@@ -130,9 +133,8 @@ pub fn consistency_plan(
     old_size: u64,
     new_size: u64,
     old_frontier: &[Hash],
-) -> Result<Vec<(Range<u64>, Option<Hash>)>, String> {
-    let ranges =
-        merkle::consistency_proof_ranges(old_size, new_size).map_err(|e| e.to_string())?;
+) -> Result<Vec<ProofNode>, String> {
+    let ranges = merkle::consistency_proof_ranges(old_size, new_size).map_err(|e| e.to_string())?;
     let known: Vec<(Range<u64>, Hash)> = frontier_ranges(old_size)
         .into_iter()
         .zip(old_frontier.iter().copied())
@@ -176,7 +178,8 @@ mod tests {
             let ranges = frontier_ranges(n);
             assert_eq!(ranges.len(), b.frontier().len());
             for (r, h) in ranges.iter().zip(b.frontier()) {
-                let sub = merkle::subtree_root(all[r.start as usize..r.end as usize].iter().copied());
+                let sub =
+                    merkle::subtree_root(all[r.start as usize..r.end as usize].iter().copied());
                 assert_eq!(&sub, h, "n={n} r={r:?}");
             }
         }

@@ -10,6 +10,7 @@
 
 pub mod merkle_stream;
 pub mod snapshot;
+pub mod snapshot_cli;
 pub mod verify;
 
 use std::sync::Arc;

@@ -29,9 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, SnapshotConfig};
 use crate::event::{RejectReason, Rejection};
-use crate::integrity::checkpoint::{
-    Checkpoint, CheckpointSigner, Ed25519NoteSigner, NoteVerifier,
-};
+use crate::integrity::checkpoint::{Checkpoint, CheckpointSigner, Ed25519NoteSigner, NoteVerifier};
 use crate::integrity::merkle::{self, Hash, TreeBuilder};
 use crate::jobs::merkle_stream::{consistency_plan, hash_from_bytes, PagedRows, RangeHasher};
 use crate::jobs::{JobError, JobHandler};
@@ -49,7 +47,9 @@ pub enum SnapshotError {
     Pool(String),
     #[error("cannot sign the checkpoint: {0}")]
     Signing(String),
-    #[error("the stored log is inconsistent ({0}): run `audit-worker verify` to find out what changed")]
+    #[error(
+        "the stored log is inconsistent ({0}): run `audit-worker verify` to find out what changed"
+    )]
     Integrity(String),
     #[error("cannot write the snapshot manifest: {0} (check storage.url)")]
     Storage(String),
@@ -178,7 +178,9 @@ pub fn parse_request(
         return Err("audit.snapshot request is larger than 4096 bytes".into());
     }
     let req: SnapshotRequest = serde_json::from_slice(data).map_err(|e| {
-        format!("audit.snapshot request must be JSON {{\"from\"?: ISO-8601, \"to\"?: ISO-8601}}: {e}")
+        format!(
+            "audit.snapshot request must be JSON {{\"from\"?: ISO-8601, \"to\"?: ISO-8601}}: {e}"
+        )
     })?;
     let parse = |name: &str, v: &str| {
         DateTime::parse_from_rfc3339(v)
@@ -346,6 +348,20 @@ impl Snapshotter {
         to: DateTime<Utc>,
     ) -> Result<SnapshotSummary, SnapshotError> {
         let (job, _) = self.enqueue(source, from, to).await?;
+        // Lease it ourselves so an executor does not start it meanwhile; if
+        // this process dies, the lease expires and an executor finishes it.
+        {
+            let client = self.pool.get().await?;
+            let secs = self.settings.lease_secs as f64;
+            client
+                .execute(
+                    "UPDATE snapshot_jobs SET status = 'running', attempts = attempts + 1,
+                            lease_owner = $2, lease_until = now() + make_interval(secs => $3)
+                      WHERE id = $1 AND status <> 'done'",
+                    &[&job, &self.owner, &secs],
+                )
+                .await?;
+        }
         let summary = self.run_job(job).await?;
         if let Err(e) = self.publish(summary.snapshot_id).await {
             tracing::warn!(snapshot = summary.snapshot_id, error = %e, "snapshot sealed but not yet published; a running worker retries");
@@ -361,11 +377,8 @@ impl Snapshotter {
         let tx = client.transaction().await?;
         // Serializes sealing across replicas and jobs: every sealing
         // transaction takes this row lock first and holds it to COMMIT.
-        tx.query_one(
-            "SELECT tree_size FROM snapshot_log_head FOR UPDATE",
-            &[],
-        )
-        .await?;
+        tx.query_one("SELECT tree_size FROM snapshot_log_head FOR UPDATE", &[])
+            .await?;
         let job_row = tx
             .query_opt(
                 "SELECT status, range_from, range_to, snapshot_id FROM snapshot_jobs WHERE id = $1 FOR UPDATE",
@@ -393,14 +406,17 @@ impl Snapshotter {
         let (prev_size, prev_root, prev_frontier) = match prev {
             Some(r) => {
                 let size: i64 = r.get(0);
-                let root = hash_from_bytes(r.get::<_, &[u8]>(1))
-                    .ok_or_else(|| SnapshotError::Integrity("previous root is not 32 bytes".into()))?;
+                let root = hash_from_bytes(r.get::<_, &[u8]>(1)).ok_or_else(|| {
+                    SnapshotError::Integrity("previous root is not 32 bytes".into())
+                })?;
                 let frontier: Vec<Vec<u8>> = r.get(2);
                 let frontier = frontier
                     .iter()
                     .map(|h| hash_from_bytes(h))
                     .collect::<Option<Vec<Hash>>>()
-                    .ok_or_else(|| SnapshotError::Integrity("stored frontier hash is not 32 bytes".into()))?;
+                    .ok_or_else(|| {
+                        SnapshotError::Integrity("stored frontier hash is not 32 bytes".into())
+                    })?;
                 (size as u64, root, frontier)
             }
             None => (0, merkle::empty_root(), Vec::new()),
@@ -414,7 +430,10 @@ impl Snapshotter {
         }
 
         let snapshot_id: i64 = tx
-            .query_one("SELECT nextval(pg_get_serial_sequence('snapshots', 'id'))", &[])
+            .query_one(
+                "SELECT nextval(pg_get_serial_sequence('snapshots', 'id'))",
+                &[],
+            )
             .await?
             .get(0);
         let base = prev_size as i64;
@@ -496,7 +515,9 @@ impl Snapshotter {
             .iter()
             .map(|(_, h)| h.or_else(|| computed.next()).map(|h| h.to_vec()))
             .collect::<Option<_>>()
-            .ok_or_else(|| SnapshotError::Integrity("a consistency node was not computed".into()))?;
+            .ok_or_else(|| {
+                SnapshotError::Integrity("a consistency node was not computed".into())
+            })?;
         let root = tree.root();
 
         let checkpoint = Checkpoint::new(self.origin.clone(), new_size, root)
@@ -512,8 +533,12 @@ impl Snapshotter {
                 &[&base, &(new_size as i64 - 1), &snapshot_id],
             )
             .await?;
-        let first = bounds.first().map(|r| (r.get::<_, String>(0), r.get::<_, DateTime<Utc>>(1)));
-        let last = bounds.last().map(|r| (r.get::<_, String>(0), r.get::<_, DateTime<Utc>>(1)));
+        let first = bounds
+            .first()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, DateTime<Utc>>(1)));
+        let last = bounds
+            .last()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, DateTime<Utc>>(1)));
         let manifest_path = format!(
             "{}/{}/{:012}.json",
             self.settings
@@ -597,7 +622,9 @@ impl Snapshotter {
             .await
             .map_err(|e| SnapshotError::Storage(e.to_string()))?;
         let Some(redis) = &self.redis else {
-            return Err(SnapshotError::Redis("no Redis connection in this process".into()));
+            return Err(SnapshotError::Redis(
+                "no Redis connection in this process".into(),
+            ));
         };
         let event = creation_event(&summary);
         let mut conn = redis.clone();
@@ -638,7 +665,10 @@ impl Snapshotter {
         let ids: Vec<i64> = {
             let client = self.pool.get().await?;
             client
-                .query("SELECT id FROM snapshots WHERE status = 'sealed' ORDER BY id", &[])
+                .query(
+                    "SELECT id FROM snapshots WHERE status = 'sealed' ORDER BY id",
+                    &[],
+                )
                 .await?
                 .iter()
                 .map(|r| r.get(0))
@@ -660,7 +690,10 @@ impl Snapshotter {
         let slot = DateTime::<Utc>::from_timestamp(slot, 0).unwrap_or(now);
         let to = slot - chrono::Duration::seconds(self.settings.settling_delay_secs as i64);
         (
-            format!("schedule:{}", slot.to_rfc3339_opts(SecondsFormat::Secs, true)),
+            format!(
+                "schedule:{}",
+                slot.to_rfc3339_opts(SecondsFormat::Secs, true)
+            ),
             to,
         )
     }
@@ -677,7 +710,9 @@ impl Snapshotter {
                 if last_slot.as_deref() != Some(source.as_str()) {
                     match self.enqueue(&source, None, to).await {
                         Ok(_) => last_slot = Some(source),
-                        Err(e) => tracing::warn!(error = %e, "could not enqueue the scheduled snapshot; retrying"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not enqueue the scheduled snapshot; retrying")
+                        }
                     }
                 }
                 if let Err(e) = self.publish_pending().await {
@@ -707,9 +742,8 @@ impl JobHandler for Snapshotter {
     ) -> BoxFuture<'a, Result<serde_json::Value, JobError>> {
         Box::pin(async move {
             let settling = Duration::from_secs(self.settings.settling_delay_secs);
-            let (from, to) = parse_request(data, Utc::now(), settling).map_err(|m| {
-                JobError::Rejected(Rejection::new(RejectReason::InvalidEvent, m))
-            })?;
+            let (from, to) = parse_request(data, Utc::now(), settling)
+                .map_err(|m| JobError::Rejected(Rejection::new(RejectReason::InvalidEvent, m)))?;
             match self.enqueue(source, from, to).await {
                 Ok((id, status)) => Ok(serde_json::json!({"jobId": id, "status": status})),
                 Err(e) => Err(JobError::Transient(e.to_string())),
@@ -802,7 +836,10 @@ mod tests {
         for (bad, why) in [
             (&b"nope"[..], "must be JSON"),
             (br#"{"to":"yesterday"}"#, "not an ISO-8601"),
-            (br#"{"from":"2024-02-01T00:00:00Z","to":"2024-01-01T00:00:00Z"}"#, "earlier"),
+            (
+                br#"{"from":"2024-02-01T00:00:00Z","to":"2024-01-01T00:00:00Z"}"#,
+                "earlier",
+            ),
             (br#"{"to":"2999-01-01T00:00:00Z"}"#, "future"),
             (br#"{"until":"2024-01-01T00:00:00Z"}"#, "unknown field"),
         ] {
@@ -814,7 +851,10 @@ mod tests {
 
     #[test]
     fn path_segments_are_sanitised() {
-        assert_eq!(sanitize_segment("audit.example.com/prod"), "audit.example.com_prod");
+        assert_eq!(
+            sanitize_segment("audit.example.com/prod"),
+            "audit.example.com_prod"
+        );
         assert_eq!(sanitize_segment(".."), "_");
         assert_eq!(sanitize_segment("../../etc"), "_.._etc");
         assert_eq!(sanitize_segment("a b\nc"), "a_b_c");

@@ -217,11 +217,17 @@ pub async fn verify(
                 if cp.origin() != origin {
                     report.checkpoint(
                         s.id,
-                        format!("checkpoint origin {:?} is not this log's ({origin:?})", cp.origin()),
+                        format!(
+                            "checkpoint origin {:?} is not this log's ({origin:?})",
+                            cp.origin()
+                        ),
                     );
                 }
                 if cp.size() != s.tree_size as u64 || cp.root()[..] != s.root[..] {
-                    report.checkpoint(s.id, "stored tree size or root differs from the signed checkpoint");
+                    report.checkpoint(
+                        s.id,
+                        "stored tree size or root differs from the signed checkpoint",
+                    );
                 }
                 s.signed = Some(cp);
             }
@@ -270,7 +276,12 @@ pub async fn verify(
 
     // 2. The leaves: which range, and the tree state before it.
     let (start, end, mut ledger_tree, scope): (u64, u64, TreeBuilder, Vec<usize>) = match only {
-        None => (0, last_size.max(0) as u64, TreeBuilder::new(), (0..snapshots.len()).collect()),
+        None => (
+            0,
+            last_size.max(0) as u64,
+            TreeBuilder::new(),
+            (0..snapshots.len()).collect(),
+        ),
         Some(id) => {
             let pos = snapshots.iter().position(|s| s.id == id).unwrap_or(0);
             let s = &snapshots[pos];
@@ -278,9 +289,10 @@ pub async fn verify(
                 TreeBuilder::new()
             } else {
                 let p = &snapshots[pos - 1];
-                let frontier: Option<Vec<Hash>> = p.frontier.iter().map(|h| hash_from_bytes(h)).collect();
-                let b = frontier
-                    .and_then(|f| TreeBuilder::from_frontier(p.tree_size as u64, f).ok());
+                let frontier: Option<Vec<Hash>> =
+                    p.frontier.iter().map(|h| hash_from_bytes(h)).collect();
+                let b =
+                    frontier.and_then(|f| TreeBuilder::from_frontier(p.tree_size as u64, f).ok());
                 // The frontier is unsigned; it is trusted only because it
                 // reproduces the signed root (a different frontier with the
                 // same root would be a SHA-256 second preimage).
@@ -292,7 +304,12 @@ pub async fn verify(
                     }
                 }
             };
-            (s.previous_tree_size.max(0) as u64, s.tree_size.max(0) as u64, builder, vec![pos])
+            (
+                s.previous_tree_size.max(0) as u64,
+                s.tree_size.max(0) as u64,
+                builder,
+                vec![pos],
+            )
         }
     };
     let mut row_tree = ledger_tree.clone();
@@ -300,10 +317,16 @@ pub async fn verify(
     let mut boundaries: BTreeMap<u64, Vec<(i64, Hash)>> = BTreeMap::new();
     for &i in &scope {
         if let Some(cp) = &snapshots[i].signed {
-            boundaries.entry(cp.size()).or_default().push((snapshots[i].id, *cp.root()));
+            boundaries
+                .entry(cp.size())
+                .or_default()
+                .push((snapshots[i].id, *cp.root()));
         }
     }
-    let check_boundary = |size: u64, lt: &TreeBuilder, rt: &TreeBuilder, report: &mut VerifyReport| {
+    let check_boundary = |size: u64,
+                          lt: &TreeBuilder,
+                          rt: &TreeBuilder,
+                          report: &mut VerifyReport| {
         if let Some(list) = boundaries.get(&size) {
             for (id, root) in list {
                 if lt.root() != *root {
@@ -424,13 +447,19 @@ pub async fn verify(
                     what.push("its id or event_time differs from the ledger".into());
                 }
                 if r.get::<_, String>(4) != l_key {
-                    what.push(format!("its idempotency key differs from the ledger ({l_key})"));
+                    what.push(format!(
+                        "its idempotency key differs from the ledger ({l_key})"
+                    ));
                 }
                 if r.get::<_, Option<i64>>(1) != Some(l_snapshot) {
-                    what.push(format!("its snapshot id differs from the ledger ({l_snapshot})"));
+                    what.push(format!(
+                        "its snapshot id differs from the ledger ({l_snapshot})"
+                    ));
                 }
                 if !what.is_empty() {
-                    report.findings.push(row_finding(FindingKind::Altered, r, what.join("; ")));
+                    report
+                        .findings
+                        .push(row_finding(FindingKind::Altered, r, what.join("; ")));
                 }
                 let row_leaf = hex::decode(&recomputed)
                     .ok()
@@ -465,7 +494,10 @@ pub async fn verify(
             ));
         }
         let beyond: i64 = tx
-            .query_one("SELECT count(*) FROM seal_ledger WHERE leaf_index >= $1", &[&e])
+            .query_one(
+                "SELECT count(*) FROM seal_ledger WHERE leaf_index >= $1",
+                &[&e],
+            )
             .await?
             .get(0);
         if beyond > 0 {
@@ -623,13 +655,16 @@ pub async fn prove(
         .await?;
         while let Some(row) = leaves.next().await? {
             let i: i64 = row.get(0);
-            let leaf = hash_from_bytes(row.get::<_, &[u8]>(1))
-                .ok_or_else(|| SnapshotError::Integrity(format!("ledger leaf {i} is not 32 bytes")))?;
+            let leaf = hash_from_bytes(row.get::<_, &[u8]>(1)).ok_or_else(|| {
+                SnapshotError::Integrity(format!("ledger leaf {i} is not 32 bytes"))
+            })?;
             hasher.feed(i as u64, &merkle::leaf_hash(&leaf));
         }
     }
     let nodes = hasher.finish().ok_or_else(|| {
-        SnapshotError::Integrity("the seal ledger is missing leaves: run `audit-worker verify`".into())
+        SnapshotError::Integrity(
+            "the seal ledger is missing leaves: run `audit-worker verify`".into(),
+        )
     })?;
     let proof = InclusionProof {
         format: "audit-worker.inclusion-proof.v1".into(),
@@ -653,8 +688,12 @@ pub async fn prove(
 /// signature, then the inclusion of the event hash under the signed root
 /// at the signed size. Returns the checkpoint on success.
 pub fn verify_proof(proof: &InclusionProof, verifier: &NoteVerifier) -> Result<Checkpoint, String> {
-    let cp = open_note(&proof.checkpoint, verifier)
-        .map_err(|e| format!("checkpoint does not verify with key {}: {e}", verifier.name()))?;
+    let cp = open_note(&proof.checkpoint, verifier).map_err(|e| {
+        format!(
+            "checkpoint does not verify with key {}: {e}",
+            verifier.name()
+        )
+    })?;
     if cp.size() != proof.tree_size {
         return Err(format!(
             "proof claims tree size {} but the signed checkpoint says {}",
@@ -672,7 +711,13 @@ pub fn verify_proof(proof: &InclusionProof, verifier: &NoteVerifier) -> Result<C
         .map(|h| hex::decode(h).ok().and_then(|b| hash_from_bytes(&b)))
         .collect::<Option<_>>()
         .ok_or("inclusionProof entries must be 64 hex digits")?;
-    merkle::verify_inclusion(&merkle::leaf_hash(&leaf), proof.leaf_index, cp.size(), &nodes, cp.root())
-        .map_err(|e| format!("inclusion proof does not verify: {e}"))?;
+    merkle::verify_inclusion(
+        &merkle::leaf_hash(&leaf),
+        proof.leaf_index,
+        cp.size(),
+        &nodes,
+        cp.root(),
+    )
+    .map_err(|e| format!("inclusion proof does not verify: {e}"))?;
     Ok(cp)
 }

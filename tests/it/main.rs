@@ -2,4 +2,5 @@
 
 mod common;
 mod process;
+mod snapshot;
 mod stream_ingest;
