@@ -353,7 +353,7 @@ pub async fn verify(
         &tx,
         &format!(
             "SELECT {ROW_COLUMNS} FROM audit_log
-              WHERE leaf_index >= $1 AND leaf_index < $2 ORDER BY leaf_index, event_time, id"
+              WHERE leaf_index >= $1 AND leaf_index < $2 ORDER BY leaf_index"
         ),
         &[&s, &e],
         page,

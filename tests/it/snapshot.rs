@@ -566,43 +566,28 @@ async fn a_snapshot_killed_mid_transaction_leaves_nothing_half_sealed_and_is_fin
         .env("AUDIT_WORKER__SNAPSHOT__LEASE_SECS", "2")
         .spawn()
         .unwrap();
-    // Wait until the sealing statement runs, then kill -9 the process.
-    let schema = s.env.schema.clone();
+    // Wait until this test's sealing transaction (the backend holding a
+    // lock on this schema's log head) runs its sealing statement, then
+    // kill -9 the process.
+    let head = format!("\"{}\".snapshot_log_head", s.env.schema);
+    let sealing = format!(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+          WHERE l.relation = '{head}'::regclass AND a.state = 'active'
+            AND a.query LIKE '%INSERT INTO seal_ledger%'"
+    );
     wait_until(Duration::from_secs(60), "the sealing statement", || async {
-        s.env
-            .pg
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE state = 'active' AND query LIKE '%INSERT INTO seal_ledger%'
-                    AND query NOT LIKE '%pg_stat_activity%'",
-                &[],
-            )
-            .await
-            .map(|r| r.get::<_, i64>(0) > 0)
-            .unwrap_or(false)
+        s.count(&sealing).await > 0
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     child.kill().unwrap();
     child.wait().unwrap();
-    let _ = schema;
     // The server rolls the transaction back once it notices the client is
-    // gone; until then the head row lock is held and nothing is visible.
+    // gone; until then it holds the head lock and nothing is visible.
+    let holding = format!("SELECT count(*) FROM pg_locks WHERE relation = '{head}'::regclass");
     wait_until(
         Duration::from_secs(120),
         "the orphaned transaction to end",
-        || async {
-            s.env
-                .pg
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%seal_ledger%'
-                   AND query NOT LIKE '%pg_stat_activity%' AND state <> 'idle'",
-                    &[],
-                )
-                .await
-                .map(|r| r.get::<_, i64>(0) == 0)
-                .unwrap_or(false)
-        },
+        || async { s.count(&holding).await == 0 },
     )
     .await;
     let sealed = s
