@@ -180,6 +180,7 @@ pub struct SnapshotConfig {
     pub signing_key_file: String,
     pub verifier_key: String,
     pub interval_secs: u64,
+    pub cron: String,
     pub settling_delay_secs: u64,
     pub lease_secs: u64,
     pub poll_interval_ms: u64,
@@ -348,6 +349,14 @@ impl Config {
                 "snapshot.poll_interval_ms / snapshot.page_size",
                 "need poll_interval_ms >= 1 and 1 <= page_size <= 1000000",
             );
+        }
+        if !self.snapshot.cron.is_empty() {
+            if let Err(e) = self.snapshot.cron.parse::<croner::Cron>() {
+                return Err(ConfigError(format!(
+                    "snapshot.cron {:?} is not a cron expression ({e}): use e.g. \"0 * * * *\" or leave it empty for interval_secs",
+                    self.snapshot.cron
+                )));
+            }
         }
         let keys = self.hmac_keys()?;
         if self.validation.require_signature && keys.is_empty() {

@@ -680,22 +680,9 @@ impl Snapshotter {
         Ok(())
     }
 
-    /// The schedule slot `now` falls in and the job it enqueues: one slot
-    /// per `interval_secs`, sealing up to the slot start minus the settling
-    /// delay. Every replica computes the same slot, and the slot's source
-    /// key makes it one job.
+    /// The schedule slot `now` falls in; see [`schedule_slot`].
     pub fn schedule_slot(&self, now: DateTime<Utc>) -> (String, DateTime<Utc>) {
-        let interval = self.settings.interval_secs.max(1) as i64;
-        let slot = now.timestamp().div_euclid(interval) * interval;
-        let slot = DateTime::<Utc>::from_timestamp(slot, 0).unwrap_or(now);
-        let to = slot - chrono::Duration::seconds(self.settings.settling_delay_secs as i64);
-        (
-            format!(
-                "schedule:{}",
-                slot.to_rfc3339_opts(SecondsFormat::Secs, true)
-            ),
-            to,
-        )
+        schedule_slot(&self.settings, now)
     }
 
     /// The executor: enqueues schedule slots, runs queued jobs and retries
@@ -750,6 +737,32 @@ impl JobHandler for Snapshotter {
             }
         })
     }
+}
+
+/// The schedule slot `now` falls in and the job it enqueues: one slot per
+/// `interval_secs` (or the latest `cron` occurrence at or before `now`),
+/// sealing up to the slot start minus the settling delay. Every replica
+/// computes the same slot, and the slot's source key makes it one job.
+pub fn schedule_slot(settings: &SnapshotConfig, now: DateTime<Utc>) -> (String, DateTime<Utc>) {
+    let cron = (!settings.cron.is_empty())
+        .then(|| settings.cron.parse::<croner::Cron>().ok())
+        .flatten();
+    let slot = match cron.and_then(|c| c.find_previous_occurrence(&now, true).ok()) {
+        Some(t) => t,
+        None => {
+            let interval = settings.interval_secs.max(1) as i64;
+            let slot = now.timestamp().div_euclid(interval) * interval;
+            DateTime::<Utc>::from_timestamp(slot, 0).unwrap_or(now)
+        }
+    };
+    let to = slot - chrono::Duration::seconds(settings.settling_delay_secs as i64);
+    (
+        format!(
+            "schedule:{}",
+            slot.to_rfc3339_opts(SecondsFormat::Secs, true)
+        ),
+        to,
+    )
 }
 
 /// Reads snapshot `id` from the database as its manifest.
@@ -847,6 +860,27 @@ mod tests {
             assert!(e.contains(why), "{e}");
         }
         assert!(parse_request(&vec![b' '; 5000], now, settle).is_err());
+    }
+
+    #[test]
+    fn schedule_slots_follow_the_interval_or_the_cron_expression() {
+        let mut config = Config::load_from(
+            None,
+            figment::providers::Env::prefixed("AUDIT_WORKER_UNIT_TEST_UNSET__"),
+        )
+        .unwrap()
+        .snapshot;
+        let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        let now = at("2024-05-06T10:42:17Z");
+        let (source, to) = schedule_slot(&config, now);
+        assert_eq!(source, "schedule:2024-05-06T10:00:00Z");
+        assert_eq!(to, at("2024-05-06T09:55:00Z"));
+        assert_eq!(schedule_slot(&config, at("2024-05-06T10:59:59Z")).0, source);
+        config.cron = "30 */6 * * *".into();
+        assert_eq!(
+            schedule_slot(&config, now).0,
+            "schedule:2024-05-06T06:30:00Z"
+        );
     }
 
     #[test]
