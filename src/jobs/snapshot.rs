@@ -388,9 +388,14 @@ impl Snapshotter {
             .ok_or_else(|| SnapshotError::BadRequest(format!("snapshot job {job} does not exist")))?;
         let status: String = job_row.get(0);
         if status == "done" {
-            let id: i64 = job_row.get(3);
+            let id: Option<i64> = job_row.get(3);
             drop(tx);
-            return self.summary(id).await;
+            return match id {
+                Some(id) => self.summary(id).await,
+                None => Err(SnapshotError::Integrity(format!(
+                    "snapshot job {job} is done but names no snapshot"
+                ))),
+            };
         }
         let from: Option<DateTime<Utc>> = job_row.get(1);
         let to: DateTime<Utc> = job_row.get(2);
