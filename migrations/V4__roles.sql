@@ -56,6 +56,11 @@ BEGIN
             current_schema(), part, current_schema(),
             first_day::text || ' 00:00:00+00',
             (first_day + interval '1 month')::date::text || ' 00:00:00+00');
+        -- As in V2: a partition truncated directly must refuse too.
+        EXECUTE format(
+            'CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON %%I.%%I '
+            'FOR EACH STATEMENT EXECUTE FUNCTION %%I.audit_log_refuse_truncate()',
+            current_schema(), part, current_schema());
     END IF;
     RETURN part;
 END

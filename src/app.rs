@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::db::{self, Partitions};
 use crate::http::{self, HttpState, QueueInfo};
-
+use crate::jobs::snapshot::{self, Snapshotter};
 use crate::jobs::JobHandlers;
 use crate::sink::{PostgresSink, SinkSettings};
 use crate::source::{self, bullmq::BullmqSource, stream::StreamSource, SourceContext};
@@ -92,11 +92,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     ));
 
     // Job kinds register their handlers here (export, snapshot).
-    let job_handlers = JobHandlers {
+    let mut job_handlers = JobHandlers {
         export: Some(exports.handler.clone()),
         ..JobHandlers::default()
     };
     let export_tasks = exports.spawn(&config.export, shutdown.clone());
+    let snapshot_task = match snapshot_executor(&config, &pool, &commands)? {
+        Some(snapshotter) => {
+            job_handlers.snapshot = Some(snapshotter.clone());
+            Some(tokio::spawn(snapshotter.run_executor(shutdown.clone())))
+        }
+        None => None,
+    };
     let ctx = SourceContext {
         policy: policy.clone(),
         sink: sink.handle(),
@@ -131,6 +138,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     let _ = upkeep.await;
     let _ = dlq_watch.await;
+    if let Some(task) = snapshot_task {
+        let _ = task.await;
+    }
     http_stop.cancel();
     let _ = http_task.await;
     tracing::info!("audit-worker stopped cleanly");
@@ -167,6 +177,30 @@ async fn watch_dead_letters(
             alerting = over;
         }
     }
+}
+
+/// The snapshot executor, when `snapshot.enabled` and a signing key is
+/// configured (without a key the worker runs but does not snapshot).
+fn snapshot_executor(
+    config: &Config,
+    pool: &deadpool_postgres::Pool,
+    redis: &redis::aio::ConnectionManager,
+) -> anyhow::Result<Option<Arc<Snapshotter>>> {
+    if !config.snapshot.enabled {
+        return Ok(None);
+    }
+    let Some(signer) = snapshot::load_signer(&config.snapshot)? else {
+        tracing::warn!("snapshot.enabled but no signing key: snapshots are off (set AUDIT_WORKER__SNAPSHOT__SIGNING_KEY or snapshot.signing_key_file; `audit-worker keygen` makes one)");
+        return Ok(None);
+    };
+    let storage = crate::storage::open(&config.storage)?;
+    Ok(Some(Arc::new(Snapshotter::new(
+        config,
+        pool.clone(),
+        signer,
+        storage,
+        Some(redis.clone()),
+    ))))
 }
 
 /// Creates next months' partitions once an hour.

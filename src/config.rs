@@ -74,6 +74,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub log: LogConfig,
     pub export: ExportConfig,
+    pub snapshot: SnapshotConfig,
 }
 
 /// `[redis]`: where Redis is.
@@ -225,6 +226,24 @@ pub struct ExportConfig {
     pub link_secret_file: String,
     pub link_ttl_secs: u64,
     pub public_base_url: String,
+}
+
+/// `[snapshot]`: signed Merkle checkpoints over sealed events (issue 6).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    pub enabled: bool,
+    pub origin: String,
+    pub signing_key: Secret,
+    pub signing_key_file: String,
+    pub verifier_key: String,
+    pub interval_secs: u64,
+    pub cron: String,
+    pub settling_delay_secs: u64,
+    pub lease_secs: u64,
+    pub poll_interval_ms: u64,
+    pub page_size: i32,
+    pub manifest_prefix: String,
 }
 
 /// `[log]`: log format and filter.
@@ -392,6 +411,34 @@ impl Config {
             return err("log.format", "must be auto, json or text");
         }
         crate::jobs::export::validate_config(&self.export).map_err(ConfigError)?;
+        if self.snapshot.origin.is_empty() || self.snapshot.origin.chars().any(char::is_control) {
+            return err(
+                "snapshot.origin",
+                "must be one non-empty line (it names the log in every checkpoint)",
+            );
+        }
+        if self.snapshot.interval_secs == 0 || self.snapshot.lease_secs == 0 {
+            return err(
+                "snapshot.interval_secs / snapshot.lease_secs",
+                "must be at least 1",
+            );
+        }
+        if self.snapshot.poll_interval_ms == 0
+            || !(1..=1_000_000).contains(&self.snapshot.page_size)
+        {
+            return err(
+                "snapshot.poll_interval_ms / snapshot.page_size",
+                "need poll_interval_ms >= 1 and 1 <= page_size <= 1000000",
+            );
+        }
+        if !self.snapshot.cron.is_empty() {
+            if let Err(e) = self.snapshot.cron.parse::<croner::Cron>() {
+                return Err(ConfigError(format!(
+                    "snapshot.cron {:?} is not a cron expression ({e}): use e.g. \"0 * * * *\" or leave it empty for interval_secs",
+                    self.snapshot.cron
+                )));
+            }
+        }
         let keys = self.hmac_keys()?;
         if self.validation.require_signature && keys.is_empty() {
             return err(
@@ -542,7 +589,7 @@ impl SinkConfig {
 }
 
 /// Reads a secret file, warning when others may read it.
-fn read_secret_file(path: &str, setting: &str) -> Result<String, ConfigError> {
+pub(crate) fn read_secret_file(path: &str, setting: &str) -> Result<String, ConfigError> {
     let path = PathBuf::from(path);
     #[cfg(unix)]
     if let Ok(meta) = std::fs::metadata(&path) {

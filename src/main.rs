@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use audit_worker::config::Config;
 use audit_worker::jobs::export;
+use audit_worker::jobs::snapshot_cli;
 use audit_worker::{app, db, telemetry};
 
 /// Stores audit events from Redis in PostgreSQL, exactly once, verifiably.
@@ -56,6 +57,52 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+    },
+    /// Write a new Ed25519 checkpoint signing key (mode 0600) and print the
+    /// verifier key to publish.
+    Keygen {
+        /// Key name written in signatures (default: snapshot.origin).
+        #[arg(long)]
+        name: Option<String>,
+        /// File to create (default: snapshot.signing_key_file).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Seal the unsealed events of a range into the signed log now and print
+    /// the snapshot manifest.
+    Snapshot {
+        /// Start of the range (ISO-8601; default: the beginning).
+        #[arg(long)]
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        /// End of the range, exclusive (default: now minus snapshot.settling_delay_secs).
+        #[arg(long)]
+        to: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// Check every checkpoint, consistency proof and sealed row; list each
+    /// altered, deleted or inserted event; exit 1 if anything is wrong.
+    Verify {
+        /// Check only this snapshot (its checkpoint chain is still checked).
+        #[arg(long, value_name = "ID")]
+        snapshot: Option<i64>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print an event's inclusion proof and signed checkpoint as JSON.
+    Prove {
+        /// The event's eventId (its idempotency key).
+        event: String,
+    },
+    /// Check a `prove` output offline with only the verifier key.
+    VerifyProof {
+        /// The JSON printed by `prove`.
+        proof: PathBuf,
+        /// The verifier key (`<name>+<id>+<key>`, printed by keygen).
+        #[arg(long)]
+        key: String,
     },
 }
 
@@ -210,6 +257,42 @@ fn main() -> ExitCode {
             Command::Enqueue {
                 what: EnqueueCommand::Export { request },
             } => export::cli::enqueue_export(&config, &request).await,
+            Command::Keygen { name, out, force } => {
+                let name = name.unwrap_or_else(|| config.snapshot.origin.clone());
+                let out = out
+                    .or_else(|| {
+                        (!config.snapshot.signing_key_file.is_empty())
+                            .then(|| PathBuf::from(&config.snapshot.signing_key_file))
+                    })
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("give --out FILE (or set snapshot.signing_key_file)")
+                    })?;
+                let verifier = snapshot_cli::keygen(&name, &out, force)?;
+                eprintln!("signing key written to {} (keep it secret)", out.display());
+                println!("{verifier}");
+                Ok(())
+            }
+            Command::Snapshot { from, to } => {
+                println!("{}", snapshot_cli::snapshot(&config, from, to).await?);
+                Ok(())
+            }
+            Command::Verify { snapshot, json } => {
+                if snapshot_cli::verify(&config, snapshot, json).await? {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!(
+                        "verification failed: see the problems listed above"
+                    ))
+                }
+            }
+            Command::Prove { event } => {
+                println!("{}", snapshot_cli::prove(&config, &event).await?);
+                Ok(())
+            }
+            Command::VerifyProof { proof, key } => {
+                println!("{}", snapshot_cli::verify_proof(&proof, &key)?);
+                Ok(())
+            }
         }
     });
     match result {

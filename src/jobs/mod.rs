@@ -9,6 +9,10 @@
 //! after a crash.
 
 pub mod export;
+pub mod merkle_stream;
+pub mod snapshot;
+pub mod snapshot_cli;
+pub mod verify;
 
 use std::sync::Arc;
 

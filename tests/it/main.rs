@@ -9,5 +9,6 @@ mod pg_tls;
 mod process;
 mod roles;
 mod secrets;
+mod snapshot;
 mod stream_ingest;
 mod tls;

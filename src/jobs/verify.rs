@@ -1,0 +1,723 @@
+//! `verify` and `prove`: checking the sealed log against its signed
+//! checkpoints, and producing inclusion proofs an auditor can check offline.
+//!
+//! Trust comes only from the verifier key: tree sizes and roots are taken
+//! from the signed notes (RFC 6962 proofs do not bind the tree size), never
+//! from unsigned columns. Everything streams in leaf order, so memory stays
+//! flat for any log size.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Row;
+
+use crate::integrity::checkpoint::{open_note, Checkpoint, NoteVerifier};
+use crate::integrity::merkle::{self, Hash, TreeBuilder};
+use crate::integrity::{canonical_hash_v1, HashedFields};
+use crate::jobs::merkle_stream::{hash_from_bytes, PagedRows, RangeHasher};
+use crate::jobs::snapshot::SnapshotError;
+
+/// What kind of problem a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FindingKind {
+    /// A sealed row whose fields, hash or identity changed.
+    Altered,
+    /// A sealed event whose row is gone (named from the seal ledger).
+    Deleted,
+    /// A row that the signed log does not contain but that claims to be in
+    /// it, or an unsealed row inside a sealed range.
+    Inserted,
+    /// A checkpoint, ledger or chain problem (bad signature, root or
+    /// consistency mismatch).
+    Checkpoint,
+}
+
+/// One problem `verify` found, naming the event where there is one.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Finding {
+    pub kind: FindingKind,
+    /// The event's idempotency key (its eventId when the producer gave one).
+    pub event: Option<String>,
+    pub row_id: Option<i64>,
+    pub event_time: Option<DateTime<Utc>>,
+    pub leaf_index: Option<i64>,
+    pub snapshot_id: Option<i64>,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            FindingKind::Altered => "ALTERED",
+            FindingKind::Deleted => "DELETED",
+            FindingKind::Inserted => "INSERTED",
+            FindingKind::Checkpoint => "CHECKPOINT",
+        };
+        write!(f, "{kind}")?;
+        if let Some(e) = &self.event {
+            write!(f, " event {e}")?;
+        }
+        let mut parts = Vec::new();
+        if let Some(id) = self.row_id {
+            parts.push(format!("row id {id}"));
+        }
+        if let Some(t) = self.event_time {
+            parts.push(format!("event_time {}", t.to_rfc3339()));
+        }
+        if let Some(l) = self.leaf_index {
+            parts.push(format!("leaf {l}"));
+        }
+        if let Some(s) = self.snapshot_id {
+            parts.push(format!("snapshot {s}"));
+        }
+        if !parts.is_empty() {
+            write!(f, " ({})", parts.join(", "))?;
+        }
+        write!(f, ": {}", self.detail)
+    }
+}
+
+/// The outcome of `verify`.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyReport {
+    pub snapshots_checked: u64,
+    pub leaves_checked: u64,
+    pub findings: Vec<Finding>,
+}
+
+impl VerifyReport {
+    /// Whether nothing was found.
+    pub fn ok(&self) -> bool {
+        self.findings.is_empty()
+    }
+
+    fn checkpoint(&mut self, snapshot: i64, detail: impl Into<String>) {
+        self.findings.push(Finding {
+            kind: FindingKind::Checkpoint,
+            event: None,
+            row_id: None,
+            event_time: None,
+            leaf_index: None,
+            snapshot_id: Some(snapshot),
+            detail: detail.into(),
+        });
+    }
+}
+
+/// One snapshot as stored, with its checkpoint once the signature checked.
+struct StoredSnapshot {
+    id: i64,
+    range_from: Option<DateTime<Utc>>,
+    range_to: DateTime<Utc>,
+    previous_tree_size: i64,
+    tree_size: i64,
+    root: Vec<u8>,
+    note: String,
+    proof: Vec<Vec<u8>>,
+    frontier: Vec<Vec<u8>>,
+    /// The signed checkpoint, if the note opened.
+    signed: Option<Checkpoint>,
+}
+
+const SNAPSHOT_COLUMNS: &str = "id, range_from, range_to, previous_tree_size, tree_size, root, \
+     checkpoint_note, consistency_proof, frontier";
+
+fn stored_snapshot(r: &Row) -> StoredSnapshot {
+    StoredSnapshot {
+        id: r.get(0),
+        range_from: r.get(1),
+        range_to: r.get(2),
+        previous_tree_size: r.get(3),
+        tree_size: r.get(4),
+        root: r.get(5),
+        note: r.get(6),
+        proof: r.get(7),
+        frontier: r.get(8),
+        signed: None,
+    }
+}
+
+/// Row columns read for checking a sealed row.
+const ROW_COLUMNS: &str = "leaf_index, snapshot_id, id, event_time, idempotency_key, hash, \
+     timestamp_raw, action, status, principal_id, organization_id, target_resource_type, \
+     target_resource_id, outcome_description";
+
+/// The canonical hash v1 of a stored row, recomputed from its fields.
+fn recompute_hash(r: &Row) -> String {
+    canonical_hash_v1(&HashedFields {
+        timestamp: Some(r.get(6)),
+        action: Some(r.get(7)),
+        status: Some(r.get(8)),
+        principal_id: r.get(9),
+        organization_id: r.get(10),
+        target_resource_type: r.get(11),
+        target_resource_id: r.get(12),
+        outcome_description: r.get(13),
+    })
+}
+
+fn row_finding(kind: FindingKind, r: &Row, detail: String) -> Finding {
+    Finding {
+        kind,
+        event: Some(r.get(4)),
+        row_id: Some(r.get(2)),
+        event_time: Some(r.get(3)),
+        leaf_index: r.get(0),
+        snapshot_id: r.get(1),
+        detail,
+    }
+}
+
+/// Verifies the whole log (`only = None`) or one snapshot: every
+/// checkpoint's signature and origin, the chain of sizes and consistency
+/// proofs, and every sealed row against the ledger and the signed roots.
+pub async fn verify(
+    client: &mut tokio_postgres::Client,
+    verifier: &NoteVerifier,
+    origin: &str,
+    only: Option<i64>,
+    page: i32,
+) -> Result<VerifyReport, SnapshotError> {
+    let mut report = VerifyReport::default();
+    // One consistent view of the whole database for the whole check.
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+
+    // 1. The checkpoint chain. Snapshots are few (one per schedule slot).
+    let mut snapshots: Vec<StoredSnapshot> = tx
+        .query(
+            &format!("SELECT {SNAPSHOT_COLUMNS} FROM snapshots ORDER BY id"),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(stored_snapshot)
+        .collect();
+    if let Some(id) = only {
+        if !snapshots.iter().any(|s| s.id == id) {
+            return Err(SnapshotError::BadRequest(format!(
+                "snapshot {id} does not exist: `audit-worker verify` without --snapshot lists them all"
+            )));
+        }
+    }
+    let mut prev: Option<Checkpoint> = None;
+    for s in &mut snapshots {
+        report.snapshots_checked += 1;
+        match open_note(&s.note, verifier) {
+            Err(e) => report.checkpoint(s.id, format!("checkpoint note does not verify: {e}")),
+            Ok(cp) => {
+                if cp.origin() != origin {
+                    report.checkpoint(
+                        s.id,
+                        format!(
+                            "checkpoint origin {:?} is not this log's ({origin:?})",
+                            cp.origin()
+                        ),
+                    );
+                }
+                if cp.size() != s.tree_size as u64 || cp.root()[..] != s.root[..] {
+                    report.checkpoint(
+                        s.id,
+                        "stored tree size or root differs from the signed checkpoint",
+                    );
+                }
+                s.signed = Some(cp);
+            }
+        }
+        let (prev_size, prev_root) = match &prev {
+            Some(p) => (p.size(), *p.root()),
+            None => (0, merkle::empty_root()),
+        };
+        if let Some(cp) = &s.signed {
+            if s.previous_tree_size as u64 != prev_size {
+                report.checkpoint(
+                    s.id,
+                    format!(
+                        "previous tree size {} does not continue the previous checkpoint ({prev_size})",
+                        s.previous_tree_size
+                    ),
+                );
+            }
+            let proof: Option<Vec<Hash>> = s.proof.iter().map(|h| hash_from_bytes(h)).collect();
+            let consistent = proof.is_some_and(|p| {
+                merkle::verify_consistency(prev_size, cp.size(), &prev_root, cp.root(), &p).is_ok()
+            });
+            if !consistent {
+                report.checkpoint(
+                    s.id,
+                    format!(
+                        "consistency proof from tree size {prev_size} to {} does not verify: the log was rewritten",
+                        cp.size()
+                    ),
+                );
+            }
+            prev = Some(cp.clone());
+        }
+    }
+    let head: i64 = tx
+        .query_one("SELECT tree_size FROM snapshot_log_head", &[])
+        .await?
+        .get(0);
+    let last_size = snapshots.last().map_or(0, |s| s.tree_size);
+    if only.is_none() && head != last_size {
+        report.checkpoint(
+            snapshots.last().map_or(0, |s| s.id),
+            format!("log head says {head} leaves, the last snapshot {last_size}"),
+        );
+    }
+
+    // 2. The leaves: which range, and the tree state before it.
+    let (start, end, mut ledger_tree, scope): (u64, u64, TreeBuilder, Vec<usize>) = match only {
+        None => (
+            0,
+            last_size.max(0) as u64,
+            TreeBuilder::new(),
+            (0..snapshots.len()).collect(),
+        ),
+        Some(id) => {
+            let pos = snapshots.iter().position(|s| s.id == id).unwrap_or(0);
+            let s = &snapshots[pos];
+            let builder = if pos == 0 {
+                TreeBuilder::new()
+            } else {
+                let p = &snapshots[pos - 1];
+                let frontier: Option<Vec<Hash>> =
+                    p.frontier.iter().map(|h| hash_from_bytes(h)).collect();
+                let b =
+                    frontier.and_then(|f| TreeBuilder::from_frontier(p.tree_size as u64, f).ok());
+                // The frontier is unsigned; it is trusted only because it
+                // reproduces the signed root (a different frontier with the
+                // same root would be a SHA-256 second preimage).
+                match (b, &p.signed) {
+                    (Some(b), Some(cp)) if b.root() == *cp.root() => b,
+                    _ => {
+                        report.checkpoint(p.id, "stored frontier does not reproduce the signed root: verify the whole log");
+                        return Ok(report);
+                    }
+                }
+            };
+            (
+                s.previous_tree_size.max(0) as u64,
+                s.tree_size.max(0) as u64,
+                builder,
+                vec![pos],
+            )
+        }
+    };
+    let mut row_tree = ledger_tree.clone();
+    // Signed roots to compare with, by tree size (empty snapshots share one).
+    let mut boundaries: BTreeMap<u64, Vec<(i64, Hash)>> = BTreeMap::new();
+    for &i in &scope {
+        if let Some(cp) = &snapshots[i].signed {
+            boundaries
+                .entry(cp.size())
+                .or_default()
+                .push((snapshots[i].id, *cp.root()));
+        }
+    }
+    let check_boundary = |size: u64,
+                          lt: &TreeBuilder,
+                          rt: &TreeBuilder,
+                          report: &mut VerifyReport| {
+        if let Some(list) = boundaries.get(&size) {
+            for (id, root) in list {
+                if lt.root() != *root {
+                    report.checkpoint(*id, "seal ledger does not reproduce the signed root: ledger entries were changed");
+                }
+                if rt.root() != *root {
+                    report.checkpoint(*id, "root recomputed from the rows differs from the signed checkpoint (see the events above)");
+                }
+            }
+        }
+    };
+    check_boundary(start, &ledger_tree, &row_tree, &mut report);
+
+    let (s, e) = (start as i64, end as i64);
+    let mut ledger = PagedRows::open(
+        &tx,
+        "SELECT leaf_index, snapshot_id, event_time, row_id, idempotency_key, leaf
+           FROM seal_ledger WHERE leaf_index >= $1 AND leaf_index < $2 ORDER BY leaf_index",
+        &[&s, &e],
+        page,
+    )
+    .await?;
+    let mut rows = PagedRows::open(
+        &tx,
+        &format!(
+            "SELECT {ROW_COLUMNS} FROM audit_log
+              WHERE leaf_index >= $1 AND leaf_index < $2 ORDER BY leaf_index"
+        ),
+        &[&s, &e],
+        page,
+    )
+    .await?;
+    let zero: Hash = [0; 32];
+    for index in start..end {
+        let i = index as i64;
+        let entry = match ledger.peek().await? {
+            Some(r) if r.get::<_, i64>(0) == i => ledger.next().await?,
+            _ => None,
+        };
+        let mut at_leaf = Vec::new();
+        while let Some(r) = rows.peek().await? {
+            if r.get::<_, i64>(0) != i {
+                break;
+            }
+            if let Some(r) = rows.next().await? {
+                at_leaf.push(r);
+            }
+        }
+        let Some(entry) = entry else {
+            report.findings.push(Finding {
+                kind: FindingKind::Checkpoint,
+                event: None,
+                row_id: None,
+                event_time: None,
+                leaf_index: Some(i),
+                snapshot_id: None,
+                detail: "seal ledger entry is missing".into(),
+            });
+            for r in &at_leaf {
+                report.findings.push(row_finding(
+                    FindingKind::Inserted,
+                    r,
+                    "claims a leaf whose ledger entry is missing".into(),
+                ));
+            }
+            ledger_tree.push(zero);
+            row_tree.push(zero);
+            report.leaves_checked += 1;
+            check_boundary(index + 1, &ledger_tree, &row_tree, &mut report);
+            continue;
+        };
+        let l_snapshot: i64 = entry.get(1);
+        let l_time: DateTime<Utc> = entry.get(2);
+        let l_row: i64 = entry.get(3);
+        let l_key: String = entry.get(4);
+        let leaf = hash_from_bytes(entry.get::<_, &[u8]>(5)).unwrap_or(zero);
+        ledger_tree.push(merkle::leaf_hash(&leaf));
+
+        // The row the ledger sealed at this leaf; any other row claiming the
+        // leaf was inserted.
+        let primary = at_leaf
+            .iter()
+            .position(|r| r.get::<_, i64>(2) == l_row && r.get::<_, DateTime<Utc>>(3) == l_time)
+            .or_else(|| (at_leaf.len() == 1).then_some(0));
+        for (n, r) in at_leaf.iter().enumerate() {
+            if Some(n) != primary {
+                report.findings.push(row_finding(
+                    FindingKind::Inserted,
+                    r,
+                    format!("claims leaf {i}, which the ledger assigns to event {l_key}"),
+                ));
+            }
+        }
+        match primary.map(|n| &at_leaf[n]) {
+            None => {
+                report.findings.push(Finding {
+                    kind: FindingKind::Deleted,
+                    event: Some(l_key),
+                    row_id: Some(l_row),
+                    event_time: Some(l_time),
+                    leaf_index: Some(i),
+                    snapshot_id: Some(l_snapshot),
+                    detail: "sealed event's row is missing".into(),
+                });
+                row_tree.push(zero);
+            }
+            Some(r) => {
+                let mut what = Vec::new();
+                let recomputed = recompute_hash(r);
+                let stored: String = r.get(5);
+                if recomputed != stored {
+                    what.push("its fields no longer match its hash".to_string());
+                }
+                if stored != hex::encode(leaf) {
+                    what.push("its hash differs from the sealed leaf".into());
+                }
+                if r.get::<_, i64>(2) != l_row || r.get::<_, DateTime<Utc>>(3) != l_time {
+                    what.push("its id or event_time differs from the ledger".into());
+                }
+                if r.get::<_, String>(4) != l_key {
+                    what.push(format!(
+                        "its idempotency key differs from the ledger ({l_key})"
+                    ));
+                }
+                if r.get::<_, Option<i64>>(1) != Some(l_snapshot) {
+                    what.push(format!(
+                        "its snapshot id differs from the ledger ({l_snapshot})"
+                    ));
+                }
+                if !what.is_empty() {
+                    report
+                        .findings
+                        .push(row_finding(FindingKind::Altered, r, what.join("; ")));
+                }
+                let row_leaf = hex::decode(&recomputed)
+                    .ok()
+                    .and_then(|b| hash_from_bytes(&b))
+                    .unwrap_or(zero);
+                row_tree.push(merkle::leaf_hash(&row_leaf));
+            }
+        }
+        report.leaves_checked += 1;
+        check_boundary(index + 1, &ledger_tree, &row_tree, &mut report);
+    }
+    drop(ledger);
+    drop(rows);
+
+    // 3. Rows claiming leaves outside the signed log, and ledger entries
+    //    beyond it.
+    if only.is_none() {
+        let extra = tx
+            .query(
+                &format!(
+                    "SELECT {ROW_COLUMNS} FROM audit_log WHERE leaf_index >= $1 OR leaf_index < 0
+                      ORDER BY leaf_index LIMIT 10000"
+                ),
+                &[&e],
+            )
+            .await?;
+        for r in &extra {
+            report.findings.push(row_finding(
+                FindingKind::Inserted,
+                r,
+                "claims a leaf beyond the last signed checkpoint".into(),
+            ));
+        }
+        let beyond: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM seal_ledger WHERE leaf_index >= $1",
+                &[&e],
+            )
+            .await?
+            .get(0);
+        if beyond > 0 {
+            report.checkpoint(
+                snapshots.last().map_or(0, |s| s.id),
+                format!("seal ledger holds {beyond} entries beyond the last signed checkpoint"),
+            );
+        }
+    } else if let Some(&pos) = scope.first() {
+        let id = snapshots[pos].id;
+        let extra = tx
+            .query(
+                &format!(
+                    "SELECT {ROW_COLUMNS} FROM audit_log
+                      WHERE snapshot_id = $1 AND (leaf_index < $2 OR leaf_index >= $3) LIMIT 10000"
+                ),
+                &[&id, &s, &e],
+            )
+            .await?;
+        for r in &extra {
+            report.findings.push(row_finding(
+                FindingKind::Inserted,
+                r,
+                format!("claims snapshot {id} but a leaf outside it"),
+            ));
+        }
+    }
+
+    // 4. Unsealed rows inside a sealed range: either inserted after sealing
+    //    or a late arrival the next snapshot has not sealed yet. Either way
+    //    the signed log does not vouch for them, so they are reported.
+    let mut ranges: Vec<(Option<DateTime<Utc>>, DateTime<Utc>)> = scope
+        .iter()
+        .map(|&i| (snapshots[i].range_from, snapshots[i].range_to))
+        .collect();
+    ranges.sort_by_key(|(f, _)| *f);
+    let mut merged: Vec<(Option<DateTime<Utc>>, DateTime<Utc>)> = Vec::new();
+    for (f, t) in ranges {
+        match merged.last_mut() {
+            Some((_, lt)) if f.is_none_or(|f| f <= *lt) => *lt = (*lt).max(t),
+            _ => merged.push((f, t)),
+        }
+    }
+    for (f, t) in merged {
+        let unsealed = tx
+            .query(
+                &format!(
+                    "SELECT {ROW_COLUMNS} FROM audit_log
+                      WHERE snapshot_id IS NULL AND ($1::timestamptz IS NULL OR event_time >= $1)
+                        AND event_time < $2
+                      ORDER BY event_time, id LIMIT 10000"
+                ),
+                &[&f, &t],
+            )
+            .await?;
+        for r in &unsealed {
+            report.findings.push(row_finding(
+                FindingKind::Inserted,
+                r,
+                "unsealed row inside a sealed range: inserted after sealing, or a late arrival \
+                 that the next snapshot will seal"
+                    .into(),
+            ));
+        }
+    }
+    tx.commit().await?;
+    Ok(report)
+}
+
+/// An inclusion proof as `prove` prints it; everything an auditor needs
+/// with the verifier key (see README, "Verifying a proof offline").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InclusionProof {
+    pub format: String,
+    /// The event's idempotency key (its eventId when it had one).
+    pub event: String,
+    pub row_id: i64,
+    pub event_time: DateTime<Utc>,
+    /// The event's canonical hash v1 (hex): the Merkle leaf data.
+    pub event_hash: String,
+    pub leaf_index: u64,
+    /// The tree size of the checkpoint; it must equal the size in the note.
+    pub tree_size: u64,
+    /// Audit path, hex, from the leaf's sibling up (RFC 6962 / RFC 9162).
+    pub inclusion_proof: Vec<String>,
+    /// The signed checkpoint note.
+    pub checkpoint: String,
+    pub key_name: String,
+    /// The snapshot that sealed the event, and the one whose checkpoint is used.
+    pub sealed_by_snapshot: i64,
+    pub checkpoint_snapshot: i64,
+}
+
+/// Builds the inclusion proof of `event` (an idempotency key / eventId)
+/// against the latest checkpoint, streaming the ledger once.
+pub async fn prove(
+    client: &mut tokio_postgres::Client,
+    event: &str,
+    page: i32,
+) -> Result<InclusionProof, SnapshotError> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let found = tx
+        .query(
+            "SELECT id, event_time, hash, leaf_index, snapshot_id, snapshot_id IS NOT NULL
+               FROM audit_log WHERE idempotency_key = $1 ORDER BY event_time LIMIT 10",
+            &[&event],
+        )
+        .await?;
+    let sealed: Vec<&Row> = found.iter().filter(|r| r.get::<_, bool>(5)).collect();
+    let r = match (found.len(), sealed.len()) {
+        (0, _) => {
+            return Err(SnapshotError::BadRequest(format!(
+                "no stored event has eventId / idempotency key {event:?}"
+            )))
+        }
+        (_, 0) => {
+            return Err(SnapshotError::BadRequest(format!(
+                "event {event:?} is not sealed yet: wait for the next snapshot or run `audit-worker snapshot`"
+            )))
+        }
+        (_, 1) => sealed[0],
+        _ => {
+            return Err(SnapshotError::BadRequest(format!(
+                "several sealed events share the key {event:?}; they differ by timestamp"
+            )))
+        }
+    };
+    let leaf_index = r.get::<_, i64>(3) as u64;
+    let latest = tx
+        .query_one(
+            "SELECT s.id, s.tree_size, s.checkpoint_note, s.key_name
+               FROM snapshot_log_head h JOIN snapshots s ON s.id = h.snapshot_id",
+            &[],
+        )
+        .await?;
+    let size = latest.get::<_, i64>(1) as u64;
+    let ranges = merkle::inclusion_proof_ranges(leaf_index, size)
+        .map_err(|e| SnapshotError::Integrity(e.to_string()))?;
+    let mut hasher = RangeHasher::new(ranges);
+    {
+        let begin = hasher.start().unwrap_or(0) as i64;
+        let mut leaves = PagedRows::open(
+            &tx,
+            "SELECT leaf_index, leaf FROM seal_ledger WHERE leaf_index >= $1 AND leaf_index < $2
+              ORDER BY leaf_index",
+            &[&begin, &(size as i64)],
+            page,
+        )
+        .await?;
+        while let Some(row) = leaves.next().await? {
+            let i: i64 = row.get(0);
+            let leaf = hash_from_bytes(row.get::<_, &[u8]>(1)).ok_or_else(|| {
+                SnapshotError::Integrity(format!("ledger leaf {i} is not 32 bytes"))
+            })?;
+            hasher.feed(i as u64, &merkle::leaf_hash(&leaf));
+        }
+    }
+    let nodes = hasher.finish().ok_or_else(|| {
+        SnapshotError::Integrity(
+            "the seal ledger is missing leaves: run `audit-worker verify`".into(),
+        )
+    })?;
+    let proof = InclusionProof {
+        format: "audit-worker.inclusion-proof.v1".into(),
+        event: event.to_owned(),
+        row_id: r.get(0),
+        event_time: r.get(1),
+        event_hash: r.get(2),
+        leaf_index,
+        tree_size: size,
+        inclusion_proof: nodes.iter().map(hex::encode).collect(),
+        checkpoint: latest.get(2),
+        key_name: latest.get(3),
+        sealed_by_snapshot: r.get(4),
+        checkpoint_snapshot: latest.get(0),
+    };
+    tx.commit().await?;
+    Ok(proof)
+}
+
+/// Checks a proof offline with only the verifier key: the note's
+/// signature, then the inclusion of the event hash under the signed root
+/// at the signed size. Returns the checkpoint on success.
+pub fn verify_proof(proof: &InclusionProof, verifier: &NoteVerifier) -> Result<Checkpoint, String> {
+    let cp = open_note(&proof.checkpoint, verifier).map_err(|e| {
+        format!(
+            "checkpoint does not verify with key {}: {e}",
+            verifier.name()
+        )
+    })?;
+    if cp.size() != proof.tree_size {
+        return Err(format!(
+            "proof claims tree size {} but the signed checkpoint says {}",
+            proof.tree_size,
+            cp.size()
+        ));
+    }
+    let leaf: Hash = hex::decode(&proof.event_hash)
+        .ok()
+        .and_then(|b| hash_from_bytes(&b))
+        .ok_or("eventHash must be 64 hex digits")?;
+    let nodes: Vec<Hash> = proof
+        .inclusion_proof
+        .iter()
+        .map(|h| hex::decode(h).ok().and_then(|b| hash_from_bytes(&b)))
+        .collect::<Option<_>>()
+        .ok_or("inclusionProof entries must be 64 hex digits")?;
+    merkle::verify_inclusion(
+        &merkle::leaf_hash(&leaf),
+        proof.leaf_index,
+        cp.size(),
+        &nodes,
+        cp.root(),
+    )
+    .map_err(|e| format!("inclusion proof does not verify: {e}"))?;
+    Ok(cp)
+}
