@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 command -v cargo >/dev/null 2>&1 || { echo "test: cargo not found: install the Rust toolchain (rustup) first" >&2; exit 1; }
 scripts/services.sh
 if [ -f tests/bullmq/package.json ]; then
-  command -v npm >/dev/null 2>&1 || { echo "test: npm not found: apt-get install nodejs npm" >&2; exit 1; }
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "test: installing nodejs and npm (BullMQ compatibility tests)" >&2
+    if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
+    $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+  fi
   (cd tests/bullmq && npm ci --no-audit --no-fund --loglevel=error)
 fi
 cargo test --locked --all-targets "$@"
