@@ -42,7 +42,7 @@ else
   cargo build --locked --bin audit-worker
   BIN=target/debug/audit-worker
 fi
-[ -d tests/bullmq/node_modules ] || (cd tests/bullmq && npm ci --no-audit --no-fund --loglevel=error)
+[ -d tests/bullmq/node_modules ] || (cd tests/bullmq && npm install --no-audit --no-fund --omit-lockfile-registry-resolved --loglevel=error)
 psql -qX "${DB_URL%/*}/postgres" -c "CREATE DATABASE \"${DB_URL##*/}\"" >/dev/null 2>&1 || true
 
 echo "pre-adding $COUNT jobs to each of two queues..." >&2

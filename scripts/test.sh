@@ -12,7 +12,10 @@ if [ -f tests/bullmq/package.json ]; then
     if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
     $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
   fi
-  (cd tests/bullmq && npm ci --no-audit --no-fund --loglevel=error)
+  # `npm install` with the committed lock file (exact versions): `npm ci`
+  # refuses this lock under npm 11 because of msgpackr's optional
+  # per-platform packages, which the lock leaves out.
+  (cd tests/bullmq && npm install --no-audit --no-fund --omit-lockfile-registry-resolved --loglevel=error)
 fi
 cargo test --locked --all-targets "$@"
 # Short bounded fuzz run (FUZZ_SECONDS per target, default 10); a machine
