@@ -72,6 +72,8 @@ pub struct Config {
     pub http: HttpConfig,
     pub storage: StorageConfig,
     pub log: LogConfig,
+    pub telemetry: crate::telemetry::TelemetryConfig,
+    pub alerts: crate::alerts::AlertsConfig,
 }
 
 /// `[redis]`: where Redis is.
@@ -121,6 +123,7 @@ pub struct DatabaseConfig {
     pub connect_timeout_secs: u64,
     pub migrate_on_start: bool,
     pub partitions_ahead_months: u32,
+    pub partition_upkeep_interval_secs: u64,
 }
 
 /// `[sink]`: batching and retries of database writes.
@@ -325,6 +328,11 @@ impl Config {
         if !["auto", "json", "text"].contains(&self.log.format.as_str()) {
             return err("log.format", "must be auto, json or text");
         }
+        if self.database.partition_upkeep_interval_secs == 0 {
+            return err("database.partition_upkeep_interval_secs", "must be at least 1");
+        }
+        self.telemetry.validate().map_err(ConfigError)?;
+        self.alerts.validate().map_err(ConfigError)?;
         let keys = self.hmac_keys()?;
         if self.validation.require_signature && keys.is_empty() {
             return err(

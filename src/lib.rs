@@ -2,6 +2,7 @@
 //! validates them, verifies their integrity and stores them in PostgreSQL
 //! exactly once. See DESIGN.md for the architecture and wire contracts.
 
+pub mod alerts;
 pub mod app;
 pub mod config;
 pub mod db;
@@ -10,9 +11,11 @@ pub mod event;
 pub mod http;
 pub mod integrity;
 pub mod jobs;
+pub mod lease;
 pub mod processor;
 pub mod retry;
 pub mod sink;
 pub mod source;
 pub mod storage;
 pub mod telemetry;
+pub mod tracing_ctx;

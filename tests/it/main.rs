@@ -2,5 +2,6 @@
 
 mod common;
 mod faults;
+mod ops;
 mod process;
 mod stream_ingest;
