@@ -24,6 +24,18 @@ use crate::event::RejectReason;
 /// expect.
 pub const JOB_KINDS: [&str; 2] = ["export", "snapshot"];
 
+/// Redis operations counted in `audit_worker_redis_errors_total`
+/// (pre-registered at 0; other sources may add their own).
+pub const REDIS_OPERATIONS: [&str; 7] = [
+    "connect",
+    "xgroup_create",
+    "xreadgroup",
+    "xautoclaim",
+    "xpending",
+    "xack",
+    "xadd_alert",
+];
+
 /// Job statuses (label `status` of `audit_worker_jobs_total`): `accepted`
 /// and `rejected` are counted by the sources when a request is handed to
 /// its kind's handler; `completed` and `failed` by the kind's executor.
@@ -273,6 +285,18 @@ impl Metrics {
             job_rows.with_label_values(&[kind]);
             job_bytes.with_label_values(&[kind]);
             job_duration.with_label_values(&[kind]);
+        }
+        // Known label values start at 0, so rate() and absent-series alerts
+        // work from the first scrape.
+        for state in [
+            crate::sink::BreakerState::Closed,
+            crate::sink::BreakerState::Open,
+            crate::sink::BreakerState::HalfOpen,
+        ] {
+            breaker_transitions.with_label_values(&[state.as_str()]);
+        }
+        for op in REDIS_OPERATIONS {
+            redis_errors.with_label_values(&[op]);
         }
         for reason in ["queue_full", "tracking_full", "publish_failed"] {
             alert_events_dropped.with_label_values(&[reason]);
