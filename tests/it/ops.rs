@@ -546,3 +546,30 @@ fn deploy_files_use_only_documented_metric_names() {
     }
     assert!(checked > 10);
 }
+
+/// The ConfigMap's config file is one the worker accepts.
+#[test]
+fn the_kubernetes_configmap_holds_a_valid_worker_config() {
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/k8s/configmap.yaml"
+    ))
+    .unwrap();
+    let body: String = yaml
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("config.toml: |"))
+        .skip(1)
+        .map(|l| l.strip_prefix("    ").unwrap_or(l.trim()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(body.contains("[alerts]"), "{body}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, body).unwrap();
+    let config = audit_worker::config::Config::load_from(
+        Some(&path),
+        figment::providers::Env::prefixed("AUDIT_WORKER_IT_UNSET__"),
+    )
+    .expect("the ConfigMap's config.toml loads and validates");
+    assert_eq!(config.alerts.rules.len(), 2);
+}
