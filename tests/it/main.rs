@@ -4,4 +4,5 @@ mod common;
 mod faults;
 mod ops;
 mod process;
+mod scale;
 mod stream_ingest;
