@@ -140,7 +140,9 @@ impl AlertsConfig {
                         "alerts.rules {name}: threshold and window_secs must be at least 1"
                     ))
                 }
-                RuleConfig::ClassifiedAccess { classification, .. } if classification.is_empty() => {
+                RuleConfig::ClassifiedAccess { classification, .. }
+                    if classification.is_empty() =>
+                {
                     return Err(format!(
                         "alerts.rules {name}: classification must not be empty"
                     ))
@@ -355,8 +357,7 @@ impl Detector {
                     {
                         continue;
                     }
-                    if !last_alert.contains_key(principal) && last_alert.len() >= self.max_tracked
-                    {
+                    if !last_alert.contains_key(principal) && last_alert.len() >= self.max_tracked {
                         last_alert.retain(|_, t| now_ms - *t < *cooldown_ms);
                         if last_alert.len() >= self.max_tracked {
                             self.untracked += 1;
@@ -537,7 +538,10 @@ async fn publish(
                 return;
             }
             Err(e) => {
-                metrics.redis_errors.with_label_values(&["xadd_alert"]).inc();
+                metrics
+                    .redis_errors
+                    .with_label_values(&["xadd_alert"])
+                    .inc();
                 tracing::warn!(error = %e, attempt, "publishing security alerts failed");
                 tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
             }
@@ -625,10 +629,16 @@ mod tests {
     fn classified_access_outside_the_allowed_list_fires_with_cooldown() {
         let mut d = Detector::new(&[phi(&["dr-house"])], 100);
         assert!(d
-            .observe(&input("dr-house", "success", Some("PHI"), "patient.read"), 0)
+            .observe(
+                &input("dr-house", "success", Some("PHI"), "patient.read"),
+                0
+            )
             .is_empty());
         assert!(d
-            .observe(&input("eve", "success", Some("INTERNAL"), "patient.read"), 0)
+            .observe(
+                &input("eve", "success", Some("INTERNAL"), "patient.read"),
+                0
+            )
             .is_empty());
         assert!(d
             .observe(&input("eve", "success", Some("PHI"), "patient.update"), 0)
@@ -637,16 +647,26 @@ mod tests {
         assert_eq!(a.len(), 1);
         assert_eq!(a[0].kind, "classified_access");
         assert!(d
-            .observe(&input("eve", "success", Some("PHI"), "patient.read"), 59_000)
+            .observe(
+                &input("eve", "success", Some("PHI"), "patient.read"),
+                59_000
+            )
             .is_empty());
         assert_eq!(
-            d.observe(&input("eve", "success", Some("PHI"), "patient.read"), 61_000)
-                .len(),
+            d.observe(
+                &input("eve", "success", Some("PHI"), "patient.read"),
+                61_000
+            )
+            .len(),
             1
         );
         let mut anon = input("x", "success", Some("PHI"), "patient.read");
         anon.principal_id = None;
-        assert_eq!(d.observe(&anon, 0).len(), 1, "no principal is never allowed");
+        assert_eq!(
+            d.observe(&anon, 0).len(),
+            1,
+            "no principal is never allowed"
+        );
     }
 
     #[test]

@@ -329,7 +329,10 @@ impl Config {
             return err("log.format", "must be auto, json or text");
         }
         if self.database.partition_upkeep_interval_secs == 0 {
-            return err("database.partition_upkeep_interval_secs", "must be at least 1");
+            return err(
+                "database.partition_upkeep_interval_secs",
+                "must be at least 1",
+            );
         }
         self.telemetry.validate().map_err(ConfigError)?;
         self.alerts.validate().map_err(ConfigError)?;

@@ -159,21 +159,34 @@ async fn metrics_parse_and_contain_every_documented_metric_after_a_run() {
         .iter()
         .filter(|m| !present.contains(m.as_str()))
         .collect();
-    assert!(missing.is_empty(), "documented but not exported: {missing:?}\n{text}");
+    assert!(
+        missing.is_empty(),
+        "documented but not exported: {missing:?}\n{text}"
+    );
     let undocumented: Vec<_> = present
         .iter()
         .filter(|m| !documented.contains(**m))
         .collect();
-    assert!(undocumented.is_empty(), "exported but not documented: {undocumented:?}");
+    assert!(
+        undocumented.is_empty(),
+        "exported but not documented: {undocumented:?}"
+    );
     for (name, help) in &scrape.docs {
         assert!(!help.is_empty(), "{name} has HELP text");
     }
 
     // The values reflect the run.
     let inserted = [("source", "stream"), ("outcome", "inserted")];
-    assert_eq!(sample_sum(&scrape, "audit_worker_events_total", &inserted), n as f64);
     assert_eq!(
-        sample_sum(&scrape, "audit_worker_dead_letters_total", &[("reason", "invalid_json")]),
+        sample_sum(&scrape, "audit_worker_events_total", &inserted),
+        n as f64
+    );
+    assert_eq!(
+        sample_sum(
+            &scrape,
+            "audit_worker_dead_letters_total",
+            &[("reason", "invalid_json")]
+        ),
         1.0
     );
     assert_eq!(
@@ -187,8 +200,11 @@ async fn metrics_parse_and_contain_every_documented_metric_after_a_run() {
     );
     assert!(sample_sum(&scrape, "audit_worker_batch_size", &[]) >= 1.0);
     assert!(
-        sample_sum(&scrape, "audit_worker_security_alerts_total", &[("rule", "failure_burst")])
-            == 0.0,
+        sample_sum(
+            &scrape,
+            "audit_worker_security_alerts_total",
+            &[("rule", "failure_burst")]
+        ) == 0.0,
         "normal traffic raises no alerts"
     );
 
@@ -231,7 +247,13 @@ async fn alert_rules_fire_on_a_crafted_burst_and_not_on_normal_traffic() {
     let evaluated = || async {
         scrape(port)
             .await
-            .map(|t| sample_sum(&parse_metrics(&t), "audit_worker_alert_events_evaluated_total", &[]))
+            .map(|t| {
+                sample_sum(
+                    &parse_metrics(&t),
+                    "audit_worker_alert_events_evaluated_total",
+                    &[],
+                )
+            })
             .unwrap_or(0.0)
     };
     let alerts = || async {
@@ -249,12 +271,7 @@ async fn alert_rules_fire_on_a_crafted_burst_and_not_on_normal_traffic() {
                 e.fields
                     .unwrap_or_default()
                     .into_iter()
-                    .map(|(k, v)| {
-                        (
-                            String::from_utf8(k).unwrap(),
-                            String::from_utf8(v).unwrap(),
-                        )
-                    })
+                    .map(|(k, v)| (String::from_utf8(k).unwrap(), String::from_utf8(v).unwrap()))
                     .collect::<HashMap<String, String>>()
             })
             .collect::<Vec<_>>()
@@ -269,11 +286,17 @@ async fn alert_rules_fire_on_a_crafted_burst_and_not_on_normal_traffic() {
     })
     .await;
     // Every stored PHI event was offered; wait until all were evaluated.
-    wait_until(Duration::from_secs(30), "normal traffic evaluated", || async {
-        evaluated().await == 3000.0
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "normal traffic evaluated",
+        || async { evaluated().await == 3000.0 },
+    )
     .await;
-    assert!(alerts().await.is_empty(), "normal traffic raised alerts: {:?}", alerts().await);
+    assert!(
+        alerts().await.is_empty(),
+        "normal traffic raised alerts: {:?}",
+        alerts().await
+    );
 
     // The burst: 25 failures by one principal, and one PHI read by a
     // principal outside the allowed list.
@@ -296,7 +319,10 @@ async fn alert_rules_fire_on_a_crafted_burst_and_not_on_normal_traffic() {
     .await;
     let raised = alerts().await;
     assert_eq!(raised.len(), 2, "{raised:?}");
-    let burst_alert = raised.iter().find(|a| a["rule"] == "failure_burst").unwrap();
+    let burst_alert = raised
+        .iter()
+        .find(|a| a["rule"] == "failure_burst")
+        .unwrap();
     assert_eq!(burst_alert["principal_id"], "mallory");
     assert_eq!(burst_alert["count"], "21");
     assert_eq!(burst_alert["kind"], "failure_burst");
@@ -308,7 +334,11 @@ async fn alert_rules_fire_on_a_crafted_burst_and_not_on_normal_traffic() {
     assert_eq!(phi["event_id"], "snoop-1");
     let s = parse_metrics(&scrape(port).await.unwrap());
     assert_eq!(
-        sample_sum(&s, "audit_worker_security_alerts_total", &[("rule", "failure_burst")]),
+        sample_sum(
+            &s,
+            "audit_worker_security_alerts_total",
+            &[("rule", "failure_burst")]
+        ),
         1.0
     );
     assert_eq!(
@@ -319,7 +349,10 @@ async fn alert_rules_fire_on_a_crafted_burst_and_not_on_normal_traffic() {
         ),
         1.0
     );
-    assert_eq!(sample_sum(&s, "audit_worker_alert_events_dropped_total", &[]), 0.0);
+    assert_eq!(
+        sample_sum(&s, "audit_worker_alert_events_dropped_total", &[]),
+        0.0
+    );
 
     worker.stop().await;
     let mut conn = env.redis_conn().await;
@@ -423,13 +456,19 @@ async fn a_traceparent_sent_with_an_event_is_the_parent_of_the_workers_store_spa
             .find(|s| hex::encode(&s.trace_id) == trace_id && s.name == "audit.event.store")
             .cloned()
     };
-    wait_until(Duration::from_secs(30), "the store span exported", || async {
-        store_span().is_some()
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the store span exported",
+        || async { store_span().is_some() },
+    )
     .await;
     terminate(&mut child);
     let span = store_span().unwrap();
-    assert_eq!(hex::encode(&span.parent_span_id), parent_span, "parent is the producer's span");
+    assert_eq!(
+        hex::encode(&span.parent_span_id),
+        parent_span,
+        "parent is the producer's span"
+    );
     let attrs: HashMap<String, String> = span
         .attributes
         .iter()
@@ -448,8 +487,9 @@ async fn a_traceparent_sent_with_an_event_is_the_parent_of_the_workers_store_spa
     // is exported as well.
     let spans = receiver.spans.lock().unwrap().clone();
     assert!(
-        spans.iter().any(|s| s.name == "audit.batch"
-            && span.links.iter().any(|l| l.span_id == s.span_id)),
+        spans
+            .iter()
+            .any(|s| s.name == "audit.batch" && span.links.iter().any(|l| l.span_id == s.span_id)),
         "{:?}",
         span.links
     );
@@ -460,7 +500,19 @@ async fn a_traceparent_sent_with_an_event_is_the_parent_of_the_workers_store_spa
         .filter(|s| s.name == "audit.event.store")
         .map(|s| (hex::encode(&s.trace_id), hex::encode(&s.span_id)))
         .collect();
-    assert_eq!(stores.len(), 1, "ours {trace_id}: {stores:?} {:?}", spans.iter().map(|s| (&s.name, hex::encode(&s.trace_id), hex::encode(&s.parent_span_id))).collect::<Vec<_>>());
+    assert_eq!(
+        stores.len(),
+        1,
+        "ours {trace_id}: {stores:?} {:?}",
+        spans
+            .iter()
+            .map(|s| (
+                &s.name,
+                hex::encode(&s.trace_id),
+                hex::encode(&s.parent_span_id)
+            ))
+            .collect::<Vec<_>>()
+    );
     env.cleanup().await;
 }
 
@@ -488,10 +540,7 @@ async fn the_advisory_lease_lets_one_replica_run_periodic_work_at_a_time() {
     };
     entered_rx.await.unwrap();
     // A second replica (another pooled connection) skips while it is held...
-    let second = run_exclusive(&pool, &env.schema, "upkeep", |_c| {
-        Box::pin(async { Ok(2) })
-    })
-    .await;
+    let second = run_exclusive(&pool, &env.schema, "upkeep", |_c| Box::pin(async { Ok(2) })).await;
     assert_eq!(second, Ok(Exclusive::Skipped));
     // ...another task name or another schema is independent...
     let other = run_exclusive(&pool, &env.schema, "export_sweep", |_c| {
@@ -502,10 +551,7 @@ async fn the_advisory_lease_lets_one_replica_run_periodic_work_at_a_time() {
     release_tx.send(()).unwrap();
     assert_eq!(holder.await.unwrap(), Ok(Exclusive::Ran(1)));
     // ...and once released, the next one runs.
-    let third = run_exclusive(&pool, &env.schema, "upkeep", |_c| {
-        Box::pin(async { Ok(4) })
-    })
-    .await;
+    let third = run_exclusive(&pool, &env.schema, "upkeep", |_c| Box::pin(async { Ok(4) })).await;
     assert_eq!(third, Ok(Exclusive::Ran(4)));
     drop(pool);
     env.cleanup().await;
@@ -540,7 +586,10 @@ fn deploy_files_use_only_documented_metric_names() {
                 .find_map(|s| name.strip_suffix(s))
                 .filter(|b| documented.contains(*b))
                 .unwrap_or(&name);
-            assert!(documented.contains(base), "{file} uses unknown metric {name}");
+            assert!(
+                documented.contains(base),
+                "{file} uses unknown metric {name}"
+            );
             checked += 1;
         }
     }

@@ -73,15 +73,20 @@ async fn three_workers_share_one_stream_and_a_sigkill_loses_and_duplicates_nothi
     };
 
     // Mid-way, kill one replica without warning, after checking it did work.
-    wait_until(Duration::from_secs(300), "a third of the events stored", || async {
-        env.row_count().await >= (total / 3) as i64
-    })
+    wait_until(
+        Duration::from_secs(300),
+        "a third of the events stored",
+        || async { env.row_count().await >= (total / 3) as i64 },
+    )
     .await;
     let (victim, victim_port, mut child) = workers.remove(1);
     let victim_inserted = inserted_by(victim_port).await.expect("victim's /metrics");
     child.kill().expect("SIGKILL");
     child.wait().unwrap();
-    assert!(victim_inserted > 0.0, "{victim} stored nothing before it died");
+    assert!(
+        victim_inserted > 0.0,
+        "{victim} stored nothing before it died"
+    );
 
     producer.await.unwrap();
     wait_until(
