@@ -10,6 +10,9 @@
 //!   raising SQLSTATE 25006) while the stream fills and the breaker opens;
 //!   then it accepts them again: time from that moment to the backlog
 //!   drained, and the throughput of the drain.
+//!
+//! `BENCH_WORKERS` sets the number of worker processes sharing the stream
+//! in the ingest mode (1).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -92,31 +95,44 @@ async fn main() {
     // The worker, as a separate release process.
     let bin =
         std::env::var("AUDIT_WORKER_BIN").unwrap_or_else(|_| "target/release/audit-worker".into());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // BENCH_WORKERS worker processes share the stream in one consumer group.
+    let workers: usize = std::env::var("BENCH_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
     let started = Instant::now();
-    let mut child = Command::new(&bin)
-        .arg("run")
-        .env("AUDIT_WORKER__DATABASE__URL", DB)
-        .env("AUDIT_WORKER__DATABASE__SCHEMA", &schema_worker)
-        .env("AUDIT_WORKER__STREAM__KEY", &stream)
-        .env("AUDIT_WORKER__STREAM__GROUP", format!("{tag}-group"))
-        .env("AUDIT_WORKER__DLQ__KEY", format!("bench:{tag}:dlq"))
-        .env("AUDIT_WORKER__HTTP__LISTEN", format!("127.0.0.1:{port}"))
-        .env("AUDIT_WORKER__LOG__LEVEL", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot start {bin} ({e}): build it with cargo build --release")
-        });
+    let mut children: Vec<std::process::Child> = (0..workers)
+        .map(|w| {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            Command::new(&bin)
+                .arg("run")
+                .env("AUDIT_WORKER__DATABASE__URL", DB)
+                .env("AUDIT_WORKER__DATABASE__SCHEMA", &schema_worker)
+                .env("AUDIT_WORKER__STREAM__KEY", &stream)
+                .env("AUDIT_WORKER__STREAM__GROUP", format!("{tag}-group"))
+                .env("AUDIT_WORKER__STREAM__CONSUMER", format!("{tag}-{w}"))
+                .env("AUDIT_WORKER__DLQ__KEY", format!("bench:{tag}:dlq"))
+                .env("AUDIT_WORKER__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+                .env("AUDIT_WORKER__LOG__LEVEL", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot start {bin} ({e}): build it with cargo build --release")
+                })
+        })
+        .collect();
     let mut first_row: Option<Instant> = None;
     let mut peak_kib = 0;
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        peak_kib = peak_kib.max(vm_hwm_kib(child.id()).unwrap_or(0));
+        for child in &children {
+            peak_kib = peak_kib.max(vm_hwm_kib(child.id()).unwrap_or(0));
+        }
         let count: i64 = match pg
             .query_one(
                 &format!("SELECT count(*) FROM \"{schema_worker}\".audit_log"),
@@ -140,12 +156,14 @@ async fn main() {
     }
     let total = started.elapsed();
     let steady = first_row.map(|t| t.elapsed()).unwrap_or(total);
-    peak_kib = peak_kib.max(vm_hwm_kib(child.id()).unwrap_or(0));
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let _ = child.wait();
+    for child in &mut children {
+        peak_kib = peak_kib.max(vm_hwm_kib(child.id()).unwrap_or(0));
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let _ = child.wait();
+    }
 
     // The same rows by plain binary COPY into an identical, empty table.
     let cols = "event_time, timestamp_raw, idempotency_key, event_id, action, status, principal_id, organization_id, target_resource_type, target_resource_id, outcome_description, hash, hash_provided, signature, signature_algorithm, signature_key_id, event_version, correlation_id, data_classification, retention_policy, session_context, details, source";
@@ -187,7 +205,7 @@ async fn main() {
     let worker_rate = n as f64 / total.as_secs_f64();
     let steady_rate = n as f64 / steady.as_secs_f64();
     let copy_rate = copied as f64 / copy_time.as_secs_f64();
-    println!("events: {n}");
+    println!("events: {n}, worker processes: {workers}");
     println!("worker: {:.2} s from start to last row = {:.0} events/s (first row to last: {:.2} s = {:.0} events/s)", total.as_secs_f64(), worker_rate, steady.as_secs_f64(), steady_rate);
     println!(
         "binary COPY of the same rows: {:.2} s = {:.0} rows/s",
@@ -199,7 +217,10 @@ async fn main() {
         worker_rate / copy_rate,
         steady_rate / copy_rate
     );
-    println!("worker peak RSS: {:.1} MiB", peak_kib as f64 / 1024.0);
+    println!(
+        "worker peak RSS (largest process): {:.1} MiB",
+        peak_kib as f64 / 1024.0
+    );
 
     let _ = pg
         .batch_execute(&format!(

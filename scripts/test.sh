@@ -6,6 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null 2>&1 || { echo "test: cargo not found: install the Rust toolchain (rustup) first" >&2; exit 1; }
 scripts/services.sh
+# promtool (tests check /metrics and the alert rules with it) and PyYAML
+# (deploy file check).
+if ! command -v promtool >/dev/null 2>&1 || ! python3 -c 'import yaml' 2>/dev/null; then
+  as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus python3-yaml >/dev/null
+fi
+scripts/check-deploy.sh
 if [ -f tests/bullmq/package.json ]; then
   if ! command -v npm >/dev/null 2>&1; then
     echo "test: installing nodejs and npm (BullMQ compatibility tests)" >&2

@@ -48,7 +48,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let upkeep = tokio::spawn(partition_upkeep(
         pool.clone(),
         partitions.clone(),
-        config.database.partitions_ahead_months,
+        config.database.clone(),
+        metrics.clone(),
         shutdown.clone(),
     ));
 
@@ -88,8 +89,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let dlq_watch = tokio::spawn(watch_dead_letters(
         commands.clone(),
         queue,
+        QueueGauges {
+            metrics: metrics.clone(),
+            interval: Duration::from_secs(config.telemetry.queue_stats_interval_secs),
+            delete_acked: config.stream.delete_acked,
+        },
         shutdown.clone(),
     ));
+    // Security alert rules, evaluated off the ingestion path.
+    let (alerts, alert_task) =
+        crate::alerts::spawn(&config.alerts, commands.clone(), metrics.clone());
 
     // Job kinds register their handlers here (export, snapshot).
     let mut job_handlers = JobHandlers {
@@ -109,6 +118,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         sink: sink.handle(),
         jobs: job_handlers.clone(),
         metrics: metrics.clone(),
+        alerts,
         shutdown: shutdown.clone(),
     };
 
@@ -136,6 +146,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     for task in export_tasks {
         let _ = task.await;
     }
+    if let Some(task) = alert_task {
+        // Every tap went with the sources: the evaluator drains and ends.
+        let _ = task.await;
+    }
     let _ = upkeep.await;
     let _ = dlq_watch.await;
     if let Some(task) = snapshot_task {
@@ -147,22 +161,46 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-/// Logs a warning when dead letters reach the alert threshold within the
-/// window (once per crossing, not on every check), so a flood of rejected
-/// events is noticed even without dashboards.
+/// Where the periodic queue statistics go.
+struct QueueGauges {
+    metrics: Metrics,
+    interval: Duration,
+    /// With `stream.delete_acked` the stream holds only undelivered and
+    /// pending entries, so lag = length - pending when Redis cannot report
+    /// it (XINFO `lag` is nil once entries were deleted).
+    delete_acked: bool,
+}
+
+/// Every `telemetry.queue_stats_interval_secs`: updates the queue lag and
+/// pending gauges, and logs a warning when dead letters reach the alert
+/// threshold within the window (once per crossing, not on every check), so
+/// a flood of rejected events is noticed even without dashboards.
 async fn watch_dead_letters(
     redis: redis::aio::ConnectionManager,
     queue: QueueInfo,
+    gauges: QueueGauges,
     shutdown: CancellationToken,
 ) {
     let mut alerting = false;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
-            _ = shutdown.cancelled() => return,
-        }
         let mut conn = redis.clone();
         if let Ok(stats) = http::queue_stats(&mut conn, &queue).await {
+            let labels = ["stream", queue.stream_key.as_str()];
+            let lag = stats.lag.or(gauges
+                .delete_acked
+                .then(|| stats.stream_length.saturating_sub(stats.pending)));
+            gauges
+                .metrics
+                .queue_pending
+                .with_label_values(&labels)
+                .set(stats.pending as i64);
+            if let Some(lag) = lag {
+                gauges
+                    .metrics
+                    .queue_lag
+                    .with_label_values(&labels)
+                    .set(lag as i64);
+            }
             let over = stats.recent_dead_letters >= queue.alert_threshold;
             if over && !alerting {
                 tracing::warn!(
@@ -175,6 +213,10 @@ async fn watch_dead_letters(
                 tracing::info!("dead letters back under the alert threshold");
             }
             alerting = over;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(gauges.interval) => {}
+            _ = shutdown.cancelled() => return,
         }
     }
 }
@@ -203,29 +245,47 @@ fn snapshot_executor(
     ))))
 }
 
-/// Creates next months' partitions once an hour.
+/// Creates next months' partitions every `partition_upkeep_interval_secs`,
+/// on one replica at a time (see [`crate::lease`]).
 async fn partition_upkeep(
     pool: deadpool_postgres::Pool,
     partitions: Arc<Partitions>,
-    ahead: u32,
+    database: crate::config::DatabaseConfig,
+    metrics: Metrics,
     shutdown: CancellationToken,
 ) {
+    const TASK: &str = "partition_upkeep";
+    let ahead = database.partitions_ahead_months;
+    for result in ["ran", "skipped", "failed"] {
+        metrics.periodic_runs.with_label_values(&[TASK, result]);
+    }
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = tokio::time::sleep(Duration::from_secs(database.partition_upkeep_interval_secs)) => {}
             _ = shutdown.cancelled() => return,
         }
-        let result = async {
-            let client = pool.get().await.map_err(|e| db::pool_error_cause(&e))?;
-            partitions
-                .ensure_ahead(&client, ahead)
-                .await
-                .map_err(|e| db::root_cause(&e))
-        }
+        let partitions = partitions.clone();
+        let result = crate::lease::run_exclusive(&pool, &database.schema, TASK, |client| {
+            Box::pin(async move {
+                partitions
+                    .ensure_ahead(client, ahead)
+                    .await
+                    .map_err(|e| db::root_cause(&e))
+            })
+        })
         .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "partition upkeep failed; will retry in an hour");
-        }
+        let outcome = match result {
+            Ok(crate::lease::Exclusive::Ran(())) => "ran",
+            Ok(crate::lease::Exclusive::Skipped) => "skipped",
+            Err(e) => {
+                tracing::warn!(error = %e, "partition upkeep failed; will retry at the next interval");
+                "failed"
+            }
+        };
+        metrics
+            .periodic_runs
+            .with_label_values(&[TASK, outcome])
+            .inc();
     }
 }
 

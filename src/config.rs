@@ -75,6 +75,8 @@ pub struct Config {
     pub log: LogConfig,
     pub export: ExportConfig,
     pub snapshot: SnapshotConfig,
+    pub telemetry: crate::telemetry::TelemetryConfig,
+    pub alerts: crate::alerts::AlertsConfig,
 }
 
 /// `[redis]`: where Redis is.
@@ -150,6 +152,7 @@ pub struct DatabaseConfig {
     /// PEM file of CA certificates for verify-ca / verify-full; empty:
     /// the system's trusted roots.
     pub tls_ca_file: String,
+    pub partition_upkeep_interval_secs: u64,
 }
 
 /// `[sink]`: batching and retries of database writes.
@@ -439,6 +442,14 @@ impl Config {
                 )));
             }
         }
+        if self.database.partition_upkeep_interval_secs == 0 {
+            return err(
+                "database.partition_upkeep_interval_secs",
+                "must be at least 1",
+            );
+        }
+        self.telemetry.validate().map_err(ConfigError)?;
+        self.alerts.validate().map_err(ConfigError)?;
         let keys = self.hmac_keys()?;
         if self.validation.require_signature && keys.is_empty() {
             return err(

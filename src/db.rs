@@ -148,6 +148,13 @@ pub async fn migrate(config: &Config) -> Result<Vec<String>, DbError> {
             (client, tokio::spawn(connection))
         }
     };
+    // Replicas starting together must not migrate concurrently (the
+    // history table and CREATE SCHEMA race): one waits for the other on a
+    // session advisory lock, released when this connection closes.
+    let key = crate::lease::lock_key(&config.database.schema, "migrate");
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&key])
+        .await?;
     client
         .batch_execute(&format!(
             "CREATE SCHEMA IF NOT EXISTS \"{}\"",

@@ -2,6 +2,7 @@
 //! validates them, verifies their integrity and stores them in PostgreSQL
 //! exactly once. See DESIGN.md for the architecture and wire contracts.
 
+pub mod alerts;
 pub mod app;
 pub mod config;
 pub mod db;
@@ -10,6 +11,7 @@ pub mod event;
 pub mod http;
 pub mod integrity;
 pub mod jobs;
+pub mod lease;
 pub mod pgtls;
 pub mod processor;
 #[cfg(test)]
@@ -19,3 +21,4 @@ pub mod sink;
 pub mod source;
 pub mod storage;
 pub mod telemetry;
+pub mod tracing_ctx;

@@ -210,7 +210,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init_logging(&config.log);
+    // Declared before the runtime so it is dropped after it: the last
+    // spans are flushed once everything has stopped.
+    let _telemetry = match telemetry::init_tracing(&config.log, &config.telemetry) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("audit-worker: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

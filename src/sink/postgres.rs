@@ -172,10 +172,18 @@ impl BatchWriter {
                 .await
                 .expect("semaphore never closed");
             let writer = self.clone();
-            tokio::spawn(async move {
-                writer.write(batch).await;
-                drop(permit);
-            });
+            let span = tracing::info_span!(
+                "write_batch",
+                otel.name = "audit.sink.write_batch",
+                rows = batch.len()
+            );
+            tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    writer.write(batch).await;
+                    drop(permit);
+                },
+                span,
+            ));
         }
         // Wait for the writes still under way.
         let _ = slots.acquire_many(self.settings.writers as u32).await;

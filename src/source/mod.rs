@@ -26,6 +26,9 @@ pub struct SourceContext {
     pub sink: SinkHandle,
     pub jobs: JobHandlers,
     pub metrics: Metrics,
+    /// Where stored events are offered for security alert rules (never
+    /// waits; off by default).
+    pub alerts: crate::alerts::AlertTap,
     /// Fired at shutdown: sources stop reading and stop waiting.
     pub shutdown: CancellationToken,
 }

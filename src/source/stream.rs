@@ -124,6 +124,7 @@ struct Shared {
     jobs: JobHandlers,
     commands: ConnectionManager,
     metrics: Metrics,
+    alerts: crate::alerts::AlertTap,
     /// Fired at shutdown: stops waits for the database.
     shutdown: CancellationToken,
 }
@@ -162,6 +163,7 @@ impl StreamSource {
                 jobs: ctx.jobs,
                 commands,
                 metrics: ctx.metrics,
+                alerts: ctx.alerts,
                 shutdown: ctx.shutdown,
             }),
             client,
@@ -446,6 +448,59 @@ async fn handle_batch(
     s: Arc<Shared>,
     entries: Vec<StreamEntry>,
     delivery: Delivery,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    use tracing::Instrument;
+    let span = crate::tracing_ctx::batch_span("stream", &s.stream.key, entries.len());
+    handle_batch_in_span(s, entries, delivery, slot)
+        .instrument(span)
+        .await
+}
+
+/// Per-event extras that travel with an event until its outcome: its
+/// trace span, the fields the alert rules need, and its enqueue time.
+struct Tracked {
+    span: Option<tracing::Span>,
+    alert: Option<crate::alerts::AlertInput>,
+    enqueued_ms: Option<i64>,
+}
+
+impl Tracked {
+    fn new(s: &Shared, entry: &StreamEntry, record: &crate::sink::AuditRecord) -> Self {
+        let parent = crate::tracing_ctx::from_stream_fields(
+            entry.field("traceparent"),
+            entry.field("tracestate"),
+        );
+        Self {
+            span: crate::tracing_ctx::event_span("stream", parent.as_ref()),
+            alert: s
+                .alerts
+                .wants(&record.event)
+                .then(|| crate::alerts::AlertInput::from_event(&record.event, &record.source)),
+            enqueued_ms: crate::telemetry::stream_id_millis(&entry.id),
+        }
+    }
+
+    /// Records a committed outcome: latency, alert hand-off, span field.
+    fn stored(self, s: &Shared, inserted: bool) {
+        if let Some(span) = &self.span {
+            span.record("outcome", if inserted { "inserted" } else { "duplicate" });
+        }
+        if inserted {
+            if let Some(ms) = self.enqueued_ms {
+                s.metrics.observe_end_to_end("stream", ms);
+            }
+            if let Some(input) = self.alert {
+                s.alerts.offer(input);
+            }
+        }
+    }
+}
+
+async fn handle_batch_in_span(
+    s: Arc<Shared>,
+    entries: Vec<StreamEntry>,
+    delivery: Delivery,
     _slot: tokio::sync::OwnedSemaphorePermit,
 ) {
     let (mut inserted, mut duplicates, mut deferred) = (0u64, 0u64, 0u64);
@@ -491,9 +546,17 @@ async fn handle_batch(
         };
         let kind = JobKind::from_name(&name);
         if kind != JobKind::AuditEvent {
+            let job_kind = match kind {
+                JobKind::Snapshot => "snapshot",
+                _ => "export",
+            };
             match s.jobs.accept(kind, &name, &data, &source).await {
-                Ok(_) => acks.push(entry.id),
+                Ok(_) => {
+                    s.metrics.job_request(job_kind, true);
+                    acks.push(entry.id)
+                }
                 Err(JobError::Rejected(rejection)) => {
+                    s.metrics.job_request(job_kind, false);
                     dead.push((entry.id, dead_letter(data, name, rejection, source)))
                 }
                 Err(JobError::Transient(cause)) => {
@@ -505,28 +568,31 @@ async fn handle_batch(
         }
         match process_message(&name, &data, &source, &s.policy) {
             Ok(record) => {
+                let tracked = Tracked::new(&s, &entry, &record);
                 let pending = s.sink.submit(record).await;
-                waiting.push((entry.id, pending, data, name, source));
+                waiting.push((entry.id, pending, data, name, source, tracked));
             }
             Err(rejection) => dead.push((entry.id, dead_letter(data, name, rejection, source))),
         }
     }
     while !waiting.is_empty() {
         let mut retry = Vec::new();
-        for (id, pending, data, name, source) in waiting.drain(..) {
+        for (id, pending, data, name, source, tracked) in waiting.drain(..) {
             match pending.wait().await {
                 StoreOutcome::Inserted => {
                     inserted += 1;
+                    tracked.stored(&s, true);
                     acks.push(id);
                 }
                 StoreOutcome::Duplicate => {
                     duplicates += 1;
+                    tracked.stored(&s, false);
                     acks.push(id);
                 }
                 StoreOutcome::Rejected(rejection) => {
                     dead.push((id, dead_letter(data, name, rejection, source)))
                 }
-                StoreOutcome::Unavailable(_) => retry.push((id, data, name, source)),
+                StoreOutcome::Unavailable(_) => retry.push((id, data, name, source, tracked)),
             }
         }
         if retry.is_empty() {
@@ -536,13 +602,13 @@ async fn handle_batch(
             deferred += retry.len() as u64;
             break;
         }
-        for (id, data, name, source) in retry {
+        for (id, data, name, source, tracked) in retry {
             // Validation already passed once; it is pure, so this repeats it
             // only to rebuild the record the sink consumed.
             match process_message(&name, &data, &source, &s.policy) {
                 Ok(record) => {
                     let pending = s.sink.submit(record).await;
-                    waiting.push((id, pending, data, name, source));
+                    waiting.push((id, pending, data, name, source, tracked));
                 }
                 Err(rejection) => dead.push((id, dead_letter(data, name, rejection, source))),
             }
