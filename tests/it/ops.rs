@@ -80,6 +80,9 @@ fn documented_metrics() -> BTreeSet<String> {
         .expect("README.md");
     readme
         .lines()
+        .skip_while(|l| !l.starts_with("## Metrics"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("## "))
         .filter_map(|l| l.strip_prefix("| `audit_worker_"))
         .filter_map(|rest| rest.split('`').next())
         .map(|name| format!("audit_worker_{name}"))
