@@ -118,6 +118,7 @@ pub struct BullmqConfig {
     pub queues: Vec<String>,
     pub prefix: String,
     pub concurrency: usize,
+    pub workers_per_queue: usize,
     pub lock_duration_ms: u64,
     pub stalled_interval_ms: u64,
     pub max_stalled_count: u32,
@@ -492,6 +493,14 @@ impl Config {
         }
         if b.concurrency == 0 || b.concurrency > 10_000 {
             return err("bullmq.concurrency", "must be between 1 and 10000");
+        }
+        if !(1..=64).contains(&self.bullmq.workers_per_queue)
+            || self.bullmq.workers_per_queue > self.bullmq.concurrency
+        {
+            return err(
+                "bullmq.workers_per_queue",
+                "must be between 1 and 64, and at most bullmq.concurrency",
+            );
         }
         if b.lock_duration_ms < 1_000 || b.stalled_interval_ms == 0 {
             return err(

@@ -125,13 +125,23 @@ impl BullmqSource {
                 queue: queue.clone(),
                 shared: shared.clone(),
             });
-            let opts = worker_options(&self.settings, &self.redis_url, &self.consumer);
-            queues.spawn(run_queue(
-                handler,
-                opts,
-                self.settings.close_timeout_ms,
-                shutdown.clone(),
-            ));
+            // bullmq-official fetches with one driver per Worker (one
+            // moveToActive round trip at a time), which measured far below
+            // Node's worker; several Workers per queue fetch in parallel.
+            let n = self.settings.workers_per_queue.max(1);
+            for i in 0..n {
+                let mut opts = worker_options(&self.settings, &self.redis_url, &self.consumer);
+                opts.concurrency = self.settings.concurrency.div_ceil(n);
+                if n > 1 {
+                    opts.name = Some(format!("{}-{i}", self.consumer));
+                }
+                queues.spawn(run_queue(
+                    handler.clone(),
+                    opts,
+                    self.settings.close_timeout_ms,
+                    shutdown.clone(),
+                ));
+            }
         }
         drop(shared);
         while let Some(r) = queues.join_next().await {
