@@ -73,6 +73,8 @@ struct Shared {
     /// except the one read in [`QueueHandler::job_bytes`]).
     commands: ConnectionManager,
     metrics: Metrics,
+    /// Stored events offered to the security alert rules.
+    alerts: crate::alerts::AlertTap,
     outage_retry_delay: Duration,
     /// Fires on shutdown; releases jobs held at the breaker gate.
     shutdown: CancellationToken,
@@ -115,6 +117,7 @@ impl BullmqSource {
             jobs: self.ctx.jobs,
             commands: self.commands,
             metrics: self.ctx.metrics,
+            alerts: self.ctx.alerts,
             outage_retry_delay: Duration::from_millis(self.settings.outage_retry_delay_ms),
             shutdown: shutdown.clone(),
         });
@@ -333,7 +336,33 @@ impl QueueHandler {
         };
         let key = record.idempotency_key.clone();
         let hash = record.event.hash.clone();
-        match self.shared.sink.submit(record).await.wait().await {
+        // Same extras as the stream source: the producer's trace continued
+        // into the store span, the rule input for alerts, and the enqueue
+        // time (the job's timestamp) for end-to-end latency.
+        let parent = crate::tracing_ctx::from_job_data(job.data());
+        let span = crate::tracing_ctx::event_span("bullmq", parent.as_ref());
+        let alert = self
+            .shared
+            .alerts
+            .wants(&record.event)
+            .then(|| crate::alerts::AlertInput::from_event(&record.event, &record.source));
+        let outcome = self.shared.sink.submit(record).await.wait().await;
+        if let Some(span) = &span {
+            match &outcome {
+                StoreOutcome::Inserted => span.record("outcome", "inserted"),
+                StoreOutcome::Duplicate => span.record("outcome", "duplicate"),
+                _ => span,
+            };
+        }
+        if outcome == StoreOutcome::Inserted {
+            self.shared
+                .metrics
+                .observe_end_to_end("bullmq", i64::try_from(job.timestamp()).unwrap_or(i64::MAX));
+            if let Some(input) = alert {
+                self.shared.alerts.offer(input);
+            }
+        }
+        match outcome {
             StoreOutcome::Inserted => Ok(self.stored(key, hash, "inserted")),
             StoreOutcome::Duplicate => Ok(self.stored(key, hash, "duplicate")),
             StoreOutcome::Rejected(rejection) => {

@@ -215,6 +215,11 @@ async fn bullmq_5000_jobs_added_with_add_bulk_complete_with_json_return_values_a
         m.contains("audit_worker_events_total{outcome=\"inserted\",source=\"bullmq\"} 5000"),
         "{m}"
     );
+    // End-to-end latency, from each job's timestamp to its commit.
+    assert!(
+        m.contains("audit_worker_end_to_end_latency_seconds_count{source=\"bullmq\"} 5000"),
+        "{m}"
+    );
     stop(worker);
     cleanup(env).await;
 }
