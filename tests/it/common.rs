@@ -2,6 +2,7 @@
 //! PostgreSQL schema (in the `audit_worker_test` database), so tests run in
 //! parallel and can be run again. Real Redis and PostgreSQL only.
 
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -399,4 +400,42 @@ pub fn event(i: usize) -> Value {
         "sessionContext": {"sessionId": format!("s-{i}"), "ipAddress": "10.0.0.1", "userAgent": "test"},
         "customField": {"nested": {"value": i}},
     })
+}
+
+/// Runs the worker binary for `env` with extra settings.
+pub fn spawn_worker_with(env: &TestEnv, extra: &[(&str, String)]) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_audit-worker"));
+    cmd.arg("run");
+    for (k, v) in env.env_vars() {
+        cmd.env(k, v);
+    }
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.stdout(Stdio::null())
+        .stderr(if std::env::var_os("TEST_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        });
+    cmd.spawn().expect("worker binary starts")
+}
+
+/// SIGTERM, then wait: a graceful stop.
+pub fn terminate(child: &mut Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+}
+
+/// Status and JSON body of a GET on the worker's HTTP port (None while it
+/// does not answer).
+pub async fn http_status(port: u16, path: &str) -> Option<(u16, serde_json::Value)> {
+    let resp = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+        .await
+        .ok()?;
+    let code = resp.status().as_u16();
+    Some((code, resp.json().await.ok()?))
 }

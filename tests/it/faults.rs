@@ -9,40 +9,6 @@ use serde_json::Value;
 
 use crate::common::*;
 
-fn spawn_worker(env: &TestEnv, extra: &[(&str, String)]) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_audit-worker"));
-    cmd.arg("run");
-    for (k, v) in env.env_vars() {
-        cmd.env(k, v);
-    }
-    for (k, v) in extra {
-        cmd.env(k, v);
-    }
-    cmd.stdout(Stdio::null())
-        .stderr(if std::env::var_os("TEST_LOG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        });
-    cmd.spawn().expect("worker binary starts")
-}
-
-fn terminate(child: &mut Child) {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let _ = child.wait();
-}
-
-async fn http_status(port: u16, path: &str) -> Option<(u16, Value)> {
-    let resp = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
-        .await
-        .ok()?;
-    let code = resp.status().as_u16();
-    Some((code, resp.json().await.ok()?))
-}
-
 async fn count_and_distinct(env: &TestEnv) -> (i64, i64) {
     env.pg
         .query_one(
@@ -88,14 +54,14 @@ async fn ten_kills_at_random_moments_while_events_flow_lose_and_duplicate_nothin
         ("AUDIT_WORKER__SINK__BATCH_SIZE", "500".to_string()),
     ];
     for _ in 0..10 {
-        let mut child = spawn_worker(&env, &extra);
+        let mut child = spawn_worker_with(&env, &extra);
         let pause = rand::thread_rng().gen_range(300..1500);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         child.kill().expect("SIGKILL");
         child.wait().unwrap();
     }
     producer.await.unwrap();
-    let mut child = spawn_worker(&env, &extra);
+    let mut child = spawn_worker_with(&env, &extra);
     wait_until(
         Duration::from_secs(300),
         "all 100,000 events stored and acknowledged",
@@ -127,7 +93,7 @@ async fn a_database_refusing_writes_opens_the_breaker_and_nothing_is_dead_letter
         ("AUDIT_WORKER__SINK__BREAKER_RECOVERY_SECS", "3".to_string()),
         ("AUDIT_WORKER__SINK__BATCH_SIZE", "200".to_string()),
     ];
-    let mut child = spawn_worker(&env, &extra);
+    let mut child = spawn_worker_with(&env, &extra);
     env.wait_for_schema().await;
     let port = env.http_port;
     wait_until(Duration::from_secs(30), "ready", || async {
@@ -270,7 +236,7 @@ async fn the_worker_keeps_consuming_after_redis_restarts() {
     let url = format!("redis://127.0.0.1:{port}");
     env.redis = redis::Client::open(url.clone()).unwrap();
     let extra = [("AUDIT_WORKER__REDIS__URL", url.clone())];
-    let mut child = spawn_worker(&env, &extra);
+    let mut child = spawn_worker_with(&env, &extra);
     let http = env.http_port;
     wait_until(Duration::from_secs(30), "ready", || async {
         matches!(http_status(http, "/readyz").await, Some((200, _)))

@@ -2,7 +2,7 @@
 //! once-across-replicas periodic work, and deploy files naming real metrics.
 
 use std::collections::{BTreeSet, HashMap};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,34 +10,6 @@ use audit_worker::alerts::RuleConfig;
 use serde_json::json;
 
 use crate::common::*;
-
-/// Runs the worker binary for `env` with extra settings.
-pub fn spawn_worker_with(env: &TestEnv, extra: &[(&str, String)]) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_audit-worker"));
-    cmd.arg("run");
-    for (k, v) in env.env_vars() {
-        cmd.env(k, v);
-    }
-    for (k, v) in extra {
-        cmd.env(k, v);
-    }
-    cmd.stdout(Stdio::null())
-        .stderr(if std::env::var_os("TEST_LOG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        });
-    cmd.spawn().expect("worker binary starts")
-}
-
-/// SIGTERM, then wait: a graceful stop.
-pub fn terminate(child: &mut Child) {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let _ = child.wait();
-}
 
 /// GET /metrics.
 pub async fn scrape(port: u16) -> Option<String> {

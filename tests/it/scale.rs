@@ -5,7 +5,7 @@ use std::process::Child;
 use std::time::Duration;
 
 use crate::common::*;
-use crate::ops::{parse_metrics, sample_sum, scrape, spawn_worker_with, terminate};
+use crate::ops::{parse_metrics, sample_sum, scrape};
 
 /// Rows this worker process reports as inserted, from its own /metrics.
 async fn inserted_by(port: u16) -> Option<f64> {
