@@ -104,26 +104,14 @@ async fn main() {
     let started = Instant::now();
     let mut children: Vec<std::process::Child> = (0..workers)
         .map(|w| {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            Command::new(&bin)
-                .arg("run")
-                .env("AUDIT_WORKER__DATABASE__URL", DB)
-                .env("AUDIT_WORKER__DATABASE__SCHEMA", &schema_worker)
-                .env("AUDIT_WORKER__STREAM__KEY", &stream)
-                .env("AUDIT_WORKER__STREAM__GROUP", format!("{tag}-group"))
-                .env("AUDIT_WORKER__STREAM__CONSUMER", format!("{tag}-{w}"))
-                .env("AUDIT_WORKER__DLQ__KEY", format!("bench:{tag}:dlq"))
-                .env("AUDIT_WORKER__HTTP__LISTEN", format!("127.0.0.1:{port}"))
-                .env("AUDIT_WORKER__LOG__LEVEL", "warn")
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!("cannot start {bin} ({e}): build it with cargo build --release")
-                })
+            spawn_worker(
+                &bin,
+                &tag,
+                &schema_worker,
+                &stream,
+                Some(format!("{tag}-{w}")),
+            )
+            .0
         })
         .collect();
     let mut first_row: Option<Instant> = None;
@@ -280,25 +268,7 @@ async fn drain() {
 
     let bin =
         std::env::var("AUDIT_WORKER_BIN").unwrap_or_else(|_| "target/release/audit-worker".into());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = Command::new(&bin)
-        .arg("run")
-        .env("AUDIT_WORKER__DATABASE__URL", DB)
-        .env("AUDIT_WORKER__DATABASE__SCHEMA", &schema)
-        .env("AUDIT_WORKER__STREAM__KEY", &stream)
-        .env("AUDIT_WORKER__STREAM__GROUP", format!("{tag}-group"))
-        .env("AUDIT_WORKER__DLQ__KEY", format!("bench:{tag}:dlq"))
-        .env("AUDIT_WORKER__HTTP__LISTEN", format!("127.0.0.1:{port}"))
-        .env("AUDIT_WORKER__LOG__LEVEL", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot start {bin} ({e}): build it with cargo build --release")
-        });
+    let (mut child, port) = spawn_worker(&bin, &tag, &schema, &stream, None);
     // Wait for the breaker to open (default settings: 5 failed attempts).
     let breaker_url = format!("http://127.0.0.1:{port}/health/circuit-breaker");
     let opened = Instant::now();
@@ -373,4 +343,38 @@ async fn drain() {
 /// The body of a GET, if any.
 async fn reqwest_lite(url: &str) -> Option<String> {
     reqwest::get(url).await.ok()?.text().await.ok()
+}
+
+/// Starts one release worker process on `stream`, writing to `schema`, with
+/// its own HTTP port (returned); `consumer` names it when several share the
+/// stream.
+fn spawn_worker(
+    bin: &str,
+    tag: &str,
+    schema: &str,
+    stream: &str,
+    consumer: Option<String>,
+) -> (std::process::Child, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = Command::new(bin);
+    cmd.arg("run")
+        .env("AUDIT_WORKER__DATABASE__URL", DB)
+        .env("AUDIT_WORKER__DATABASE__SCHEMA", schema)
+        .env("AUDIT_WORKER__STREAM__KEY", stream)
+        .env("AUDIT_WORKER__STREAM__GROUP", format!("{tag}-group"))
+        .env("AUDIT_WORKER__DLQ__KEY", format!("bench:{tag}:dlq"))
+        .env("AUDIT_WORKER__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .env("AUDIT_WORKER__LOG__LEVEL", "warn")
+        .stdout(Stdio::null());
+    if let Some(consumer) = consumer {
+        cmd.env("AUDIT_WORKER__STREAM__CONSUMER", consumer);
+    }
+    let child = cmd.spawn().unwrap_or_else(|e| {
+        panic!("cannot start {bin} ({e}): build it with cargo build --release")
+    });
+    (child, port)
 }

@@ -201,9 +201,17 @@ impl TestEnv {
 
     /// Reads the whole DLQ: (reason, data, source, fields).
     pub async fn dlq_entries(&self) -> Vec<std::collections::HashMap<String, Vec<u8>>> {
+        self.stream_fields(&self.dlq).await
+    }
+
+    /// Reads a whole stream: each entry's fields by name.
+    pub async fn stream_fields(
+        &self,
+        key: &str,
+    ) -> Vec<std::collections::HashMap<String, Vec<u8>>> {
         let mut conn = self.redis_conn().await;
         let v: redis::Value = redis::cmd("XRANGE")
-            .arg(&self.dlq)
+            .arg(key)
             .arg("-")
             .arg("+")
             .query_async(&mut conn)

@@ -171,21 +171,14 @@ impl ExportEnv {
     }
 
     async fn notifications(&self) -> Vec<HashMap<String, String>> {
-        let mut conn = self.env.redis_conn().await;
-        let v: redis::Value = redis::cmd("XRANGE")
-            .arg(&self.notifications)
-            .arg("-")
-            .arg("+")
-            .query_async(&mut conn)
+        self.env
+            .stream_fields(&self.notifications)
             .await
-            .unwrap();
-        audit_worker::source::stream::parse_entries(&v)
             .into_iter()
-            .map(|e| {
-                e.fields
-                    .unwrap_or_default()
+            .map(|fields| {
+                fields
                     .into_iter()
-                    .map(|(k, v)| (String::from_utf8(k).unwrap(), String::from_utf8(v).unwrap()))
+                    .map(|(k, v)| (k, String::from_utf8(v).unwrap()))
                     .collect()
             })
             .collect()
