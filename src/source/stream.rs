@@ -51,6 +51,27 @@ impl StreamEntry {
             .find(|(k, _)| k == name.as_bytes())
             .map(|(_, v)| v.as_slice())
     }
+
+    /// Moves a field's value out (leaving it empty), so the largest field,
+    /// `data`, is never copied on its way to validation and the sink.
+    pub fn take_field(&mut self, name: &str) -> Option<Vec<u8>> {
+        self.fields
+            .as_mut()?
+            .iter_mut()
+            .find(|(k, _)| k == name.as_bytes())
+            .map(|(_, v)| std::mem::take(v))
+    }
+}
+
+/// Moves the bytes out of a reply value (replies are consumed, not copied:
+/// a read batch is the worker's largest allocation).
+fn take_bytes(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        _ => None,
+    }
 }
 
 fn bytes_of(v: &Value) -> Option<Vec<u8>> {
@@ -62,57 +83,200 @@ fn bytes_of(v: &Value) -> Option<Vec<u8>> {
     }
 }
 
-/// Parses one `[id, [field, value, ...] | nil]` entry.
-fn parse_entry(v: &Value) -> Option<StreamEntry> {
+/// Turns one `[id, [field, value, ...] | nil]` entry into a [`StreamEntry`].
+fn entry_from(v: Value) -> Option<StreamEntry> {
     let Value::Array(parts) = v else { return None };
-    let id = String::from_utf8(bytes_of(parts.first()?)?).ok()?;
-    let fields = match parts.get(1) {
-        Some(Value::Array(kv)) => Some(
-            kv.chunks(2)
-                .filter_map(|c| Some((bytes_of(c.first()?)?, bytes_of(c.get(1)?)?)))
-                .collect(),
-        ),
+    let mut parts = parts.into_iter();
+    let id = String::from_utf8(take_bytes(parts.next()?)?).ok()?;
+    let fields = match parts.next() {
+        Some(Value::Array(kv)) => {
+            let mut pairs = Vec::with_capacity(kv.len() / 2);
+            let mut kv = kv.into_iter();
+            while let (Some(k), Some(v)) = (kv.next(), kv.next()) {
+                if let (Some(k), Some(v)) = (take_bytes(k), take_bytes(v)) {
+                    pairs.push((k, v));
+                }
+            }
+            Some(pairs)
+        }
         _ => None,
     };
     Some(StreamEntry { id, fields })
 }
 
-/// Parses a list of entries.
-pub fn parse_entries(v: &Value) -> Vec<StreamEntry> {
+/// Turns a list of entries into [`StreamEntry`]s, consuming the reply.
+pub fn entries_from(v: Value) -> Vec<StreamEntry> {
     match v {
-        Value::Array(items) => items.iter().filter_map(parse_entry).collect(),
+        Value::Array(items) => items.into_iter().filter_map(entry_from).collect(),
         _ => Vec::new(),
     }
 }
 
+/// Parses a list of entries from a borrowed reply (the CLI and tests; the
+/// read path uses [`entries_from`], which does not copy).
+pub fn parse_entries(v: &Value) -> Vec<StreamEntry> {
+    entries_from(v.clone())
+}
+
 /// Parses an XREADGROUP reply for one stream (nil when the block timed out).
-pub fn parse_read_reply(v: &Value) -> Vec<StreamEntry> {
+pub fn parse_read_reply(v: Value) -> Vec<StreamEntry> {
     match v {
         Value::Array(streams) => streams
-            .iter()
+            .into_iter()
             .flat_map(|s| match s {
-                Value::Array(pair) if pair.len() == 2 => parse_entries(&pair[1]),
+                Value::Array(pair) if pair.len() == 2 => {
+                    entries_from(pair.into_iter().nth(1).unwrap_or(Value::Nil))
+                }
                 _ => Vec::new(),
             })
             .collect(),
-        Value::Map(pairs) => pairs.iter().flat_map(|(_, v)| parse_entries(v)).collect(),
+        Value::Map(pairs) => pairs
+            .into_iter()
+            .flat_map(|(_, v)| entries_from(v))
+            .collect(),
         _ => Vec::new(),
     }
 }
 
 /// Parses an XAUTOCLAIM reply: the cursor for the next call and the entries.
-pub fn parse_autoclaim_reply(v: &Value) -> (String, Vec<StreamEntry>) {
+pub fn parse_autoclaim_reply(v: Value) -> (String, Vec<StreamEntry>) {
     let Value::Array(parts) = v else {
         return ("0-0".into(), Vec::new());
     };
+    let mut parts = parts.into_iter();
     let next = parts
-        .first()
-        .and_then(bytes_of)
+        .next()
+        .and_then(take_bytes)
         .and_then(|b| String::from_utf8(b).ok())
         .unwrap_or_else(|| "0-0".into());
-    let entries = parts.get(1).map(parse_entries).unwrap_or_default();
+    let entries = parts.next().map(entries_from).unwrap_or_default();
     (next, entries)
 }
+
+/// One entry that the bounded read dead-lettered inside Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroppedEntry {
+    pub id: String,
+    /// Size of its `data` field, in bytes.
+    pub data_bytes: u64,
+    /// Size of its other fields (names and values), in bytes.
+    pub other_bytes: u64,
+}
+
+/// What one bounded read returned (see [`BOUNDED_READ_LUA`]).
+#[derive(Debug, Default, PartialEq)]
+pub struct BoundedRead {
+    /// Entries small enough to be read, as XREADGROUP returns them.
+    pub entries: Vec<StreamEntry>,
+    /// Entries too large to be read: already dead-lettered and acknowledged.
+    pub dropped: Vec<DroppedEntry>,
+}
+
+impl BoundedRead {
+    /// The id of the last entry the read went past, kept or dropped (the
+    /// cursor for paging through own pending entries).
+    pub fn last_id(&self) -> Option<&str> {
+        let kept = self.entries.last().map(|e| e.id.as_str());
+        let dropped = self.dropped.last().map(|d| d.id.as_str());
+        match (kept, dropped) {
+            (Some(a), Some(b)) => Some(if stream_id_less(a, b) { b } else { a }),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether the read found nothing at all.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.dropped.is_empty()
+    }
+}
+
+/// Orders two stream ids (`ms-seq`) numerically.
+fn stream_id_less(a: &str, b: &str) -> bool {
+    let key = |id: &str| {
+        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+        (ms.parse::<u64>().unwrap_or(0), seq.parse::<u64>().unwrap_or(0))
+    };
+    key(a) < key(b)
+}
+
+/// Why an entry is too large to be read as an event, if it is: its `data`
+/// is over `validation.max_event_bytes`, or its other fields (names and
+/// values) over [`MAX_OTHER_FIELD_BYTES`]. The bounded read script applies
+/// the same two limits inside Redis; this catches the entries that reach
+/// the worker another way (the wake-up read, XAUTOCLAIM).
+pub fn oversize(entry: &StreamEntry, max_event_bytes: usize) -> Option<Rejection> {
+    let fields = entry.fields.as_ref()?;
+    let mut data = None;
+    let mut other = 0usize;
+    for (k, v) in fields {
+        if k == b"data" && data.is_none() {
+            data = Some(v.len());
+        } else {
+            other += k.len() + v.len();
+        }
+    }
+    let data = data.unwrap_or(0);
+    if data > max_event_bytes {
+        return Some(Rejection::new(
+            RejectReason::TooLarge,
+            format!("event is {data} bytes, the limit is {max_event_bytes} (validation.max_event_bytes)"),
+        ));
+    }
+    (other > MAX_OTHER_FIELD_BYTES).then(|| {
+        Rejection::new(
+            RejectReason::TooLarge,
+            format!(
+                "entry fields other than data take {other} bytes, the limit is {MAX_OTHER_FIELD_BYTES}"
+            ),
+        )
+    })
+}
+
+/// Parses the bounded read script's reply: `{kept entries, {id, data
+/// bytes, other bytes, ...}}`.
+pub fn parse_bounded_read(v: Value) -> BoundedRead {
+    let Value::Array(parts) = v else {
+        return BoundedRead::default();
+    };
+    let mut parts = parts.into_iter();
+    let entries = parts.next().map(entries_from).unwrap_or_default();
+    let dropped = match parts.next() {
+        Some(Value::Array(flat)) => flat
+            .chunks(3)
+            .filter_map(|c| {
+                let id = String::from_utf8(bytes_of(c.first()?)?).ok()?;
+                let num = |v: &Value| match v {
+                    Value::Int(n) => u64::try_from(*n).ok(),
+                    other => String::from_utf8(bytes_of(other)?).ok()?.parse().ok(),
+                };
+                Some(DroppedEntry {
+                    id,
+                    data_bytes: num(c.get(1)?)?,
+                    other_bytes: num(c.get(2)?)?,
+                })
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    BoundedRead { entries, dropped }
+}
+
+/// The bounded read: XREADGROUP without BLOCK in a Lua script that
+/// dead-letters, acknowledges and deletes oversized entries inside Redis,
+/// so they never reach the worker's memory. Hand-written because no crate
+/// does this; it touches only our own stream and DLQ (DESIGN.md section 2),
+/// never BullMQ's keys.
+pub const BOUNDED_READ_LUA: &str = include_str!("read_bounded.lua");
+
+/// Bytes that the fields other than `data` (`name`, `traceparent`,
+/// `tracestate`, and every field name) may take together before the entry
+/// is too large: generous for real trace context, small beside an event.
+pub const MAX_OTHER_FIELD_BYTES: usize = 16 * 1024;
+
+/// Bytes of oversized entries after which one bounded read call returns
+/// (the rest wait for the next call): copying a 10 MB entry into the DLQ
+/// takes Redis tens of milliseconds, and a script holds Redis while it runs.
+pub const DROP_BUDGET_BYTES: usize = 16 * 1024 * 1024;
 
 /// Everything a batch task needs, shared between tasks.
 struct Shared {
@@ -127,6 +291,10 @@ struct Shared {
     alerts: crate::alerts::AlertTap,
     /// Fired at shutdown: stops waits for the database.
     shutdown: CancellationToken,
+    /// [`BOUNDED_READ_LUA`], loaded once per connection (EVALSHA).
+    bounded_read: redis::Script,
+    /// Largest `data` field read into the worker (`validation.max_event_bytes`).
+    max_event_bytes: usize,
 }
 
 /// How a batch reached us: fresh entries count as a first delivery; own
@@ -165,6 +333,8 @@ impl StreamSource {
                 metrics: ctx.metrics,
                 alerts: ctx.alerts,
                 shutdown: ctx.shutdown,
+                bounded_read: redis::Script::new(BOUNDED_READ_LUA),
+                max_event_bytes: config.validation.max_event_bytes,
             }),
             client,
             redis: config.redis.clone(),
@@ -224,17 +394,19 @@ impl StreamSource {
 
             // 1. Own pending entries, page by page, without blocking.
             if let Some(cursor) = own_pending_cursor.clone() {
-                match self.read_own_pending(&cursor).await {
-                    Ok(entries) if entries.is_empty() => own_pending_cursor = None,
-                    Ok(entries) => {
-                        own_pending_cursor = entries.last().map(|e| e.id.clone());
+                match self.read_bounded(&cursor).await {
+                    Ok(read) if read.is_empty() => own_pending_cursor = None,
+                    Ok(read) => {
+                        own_pending_cursor = read.last_id().map(str::to_owned);
                         failures = 0;
-                        tasks.spawn(handle_batch(
-                            s.clone(),
-                            entries,
-                            Delivery::Redelivered,
-                            permit,
-                        ));
+                        if !read.entries.is_empty() {
+                            tasks.spawn(handle_batch(
+                                s.clone(),
+                                read.entries,
+                                Delivery::Redelivered,
+                                permit,
+                            ));
+                        }
                     }
                     Err(e) => {
                         failures += 1;
@@ -276,7 +448,31 @@ impl StreamSource {
                 }
             }
 
-            // 3. New entries, blocking on the dedicated connection.
+            // 3. New entries: first without blocking, through the bounded
+            // read; only when there are none, block on the dedicated
+            // connection for the next one (COUNT 1: the one entry the
+            // worker may hold before seeing its size), then take what
+            // followed it through the bounded read again.
+            match self.read_bounded(">").await {
+                Ok(read) if !read.is_empty() => {
+                    failures = 0;
+                    if !read.entries.is_empty() {
+                        tasks.spawn(handle_batch(s.clone(), read.entries, Delivery::Fresh, permit));
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    failures += 1;
+                    group_ready = !is_nogroup(&e);
+                    s.metrics
+                        .redis_errors
+                        .with_label_values(&["xreadgroup"])
+                        .inc();
+                    tracing::warn!(error = %e, "reading new entries failed; retrying");
+                    continue;
+                }
+            }
             let conn = match reader.as_mut() {
                 Some(c) => c,
                 None => match super::blocking_connection(&self.client, &self.redis, block).await {
@@ -294,7 +490,7 @@ impl StreamSource {
                 .arg(&s.stream.group)
                 .arg(&s.consumer)
                 .arg("COUNT")
-                .arg(s.stream.read_count)
+                .arg(1)
                 .arg("BLOCK")
                 .arg(s.stream.block_ms)
                 .arg("STREAMS")
@@ -309,8 +505,23 @@ impl StreamSource {
             match reply {
                 Ok(v) => {
                     failures = 0;
-                    let entries = parse_read_reply(&v);
+                    let mut entries = parse_read_reply(v);
+                    if entries
+                        .first()
+                        .is_some_and(|e| oversize(e, s.max_event_bytes).is_some())
+                    {
+                        // Dead-lettered before anything more is read, so at
+                        // most one oversized entry is ever in the worker.
+                        handle_batch(s.clone(), entries, Delivery::Fresh, permit).await;
+                        continue;
+                    }
                     if !entries.is_empty() {
+                        // The wake-up entry and whatever arrived behind it
+                        // make one batch; a failed follow-up read only
+                        // leaves those for the next turn.
+                        if let Ok(more) = self.read_bounded(">").await {
+                            entries.extend(more.entries);
+                        }
                         tasks.spawn(handle_batch(s.clone(), entries, Delivery::Fresh, permit));
                     }
                 }
@@ -350,21 +561,51 @@ impl StreamSource {
         }
     }
 
-    async fn read_own_pending(&self, cursor: &str) -> redis::RedisResult<Vec<StreamEntry>> {
+    /// Reads up to `read_count` entries from `start` (`>` for new ones, or a
+    /// cursor into our own pending entries) without blocking, through the
+    /// bounded read script: entries too large to be events are dead-lettered
+    /// inside Redis and come back only as [`DroppedEntry`]s.
+    async fn read_bounded(&self, start: &str) -> redis::RedisResult<BoundedRead> {
         let s = &self.shared;
         let mut conn = s.commands.clone();
-        let v: Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
+        let failed_at =
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let v: Value = s
+            .bounded_read
+            .key(&s.stream.key)
+            .key(&s.dlq_key)
             .arg(&s.stream.group)
             .arg(&s.consumer)
-            .arg("COUNT")
             .arg(s.stream.read_count)
-            .arg("STREAMS")
-            .arg(&s.stream.key)
-            .arg(cursor)
-            .query_async(&mut conn)
+            .arg(start)
+            .arg(s.max_event_bytes)
+            .arg(MAX_OTHER_FIELD_BYTES)
+            .arg(failed_at)
+            .arg(if s.stream.delete_acked { "1" } else { "0" })
+            .arg(DROP_BUDGET_BYTES)
+            .invoke_async(&mut conn)
             .await?;
-        Ok(parse_read_reply(&v))
+        let read = parse_bounded_read(v);
+        if !read.dropped.is_empty() {
+            let m = &s.metrics;
+            let n = read.dropped.len() as u64;
+            m.events
+                .with_label_values(&["stream", "dead_lettered"])
+                .inc_by(n);
+            m.dead_letters
+                .with_label_values(&[RejectReason::TooLarge.code()])
+                .inc_by(n);
+            for d in &read.dropped {
+                tracing::info!(
+                    reason = RejectReason::TooLarge.code(),
+                    source = %format!("stream:{}:{}", s.stream.key, d.id),
+                    data_bytes = d.data_bytes,
+                    other_bytes = d.other_bytes,
+                    "dead-lettered inside Redis without reading it (entry too large)"
+                );
+            }
+        }
+        Ok(read)
     }
 
     async fn claim_idle(&self) -> redis::RedisResult<Vec<StreamEntry>> {
@@ -380,7 +621,7 @@ impl StreamSource {
             .arg(s.stream.read_count)
             .query_async(&mut conn)
             .await?;
-        Ok(parse_autoclaim_reply(&v).1)
+        Ok(parse_autoclaim_reply(v).1)
     }
 }
 
@@ -511,7 +752,7 @@ async fn handle_batch_in_span(
         Delivery::Fresh => HashMap::new(),
         Delivery::Redelivered => delivery_counts(&s, &entries).await,
     };
-    for entry in entries {
+    for mut entry in entries {
         let source = format!("stream:{}:{}", s.stream.key, entry.id);
         if entry.fields.is_none() {
             // Deleted while pending: nothing left to store.
@@ -523,8 +764,15 @@ async fn handle_batch_in_span(
             .map(|n| String::from_utf8_lossy(n).into_owned())
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| AUDIT_EVENT.to_owned());
-        let data = entry.field("data").map(<[u8]>::to_vec);
+        let data = entry.take_field("data");
         let delivered = deliveries.get(&entry.id).copied().unwrap_or(1);
+        if let Some(rejection) = oversize(&entry, s.max_event_bytes) {
+            let data = entry.take_field("data").unwrap_or_default();
+            let mut letter = dead_letter(data, name, rejection, source);
+            letter.attempts = delivered;
+            dead.push((entry.id, letter));
+            continue;
+        }
         if delivered > s.stream.max_deliveries {
             let rejection = Rejection::new(
                 RejectReason::MaxDeliveries,
@@ -705,12 +953,91 @@ mod tests {
                 Value::Array(vec![bulk("2-0"), Value::Nil]),
             ]),
         ])]);
-        let entries = parse_read_reply(&reply);
+        let mut entries = parse_read_reply(reply);
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[0].field("data"), Some(&[0xff, b'{'][..]));
         assert_eq!(entries[0].field("name"), None);
         assert_eq!(entries[1].fields, None);
-        assert!(parse_read_reply(&Value::Nil).is_empty());
+        assert!(parse_read_reply(Value::Nil).is_empty());
+        // Taking a field moves its bytes out and leaves the others.
+        assert_eq!(entries[0].take_field("data"), Some(vec![0xff, b'{']));
+        assert_eq!(entries[0].field("data"), Some(&[][..]));
+        assert_eq!(entries[1].take_field("data"), None);
+    }
+
+    #[test]
+    fn bounded_read_replies_parse_kept_and_dropped_entries_and_the_cursor() {
+        let reply = Value::Array(vec![
+            Value::Array(vec![Value::Array(vec![
+                bulk("7-0"),
+                Value::Array(vec![bulk("data"), bulk("{}")]),
+            ])]),
+            Value::Array(vec![
+                bulk("8-0"),
+                Value::Int(10_485_760),
+                Value::Int(12),
+                bulk("10-1"),
+                Value::Int(5),
+                Value::Int(20_000),
+            ]),
+        ]);
+        let read = parse_bounded_read(reply);
+        assert_eq!(read.entries.len(), 1);
+        assert_eq!(read.entries[0].field("data"), Some(&b"{}"[..]));
+        assert_eq!(
+            read.dropped,
+            vec![
+                DroppedEntry {
+                    id: "8-0".into(),
+                    data_bytes: 10_485_760,
+                    other_bytes: 12
+                },
+                DroppedEntry {
+                    id: "10-1".into(),
+                    data_bytes: 5,
+                    other_bytes: 20_000
+                },
+            ]
+        );
+        // The cursor is the highest id seen, compared as numbers
+        // ("7-0" > "10-1" as text).
+        assert_eq!(read.last_id(), Some("10-1"));
+        assert!(stream_id_less("9-1", "10-0"));
+        assert!(stream_id_less("10-2", "10-10"));
+        // An empty script reply (nothing new) is an empty read.
+        let empty = parse_bounded_read(Value::Array(vec![Value::Array(vec![]), Value::Array(vec![])]));
+        assert!(empty.is_empty());
+        assert_eq!(empty.last_id(), None);
+    }
+
+    #[test]
+    fn entries_over_the_data_or_other_field_limits_are_too_large() {
+        let entry = |fields: Vec<(&str, Vec<u8>)>| StreamEntry {
+            id: "1-0".into(),
+            fields: Some(
+                fields
+                    .into_iter()
+                    .map(|(k, v)| (k.as_bytes().to_vec(), v))
+                    .collect(),
+            ),
+        };
+        let at_limit = entry(vec![("data", vec![b' '; 100]), ("name", b"audit.event".to_vec())]);
+        assert!(oversize(&at_limit, 100).is_none());
+        let over = oversize(&entry(vec![("data", vec![b' '; 101])]), 100).unwrap();
+        assert_eq!(over.reason, RejectReason::TooLarge);
+        assert!(over.message.contains("101 bytes"), "{}", over.message);
+        let long_name = entry(vec![
+            ("data", b"{}".to_vec()),
+            ("name", vec![b'n'; MAX_OTHER_FIELD_BYTES]),
+        ]);
+        let over = oversize(&long_name, 100).unwrap();
+        assert!(over.message.contains("other than data"), "{}", over.message);
+        // A deleted entry (no fields) is not oversized: it is just acknowledged.
+        let deleted = StreamEntry {
+            id: "2-0".into(),
+            fields: None,
+        };
+        assert!(oversize(&deleted, 0).is_none());
     }
 
     #[test]
@@ -723,7 +1050,7 @@ mod tests {
             ])]),
             Value::Array(vec![]),
         ]);
-        let (next, entries) = parse_autoclaim_reply(&reply);
+        let (next, entries) = parse_autoclaim_reply(reply);
         assert_eq!(next, "5-0");
         assert_eq!(entries[0].id, "3-0");
     }

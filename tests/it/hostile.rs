@@ -189,9 +189,16 @@ async fn hostile_entries_are_dead_lettered_with_stable_codes_or_stored_byte_exac
         .query_async(&mut conn)
         .await
         .unwrap();
+    // A valid event under a 20 KiB job name: too large as an entry.
+    let long_name = "n".repeat(20_000);
+    let long_name_data = raw_event("x14", "");
+    let long_name_id = env
+        .add_entries(&[(Some(long_name.as_str()), long_name_data.clone())])
+        .await
+        .remove(0);
     let worker = InProcessWorker::start(config);
     let expected_rows = (accepted.len() + 2) as i64;
-    let expected_letters = rejected.len() + 1;
+    let expected_letters = rejected.len() + 2;
     wait_until(
         Duration::from_secs(90),
         "every hostile entry handled",
@@ -242,6 +249,13 @@ async fn hostile_entries_are_dead_lettered_with_stable_codes_or_stored_byte_exac
         .find(|l| l["source"] == format!("stream:{}:{no_data}", env.stream).as_bytes())
         .expect("dead letter for the entry without data");
     assert_eq!(no_data_letter["reason"], b"invalid_event");
+    let long_name_letter = letters
+        .iter()
+        .find(|l| l["source"] == format!("stream:{}:{long_name_id}", env.stream).as_bytes())
+        .expect("dead letter for the entry with a 20 KiB name");
+    assert_eq!(long_name_letter["reason"], b"too_large");
+    assert_eq!(long_name_letter["data"], long_name_data);
+    assert_eq!(long_name_letter["name"], long_name.as_bytes());
 
     // Accepted events: every hashed and schema column exactly as sent, and
     // the row re-verifies in SQL alone.
@@ -357,13 +371,22 @@ async fn a_flood_of_10_mb_entries_is_refused_as_too_large_and_the_worker_stays_u
         .env("AUDIT_WORKER__STREAM__READ_COUNT", &read_count)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    // Valid JSON of 10 MB (one long string), so only the size check stops it.
+    let ten_mb = raw_event("big", &format!(",\"blob\":\"{}\"", "A".repeat(10 << 20)));
+    // Half the flood is waiting before the worker starts (read by the
+    // bounded read, never entering the worker), half arrives while it runs
+    // (some of it through the one-entry wake-up read).
+    let before = entries / 2;
+    for i in 0..before {
+        env.add_entries(&[(None, ten_mb.clone())]).await;
+        if i % 5 == 4 {
+            env.add_events(&[event(i)]).await;
+        }
+    }
     let mut child = cmd.spawn().expect("worker binary starts");
     env.wait_for_schema().await;
     let idle = memory_kib(child.id());
-
-    // Valid JSON of 10 MB (one long string), so only the size check stops it.
-    let ten_mb = raw_event("big", &format!(",\"blob\":\"{}\"", "A".repeat(10 << 20)));
-    for i in 0..entries {
+    for i in before..entries {
         env.add_entries(&[(None, ten_mb.clone())]).await;
         if i % 5 == 4 {
             env.add_events(&[event(i)]).await;
@@ -382,6 +405,16 @@ async fn a_flood_of_10_mb_entries_is_refused_as_too_large_and_the_worker_stays_u
         idle.1 / 1024,
         hwm / 1024,
         rss / 1024
+    );
+    // The bound this test exists for: oversized entries are dead-lettered
+    // inside Redis, so the worker holds at most the one entry of a wake-up
+    // read (plus its copy in the dead letter it writes), never a whole
+    // reply of them. Before the bounded read, 20 entries here peaked
+    // above 400 MiB.
+    assert!(
+        hwm < 160 * 1024,
+        "worker peak RSS {} MiB during the flood: oversized entries reached the worker",
+        hwm / 1024
     );
     // One dead letter per reply: 200 MB in one XRANGE reply would outlast
     // the client's response timeout.
