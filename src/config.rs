@@ -125,6 +125,7 @@ pub struct BullmqConfig {
     pub drain_delay_secs: u64,
     pub outage_retry_delay_ms: u64,
     pub close_timeout_ms: u64,
+    pub max_in_flight_data_bytes: u64,
 }
 
 /// `[dlq]`: the dead-letter stream.
@@ -516,6 +517,12 @@ impl Config {
         }
         if b.outage_retry_delay_ms == 0 {
             return err("bullmq.outage_retry_delay_ms", "must be at least 1");
+        }
+        if (b.max_in_flight_data_bytes as usize) < self.validation.max_event_bytes {
+            return err(
+                "bullmq.max_in_flight_data_bytes",
+                "must be at least validation.max_event_bytes (one valid job must fit)",
+            );
         }
         Ok(())
     }

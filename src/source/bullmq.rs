@@ -37,22 +37,26 @@
 //!   worker does): the reason is logged here instead.
 //! - Exponential backoff ignores Node's `jitter` option (not worked around).
 //!
-//! Circuit breaker: [`pause_while_unwritable`] pauses fetching while it is
-//! open; [`QueueHandler::hold_while_unwritable`] holds jobs already fetched.
+//! Circuit breaker: [`gate_fetching`] pauses fetching while it is open (and
+//! while the jobs in flight hold more than `bullmq.max_in_flight_data_bytes`
+//! of data); [`QueueHandler::hold_while_unwritable`] holds jobs already
+//! fetched.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bullmq::worker::WorkerEvent;
 use bullmq::{Job, QueueKeys, Worker, WorkerOptions};
 use redis::aio::ConnectionManager;
+use redis::Value as Value2;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::SourceContext;
 use crate::config::{BullmqConfig, Config, Secret};
 use crate::dlq::DeadLetter;
-use crate::event::{Rejection, ValidationPolicy};
+use crate::event::{RejectReason, Rejection, ValidationPolicy};
 use crate::jobs::{JobError, JobHandlers};
 use crate::processor::{process_message, JobKind, AUDIT_EVENT};
 use crate::sink::{SinkHandle, StoreOutcome};
@@ -60,6 +64,40 @@ use crate::telemetry::Metrics;
 
 /// The `source` label of this source's metrics.
 const SOURCE: &str = "bullmq";
+
+/// Reads a job's raw data, or dead-letters it inside Redis when it is too
+/// large (see [`QueueHandler::job_bytes`]). Hand-written because the crate
+/// offers no raw read; it reads one field of the job's hash and writes only
+/// our DLQ, never BullMQ's state.
+pub const JOB_DATA_LUA: &str = include_str!("job_data.lua");
+
+/// A job's data as [`JOB_DATA_LUA`] found it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum JobData {
+    /// The bytes the producer stored (`null` for a job whose hash has no
+    /// data, as BullMQ itself reads it).
+    Bytes(Vec<u8>),
+    /// Over `validation.max_event_bytes`: already dead-lettered.
+    DeadLettered { bytes: u64 },
+}
+
+/// Parses the script's reply: `{-1}`, `{size}` or `{size, data}`.
+pub fn parse_job_data(v: Value2) -> Option<JobData> {
+    let Value2::Array(parts) = v else { return None };
+    let mut parts = parts.into_iter();
+    let size = match parts.next()? {
+        Value2::Int(n) => n,
+        _ => return None,
+    };
+    match (size, parts.next()) {
+        (-1, None) => Some(JobData::Bytes(b"null".to_vec())),
+        (n, None) if n >= 0 => Some(JobData::DeadLettered {
+            bytes: u64::try_from(n).ok()?,
+        }),
+        (_, Some(Value2::BulkString(data))) => Some(JobData::Bytes(data)),
+        _ => None,
+    }
+}
 
 /// What the jobs of every queue share.
 struct Shared {
@@ -76,6 +114,12 @@ struct Shared {
     /// Stored events offered to the security alert rules.
     alerts: crate::alerts::AlertTap,
     outage_retry_delay: Duration,
+    /// [`JOB_DATA_LUA`], loaded once per connection (EVALSHA).
+    job_data: redis::Script,
+    /// Approximate bytes of the data of every job in flight (all queues).
+    in_flight_bytes: AtomicU64,
+    /// `bullmq.max_in_flight_data_bytes`: fetching pauses above it.
+    max_in_flight_bytes: u64,
     /// Fires on shutdown; releases jobs held at the breaker gate.
     shutdown: CancellationToken,
 }
@@ -119,6 +163,9 @@ impl BullmqSource {
             metrics: self.ctx.metrics,
             alerts: self.ctx.alerts,
             outage_retry_delay: Duration::from_millis(self.settings.outage_retry_delay_ms),
+            job_data: redis::Script::new(JOB_DATA_LUA),
+            in_flight_bytes: AtomicU64::new(0),
+            max_in_flight_bytes: self.settings.max_in_flight_data_bytes,
             shutdown: shutdown.clone(),
         });
         let mut queues = tokio::task::JoinSet::new();
@@ -184,7 +231,7 @@ async fn run_queue(
 ) {
     let queue = handler.queue.clone();
     let metrics = handler.shared.metrics.clone();
-    let sink = handler.shared.sink.clone();
+    let shared = handler.shared.clone();
     let mut failures: u32 = 0;
     let worker = loop {
         if shutdown.is_cancelled() {
@@ -220,7 +267,8 @@ async fn run_queue(
         "BullMQ source consuming"
     );
     let events = tokio::spawn(drain_events(worker.clone(), queue.clone(), metrics));
-    pause_while_unwritable(&worker, &sink, &shutdown, &queue).await;
+    gate_fetching(&worker, &shared, &queue).await;
+    drop(shared);
     let in_flight = worker.active_count().await;
     tracing::info!(
         queue = %queue,
@@ -239,33 +287,86 @@ async fn run_queue(
     tracing::info!(queue = %queue, "BullMQ worker closed");
 }
 
+/// How often [`gate_fetching`] looks at the breaker and the bytes in flight.
+const GATE_POLL: Duration = Duration::from_millis(20);
+
 /// Runs until shutdown, pausing the worker's fetching while the circuit
 /// breaker is open, as the stream source stops reading: jobs stay `waiting`
 /// in BullMQ (for any healthy worker) instead of being taken and held. The
 /// crate's pause also stops the fetch chained to each job's completion.
 /// Jobs already in flight when it opens wait at [`QueueHandler::hold_while_unwritable`].
-async fn pause_while_unwritable(
-    worker: &Worker,
-    sink: &SinkHandle,
-    shutdown: &CancellationToken,
-    queue: &str,
-) {
+///
+/// Fetching also pauses while the data of the jobs in flight exceeds
+/// `bullmq.max_in_flight_data_bytes`: bullmq-official fetches a job whole
+/// (and holds it parsed) before our processor sees it, so without this a
+/// flood of huge jobs would fill memory up to concurrency x job size.
+async fn gate_fetching(worker: &Worker, shared: &Shared, queue: &str) {
+    let mut paused_for_breaker = false;
+    let mut paused_for_memory = false;
     loop {
-        // The breaker has no "opened" notification: poll it, as it polls itself.
-        while sink.breaker().is_writable() {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                _ = shutdown.cancelled() => return,
+        // Neither the breaker nor the byte count notify: poll (cheap loads).
+        tokio::select! {
+            _ = tokio::time::sleep(GATE_POLL) => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        let unwritable = !shared.sink.breaker().is_writable();
+        let full = shared.in_flight_bytes.load(Ordering::Relaxed) > shared.max_in_flight_bytes;
+        if unwritable != paused_for_breaker {
+            paused_for_breaker = unwritable;
+            if unwritable {
+                tracing::warn!(queue = %queue, "database unwritable (circuit breaker open): BullMQ worker stops fetching");
+            } else {
+                tracing::info!(queue = %queue, "database writable again: BullMQ worker fetches again");
             }
         }
-        worker.pause();
-        tracing::warn!(queue = %queue, "database unwritable (circuit breaker open): BullMQ worker stops fetching");
-        let writable = sink.wait_writable(shutdown).await;
-        worker.resume();
-        if !writable {
-            return;
+        if full != paused_for_memory {
+            paused_for_memory = full;
+            tracing::debug!(queue = %queue, paused = full, "jobs in flight over bullmq.max_in_flight_data_bytes: fetching paused until they finish");
         }
-        tracing::info!(queue = %queue, "database writable again: BullMQ worker fetches again");
+        let pause = paused_for_breaker || paused_for_memory;
+        if pause != worker.is_paused() {
+            if pause {
+                worker.pause();
+            } else {
+                worker.resume();
+            }
+        }
+    }
+}
+
+/// Approximate bytes a job's data takes, as the crate holds it: the length
+/// of every string and key, plus a little per value. Cheap next to the
+/// parse that produced it; only has to be right in size, not exact.
+pub fn approx_data_bytes(v: &Value) -> u64 {
+    match v {
+        Value::String(s) => s.len() as u64 + 8,
+        Value::Array(items) => 8 + items.iter().map(approx_data_bytes).sum::<u64>(),
+        Value::Object(map) => {
+            8 + map
+                .iter()
+                .map(|(k, v)| k.len() as u64 + approx_data_bytes(v))
+                .sum::<u64>()
+        }
+        _ => 8,
+    }
+}
+
+/// Counts a job's data in [`Shared::in_flight_bytes`] while it is alive.
+struct InFlight<'a> {
+    counter: &'a AtomicU64,
+    bytes: u64,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(counter: &'a AtomicU64, bytes: u64) -> Self {
+        counter.fetch_add(bytes, Ordering::Relaxed);
+        Self { counter, bytes }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -306,6 +407,7 @@ struct QueueHandler {
 impl QueueHandler {
     /// The processor: decides the job's outcome (module docs, table).
     async fn handle(&self, job: Job) -> Result<Value, bullmq::Error> {
+        let _in_flight = InFlight::new(&self.shared.in_flight_bytes, approx_data_bytes(job.data()));
         if let Gate::ShuttingDown = self.hold_while_unwritable().await {
             return self.give_back(&job).await;
         }
@@ -314,8 +416,11 @@ impl QueueHandler {
             "" => AUDIT_EVENT.to_owned(),
             n => n.to_owned(),
         };
-        let data = match self.job_bytes(&job).await {
-            Ok(data) => data,
+        let data = match self.job_bytes(&job, &name, &source).await {
+            Ok(JobData::Bytes(data)) => data,
+            Ok(JobData::DeadLettered { bytes }) => {
+                return Err(self.dead_lettered_in_redis(bytes, &source))
+            }
             Err(cause) => return self.transient(&job, cause).await,
         };
         let kind = JobKind::from_name(&name);
@@ -376,7 +481,7 @@ impl QueueHandler {
     }
 
     /// The circuit breaker's hold on jobs already fetched when it opened
-    /// (fetching itself is paused by [`pause_while_unwritable`]): such a job
+    /// (fetching itself is paused by [`gate_fetching`]): such a job
     /// waits here, keeping its BullMQ lock (the crate renews it), instead of
     /// spending an attempt on a write that cannot succeed. On shutdown held
     /// jobs are given back to the queue.
@@ -401,29 +506,41 @@ impl QueueHandler {
         Err(bullmq::Error::Delayed)
     }
 
-    /// The job's data as bytes for the processor and the dead letter.
+    /// The job's data exactly as the producer stored it, for validation,
+    /// the row and the dead letter, read with [`JOB_DATA_LUA`].
     ///
-    /// bullmq-official parses `data` (BullMQ producers always store JSON)
-    /// and re-serialising it is exact for everything canonical hash v1
-    /// covers (eight strings). Data that is not JSON reaches us as `null`
-    /// (crate gap), so then the stored bytes are read back, to be validated
-    /// and dead-lettered as they are.
-    async fn job_bytes(&self, job: &Job) -> Result<Vec<u8>, String> {
-        if !job.data().is_null() {
-            return serde_json::to_vec(job.data())
-                .map_err(|e| format!("cannot re-serialise the job data: {e}"));
-        }
+    /// bullmq-official hands the data over parsed: its bytes went through
+    /// a lossy UTF-8 conversion (invalid bytes become U+FFFD) and a JSON
+    /// parse that keeps the last of duplicate keys and turns data that is
+    /// not JSON into `null`. Validating that would store what the producer
+    /// never sent, where the stream source refuses it, so every job's raw
+    /// bytes are read back (one pipelined round trip beside the crate's
+    /// own). Data over `validation.max_event_bytes` is dead-lettered inside
+    /// Redis by the same script instead of being read again.
+    async fn job_bytes(&self, job: &Job, name: &str, source: &str) -> Result<JobData, String> {
         let mut conn = self.shared.commands.clone();
         let key = self.keys.job_key(job.id());
+        let failed_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let attempts = u64::from(job.attempts_made()) + 1;
         let mut last = String::new();
         for attempt in 1..=3u64 {
-            let r: redis::RedisResult<Option<Vec<u8>>> = redis::cmd("HGET")
-                .arg(&key)
-                .arg("data")
-                .query_async(&mut conn)
+            let r: redis::RedisResult<Value2> = self
+                .shared
+                .job_data
+                .key(&key)
+                .key(&self.shared.dlq_key)
+                .arg(self.shared.policy.max_event_bytes)
+                .arg(name)
+                .arg(source)
+                .arg(&failed_at)
+                .arg(attempts)
+                .invoke_async(&mut conn)
                 .await;
-            match r {
-                Ok(bytes) => return Ok(bytes.unwrap_or_else(|| b"null".to_vec())),
+            match r.map(parse_job_data) {
+                Ok(Some(data)) => return Ok(data),
+                Ok(None) => {
+                    last = "unexpected reply from the job data script".into();
+                }
                 Err(e) => {
                     self.shared
                         .metrics
@@ -431,11 +548,26 @@ impl QueueHandler {
                         .with_label_values(&["bullmq_hget"])
                         .inc();
                     last = e.to_string();
-                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
                 }
             }
+            tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
         }
         Err(format!("cannot read the job's raw data from Redis: {last}"))
+    }
+
+    /// Counts and logs a job whose data [`JOB_DATA_LUA`] dead-lettered,
+    /// and the error that fails it for good.
+    fn dead_lettered_in_redis(&self, bytes: u64, source: &str) -> bullmq::Error {
+        let m = &self.shared.metrics;
+        let reason = RejectReason::TooLarge.code();
+        m.events.with_label_values(&[SOURCE, "dead_lettered"]).inc();
+        m.dead_letters.with_label_values(&[reason]).inc();
+        let error = format!(
+            "event is {bytes} bytes, the limit is {} (validation.max_event_bytes)",
+            self.shared.policy.max_event_bytes
+        );
+        tracing::info!(reason, %source, %error, "dead-lettered inside Redis without reading it again");
+        bullmq::Error::Unrecoverable(format!("{reason}: {error}"))
     }
 
     /// The return value of a stored event, for the producer.
@@ -553,6 +685,35 @@ impl QueueHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn approximate_data_size_follows_the_strings_a_job_holds() {
+        let small =
+            json!({"timestamp": "2026-01-01T00:00:00Z", "action": "a", "status": "success"});
+        assert!(approx_data_bytes(&small) < 200);
+        let big = json!({"blob": "A".repeat(10 << 20), "n": [1, 2, {"k": "v"}]});
+        let size = approx_data_bytes(&big);
+        assert!((10 << 20..(10 << 20) + 200).contains(&size), "{size}");
+        assert_eq!(approx_data_bytes(&Value::Null), 8);
+    }
+
+    #[test]
+    fn job_data_replies_parse_to_bytes_a_dead_letter_or_a_missing_job() {
+        use redis::Value as R;
+        assert_eq!(
+            parse_job_data(R::Array(vec![R::Int(3), R::BulkString(b"{\xff}".to_vec())])),
+            Some(JobData::Bytes(b"{\xff}".to_vec()))
+        );
+        assert_eq!(
+            parse_job_data(R::Array(vec![R::Int(10_485_760)])),
+            Some(JobData::DeadLettered { bytes: 10_485_760 })
+        );
+        assert_eq!(
+            parse_job_data(R::Array(vec![R::Int(-1)])),
+            Some(JobData::Bytes(b"null".to_vec()))
+        );
+        assert_eq!(parse_job_data(R::Nil), None);
+    }
 
     #[test]
     fn worker_options_carry_the_bullmq_settings_and_hide_the_redis_password() {

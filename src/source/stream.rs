@@ -194,7 +194,10 @@ impl BoundedRead {
 fn stream_id_less(a: &str, b: &str) -> bool {
     let key = |id: &str| {
         let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-        (ms.parse::<u64>().unwrap_or(0), seq.parse::<u64>().unwrap_or(0))
+        (
+            ms.parse::<u64>().unwrap_or(0),
+            seq.parse::<u64>().unwrap_or(0),
+        )
     };
     key(a) < key(b)
 }
@@ -457,7 +460,12 @@ impl StreamSource {
                 Ok(read) if !read.is_empty() => {
                     failures = 0;
                     if !read.entries.is_empty() {
-                        tasks.spawn(handle_batch(s.clone(), read.entries, Delivery::Fresh, permit));
+                        tasks.spawn(handle_batch(
+                            s.clone(),
+                            read.entries,
+                            Delivery::Fresh,
+                            permit,
+                        ));
                     }
                     continue;
                 }
@@ -568,8 +576,7 @@ impl StreamSource {
     async fn read_bounded(&self, start: &str) -> redis::RedisResult<BoundedRead> {
         let s = &self.shared;
         let mut conn = s.commands.clone();
-        let failed_at =
-            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let failed_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let v: Value = s
             .bounded_read
             .key(&s.stream.key)
@@ -1005,7 +1012,10 @@ mod tests {
         assert!(stream_id_less("9-1", "10-0"));
         assert!(stream_id_less("10-2", "10-10"));
         // An empty script reply (nothing new) is an empty read.
-        let empty = parse_bounded_read(Value::Array(vec![Value::Array(vec![]), Value::Array(vec![])]));
+        let empty = parse_bounded_read(Value::Array(vec![
+            Value::Array(vec![]),
+            Value::Array(vec![]),
+        ]));
         assert!(empty.is_empty());
         assert_eq!(empty.last_id(), None);
     }
@@ -1021,7 +1031,10 @@ mod tests {
                     .collect(),
             ),
         };
-        let at_limit = entry(vec![("data", vec![b' '; 100]), ("name", b"audit.event".to_vec())]);
+        let at_limit = entry(vec![
+            ("data", vec![b' '; 100]),
+            ("name", b"audit.event".to_vec()),
+        ]);
         assert!(oversize(&at_limit, 100).is_none());
         let over = oversize(&entry(vec![("data", vec![b' '; 101])]), 100).unwrap();
         assert_eq!(over.reason, RejectReason::TooLarge);

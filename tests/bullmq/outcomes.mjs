@@ -8,7 +8,16 @@
 //   SCENARIO=smart-logs  events built as the smart-logs SDK builds them
 //                        (canonical hash v1 + HMAC, key HMAC_SECRET), and
 //                        copies with one thing altered after signing
+//   SCENARIO=hostile     the jobs listed in the JSON file HOSTILE_FILE:
+//                        [{label, name?, json}] added as Node adds them
+//                        (JSON.parse, then Queue.add), [{label, name?, hex}]
+//                        added with a placeholder whose stored data is then
+//                        overwritten with exactly those bytes, as a producer
+//                        bypassing JSON.stringify would; the queue is paused
+//                        meanwhile so no worker sees a placeholder
+import { readFileSync } from 'node:fs';
 import { Job, Queue, QueueEvents } from 'bullmq';
+import IORedis from 'ioredis';
 import {
   env,
   emit,
@@ -69,6 +78,17 @@ function smartLogs() {
   return { jobs, vectors };
 }
 
+function hostile() {
+  const file = process.env.HOSTILE_FILE ?? fail('HOSTILE_FILE is required');
+  return JSON.parse(readFileSync(file, 'utf8')).map((c) => ({
+    label: c.label,
+    name: c.name ?? 'audit.event',
+    data: c.json !== undefined ? JSON.parse(c.json) : { placeholder: true },
+    raw: c.hex !== undefined ? Buffer.from(c.hex, 'hex') : null,
+    opts: retryOpts,
+  }));
+}
+
 let jobs;
 let extra = {};
 if (scenario === 'wrong-hash') {
@@ -77,6 +97,8 @@ if (scenario === 'wrong-hash') {
   const s = smartLogs();
   jobs = s.jobs;
   extra = { vectorsChecked: s.vectors };
+} else if (scenario === 'hostile') {
+  jobs = hostile();
 } else {
   fail(`unknown SCENARIO ${scenario}`);
 }
@@ -98,18 +120,58 @@ const record = (kind) => ({ jobId }) => {
 events.on('completed', record('completed'));
 events.on('failed', record('failed'));
 
+const rawData = jobs.some((j) => j.raw);
+if (rawData) {
+  await queue.pause();
+}
 const added = await queue.addBulk(jobs.map(({ name, data, opts }) => ({ name, data, opts })));
 const ids = new Set(added.map((j) => j.id));
+// The data each job holds in Redis when workers may take it.
+const stored = new Map();
+const client = new IORedis(env.redisUrl);
+for (let k = 0; k < added.length; k += 1) {
+  const key = queue.toKey(added[k].id);
+  if (jobs[k].raw) {
+    await client.hset(key, 'data', jobs[k].raw);
+  }
+  stored.set(added[k].id, (await client.hgetBuffer(key, 'data')).toString('hex'));
+}
+if (rawData) {
+  await queue.resume();
+}
 if ([...ids].every((id) => finished.has(id))) resolveDone();
 let timedOut = false;
 await Promise.race([done, deadline(env.timeoutMs, 'every job to finish')]).catch(() => {
   timedOut = true;
 });
 
+// What Node sees of each job. Job.fromId parses the job's data and throws
+// on data that is not JSON (the raw hostile cases): those are read from the
+// job's hash directly, field by field as Job.fromJSON would.
+const jobView = async (id) => {
+  try {
+    const job = await Job.fromId(queue, id);
+    return {
+      attemptsMade: job.attemptsMade,
+      attemptsStarted: job.attemptsStarted,
+      failedReason: job.failedReason,
+      returnvalue: job.returnvalue,
+    };
+  } catch {
+    const h = await client.hgetall(queue.toKey(id));
+    return {
+      attemptsMade: Number(h.atm ?? 0),
+      attemptsStarted: Number(h.ats ?? 0),
+      failedReason: h.failedReason,
+      returnvalue: h.returnvalue,
+    };
+  }
+};
 const out = [];
 for (let k = 0; k < added.length; k += 1) {
-  const job = await Job.fromId(queue, added[k].id);
-  const state = await job.getState();
+  const id = added[k].id;
+  const job = await jobView(id);
+  const state = await queue.getJobState(id);
   let returnvalue = job.returnvalue;
   if (typeof returnvalue === 'string') {
     try {
@@ -120,15 +182,17 @@ for (let k = 0; k < added.length; k += 1) {
   }
   out.push({
     label: jobs[k].label,
-    id: job.id,
-    event: finished.get(job.id) ?? null,
+    id,
+    event: finished.get(id) ?? null,
     state,
     attemptsMade: job.attemptsMade,
     attemptsStarted: job.attemptsStarted,
     failedReason: job.failedReason ?? null,
     returnvalue: returnvalue ?? null,
+    storedHex: stored.get(id),
   });
 }
 emit({ jobs: out, timedOut, ...extra });
+await client.quit();
 await events.close();
 await queue.close();

@@ -671,3 +671,241 @@ async fn bullmq_worker_stops_fetching_while_the_circuit_breaker_is_open() {
     stop(worker);
     cleanup(env).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bullmq_hostile_jobs_fail_with_stable_codes_or_complete_with_rows_byte_exact() {
+    use crate::hostile::{
+        accepted_cases, assert_stored_as_sent, many_keys, raw_event, rejected_cases,
+    };
+    let env = TestEnv::new("bq_hostile").await;
+    // The stream suite's inputs, each one job: bytes that no JSON.stringify
+    // makes are written into the job as a producer bypassing it would;
+    // the accepted events are added by Node as any producer adds them.
+    let rejected = rejected_cases();
+    let accepted = accepted_cases();
+    let mut cases: Vec<Value> = Vec::new();
+    for (what, _, bytes) in &rejected {
+        cases.push(serde_json::json!({"label": what, "hex": hex::encode(bytes)}));
+    }
+    for e in &accepted {
+        cases.push(serde_json::json!({"label": e["eventId"], "json": e.to_string()}));
+    }
+    // Accepted too, as raw bytes: 100,000 keys, an integer beyond 64 bits.
+    for (id, extra) in [
+        ("ok-many", many_keys(100_000)),
+        ("ok-bigint", r#","n":18446744073709551617"#.to_string()),
+    ] {
+        cases.push(serde_json::json!({"label": id, "hex": hex::encode(raw_event(id, &extra))}));
+    }
+    // Hostile values as a Node producer makes them: JSON.stringify writes a
+    // lone surrogate as an escape, and a NUL as \u0000.
+    let node_made = [
+        (
+            "lone surrogate from JavaScript",
+            "invalid_json",
+            format!(
+                r#"{{"timestamp":"{}","action":"\ud800","status":"success"}}"#,
+                ts(1)
+            ),
+        ),
+        (
+            "NUL from JavaScript",
+            "nul_character",
+            format!(
+                r#"{{"timestamp":"{}","action":"a\u0000b","status":"success"}}"#,
+                ts(1)
+            ),
+        ),
+        (
+            "year 9999 from JavaScript",
+            "timestamp_out_of_range",
+            r#"{"timestamp":"9999-12-31T23:59:59.999Z","action":"a","status":"success"}"#.into(),
+        ),
+    ];
+    for (what, _, json) in &node_made {
+        cases.push(serde_json::json!({"label": what, "json": json}));
+    }
+    // A header-like job name: not a job kind, so an audit event (issue 4),
+    // refused for its data; the name reaches the dead letter unchanged.
+    cases.push(serde_json::json!({
+        "label": "header-injection name",
+        "name": "export.audit\r\nX-Injected: 1",
+        "json": r#"{"organizationId":"o"}"#,
+    }));
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), serde_json::to_vec(&cases).unwrap()).unwrap();
+
+    let worker = spawn_worker(
+        &env,
+        &[("AUDIT_WORKER__VALIDATION__MAX_EVENT_BYTES", "4194304")],
+    );
+    wait_ready(&env).await;
+    let r = node_json(
+        &env,
+        "outcomes.mjs",
+        &[
+            ("SCENARIO", "hostile".into()),
+            ("HOSTILE_FILE", file.path().display().to_string()),
+        ],
+    )
+    .await;
+    assert_eq!(r["timedOut"], false, "every job finished");
+    let jobs = r["jobs"].as_array().unwrap();
+    let job = |label: &str| {
+        jobs.iter()
+            .find(|j| j["label"] == label)
+            .unwrap_or_else(|| panic!("no job {label}"))
+    };
+    let letters = env.dlq_entries().await;
+    let letter_of = |job: &Value| {
+        let source = format!("bullmq:{}:{}", env.queue, job["id"].as_str().unwrap());
+        letters
+            .iter()
+            .find(|l| field(l, "source") == source)
+            .unwrap_or_else(|| panic!("no dead letter for {}", job["label"]))
+    };
+    let expected_failures = rejected
+        .iter()
+        .map(|(what, reason, _)| (*what, *reason))
+        .chain(node_made.iter().map(|(what, reason, _)| (*what, *reason)))
+        .chain([("header-injection name", "invalid_event")]);
+    let mut failed = 0;
+    for (what, reason) in expected_failures {
+        let j = job(what);
+        assert_eq!(j["state"], "failed", "{what}: {j}");
+        assert_eq!(j["attemptsMade"], 1, "{what}: no retry spent");
+        let failed_reason = j["failedReason"].as_str().unwrap();
+        assert!(
+            failed_reason.starts_with(&format!("{reason}: ")),
+            "{what}: Node reads {failed_reason:?}, expected {reason}"
+        );
+        assert!(
+            failed_reason.len() < 2_000,
+            "{what}: the reason stays short"
+        );
+        let letter = letter_of(j);
+        assert_eq!(field(letter, "reason"), reason, "{what}");
+        assert_eq!(
+            hex::encode(&letter["data"]),
+            j["storedHex"].as_str().unwrap(),
+            "{what}: the job's stored bytes, untouched"
+        );
+        failed += 1;
+    }
+    assert_eq!(
+        field(letter_of(job("header-injection name")), "name"),
+        "export.audit\r\nX-Injected: 1"
+    );
+    // The raw cases really were the bytes of the stream suite.
+    for (what, _, bytes) in &rejected {
+        assert_eq!(job(what)["storedHex"], hex::encode(bytes), "{what}");
+    }
+    assert_eq!(letters.len(), failed, "one dead letter per failed job");
+    for label in accepted
+        .iter()
+        .map(|e| e["eventId"].as_str().unwrap())
+        .chain(["ok-many", "ok-bigint"])
+    {
+        let j = job(label);
+        assert_eq!(j["state"], "completed", "{j}");
+        assert_eq!(j["returnvalue"]["stored"], "inserted", "{j}");
+    }
+    assert_stored_as_sent(&env, &accepted).await;
+    assert_eq!(env.row_count().await, accepted.len() as i64 + 2);
+    // Still up, still storing.
+    let health = reqwest::get(format!("http://127.0.0.1:{}/healthz", env.http_port))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    stop(worker);
+    cleanup(env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bullmq_flood_of_10_mb_jobs_is_dead_lettered_as_too_large_and_the_worker_stays_up() {
+    use crate::hostile::memory_kib;
+    let env = TestEnv::new("bq_flood").await;
+    let half: usize = std::env::var("BULLMQ_FLOOD_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20)
+        / 2;
+    let add = |count: usize, blob: bool, tag: &str| {
+        let mut vars = vec![("COUNT", count.to_string()), ("TAG", tag.to_string())];
+        if blob {
+            vars.push(("BLOB_BYTES", (10usize << 20).to_string()));
+        }
+        vars
+    };
+    // Half the flood (and two valid events) waits before the worker starts,
+    // half arrives while it runs.
+    node_json(&env, "add.mjs", &add(half, true, "big1")).await;
+    node_json(&env, "add.mjs", &add(2, false, "ok1")).await;
+    let mut worker = spawn_worker(&env, &[]);
+    wait_ready(&env).await;
+    let pid = worker.child().id();
+    let idle = memory_kib(pid);
+    node_json(&env, "add.mjs", &add(half, true, "big2")).await;
+    node_json(&env, "add.mjs", &add(2, false, "ok2")).await;
+    let total = 2 * half + 4;
+    let seen = node_json(&env, "await.mjs", &[("COUNT", total.to_string())]).await;
+    assert_eq!(seen["timedOut"], false, "{seen}");
+    assert_eq!(seen["counts"]["failed"], 2 * half, "{seen}");
+    assert_eq!(seen["counts"]["completed"], 4, "{seen}");
+    for reason in seen["failedReasons"].as_array().unwrap() {
+        assert!(
+            reason.as_str().unwrap().starts_with("too_large: "),
+            "{reason}"
+        );
+    }
+    assert!(
+        worker.child().try_wait().unwrap().is_none(),
+        "worker still running"
+    );
+    let (hwm, rss) = memory_kib(pid);
+    eprintln!(
+        "BullMQ flood of {} x 10 MB jobs: worker RSS idle {} MiB, peak (VmHWM) {} MiB, after {} MiB",
+        2 * half,
+        idle.1 / 1024,
+        hwm / 1024,
+        rss / 1024
+    );
+    assert_eq!(env.row_count().await, 4);
+    // Each dead letter holds the job's stored data (read one per reply).
+    let mut conn = env.redis_conn().await;
+    let mut start = "-".to_string();
+    let mut checked = 0;
+    loop {
+        let v: redis::Value = redis::cmd("XRANGE")
+            .arg(&env.dlq)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let Some(letter) = audit_worker::source::stream::parse_entries(&v).pop() else {
+            break;
+        };
+        assert_eq!(letter.field("reason"), Some(&b"too_large"[..]));
+        let source = String::from_utf8(letter.field("source").unwrap().to_vec()).unwrap();
+        let job_id = source.rsplit(':').next().unwrap();
+        let stored: Vec<u8> = redis::cmd("HGET")
+            .arg(format!("bull:{}:{job_id}", env.queue))
+            .arg("data")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(stored.len() > 10 << 20);
+        assert!(
+            letter.field("data") == Some(&stored[..]),
+            "original bytes kept"
+        );
+        start = format!("({}", letter.id);
+        checked += 1;
+    }
+    assert_eq!(checked, 2 * half);
+    stop(worker);
+    cleanup(env).await;
+}

