@@ -201,13 +201,6 @@ async fn run_dlq(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The allocator. glibc's malloc took about 40% of the worker's CPU on the
-/// BullMQ path (malloc, free and chunk consolidation, in a `perf` profile:
-/// benches/README.md); mimalloc is made for many small, short-lived
-/// allocations freed on other threads, which is what tokio tasks do.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref()) {
