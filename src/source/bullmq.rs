@@ -49,7 +49,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bullmq::worker::WorkerEvent;
 use bullmq::{Job, QueueKeys, Worker, WorkerOptions};
 use redis::aio::ConnectionManager;
-use redis::Value as Value2;
+use redis::Value as RedisValue;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -82,11 +82,13 @@ pub enum JobData {
 }
 
 /// Parses the script's reply: `{-1}`, `{size}` or `{size, data}`.
-pub fn parse_job_data(v: Value2) -> Option<JobData> {
-    let Value2::Array(parts) = v else { return None };
+pub fn parse_job_data(v: RedisValue) -> Option<JobData> {
+    let RedisValue::Array(parts) = v else {
+        return None;
+    };
     let mut parts = parts.into_iter();
     let size = match parts.next()? {
-        Value2::Int(n) => n,
+        RedisValue::Int(n) => n,
         _ => return None,
     };
     match (size, parts.next()) {
@@ -94,7 +96,7 @@ pub fn parse_job_data(v: Value2) -> Option<JobData> {
         (n, None) if n >= 0 => Some(JobData::DeadLettered {
             bytes: u64::try_from(n).ok()?,
         }),
-        (_, Some(Value2::BulkString(data))) => Some(JobData::Bytes(data)),
+        (_, Some(RedisValue::BulkString(data))) => Some(JobData::Bytes(data)),
         _ => None,
     }
 }
@@ -524,7 +526,7 @@ impl QueueHandler {
         let attempts = u64::from(job.attempts_made()) + 1;
         let mut last = String::new();
         for attempt in 1..=3u64 {
-            let r: redis::RedisResult<Value2> = self
+            let r: redis::RedisResult<RedisValue> = self
                 .shared
                 .job_data
                 .key(&key)
