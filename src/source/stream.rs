@@ -413,12 +413,12 @@ impl StreamSource {
                     }
                     Err(e) => {
                         failures += 1;
-                        group_ready = !is_nogroup(&e);
-                        s.metrics
-                            .redis_errors
-                            .with_label_values(&["xreadgroup"])
-                            .inc();
-                        tracing::warn!(error = %e, "reading own pending entries failed; retrying");
+                        group_ready = read_failed(
+                            s,
+                            &e,
+                            "xreadgroup",
+                            "reading own pending entries failed; retrying",
+                        );
                     }
                 }
                 continue;
@@ -441,12 +441,8 @@ impl StreamSource {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        group_ready = !is_nogroup(&e);
-                        s.metrics
-                            .redis_errors
-                            .with_label_values(&["xautoclaim"])
-                            .inc();
-                        tracing::warn!(error = %e, "XAUTOCLAIM failed; will retry");
+                        group_ready =
+                            read_failed(s, &e, "xautoclaim", "XAUTOCLAIM failed; will retry");
                     }
                 }
             }
@@ -472,12 +468,8 @@ impl StreamSource {
                 Ok(_) => {}
                 Err(e) => {
                     failures += 1;
-                    group_ready = !is_nogroup(&e);
-                    s.metrics
-                        .redis_errors
-                        .with_label_values(&["xreadgroup"])
-                        .inc();
-                    tracing::warn!(error = %e, "reading new entries failed; retrying");
+                    group_ready =
+                        read_failed(s, &e, "xreadgroup", "reading new entries failed; retrying");
                     continue;
                 }
             }
@@ -535,13 +527,9 @@ impl StreamSource {
                 }
                 Err(e) => {
                     failures += 1;
-                    group_ready = !is_nogroup(&e);
                     reader = None;
-                    s.metrics
-                        .redis_errors
-                        .with_label_values(&["xreadgroup"])
-                        .inc();
-                    tracing::warn!(error = %e, "XREADGROUP failed; reconnecting");
+                    group_ready =
+                        read_failed(s, &e, "xreadgroup", "XREADGROUP failed; reconnecting");
                 }
             }
         }
@@ -678,6 +666,14 @@ pub fn parse_pending_counts(v: &Value) -> HashMap<String, u64> {
             Some((id, count))
         })
         .collect()
+}
+
+/// Counts and logs a failed read (`op` labels the metric) and says whether
+/// the consumer group is still there (false: recreate it before reading).
+fn read_failed(s: &Shared, e: &redis::RedisError, op: &str, what: &str) -> bool {
+    s.metrics.redis_errors.with_label_values(&[op]).inc();
+    tracing::warn!(error = %e, "{what}");
+    !is_nogroup(e)
 }
 
 fn is_nogroup(e: &redis::RedisError) -> bool {
