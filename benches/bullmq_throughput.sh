@@ -12,7 +12,8 @@
 #
 # Environment: REDIS_URL (redis://127.0.0.1:6379), BENCH_DATABASE_URL
 # (postgres://postgres@127.0.0.1:5432/audit_worker_bench, created if
-# missing), PROFILE=release|debug (debug only to check the script itself).
+# missing), PROFILE=release|debug (debug only to check the script itself),
+# AUDIT_WORKER_BIN (a worker binary to use instead of building one).
 # Everything it creates (queues, schema) is removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,7 +59,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if [ "$PROFILE" = release ]; then
+if [ -n "${AUDIT_WORKER_BIN:-}" ]; then
+  # A binary built elsewhere (say with --no-default-features, to compare
+  # allocators); the crate's no-op worker is still built here.
+  BIN=$AUDIT_WORKER_BIN
+  cargo bench --locked --bench bullmq_crate_noop --no-run
+elif [ "$PROFILE" = release ]; then
   cargo build --release --locked --bin audit-worker
   BIN=target/release/audit-worker
   cargo bench --locked --bench bullmq_crate_noop --no-run

@@ -29,7 +29,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release --quiet
+cargo build --release --quiet --bin audit-worker
 "$BIN" migrate >/dev/null
 
 echo "filling $ROWS rows ..."

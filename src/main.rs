@@ -201,6 +201,16 @@ async fn run_dlq(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The allocator. With glibc's malloc, allocation took about 40% of the
+/// worker's CPU on the BullMQ path: bullmq-official builds and drops a
+/// parsed job, and clones the source of its Lua scripts, for every job,
+/// on tokio threads that free what other threads allocated. jemalloc
+/// halved the worker's CPU per job and kept the export's peak RSS under
+/// issue 5's 64 MiB (mimalloc did not); figures in benches/README.md.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref()) {
