@@ -16,6 +16,12 @@ use std::time::Instant;
 use bullmq::worker::WorkerEvent;
 use bullmq::{Job, Worker, WorkerOptions};
 
+/// The same allocator as audit-worker (src/main.rs), so the floor is
+/// measured on the same terms.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
