@@ -205,7 +205,7 @@ async fn run_dlq(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
 /// worker's CPU on the BullMQ path: bullmq-official builds and drops a
 /// parsed job, and clones the source of its Lua scripts, for every job,
 /// on tokio threads that free what other threads allocated. jemalloc
-/// halved the worker's CPU per job and kept the export's peak RSS under
+/// cut the worker's CPU per job by about 40% and kept the export's peak RSS under
 /// issue 5's 64 MiB (mimalloc did not); figures in benches/README.md.
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
