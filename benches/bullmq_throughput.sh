@@ -6,7 +6,8 @@
 # job (concurrency 100), and COUNT jobs on a third queue by a Worker of
 # bullmq-official, the crate the BullMQ source is built on, that does
 # nothing either (benches/bullmq_crate_noop.rs; CRATE_CONCURRENCY, default
-# 100). Prints the three rates.
+# 100). Prints the three rates, and CPU-seconds per 100,000 jobs for each
+# consumer, Redis and (during audit-worker's run) PostgreSQL.
 #
 #   benches/bullmq_throughput.sh [COUNT]
 #
@@ -38,8 +39,6 @@ now() { date +%s.%N; }
 CLK=$(getconf CLK_TCK)
 redis_cpu() { redis-cli -u "$REDIS_URL" info cpu | tr -d '\r' | awk -F: '/^used_cpu_(sys|user):/ {s += $2} END {printf "%.2f", s}'; }
 proc_cpu() { awk -v clk="$CLK" '{printf "%.2f", ($14 + $15) / clk}' "/proc/$1/stat"; }
-TIMES=$(mktemp)
-# `times` must not run in a pipeline (a subshell has no children of its own).
 pg_cpu() {
   local pid total=0
   for pid in $(pgrep -x postgres || pgrep -f '^postgres'); do
@@ -47,6 +46,8 @@ pg_cpu() {
   done
   awk -v t="$total" -v clk="$CLK" 'BEGIN {printf "%.2f", t / clk}'
 }
+TIMES=$(mktemp)
+# `times` must not run in a pipeline (a subshell has no children of its own).
 children_cpu() { times >"$TIMES"; tail -1 "$TIMES" | awk '{gsub(/[ms]/, " "); printf "%.2f", $1 * 60 + $2 + $3 * 60 + $4}'; }
 rows() { psql -qtAX "$DB_URL" -c "SELECT count(*) FROM \"$SCHEMA\".audit_log" 2>/dev/null || echo 0; }
 cleanup() {
