@@ -823,7 +823,7 @@ async fn bullmq_hostile_jobs_fail_with_stable_codes_or_complete_with_rows_byte_e
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bullmq_flood_of_10_mb_jobs_is_dead_lettered_as_too_large_and_the_worker_stays_up() {
-    use crate::hostile::memory_kib;
+    use crate::hostile::{memory_kib, DeadLetterWalk};
     let env = TestEnv::new("bq_flood").await;
     let half: usize = std::env::var("BULLMQ_FLOOD_JOBS")
         .ok()
@@ -871,23 +871,11 @@ async fn bullmq_flood_of_10_mb_jobs_is_dead_lettered_as_too_large_and_the_worker
         rss / 1024
     );
     assert_eq!(env.row_count().await, 4);
-    // Each dead letter holds the job's stored data (read one per reply).
+    // Each dead letter holds the job's stored data.
     let mut conn = env.redis_conn().await;
-    let mut start = "-".to_string();
+    let mut letters = DeadLetterWalk::new(&env).await;
     let mut checked = 0;
-    loop {
-        let v: redis::Value = redis::cmd("XRANGE")
-            .arg(&env.dlq)
-            .arg(&start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let Some(letter) = audit_worker::source::stream::parse_entries(&v).pop() else {
-            break;
-        };
+    while let Some(letter) = letters.next().await {
         assert_eq!(letter.field("reason"), Some(&b"too_large"[..]));
         let source = String::from_utf8(letter.field("source").unwrap().to_vec()).unwrap();
         let job_id = source.rsplit(':').next().unwrap();
@@ -902,7 +890,6 @@ async fn bullmq_flood_of_10_mb_jobs_is_dead_lettered_as_too_large_and_the_worker
             letter.field("data") == Some(&stored[..]),
             "original bytes kept"
         );
-        start = format!("({}", letter.id);
         checked += 1;
     }
     assert_eq!(checked, 2 * half);

@@ -361,6 +361,40 @@ async fn hostile_entries_are_dead_lettered_with_stable_codes_or_stored_byte_exac
     env.cleanup().await;
 }
 
+/// Walks `env.dlq` one dead letter per reply: a reply of many 10 MB
+/// letters would outlast the client's response timeout.
+pub struct DeadLetterWalk {
+    conn: redis::aio::MultiplexedConnection,
+    dlq: String,
+    start: String,
+}
+
+impl DeadLetterWalk {
+    pub async fn new(env: &TestEnv) -> Self {
+        Self {
+            conn: env.redis_conn().await,
+            dlq: env.dlq.clone(),
+            start: "-".to_string(),
+        }
+    }
+
+    /// The next dead letter, or `None` past the last one.
+    pub async fn next(&mut self) -> Option<audit_worker::source::stream::StreamEntry> {
+        let v: redis::Value = redis::cmd("XRANGE")
+            .arg(&self.dlq)
+            .arg(&self.start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut self.conn)
+            .await
+            .unwrap();
+        let letter = audit_worker::source::stream::parse_entries(&v).pop()?;
+        self.start = format!("({}", letter.id);
+        Some(letter)
+    }
+}
+
 /// Peak resident memory (VmHWM) and current (VmRSS) of a process, in KiB.
 pub fn memory_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -434,30 +468,14 @@ async fn a_flood_of_10_mb_entries_is_refused_as_too_large_and_the_worker_stays_u
         "worker peak RSS {} MiB during the flood: oversized entries reached the worker",
         hwm / 1024
     );
-    // One dead letter per reply: 200 MB in one XRANGE reply would outlast
-    // the client's response timeout.
-    let mut conn = env.redis_conn().await;
-    let mut start = "-".to_string();
+    let mut letters = DeadLetterWalk::new(&env).await;
     let mut checked = 0;
-    loop {
-        let v: redis::Value = redis::cmd("XRANGE")
-            .arg(&env.dlq)
-            .arg(&start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let Some(letter) = audit_worker::source::stream::parse_entries(&v).pop() else {
-            break;
-        };
+    while let Some(letter) = letters.next().await {
         assert_eq!(letter.field("reason"), Some(&b"too_large"[..]));
         assert!(
             letter.field("data") == Some(&ten_mb[..]),
             "original bytes kept"
         );
-        start = format!("({}", letter.id);
         checked += 1;
     }
     assert_eq!(checked, entries);
