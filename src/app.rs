@@ -13,8 +13,9 @@ use crate::db::{self, Partitions};
 use crate::http::{self, HttpState, QueueInfo};
 use crate::jobs::snapshot::{self, Snapshotter};
 use crate::jobs::JobHandlers;
+use crate::processor::Processor;
 use crate::sink::{PostgresSink, SinkSettings};
-use crate::source::{self, bullmq::BullmqSource, stream::StreamSource, SourceContext};
+use crate::source::{self, bullmq::BullmqSource, stream::StreamSource};
 use crate::telemetry::Metrics;
 
 /// Runs the worker until `shutdown` fires (or a fatal start-up error).
@@ -70,7 +71,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         alert_threshold: config.dlq.alert_threshold,
         alert_window: Duration::from_secs(config.dlq.alert_window_secs),
     };
-    let exports = crate::jobs::export::ExportService::new(&config, pool.clone(), commands.clone())?;
+    let exports = crate::jobs::export::ExportService::new(
+        &config,
+        pool.clone(),
+        commands.clone(),
+        metrics.clone(),
+    )?;
 
     let http_stop = CancellationToken::new();
     let http_task = http::serve(
@@ -106,34 +112,35 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ..JobHandlers::default()
     };
     let export_tasks = exports.spawn(&config.export, shutdown.clone());
-    let snapshot_task = match snapshot_executor(&config, &pool, &commands)? {
+    let snapshot_task = match snapshot_executor(&config, &pool, &commands, &metrics)? {
         Some(snapshotter) => {
             job_handlers.snapshot = Some(snapshotter.clone());
             Some(tokio::spawn(snapshotter.run_executor(shutdown.clone())))
         }
         None => None,
     };
-    let ctx = SourceContext {
-        policy: policy.clone(),
-        sink: sink.handle(),
-        jobs: job_handlers.clone(),
-        metrics: metrics.clone(),
+    let processor = Processor::new(
+        policy.clone(),
+        sink.handle(),
+        job_handlers.clone(),
+        metrics.clone(),
         alerts,
-        shutdown: shutdown.clone(),
-    };
+        shutdown.clone(),
+    );
 
     let mut sources = tokio::task::JoinSet::new();
     if config.stream.enabled {
-        let stream = StreamSource::new(&config, client.clone(), commands.clone(), ctx.clone());
+        let stream =
+            StreamSource::new(&config, client.clone(), commands.clone(), processor.clone());
         sources.spawn(stream.run());
     }
     if config.bullmq.enabled {
-        let bullmq = BullmqSource::new(&config, commands.clone(), ctx.clone());
+        let bullmq = BullmqSource::new(&config, commands.clone(), processor.clone());
         sources.spawn(bullmq.run());
     }
     // Only the sources may keep sink handles now: once they stop, the sink
     // sees its queue close, flushes and ends.
-    drop(ctx);
+    drop(processor);
     tracing::info!("audit-worker running");
 
     while let Some(r) = sources.join_next().await {
@@ -227,6 +234,7 @@ fn snapshot_executor(
     config: &Config,
     pool: &deadpool_postgres::Pool,
     redis: &redis::aio::ConnectionManager,
+    metrics: &Metrics,
 ) -> anyhow::Result<Option<Arc<Snapshotter>>> {
     if !config.snapshot.enabled {
         return Ok(None);
@@ -236,13 +244,10 @@ fn snapshot_executor(
         return Ok(None);
     };
     let storage = crate::storage::open(&config.storage)?;
-    Ok(Some(Arc::new(Snapshotter::new(
-        config,
-        pool.clone(),
-        signer,
-        storage,
-        Some(redis.clone()),
-    ))))
+    Ok(Some(Arc::new(
+        Snapshotter::new(config, pool.clone(), signer, storage, Some(redis.clone()))
+            .with_metrics(metrics.clone()),
+    )))
 }
 
 /// Creates next months' partitions every `partition_upkeep_interval_secs`,

@@ -45,6 +45,9 @@ pub enum RejectReason {
     DatabaseRejected,
     /// The entry was delivered more than `max_deliveries` times without success.
     MaxDeliveries,
+    /// Another event with a different hash is already stored under the
+    /// same idempotency key and event time.
+    IdempotencyConflict,
     /// The job name names a kind this worker does not handle.
     UnknownKind,
     /// A JSON object has the same key twice. Parsers disagree on which
@@ -74,6 +77,7 @@ impl RejectReason {
             Self::SignatureMismatch => "signature_mismatch",
             Self::DatabaseRejected => "database_rejected",
             Self::MaxDeliveries => "max_deliveries",
+            Self::IdempotencyConflict => "idempotency_conflict",
             Self::UnknownKind => "unknown_kind",
             Self::DuplicateKey => "duplicate_key",
             Self::InvalidExportRequest => "invalid_export_request",
@@ -81,7 +85,7 @@ impl RejectReason {
     }
 
     /// Every reason, for documentation and for pre-registering metric labels.
-    pub const ALL: [RejectReason; 17] = [
+    pub const ALL: [RejectReason; 18] = [
         Self::InvalidJson,
         Self::InvalidEvent,
         Self::StringTooLong,
@@ -99,6 +103,7 @@ impl RejectReason {
         Self::UnknownKind,
         Self::DuplicateKey,
         Self::InvalidExportRequest,
+        Self::IdempotencyConflict,
     ];
 }
 
@@ -122,6 +127,17 @@ impl Rejection {
             reason,
             message: message.into(),
         }
+    }
+}
+
+impl Rejection {
+    /// A different event reuses a stored event's idempotency key: names
+    /// both hashes so the producer can tell which is which.
+    pub fn idempotency_conflict(key: &str, stored_hash: &str, new_hash: &str) -> Self {
+        Self::new(
+            RejectReason::IdempotencyConflict,
+            format!("idempotency key {key} is already stored for another event at the same time: stored hash {stored_hash}, this event's hash {new_hash}"),
+        )
     }
 }
 

@@ -12,6 +12,7 @@ pub mod http;
 pub mod integrity;
 pub mod jobs;
 pub mod lease;
+pub mod message;
 pub mod pgtls;
 pub mod processor;
 #[cfg(test)]

@@ -1,12 +1,37 @@
-//! The processor: turns one delivered message into what should happen to
-//! it, independent of the source it came from.
+//! The processor: the one place that decides what happens to a delivered
+//! message, whichever source read it.
+//!
+//! A source hands over a [`Delivery`] and gets back a [`Disposition`]:
+//! store (the row is committed), a job request recorded by its handler, a
+//! dead letter with a stable reason, or — only when the worker stops while
+//! the database is unavailable — retry later. Routing by kind, validation,
+//! dead-letter decisions, metrics, spans and the security-alert hand-off
+//! all happen here; sources only read and carry dispositions out.
+//!
+//! Failures that are not the message's fault are retried *in place*: an
+//! event whose write found the database unavailable waits for the circuit
+//! breaker and is written again, and a job request whose handler could not
+//! record it is offered again with backoff, without a new Redis delivery.
+//! So an outage never raises a message's delivery count, and never turns
+//! into a `max_deliveries` dead letter.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::Utc;
+use prometheus::IntCounter;
+use tokio_util::sync::CancellationToken;
 
+use crate::alerts::{AlertInput, AlertTap};
+use crate::dlq::DeadLetter;
 use crate::event::{decode_event, RejectReason, Rejection, ValidationPolicy};
-use crate::sink::AuditRecord;
+use crate::jobs::{JobError, JobHandlers};
+use crate::message::{Delivery, Disposition, SourceKind, Stored, MAX_SIDE_FIELD_BYTES};
+use crate::retry::Backoff;
+use crate::sink::{AuditRecord, SinkHandle, StoreOutcome};
+use crate::telemetry::Metrics;
 
-/// The job kind a message's name selects (DESIGN.md sections 2 and 3).
+/// The job kind a message's name selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobKind {
     /// `audit.event`, no name, or any name that is not another kind.
@@ -29,16 +54,25 @@ impl JobKind {
             _ => Self::AuditEvent,
         }
     }
+
+    /// The `kind` label of the job metrics and spans.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::AuditEvent => "event",
+            Self::Export => "export",
+            Self::Snapshot => "snapshot",
+        }
+    }
 }
 
-/// Decides what to do with one audit-event message: store it (a record for
-/// the sink) or reject it (a reason for the dead-letter stream). Messages of
-/// other kinds go to [`crate::jobs::JobHandlers`] instead; sources check
-/// [`JobKind::from_name`] first.
-pub fn process_message(
+/// Validates one audit-event message into a record for the sink, or the
+/// reason it can never be stored. Pure: no I/O, so it is unit-tested and
+/// fuzzed on its own. Job kinds other than events are `unknown_kind` here;
+/// [`Processor::process`] routes them to their handlers first.
+pub fn decode_record(
     name: &str,
     data: &[u8],
-    source: &str,
+    identity: &str,
     policy: &ValidationPolicy,
 ) -> Result<AuditRecord, Rejection> {
     let kind = JobKind::from_name(name);
@@ -49,12 +83,332 @@ pub fn process_message(
         ));
     }
     let event = decode_event(data, policy, Utc::now())?;
-    Ok(AuditRecord::new(event, source.to_owned()))
+    Ok(AuditRecord::new(event, identity.to_owned()))
+}
+
+/// Why a delivery is dead-lettered before its data is even looked at, if
+/// it is: too large, or redelivered too often. Pure.
+pub fn precheck(d: &Delivery, max_event_bytes: usize) -> Option<Rejection> {
+    let data_len = d.data.as_ref().map_or(0, Vec::len);
+    if data_len > max_event_bytes {
+        return Some(Rejection::new(
+            RejectReason::TooLarge,
+            format!("event is {data_len} bytes, the limit is {max_event_bytes} (validation.max_event_bytes)"),
+        ));
+    }
+    if d.side_bytes > MAX_SIDE_FIELD_BYTES {
+        return Some(Rejection::new(
+            RejectReason::TooLarge,
+            format!(
+                "entry fields other than data take {} bytes, the limit is {MAX_SIDE_FIELD_BYTES}",
+                d.side_bytes
+            ),
+        ));
+    }
+    if let Some(max) = d.max_deliveries {
+        if d.attempts > max {
+            return Some(Rejection::new(
+                RejectReason::MaxDeliveries,
+                format!(
+                    "delivered {} times without being stored (stream.max_deliveries = {max})",
+                    d.attempts
+                ),
+            ));
+        }
+    }
+    None
+}
+
+/// Turns deliveries into dispositions; one per worker, shared by every
+/// source (cheap to clone).
+#[derive(Clone)]
+pub struct Processor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    policy: Arc<ValidationPolicy>,
+    sink: SinkHandle,
+    jobs: JobHandlers,
+    metrics: Metrics,
+    alerts: AlertTap,
+    shutdown: CancellationToken,
+    /// `audit_worker_events_total` by source and outcome, resolved once
+    /// (the hot path counts every event).
+    counters: [SourceCounters; 2],
+}
+
+/// One source's event counters.
+struct SourceCounters {
+    inserted: IntCounter,
+    duplicate: IntCounter,
+    dead_lettered: IntCounter,
+    deferred: IntCounter,
+}
+
+impl SourceCounters {
+    fn new(metrics: &Metrics, source: SourceKind) -> Self {
+        let c = |outcome| metrics.events.with_label_values(&[source.label(), outcome]);
+        Self {
+            inserted: c("inserted"),
+            duplicate: c("duplicate"),
+            dead_lettered: c("dead_lettered"),
+            deferred: c("deferred"),
+        }
+    }
+}
+
+/// Pause between offers of a job request whose handler could not record
+/// it (database down): doubles from 1 s up to 30 s.
+const JOB_RETRY: Backoff = Backoff {
+    base: Duration::from_secs(1),
+    factor: 2.0,
+    cap: Duration::from_secs(30),
+    jitter: 0.2,
+};
+
+impl Processor {
+    /// The processor for one worker: what it validates against, where
+    /// events and job requests go, and what it counts.
+    pub fn new(
+        policy: Arc<ValidationPolicy>,
+        sink: SinkHandle,
+        jobs: JobHandlers,
+        metrics: Metrics,
+        alerts: AlertTap,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let counters = [
+            SourceCounters::new(&metrics, SourceKind::Stream),
+            SourceCounters::new(&metrics, SourceKind::Bullmq),
+        ];
+        Self {
+            inner: Arc::new(Inner {
+                policy,
+                sink,
+                jobs,
+                metrics,
+                alerts,
+                shutdown,
+                counters,
+            }),
+        }
+    }
+
+    /// The sink's handle (sources wait on its breaker before reading).
+    pub fn sink(&self) -> &SinkHandle {
+        &self.inner.sink
+    }
+
+    /// The validation policy (sources need its byte limit for reads that
+    /// bound memory inside Redis).
+    pub fn policy(&self) -> &ValidationPolicy {
+        &self.inner.policy
+    }
+
+    /// The metrics registry (sources count their own Redis errors).
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Fired at shutdown.
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
+    /// Decides what happens to one delivery, waiting as long as it takes
+    /// for a decision that is durable (or for shutdown).
+    pub async fn process(&self, d: Delivery) -> Disposition {
+        let this = &*self.inner;
+        if let Some(rejection) = precheck(&d, this.policy.max_event_bytes) {
+            return dead_letter(d, rejection);
+        }
+        if d.data.is_none() {
+            let rejection = Rejection::new(RejectReason::InvalidEvent, "message has no data field");
+            return dead_letter(d, rejection);
+        }
+        match JobKind::from_name(&d.name) {
+            JobKind::AuditEvent => self.store(d).await,
+            kind => self.accept_job(kind, d).await,
+        }
+    }
+
+    /// Hands a job request to its kind's handler, offering it again while
+    /// the handler cannot record it (database down).
+    async fn accept_job(&self, kind: JobKind, d: Delivery) -> Disposition {
+        let this = &*self.inner;
+        let data = d.data.as_deref().unwrap_or_default();
+        let mut attempt = 0;
+        loop {
+            match this.jobs.accept(kind, &d.name, data, &d.identity).await {
+                Ok(reply) => {
+                    this.metrics.job_request(kind.label(), true);
+                    return Disposition::Job {
+                        kind: kind.label(),
+                        reply,
+                    };
+                }
+                Err(JobError::Rejected(rejection)) => {
+                    this.metrics.job_request(kind.label(), false);
+                    return dead_letter(d, rejection);
+                }
+                Err(JobError::Transient(cause)) => {
+                    attempt += 1;
+                    if attempt == 1 {
+                        tracing::warn!(source = %d.identity, %cause, "job request not recorded; offering it again until the database takes it");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(JOB_RETRY.delay(attempt)) => {}
+                        _ = this.shutdown.cancelled() => return Disposition::Retry { cause },
+                    }
+                }
+            }
+        }
+    }
+
+    /// Validates an audit event and writes it, waiting out database
+    /// outages.
+    async fn store(&self, d: Delivery) -> Disposition {
+        let this = &*self.inner;
+        let data = d.data.as_deref().unwrap_or_default();
+        let mut record = match decode_record(&d.name, data, &d.identity, &this.policy) {
+            Ok(record) => record,
+            Err(rejection) => return dead_letter(d, rejection),
+        };
+        let idempotency_key = record.idempotency_key.clone();
+        let hash = record.event.hash.clone();
+        let span = crate::tracing_ctx::event_span(d.source.label(), d.trace.as_ref());
+        let alert = this
+            .alerts
+            .wants(&record.event)
+            .then(|| AlertInput::from_event(&record.event, &record.source));
+        loop {
+            let stored = match this.sink.submit(record).await.wait().await {
+                StoreOutcome::Inserted => Stored::Inserted,
+                StoreOutcome::Duplicate => Stored::Duplicate,
+                StoreOutcome::Conflict { stored_hash } => {
+                    let rejection =
+                        Rejection::idempotency_conflict(&idempotency_key, &stored_hash, &hash);
+                    return dead_letter(d, rejection);
+                }
+                StoreOutcome::Rejected(rejection) => return dead_letter(d, rejection),
+                StoreOutcome::Unavailable(cause) => {
+                    // Not the event's fault: wait until the database takes
+                    // writes again and write it again, in place.
+                    if !self.wait_for_database().await {
+                        return Disposition::Retry { cause };
+                    }
+                    // Validation is pure and passed once; it is repeated
+                    // only to rebuild the record the sink consumed.
+                    record = match decode_record(&d.name, data, &d.identity, &this.policy) {
+                        Ok(record) => record,
+                        Err(rejection) => return dead_letter(d, rejection),
+                    };
+                    continue;
+                }
+            };
+            if let Some(span) = &span {
+                span.record("outcome", stored.label());
+            }
+            if stored == Stored::Inserted {
+                if let Some(ms) = d.enqueued_ms {
+                    this.metrics.observe_end_to_end(d.source.label(), ms);
+                }
+                if let Some(input) = alert {
+                    this.alerts.offer(input);
+                }
+            }
+            return Disposition::Stored {
+                stored,
+                idempotency_key,
+                hash,
+            };
+        }
+    }
+
+    /// Waits until the breaker lets writes through (at least a moment, so
+    /// a sink that gave up with the breaker still closed is not hammered);
+    /// false on shutdown.
+    async fn wait_for_database(&self) -> bool {
+        let this = &*self.inner;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = this.shutdown.cancelled() => return false,
+        }
+        this.sink.wait_writable(&this.shutdown).await
+    }
+
+    /// Counts and logs dispositions once the source has carried them out
+    /// (the row committed and the message acknowledged, or the dead letter
+    /// written), so the metrics describe what is durable.
+    pub fn settled<'a>(&self, source: SourceKind, done: impl IntoIterator<Item = &'a Disposition>) {
+        let this = &*self.inner;
+        let c = &this.counters[source as usize];
+        for d in done {
+            match d {
+                Disposition::Stored {
+                    stored: Stored::Inserted,
+                    ..
+                } => c.inserted.inc(),
+                Disposition::Stored {
+                    stored: Stored::Duplicate,
+                    ..
+                } => c.duplicate.inc(),
+                Disposition::Job { .. } => {}
+                Disposition::DeadLetter(letter) => {
+                    c.dead_lettered.inc();
+                    this.metrics
+                        .dead_letters
+                        .with_label_values(&[letter.reason.code()])
+                        .inc();
+                    tracing::info!(reason = letter.reason.code(), source = %letter.source, error = %letter.error, "dead-lettered");
+                }
+                Disposition::Retry { .. } => c.deferred.inc(),
+            }
+        }
+    }
+
+    /// Counts dead letters that a source wrote inside Redis without
+    /// reading the message into the worker (entries too large to read).
+    pub fn dead_lettered_in_redis(&self, source: SourceKind, reason: RejectReason, n: u64) {
+        let this = &*self.inner;
+        this.counters[source as usize].dead_lettered.inc_by(n);
+        this.metrics
+            .dead_letters
+            .with_label_values(&[reason.code()])
+            .inc_by(n);
+    }
+}
+
+/// The dead letter of a delivery: its original bytes, name and identity.
+fn dead_letter(d: Delivery, rejection: Rejection) -> Disposition {
+    Disposition::DeadLetter(DeadLetter {
+        data: d.data.unwrap_or_default(),
+        name: d.name,
+        reason: rejection.reason,
+        error: rejection.message,
+        source: d.identity,
+        attempts: d.attempts,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn delivery(name: &str, data: &[u8]) -> Delivery {
+        Delivery {
+            source: SourceKind::Stream,
+            identity: "stream:s:1-0".into(),
+            name: name.into(),
+            data: Some(data.to_vec()),
+            side_bytes: 0,
+            attempts: 1,
+            max_deliveries: Some(3),
+            trace: None,
+            enqueued_ms: None,
+        }
+    }
 
     #[test]
     fn idempotency_key_is_the_event_id_or_else_the_source_identity() {
@@ -63,9 +417,9 @@ mod tests {
         let with_id =
             format!(r#"{{"timestamp":"{now}","action":"a","status":"success","eventId":"e-1"}}"#);
         let without = format!(r#"{{"timestamp":"{now}","action":"a","status":"success"}}"#);
-        let r = process_message("audit.event", with_id.as_bytes(), "stream:s:1-0", &p).unwrap();
+        let r = decode_record("audit.event", with_id.as_bytes(), "stream:s:1-0", &p).unwrap();
         assert_eq!(r.idempotency_key, "e-1");
-        let r = process_message("anything", without.as_bytes(), "stream:s:1-0", &p).unwrap();
+        let r = decode_record("anything", without.as_bytes(), "stream:s:1-0", &p).unwrap();
         assert_eq!(r.idempotency_key, "stream:s:1-0");
         assert_eq!(r.source, "stream:s:1-0");
     }
@@ -74,8 +428,46 @@ mod tests {
     fn export_and_snapshot_kinds_are_not_stored_as_events() {
         let p = ValidationPolicy::default();
         for name in ["export.audit", "audit.snapshot"] {
-            let err = process_message(name, b"{}", "stream:s:1-0", &p).unwrap_err();
+            let err = decode_record(name, b"{}", "stream:s:1-0", &p).unwrap_err();
             assert_eq!(err.reason, RejectReason::UnknownKind);
         }
+    }
+
+    #[test]
+    fn oversized_data_or_side_fields_and_poison_redeliveries_are_dead_lettered_first() {
+        let ok = delivery("audit.event", &[b' '; 100]);
+        assert!(precheck(&ok, 100).is_none());
+        let big = delivery("audit.event", &[b' '; 101]);
+        let r = precheck(&big, 100).unwrap();
+        assert_eq!(r.reason, RejectReason::TooLarge);
+        assert!(r.message.contains("101 bytes"), "{}", r.message);
+        let mut side = delivery("audit.event", b"{}");
+        side.side_bytes = MAX_SIDE_FIELD_BYTES + 1;
+        let r = precheck(&side, 100).unwrap();
+        assert!(r.message.contains("other than data"), "{}", r.message);
+        let mut poison = delivery("audit.event", b"{}");
+        poison.attempts = 4;
+        assert_eq!(
+            precheck(&poison, 100).unwrap().reason,
+            RejectReason::MaxDeliveries
+        );
+        poison.max_deliveries = None;
+        assert!(precheck(&poison, 100).is_none());
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_the_original_bytes_name_identity_and_attempts() {
+        let mut d = delivery("odd.kind", b"\xff{not json");
+        d.attempts = 2;
+        let Disposition::DeadLetter(letter) =
+            dead_letter(d, Rejection::new(RejectReason::InvalidJson, "not UTF-8"))
+        else {
+            panic!("a dead letter")
+        };
+        assert_eq!(letter.data, b"\xff{not json");
+        assert_eq!(letter.name, "odd.kind");
+        assert_eq!(letter.source, "stream:s:1-0");
+        assert_eq!(letter.attempts, 2);
+        assert_eq!(letter.reason, RejectReason::InvalidJson);
     }
 }

@@ -26,18 +26,19 @@ pub const JOB_KINDS: [&str; 2] = ["export", "snapshot"];
 
 /// Redis operations counted in `audit_worker_redis_errors_total`
 /// (pre-registered at 0; other sources may add their own).
-pub const REDIS_OPERATIONS: [&str; 7] = [
+pub const REDIS_OPERATIONS: [&str; 8] = [
     "connect",
     "xgroup_create",
     "xreadgroup",
     "xautoclaim",
     "xpending",
     "xack",
+    "xclaim",
     "xadd_alert",
 ];
 
 /// Job statuses (label `status` of `audit_worker_jobs_total`): `accepted`
-/// and `rejected` are counted by the sources when a request is handed to
+/// and `rejected` are counted by the processor when a request is handed to
 /// its kind's handler; `completed` and `failed` by the kind's executor.
 pub const JOB_STATUSES: [&str; 4] = ["accepted", "rejected", "completed", "failed"];
 
@@ -56,6 +57,10 @@ pub struct Metrics {
     pub insert_duration: HistogramVec,
     /// Database write attempts that failed transiently and were retried.
     pub sink_retries: IntCounter,
+    /// Stream entries that were pending on a consumer but had been deleted
+    /// or trimmed (producers' MAXLEN) before they were stored: acknowledged
+    /// with nothing to store, counted and logged with their ids.
+    pub stream_trimmed: IntCounter,
     /// Redis commands that failed (the worker reconnects and goes on).
     pub redis_errors: IntCounterVec,
     /// Build information (value 1, labels carry the version).
@@ -251,8 +256,14 @@ impl Metrics {
             &["task", "result"],
         )
         .expect("valid metric");
+        let stream_trimmed = IntCounter::new(
+            "audit_worker_stream_trimmed_total",
+            "Pending stream entries found deleted or trimmed before they were stored.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(events.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(stream_trimmed.clone()),
             Box::new(dead_letters.clone()),
             Box::new(batch_size.clone()),
             Box::new(insert_duration.clone()),
@@ -311,6 +322,7 @@ impl Metrics {
             batch_size,
             insert_duration,
             sink_retries,
+            stream_trimmed,
             redis_errors,
             build_info,
             breaker_state,

@@ -216,6 +216,9 @@ pub struct Snapshotter {
     redis: Option<redis::aio::ConnectionManager>,
     stream_key: String,
     owner: String,
+    /// Where finished jobs are counted (the worker's registry; the CLI
+    /// has none).
+    metrics: Option<crate::telemetry::Metrics>,
 }
 
 impl Snapshotter {
@@ -237,7 +240,15 @@ impl Snapshotter {
             redis,
             stream_key: config.stream.key.clone(),
             owner: config.consumer_name(),
+            metrics: None,
         }
+    }
+
+    /// Counts finished jobs (`audit_worker_jobs_total{kind="snapshot"}`,
+    /// rows, duration) in the worker's metrics.
+    pub fn with_metrics(mut self, metrics: crate::telemetry::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Records a snapshot request durably; the same `source` always maps to
@@ -299,7 +310,16 @@ impl Snapshotter {
     pub async fn drain(&self) -> Result<usize, SnapshotError> {
         let mut ran = 0;
         while let Some(job) = self.lease().await? {
-            match self.run_job(job).await {
+            let started = std::time::Instant::now();
+            let span = crate::tracing_ctx::job_span("snapshot", &job.to_string());
+            let result = tracing::Instrument::instrument(self.run_job(job), span).await;
+            if let Some(m) = &self.metrics {
+                let rows = result.as_ref().map_or(0, |s| s.record_count.max(0) as u64);
+                if result.is_ok() {
+                    m.job_finished("snapshot", true, rows, 0, started.elapsed());
+                }
+            }
+            match result {
                 Ok(summary) => {
                     ran += 1;
                     if let Err(e) = self.publish(summary.snapshot_id).await {
@@ -308,7 +328,11 @@ impl Snapshotter {
                 }
                 Err(e) => {
                     tracing::error!(job, error = %e, "snapshot job failed; it is retried after a backoff");
-                    self.release_failed(job, &e.to_string()).await;
+                    if self.release_failed(job, &e.to_string()).await {
+                        if let Some(m) = &self.metrics {
+                            m.job_finished("snapshot", false, 0, 0, started.elapsed());
+                        }
+                    }
                     return Err(e);
                 }
             }
@@ -317,26 +341,29 @@ impl Snapshotter {
     }
 
     /// Puts a failed job back with exponential backoff (its lease runs until
-    /// the retry time); after 10 attempts it is marked failed.
-    async fn release_failed(&self, job: i64, error: &str) {
+    /// the retry time); after 10 attempts it is marked failed, and this
+    /// returns true.
+    async fn release_failed(&self, job: i64, error: &str) -> bool {
         let result = async {
             let client = self.pool.get().await?;
-            client
-                .execute(
+            let row = client
+                .query_opt(
                     "UPDATE snapshot_jobs
                         SET status = CASE WHEN attempts >= 10 THEN 'failed' ELSE 'running' END,
                             lease_until = now() + make_interval(secs => least(300, power(2, attempts))::double precision),
                             last_error = $2
-                      WHERE id = $1 AND status = 'running'",
+                      WHERE id = $1 AND status = 'running'
+                  RETURNING status",
                     &[&job, &error],
                 )
                 .await?;
-            Ok::<_, SnapshotError>(())
+            Ok::<_, SnapshotError>(row.is_some_and(|r| r.get::<_, String>(0) == "failed"))
         }
         .await;
-        if let Err(e) = result {
+        result.unwrap_or_else(|e| {
             tracing::warn!(job, error = %e, "could not record the job failure");
-        }
+            false
+        })
     }
 
     /// Runs one snapshot now, outside any queue (CLI): records a job with

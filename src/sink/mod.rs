@@ -46,6 +46,9 @@ pub enum StoreOutcome {
     Inserted,
     /// A row with the same idempotency key already existed; nothing written.
     Duplicate,
+    /// A different event is stored under the same idempotency key and time
+    /// (same key, other hash): dead-letter this one as a conflict.
+    Conflict { stored_hash: String },
     /// PostgreSQL refused this row for a reason no retry fixes; dead-letter it.
     Rejected(Rejection),
     /// The database could not be written (after retries, or the breaker is

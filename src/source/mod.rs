@@ -1,6 +1,8 @@
-//! Sources turn Redis deliveries into records for the sink and acknowledge
-//! them only once their outcome is durable (a committed row, or a dead
-//! letter written atomically with the acknowledgement).
+//! Sources read Redis deliveries, hand each to the
+//! [`crate::processor::Processor`] as a [`crate::message::Delivery`], and
+//! carry out its disposition: they acknowledge only once the outcome is
+//! durable (a committed row, or a dead letter written atomically with the
+//! acknowledgement).
 
 pub mod bullmq;
 pub mod stream;
@@ -9,29 +11,8 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client};
-use tokio_util::sync::CancellationToken;
 
 use crate::config::RedisConfig;
-use crate::event::ValidationPolicy;
-use crate::jobs::JobHandlers;
-use crate::sink::SinkHandle;
-use crate::telemetry::Metrics;
-
-/// What every source hands its messages to; the same for all sources, so
-/// that a stream entry and a BullMQ job are validated, stored, routed and
-/// counted alike.
-#[derive(Clone)]
-pub struct SourceContext {
-    pub policy: std::sync::Arc<ValidationPolicy>,
-    pub sink: SinkHandle,
-    pub jobs: JobHandlers,
-    pub metrics: Metrics,
-    /// Where stored events are offered for security alert rules (never
-    /// waits; off by default).
-    pub alerts: crate::alerts::AlertTap,
-    /// Fired at shutdown: sources stop reading and stop waiting.
-    pub shutdown: CancellationToken,
-}
 
 /// A Redis problem phrased for the operator.
 #[derive(Debug, thiserror::Error)]

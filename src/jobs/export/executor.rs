@@ -129,6 +129,9 @@ pub struct Exporter {
     pub worker_name: String,
     /// Woken when a request is recorded, so idle executors start at once.
     pub wake: Arc<Notify>,
+    /// Where finished jobs are counted (the worker's registry; `None` for
+    /// a CLI export).
+    pub metrics: Option<crate::telemetry::Metrics>,
 }
 
 /// The object key of part `n` of a job.
@@ -215,29 +218,46 @@ impl Exporter {
             self.settings.lease_secs,
             lost.clone(),
         ));
+        let started = std::time::Instant::now();
+        let span = crate::tracing_ctx::job_span("export", &job.id);
         let result = if job.status != "completed" && job.attempts > self.settings.max_attempts {
             Err(ExportError::Io(format!(
                 "gave up after {} attempts",
                 self.settings.max_attempts
             )))
         } else {
+            let drive = tracing::Instrument::instrument(self.drive(job.clone(), progress), span);
             tokio::select! {
-                r = self.drive(job.clone(), progress) => r,
+                r = drive => r,
                 _ = lost.cancelled() => Err(ExportError::LeaseLost),
                 _ = shutdown.cancelled() => Err(ExportError::Shutdown),
             }
         };
         keeper.abort();
         match result {
-            Ok(()) => None,
+            Ok(done) => {
+                if let Some(m) = &self.metrics {
+                    let rows = done.row_count.unwrap_or(done.rows_done).max(0) as u64;
+                    let bytes = done.size_bytes.unwrap_or_default().max(0) as u64;
+                    m.job_finished("export", true, rows, bytes, started.elapsed());
+                }
+                None
+            }
             Err(e) => {
-                self.after_error(&job, &e).await;
+                if self.after_error(&job, &e).await {
+                    if let Some(m) = &self.metrics {
+                        m.job_finished("export", false, 0, 0, started.elapsed());
+                    }
+                }
                 Some(e)
             }
         }
     }
 
-    async fn after_error(&self, job: &Job, e: &ExportError) {
+    /// Records what an error means for the job (lease lost, paused, retry
+    /// later, or failed for good); true when the job failed for good.
+    async fn after_error(&self, job: &Job, e: &ExportError) -> bool {
+        let mut failed = false;
         let outcome: Result<(), ExportError> = async {
             let client = self.pool.get().await?;
             match e {
@@ -256,6 +276,7 @@ impl Exporter {
                 }
                 _ => {
                     if record::fail(&**client, &job.id, &job.lease, &e.to_string()).await? {
+                        failed = true;
                         tracing::error!(job = %job.id, error = %e, "export failed for good");
                         self.notify(
                             Notice::Failed,
@@ -276,14 +297,16 @@ impl Exporter {
         if let Err(e2) = outcome {
             tracing::warn!(job = %job.id, error = %e2, "could not record the export's failure; its lease will expire");
         }
+        failed
     }
 
-    /// Advances a leased job through its remaining states.
+    /// Advances a leased job through its remaining states; returns the job
+    /// as it finished.
     async fn drive(
         &self,
         mut job: Job,
         progress: Option<Arc<AtomicU64>>,
-    ) -> Result<(), ExportError> {
+    ) -> Result<Job, ExportError> {
         if let Some(p) = &progress {
             p.store(job.rows_done as u64, Ordering::Relaxed);
         }
@@ -296,7 +319,7 @@ impl Exporter {
         if job.status == "completed" {
             self.finish(&job).await?;
         }
-        Ok(())
+        Ok(job)
     }
 
     async fn export_parts(

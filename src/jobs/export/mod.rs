@@ -158,6 +158,7 @@ pub fn exporter(
         links: link_signer(config)?,
         worker_name: config.consumer_name(),
         wake,
+        metrics: None,
     })
 }
 
@@ -174,16 +175,19 @@ impl ExportService {
         config: &Config,
         pool: deadpool_postgres::Pool,
         redis: ConnectionManager,
+        metrics: crate::telemetry::Metrics,
     ) -> anyhow::Result<Self> {
         let storage = crate::storage::open(&config.storage)?;
         let wake = Arc::new(Notify::new());
-        let exporter = Arc::new(exporter(
+        let mut exporter = exporter(
             config,
             pool.clone(),
             storage.clone(),
             Some(redis),
             wake.clone(),
-        )?);
+        )?;
+        exporter.metrics = Some(metrics);
+        let exporter = Arc::new(exporter);
         if exporter.links.is_none() && storage.s3.is_none() {
             tracing::warn!("export.link_secret is not set: export notifications carry no download link and downloads are refused");
         }

@@ -1,0 +1,239 @@
+//! One read batch, from entries to acknowledgement: each entry becomes a
+//! [`Delivery`] for the processor, all of a batch's deliveries are decided
+//! concurrently (so their rows share database batches), and the
+//! dispositions are carried out in one MULTI/EXEC: every dead letter's
+//! XADD, the XACK (and optional XDEL) of everything final. A crash cannot
+//! leave a dead letter for an unacknowledged entry or the reverse.
+//!
+//! Entries left undecided (the worker stopped while the database was
+//! unavailable) stay pending for the next start or another replica. Their
+//! delivery is *excused*: counted in the hash `<stream>:excused`, and
+//! subtracted from the delivery count when they come back, so that only
+//! deliveries that failed for a reason of the entry's own (a crash while
+//! holding it) count towards `max_deliveries`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Value;
+
+use super::reply::{parse_pending_counts, StreamEntry};
+use super::Shared;
+use crate::message::{Delivery, Disposition, SourceKind};
+use crate::processor::AUDIT_EVENT;
+
+/// How a batch reached us: fresh entries are a first delivery; own pending
+/// and claimed entries have been delivered before, so their delivery
+/// counts are looked up and checked against `max_deliveries`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    Fresh,
+    Redelivered,
+}
+
+/// The hash that counts excused deliveries of a stream's entries.
+pub fn excused_key(stream: &str) -> String {
+    format!("{stream}:excused")
+}
+
+/// Handles one read batch in its own span; releases the batch's ids from
+/// the in-flight set when done.
+pub(super) async fn handle_batch(
+    s: Arc<Shared>,
+    entries: Vec<StreamEntry>,
+    arrival: Arrival,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    use tracing::Instrument;
+    let span = crate::tracing_ctx::batch_span("stream", &s.stream.key, entries.len());
+    let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+    decide_and_acknowledge(&s, entries, arrival)
+        .instrument(span)
+        .await;
+    s.in_flight.release(ids.iter().map(String::as_str));
+    drop(slot);
+}
+
+async fn decide_and_acknowledge(s: &Shared, entries: Vec<StreamEntry>, arrival: Arrival) {
+    let counts = match arrival {
+        Arrival::Fresh => HashMap::new(),
+        Arrival::Redelivered => delivery_counts(s, &entries).await,
+    };
+    let mut trimmed = Vec::new();
+    let mut ids = Vec::with_capacity(entries.len());
+    let mut deliveries = Vec::with_capacity(entries.len());
+    for entry in entries {
+        if entry.fields.is_none() {
+            trimmed.push(entry.id);
+            continue;
+        }
+        let attempts = counts.get(&entry.id).copied().unwrap_or(1);
+        ids.push(entry.id.clone());
+        deliveries.push(delivery(s, entry, attempts));
+    }
+    let processor = &s.processor;
+    let dispositions =
+        futures::future::join_all(deliveries.into_iter().map(|d| processor.process(d))).await;
+
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    let mut acks: Vec<&str> = trimmed.iter().map(String::as_str).collect();
+    let mut excused: Vec<&str> = Vec::new();
+    for (id, disposition) in ids.iter().zip(&dispositions) {
+        match disposition {
+            Disposition::DeadLetter(letter) => {
+                letter.add_to(&mut pipe, &s.dlq_key);
+                acks.push(id);
+            }
+            Disposition::Retry { .. } => excused.push(id),
+            Disposition::Stored { .. } | Disposition::Job { .. } => acks.push(id),
+        }
+    }
+    if !acks.is_empty() {
+        pipe.cmd("XACK")
+            .arg(&s.stream.key)
+            .arg(&s.stream.group)
+            .arg(&acks)
+            .ignore();
+        if s.stream.delete_acked {
+            pipe.cmd("XDEL").arg(&s.stream.key).arg(&acks).ignore();
+        }
+        if arrival == Arrival::Redelivered {
+            pipe.cmd("HDEL")
+                .arg(excused_key(&s.stream.key))
+                .arg(&acks)
+                .ignore();
+        }
+    }
+    for id in &excused {
+        pipe.cmd("HINCRBY")
+            .arg(excused_key(&s.stream.key))
+            .arg(id)
+            .arg(1)
+            .ignore();
+    }
+    if acks.is_empty() && excused.is_empty() {
+        return;
+    }
+    if !execute(s, &pipe, acks.len()).await {
+        return;
+    }
+    if !trimmed.is_empty() {
+        s.processor
+            .metrics()
+            .stream_trimmed
+            .inc_by(trimmed.len() as u64);
+        tracing::warn!(
+            count = trimmed.len(),
+            ids = ?trimmed,
+            stream = %s.stream.key,
+            "pending entries were deleted or trimmed from the stream before they were stored (MAXLEN/XTRIM/XDEL by a producer?); acknowledged with nothing to store"
+        );
+    }
+    s.processor.settled(SourceKind::Stream, &dispositions);
+}
+
+/// Builds the processor's view of one entry, moving its `data` out.
+fn delivery(s: &Shared, mut entry: StreamEntry, attempts: u64) -> Delivery {
+    let text = |v: Option<&[u8]>| v.map(|b| String::from_utf8_lossy(b).into_owned());
+    let name = text(entry.field("name"))
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| AUDIT_EVENT.to_owned());
+    // A dead letter put back by `dlq replay` keeps the identity it first
+    // arrived with, and so its idempotency key.
+    let identity = text(entry.field(REPLAYED_SOURCE_FIELD))
+        .filter(|src| src.starts_with("stream:") || src.starts_with("bullmq:"))
+        .unwrap_or_else(|| format!("stream:{}:{}", s.stream.key, entry.id));
+    let trace = crate::tracing_ctx::from_stream_fields(
+        entry.field("traceparent"),
+        entry.field("tracestate"),
+    );
+    let side_bytes = entry.side_bytes();
+    let enqueued_ms = crate::telemetry::stream_id_millis(&entry.id);
+    Delivery {
+        source: SourceKind::Stream,
+        identity,
+        name,
+        data: entry.take_field("data"),
+        side_bytes,
+        attempts,
+        max_deliveries: Some(s.stream.max_deliveries),
+        trace,
+        enqueued_ms,
+    }
+}
+
+/// The entry field that carries a replayed dead letter's original identity.
+pub const REPLAYED_SOURCE_FIELD: &str = "source";
+
+/// Runs the batch's MULTI/EXEC, retrying a few times (the first command
+/// after a dropped connection fails while the manager reconnects); false
+/// if it never went through, in which case the entries are delivered again
+/// and absorbed as duplicates.
+async fn execute(s: &Shared, pipe: &redis::Pipeline, count: usize) -> bool {
+    let mut conn = s.commands.clone();
+    for attempt in 1..=5u64 {
+        match pipe.query_async::<()>(&mut conn).await {
+            Ok(()) => return true,
+            Err(e) => {
+                s.processor
+                    .metrics()
+                    .redis_errors
+                    .with_label_values(&["xack"])
+                    .inc();
+                if attempt == 5 {
+                    tracing::error!(error = %e, count, "could not acknowledge; the entries will be delivered again and absorbed as duplicates");
+                    return false;
+                }
+                tracing::warn!(error = %e, attempt, "acknowledging failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+            }
+        }
+    }
+    false
+}
+
+/// Delivery counts of redelivered entries, now that they are ours: the
+/// XPENDING count less the deliveries excused by a shutdown during an
+/// outage. A failed lookup counts every entry as a first delivery: the
+/// poison check is skipped rather than anything dead-lettered by mistake.
+async fn delivery_counts(s: &Shared, entries: &[StreamEntry]) -> HashMap<String, u64> {
+    let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+        return HashMap::new();
+    };
+    let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+    let mut conn = s.commands.clone();
+    let mut pipe = redis::pipe();
+    pipe.cmd("XPENDING")
+        .arg(&s.stream.key)
+        .arg(&s.stream.group)
+        .arg(&first.id)
+        .arg(&last.id)
+        .arg(entries.len())
+        .arg(&s.consumer)
+        .cmd("HMGET")
+        .arg(excused_key(&s.stream.key))
+        .arg(&ids);
+    let reply: redis::RedisResult<(Value, Vec<Option<u64>>)> = pipe.query_async(&mut conn).await;
+    match reply {
+        Ok((pending, excused)) => {
+            let mut counts = parse_pending_counts(&pending);
+            for (id, excused) in ids.iter().zip(excused) {
+                if let (Some(count), Some(excused)) = (counts.get_mut(*id), excused) {
+                    *count = count.saturating_sub(excused).max(1);
+                }
+            }
+            counts
+        }
+        Err(e) => {
+            s.processor
+                .metrics()
+                .redis_errors
+                .with_label_values(&["xpending"])
+                .inc();
+            tracing::warn!(error = %e, "XPENDING failed; delivery counts not checked for this batch");
+            HashMap::new()
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Entries this consumer holds (read, not yet acknowledged), kept fresh so
+//! that no other consumer claims them.
+//!
+//! Other replicas (and this one) claim entries idle longer than
+//! `stream.claim_idle_ms` with XAUTOCLAIM, which is how a dead replica's
+//! entries are recovered. But an entry is also idle, as Redis sees it,
+//! while its live holder waits for the database: without a refresh it
+//! would be claimed, delivered again (raising its delivery count) and, in
+//! a long outage, reach `max_deliveries` although the event was never the
+//! problem. So every `claim_idle_ms / 3` the holder re-claims its own
+//! in-flight ids with `XCLAIM ... 0 ... JUSTID`, which resets their idle
+//! time and, with JUSTID, does not raise their delivery count.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use tokio_util::sync::CancellationToken;
+
+use crate::telemetry::Metrics;
+
+/// The ids in flight on this consumer.
+#[derive(Default)]
+pub struct InFlight {
+    ids: Mutex<HashSet<String>>,
+}
+
+impl InFlight {
+    /// Marks ids as held (when they are read).
+    pub fn hold<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        let mut held = self.ids.lock().expect("in-flight set poisoned");
+        held.extend(ids.into_iter().map(str::to_owned));
+    }
+
+    /// Forgets ids (acknowledged, or left for redelivery).
+    pub fn release<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        let mut held = self.ids.lock().expect("in-flight set poisoned");
+        for id in ids {
+            held.remove(id);
+        }
+    }
+
+    /// The ids held now.
+    pub fn snapshot(&self) -> Vec<String> {
+        let held = self.ids.lock().expect("in-flight set poisoned");
+        held.iter().cloned().collect()
+    }
+}
+
+/// Where the refresh goes.
+pub struct Refresh {
+    pub stream: String,
+    pub group: String,
+    pub consumer: String,
+    /// `stream.claim_idle_ms`: refreshed three times within it.
+    pub claim_idle: Duration,
+}
+
+/// Ids per XCLAIM call.
+const CHUNK: usize = 1000;
+
+/// Refreshes the held ids until shutdown (and the in-flight set is empty,
+/// since batches still finishing after shutdown must not be claimed).
+pub async fn keep_fresh(
+    in_flight: Arc<InFlight>,
+    mut conn: ConnectionManager,
+    refresh: Refresh,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    let every = (refresh.claim_idle / 3).max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(every).await;
+        let ids = in_flight.snapshot();
+        if ids.is_empty() {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            continue;
+        }
+        for chunk in ids.chunks(CHUNK) {
+            let r: redis::RedisResult<redis::Value> = redis::cmd("XCLAIM")
+                .arg(&refresh.stream)
+                .arg(&refresh.group)
+                .arg(&refresh.consumer)
+                .arg(0)
+                .arg(chunk)
+                .arg("JUSTID")
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = r {
+                metrics.redis_errors.with_label_values(&["xclaim"]).inc();
+                tracing::debug!(error = %e, "refreshing in-flight entries failed; retrying at the next interval");
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_ids_are_listed_until_released() {
+        let f = InFlight::default();
+        f.hold(["1-0", "2-0", "3-0"]);
+        f.release(["2-0"]);
+        let mut ids = f.snapshot();
+        ids.sort();
+        assert_eq!(ids, vec!["1-0".to_string(), "3-0".to_string()]);
+    }
+}
