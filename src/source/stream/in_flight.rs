@@ -60,25 +60,22 @@ pub struct Refresh {
 /// Ids per XCLAIM call.
 const CHUNK: usize = 1000;
 
-/// Refreshes the held ids until shutdown (and the in-flight set is empty,
-/// since batches still finishing after shutdown must not be claimed).
+/// Refreshes the held ids until `stop` fires (after the last batch has
+/// finished: batches still finishing after shutdown must not be claimed).
 pub async fn keep_fresh(
     in_flight: Arc<InFlight>,
     mut conn: ConnectionManager,
     refresh: Refresh,
     metrics: Metrics,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
 ) {
     let every = (refresh.claim_idle / 3).max(Duration::from_millis(50));
     loop {
-        tokio::time::sleep(every).await;
-        let ids = in_flight.snapshot();
-        if ids.is_empty() {
-            if shutdown.is_cancelled() {
-                return;
-            }
-            continue;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
         }
+        let ids = in_flight.snapshot();
         for chunk in ids.chunks(CHUNK) {
             let r: redis::RedisResult<redis::Value> = redis::cmd("XCLAIM")
                 .arg(&refresh.stream)

@@ -87,6 +87,7 @@ impl StreamSource {
         let s = &self.shared;
         let shutdown = s.processor.shutdown().clone();
         tracing::info!(stream = %s.stream.key, group = %s.stream.group, consumer = %s.consumer, "stream source starting");
+        let keepalive_stop = tokio_util::sync::CancellationToken::new();
         let keepalive = tokio::spawn(keep_fresh(
             s.in_flight.clone(),
             s.commands.clone(),
@@ -97,7 +98,7 @@ impl StreamSource {
                 claim_idle: Duration::from_millis(s.stream.claim_idle_ms),
             },
             s.processor.metrics().clone(),
-            shutdown.clone(),
+            keepalive_stop.clone(),
         ));
         let slots = Arc::new(Semaphore::new(s.stream.max_in_flight_batches));
         let mut tasks = JoinSet::new();
@@ -275,6 +276,7 @@ impl StreamSource {
             "stream source stopping; finishing batches in flight"
         );
         while tasks.join_next().await.is_some() {}
+        keepalive_stop.cancel();
         let _ = keepalive.await;
     }
 
