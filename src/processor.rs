@@ -24,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alerts::{AlertInput, AlertTap};
 use crate::dlq::DeadLetter;
-use crate::event::{decode_event, RejectReason, Rejection, ValidationPolicy};
+use crate::dlq::{RejectReason, Rejection};
+use crate::event::{decode_event, ValidationPolicy};
 use crate::jobs::{JobError, JobHandlers};
 use crate::message::{Delivery, Disposition, SourceKind, Stored, MAX_SIDE_FIELD_BYTES};
 use crate::retry::Backoff;

@@ -17,7 +17,7 @@ use prometheus::{
 };
 
 use crate::config::LogConfig;
-use crate::event::RejectReason;
+use crate::dlq::RejectReason;
 
 /// Job kinds that export job metrics (label `kind`); pre-registered so the
 /// series exist (at 0) before the first job, as dashboards and alert rules

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
-use crate::event::{RejectReason, Rejection};
+use crate::dlq::{RejectReason, Rejection};
 use crate::processor::JobKind;
 
 /// Why a job request was not accepted.

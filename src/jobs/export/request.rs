@@ -11,7 +11,7 @@ use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::event::{RejectReason, Rejection};
+use crate::dlq::{RejectReason, Rejection};
 
 /// Longest accepted filter value or requester id, in characters.
 const MAX_VALUE_CHARS: usize = 1000;

@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::job_data::{parse_job_data, JobData};
 use super::{approx_data_bytes, InFlight, Shared};
 use crate::dlq::DeadLetter;
-use crate::event::RejectReason;
+use crate::dlq::RejectReason;
 use crate::message::{Delivery, Disposition, SourceKind};
 use crate::processor::AUDIT_EVENT;
 

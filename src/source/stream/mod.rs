@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::config::{Config, RedisConfig, StreamConfig};
-use crate::event::RejectReason;
+use crate::dlq::RejectReason;
 use crate::message::{SourceKind, MAX_SIDE_FIELD_BYTES};
 use crate::processor::Processor;
 
