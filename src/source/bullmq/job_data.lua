@@ -1,4 +1,4 @@
--- The raw `data` of one BullMQ job, for audit-worker (src/source/bullmq.rs,
+-- The raw `data` of one BullMQ job, for audit-worker (src/source/bullmq/job_data.rs,
 -- JOB_DATA_LUA): the bytes exactly as the producer stored them, or, when
 -- they are larger than validation.max_event_bytes, a dead letter written
 -- here with those bytes, so an oversized job's data is never read into the

@@ -1,4 +1,4 @@
--- Bounded stream read for audit-worker (src/source/stream.rs, BOUNDED_READ_LUA).
+-- Bounded stream read for audit-worker (src/source/stream/bounded_read.rs).
 --
 -- XREADGROUP without BLOCK, exactly as the worker would issue it, except
 -- that an entry too large to be a valid event never leaves Redis: it is
@@ -24,7 +24,7 @@
 --
 -- Returns { kept entries (as XREADGROUP returns them),
 --           { id, data bytes, other bytes, ... } of each dead-lettered one }.
--- The dead letter has the fields the worker writes (src/dlq.rs); a test
+-- The dead letter has the fields the worker writes (src/dlq/letter.rs); a test
 -- reads it back with the worker's own DLQ parser.
 local want = tonumber(ARGV[3])
 local max_data = tonumber(ARGV[5])
