@@ -1,8 +1,8 @@
 //! The batched, idempotent PostgreSQL writer.
 //!
-//! One batcher task collects requests until `batch_size` rows or
-//! `max_wait` have passed, then hands the batch to one of `writers`
-//! concurrent write tasks. A batch is one statement: a multi-row
+//! One batcher task collects requests and hands a batch to one of
+//! `writers` concurrent write tasks as soon as one is free (group commit,
+//! see `run_batcher`): batches grow only while the writers are busy. A batch is one statement: a multi-row
 //! `INSERT ... SELECT FROM UNNEST($1, $2, ...) ON CONFLICT DO NOTHING
 //! RETURNING`, so a redelivered event never becomes a second row and the
 //! RETURNING list tells new rows from duplicates. (Binary COPY has no ON
@@ -150,6 +150,13 @@ struct BatchWriter {
 }
 
 impl BatchWriter {
+    /// Group commit: a batch goes to the database as soon as a writer is
+    /// free, holding whatever has queued up by then. While every writer is
+    /// busy, requests keep joining the next batch (up to `batch_size`), so
+    /// batches grow with the load and a lone event at low load waits for
+    /// nothing but its own write. `max_wait` (default 0) adds an optional
+    /// linger once a writer is free, for deployments that prefer fewer,
+    /// fuller batches over latency.
     async fn run_batcher(self: Arc<Self>, mut rx: mpsc::Receiver<StoreRequest>) {
         let slots = Arc::new(Semaphore::new(self.settings.writers));
         let max = self.settings.batch_size;
@@ -158,19 +165,43 @@ impl BatchWriter {
             if rx.recv_many(&mut batch, max).await == 0 {
                 break; // every handle dropped and the queue is empty
             }
-            let deadline = tokio::time::Instant::now() + self.settings.max_wait;
-            while batch.len() < max {
+            // Wait for a free writer, collecting what arrives meanwhile.
+            let mut open = true;
+            let permit = loop {
+                if batch.len() >= max || !open {
+                    break slots.clone().acquire_owned().await;
+                }
                 let room = max - batch.len();
-                match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+                tokio::select! {
+                    biased;
+                    p = slots.clone().acquire_owned() => break p,
+                    n = rx.recv_many(&mut batch, room) => open = n > 0,
                 }
             }
-            let permit = slots
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore never closed");
+            .expect("semaphore never closed");
+            // A writer is free: take what is queued right now, and linger
+            // only if configured to.
+            while batch.len() < max {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            if !self.settings.max_wait.is_zero() {
+                // The linger ends early at shutdown: the open batch is flushed.
+                let deadline = tokio::time::Instant::now() + self.settings.max_wait;
+                while batch.len() < max && !self.shutdown.is_cancelled() {
+                    let room = max - batch.len();
+                    tokio::select! {
+                        n = tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)) => {
+                            if !matches!(n, Ok(n) if n > 0) {
+                                break;
+                            }
+                        }
+                        _ = self.shutdown.cancelled() => break,
+                    }
+                }
+            }
             let writer = self.clone();
             let span = tracing::info_span!(
                 "write_batch",
