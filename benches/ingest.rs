@@ -11,6 +11,13 @@
 //!   then it accepts them again: time from that moment to the backlog
 //!   drained, and the throughput of the drain.
 //!
+//! - `BENCH_MODE=latency`: end-to-end latency (XADD to commit, the
+//!   worker's own `audit_worker_end_to_end_latency_seconds` histogram) at
+//!   10% and 50% of the maximum rate, with a paced producer. The maximum is
+//!   measured first, in the same run (a pre-filled stream of
+//!   `BENCH_EVENTS`, default 100,000 here, drained by one worker), or given
+//!   as `BENCH_MAX_RATE`; each paced phase lasts `BENCH_SECONDS` (15).
+//!
 //! `BENCH_WORKERS` sets the number of worker processes sharing the stream
 //! in the ingest mode (1).
 
@@ -58,8 +65,10 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
 
 #[tokio::main]
 async fn main() {
-    if std::env::var("BENCH_MODE").as_deref() == Ok("drain") {
-        return drain().await;
+    match std::env::var("BENCH_MODE").as_deref() {
+        Ok("drain") => return drain().await,
+        Ok("latency") => return latency().await,
+        _ => {}
     }
     let n: usize = std::env::var("BENCH_EVENTS")
         .ok()
@@ -338,6 +347,186 @@ async fn drain() {
         .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
         .await;
     let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&stream).query_async(&mut rc).await;
+}
+
+/// Latency at 10% and 50% of the maximum rate (see the module docs).
+async fn latency() {
+    let env_num = |k: &str, d: f64| -> f64 {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let n = env_num("BENCH_EVENTS", 100_000.0) as usize;
+    let seconds = env_num("BENCH_SECONDS", 15.0);
+    let bin =
+        std::env::var("AUDIT_WORKER_BIN").unwrap_or_else(|_| "target/release/audit-worker".into());
+    let (pg, conn) = tokio_postgres::connect(DB, NoTls)
+        .await
+        .expect("PostgreSQL up: run scripts/services.sh");
+    tokio::spawn(conn);
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut rc = client.get_multiplexed_async_connection().await.unwrap();
+
+    // 1. The maximum rate: a pre-filled stream drained by one worker.
+    let max_rate = match std::env::var("BENCH_MAX_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        Some(r) => r,
+        None => {
+            let tag = format!("latmax_{}", std::process::id());
+            let (stream, schema) = (format!("bench:{tag}:events"), format!("{tag}_worker"));
+            prefill(&mut rc, &stream, n).await;
+            let started = Instant::now();
+            let (mut child, _) = spawn_worker(&bin, &tag, &schema, &stream, None);
+            wait_for_rows(&pg, &schema, n, started).await;
+            let rate = n as f64 / started.elapsed().as_secs_f64();
+            stop(&mut child);
+            cleanup(&pg, &mut rc, &schema, &stream).await;
+            rate
+        }
+    };
+    println!("maximum rate (one worker, pre-filled stream of {n}): {max_rate:.0} events/s");
+
+    // 2. Paced phases, each with a fresh worker (a fresh histogram).
+    for share in [0.10, 0.50] {
+        let rate = max_rate * share;
+        let tag = format!("lat{}_{}", (share * 100.0) as u32, std::process::id());
+        let (stream, schema) = (format!("bench:{tag}:events"), format!("{tag}_worker"));
+        let (mut child, port) = spawn_worker(&bin, &tag, &schema, &stream, None);
+        let metrics_url = format!("http://127.0.0.1:{port}/metrics");
+        let ready = Instant::now();
+        while reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .map(|r| r.status() != 200)
+            .unwrap_or(true)
+        {
+            assert!(
+                ready.elapsed() < Duration::from_secs(60),
+                "worker not ready"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // One event every 1/rate s, sent in 1 ms ticks.
+        let total = (rate * seconds) as usize;
+        let started = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut sent = 0usize;
+        while sent < total {
+            tick.tick().await;
+            let due = ((started.elapsed().as_secs_f64() * rate) as usize).min(total);
+            if due > sent {
+                let mut pipe = redis::pipe();
+                for i in sent..due {
+                    pipe.cmd("XADD")
+                        .arg(&stream)
+                        .arg("*")
+                        .arg("data")
+                        .arg(event(i))
+                        .ignore();
+                }
+                let _: () = pipe.query_async(&mut rc).await.unwrap();
+                sent = due;
+            }
+        }
+        wait_for_rows(&pg, &schema, total, started).await;
+        let body = reqwest_lite(&metrics_url).await.unwrap_or_default();
+        let buckets = stream_latency_buckets(&body);
+        println!(
+            "latency at {:.0}% load ({rate:.0} events/s, {total} events): p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms (enqueue -> commit)",
+            share * 100.0,
+            quantile(&buckets, 0.50) * 1000.0,
+            quantile(&buckets, 0.99) * 1000.0,
+            quantile(&buckets, 0.999) * 1000.0,
+        );
+        stop(&mut child);
+        cleanup(&pg, &mut rc, &schema, &stream).await;
+    }
+}
+
+/// Waits until `schema` holds `n` rows (20 minutes at most).
+async fn wait_for_rows(pg: &tokio_postgres::Client, schema: &str, n: usize, started: Instant) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let count: i64 = pg
+            .query_one(&format!("SELECT count(*) FROM \"{schema}\".audit_log"), &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if count as usize >= n {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1200),
+            "worker too slow or stuck at {count}"
+        );
+    }
+}
+
+fn stop(child: &mut std::process::Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+}
+
+async fn cleanup(
+    pg: &tokio_postgres::Client,
+    rc: &mut redis::aio::MultiplexedConnection,
+    schema: &str,
+    stream: &str,
+) {
+    let _ = pg
+        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .await;
+    let _: redis::RedisResult<()> = redis::cmd("DEL").arg(stream).query_async(rc).await;
+}
+
+/// The cumulative buckets (upper bound, count) of the stream source's
+/// end-to-end latency histogram in a Prometheus text exposition.
+fn stream_latency_buckets(body: &str) -> Vec<(f64, f64)> {
+    let prefix = "audit_worker_end_to_end_latency_seconds_bucket{";
+    body.lines()
+        .filter(|l| l.starts_with(prefix) && l.contains("source=\"stream\""))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count = l.rsplit(' ').next()?.parse().ok()?;
+            Some((le, count))
+        })
+        .collect()
+}
+
+/// The q-quantile of cumulative buckets, interpolated linearly within the
+/// bucket as Prometheus' histogram_quantile does.
+fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let Some(&(_, total)) = buckets.last() else {
+        return f64::NAN;
+    };
+    let rank = q * total;
+    let mut prev = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return prev.0;
+            }
+            let within = if count > prev.1 {
+                (rank - prev.1) / (count - prev.1)
+            } else {
+                0.0
+            };
+            return prev.0 + (le - prev.0) * within;
+        }
+        prev = (le, count);
+    }
+    prev.0
 }
 
 /// The body of a GET, if any.
