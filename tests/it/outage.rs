@@ -26,9 +26,12 @@ struct Replica {
 }
 
 impl Replica {
-    fn start(env: &TestEnv, consumer: &str) -> Self {
+    /// Starts the worker binary as `consumer`, with [`replica_settings`]
+    /// and `more` settings.
+    fn start(env: &TestEnv, consumer: &str, more: &[(&str, String)]) -> Self {
         let port = free_port();
         let mut extra: Vec<(&str, String)> = replica_settings().to_vec();
+        extra.extend(more.iter().cloned());
         extra.push(("AUDIT_WORKER__STREAM__CONSUMER", consumer.to_string()));
         extra.push(("AUDIT_WORKER__HTTP__LISTEN", format!("127.0.0.1:{port}")));
         Self {
@@ -76,21 +79,7 @@ fn produce(env: &TestEnv, stop: CancellationToken) -> tokio::task::JoinHandle<us
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_through_a_two_minute_outage_and_a_sigkill_store_every_event_once() {
     let env = TestEnv::new("outage3").await;
-    let mut replicas = vec![
-        Replica::start(&env, "replica-a"),
-        Replica::start(&env, "replica-b"),
-        Replica::start(&env, "replica-c"),
-    ];
-    wait_until(Duration::from_secs(30), "audit_log migrated", || async {
-        env.pg
-            .query_one("SELECT to_regclass('audit_log') IS NOT NULL", &[])
-            .await
-            .is_ok_and(|r| r.get::<_, bool>(0))
-    })
-    .await;
-    for r in &replicas {
-        r.wait_ready().await;
-    }
+    let mut replicas = start_replicas(&env, &["replica-a", "replica-b", "replica-c"], &[]).await;
 
     let stop_producing = CancellationToken::new();
     let producer = produce(&env, stop_producing.clone());
@@ -108,7 +97,7 @@ async fn three_replicas_through_a_two_minute_outage_and_a_sigkill_store_every_ev
     child.wait().unwrap();
     drop(killed);
     tokio::time::sleep(Duration::from_secs(5)).await;
-    replicas.push(Replica::start(&env, "replica-a2"));
+    replicas.push(Replica::start(&env, "replica-a2", &[]));
     tokio::time::sleep(Duration::from_secs(120).saturating_sub(outage.elapsed())).await;
     let letters_during_outage = env.dlq_len().await;
     env.refuse_writes(false).await;
@@ -118,6 +107,85 @@ async fn three_replicas_through_a_two_minute_outage_and_a_sigkill_store_every_ev
     let produced = producer.await.unwrap();
     assert!(produced >= 6_000, "the producer kept up: {produced}");
 
+    assert_every_event_stored_once_and_nothing_dead_lettered(&env, produced, letters_during_outage)
+        .await;
+    for r in replicas {
+        stop(r.process);
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_probing_a_refusing_database_every_two_seconds_claim_held_entries_and_dead_letter_nothing(
+) {
+    let env = TestEnv::new("outage_probe").await;
+    // Each replica's breaker lets a probe through every 2 s, and many small
+    // batches may be in flight: between probes the replicas read and claim
+    // (XAUTOCLAIM) again, so entries that one live replica holds, waiting
+    // for the database, are claimed by the others over and over.
+    let more = [
+        ("AUDIT_WORKER__SINK__BREAKER_RECOVERY_SECS", "2".to_string()),
+        ("AUDIT_WORKER__SINK__RETRY_BASE_MS", "100".to_string()),
+        ("AUDIT_WORKER__SINK__RETRY_CAP_MS", "400".to_string()),
+        ("AUDIT_WORKER__STREAM__READ_COUNT", "20".to_string()),
+        (
+            "AUDIT_WORKER__STREAM__MAX_IN_FLIGHT_BATCHES",
+            "256".to_string(),
+        ),
+    ];
+    let replicas = start_replicas(&env, &["replica-a", "replica-b", "replica-c"], &more).await;
+    let stop_producing = CancellationToken::new();
+    let producer = produce(&env, stop_producing.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    env.refuse_writes(true).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let letters_during_outage = env.dlq_len().await;
+    env.refuse_writes(false).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop_producing.cancel();
+    let produced = producer.await.unwrap();
+    assert!(produced >= 1_500, "the producer kept up: {produced}");
+    assert_every_event_stored_once_and_nothing_dead_lettered(&env, produced, letters_during_outage)
+        .await;
+    for r in replicas {
+        stop(r.process);
+    }
+    env.cleanup().await;
+}
+
+/// Starts one replica per consumer name with `more` settings and waits
+/// until the schema is migrated and every replica is ready.
+async fn start_replicas(
+    env: &TestEnv,
+    consumers: &[&str],
+    more: &[(&str, String)],
+) -> Vec<Replica> {
+    let replicas: Vec<_> = consumers
+        .iter()
+        .map(|c| Replica::start(env, c, more))
+        .collect();
+    wait_until(Duration::from_secs(30), "audit_log migrated", || async {
+        env.pg
+            .query_one("SELECT to_regclass('audit_log') IS NOT NULL", &[])
+            .await
+            .is_ok_and(|r| r.get::<_, bool>(0))
+    })
+    .await;
+    for r in &replicas {
+        r.wait_ready().await;
+    }
+    replicas
+}
+
+/// Waits (at most five minutes) until all `produced` events are stored and
+/// nothing is pending, then asserts each is stored exactly once and that
+/// the DLQ was empty during the outage (`letters_during_outage`) and is
+/// empty now.
+async fn assert_every_event_stored_once_and_nothing_dead_lettered(
+    env: &TestEnv,
+    produced: usize,
+    letters_during_outage: usize,
+) {
     let deadline = Duration::from_secs(300);
     let recovery = Instant::now();
     loop {
@@ -130,7 +198,7 @@ async fn three_replicas_through_a_two_minute_outage_and_a_sigkill_store_every_ev
             "{deadline:?} after the outage ended, {rows} of {produced} events are stored and \
              {pending} entries pending; the DLQ holds {} entries ({:?})",
             env.dlq_len().await,
-            reasons(&env).await
+            reasons(env).await
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -152,12 +220,8 @@ async fn three_replicas_through_a_two_minute_outage_and_a_sigkill_store_every_ev
         (letters_during_outage, env.dlq_len().await),
         (0, 0),
         "an outage dead-letters nothing (during, after): {:?}",
-        reasons(&env).await
+        reasons(env).await
     );
-    for r in replicas {
-        stop(r.process);
-    }
-    env.cleanup().await;
 }
 
 /// How many dead letters of each reason the DLQ holds.
