@@ -355,6 +355,8 @@ async fn an_export_request_during_a_database_outage_waits_and_is_recorded_afterw
     assert_eq!(x.job(&id).await.get::<_, Option<i64>>(1), Some(50));
     let notes = x.notifications().await;
     assert_eq!(notes.len(), 1, "{notes:?}");
+    assert_eq!(notes[0]["type"], "export.ready");
+    assert_eq!(notes[0]["jobId"], id);
     wait_until(
         Duration::from_secs(10),
         "the request acknowledged",
