@@ -218,6 +218,9 @@ async fn own_pending_entries_deleted_or_trimmed_are_acknowledged_and_counted_as_
     env.add_events(&[event(5), event(6)]).await;
     assert_eq!(env.pending_count().await, 5);
 
+    // XAUTOCLAIM drops deleted entries from the pending list whatever their
+    // idle time, so its next call may meet the same entries the pending
+    // read just returned: each must still be counted once.
     let worker = InProcessWorker::start(config);
     wait_until(
         Duration::from_secs(30),
