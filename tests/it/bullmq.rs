@@ -43,7 +43,7 @@ fn node(env: &TestEnv, script: &str, vars: &[(&str, String)]) -> Command {
 }
 
 /// Runs a Node script to its end and returns its last JSON line.
-async fn node_json(env: &TestEnv, script: &str, vars: &[(&str, String)]) -> Value {
+pub(crate) async fn node_json(env: &TestEnv, script: &str, vars: &[(&str, String)]) -> Value {
     let out = node(env, script, vars)
         .output()
         .await
@@ -66,10 +66,10 @@ async fn next_json(lines: &mut Lines<BufReader<ChildStdout>>, what: &str) -> Val
 
 /// The worker binary as a child process; killed if a failed assertion
 /// drops it, so no worker outlives its test.
-struct WorkerProcess(Option<std::process::Child>);
+pub(crate) struct WorkerProcess(pub(crate) Option<std::process::Child>);
 
 impl WorkerProcess {
-    fn child(&mut self) -> &mut std::process::Child {
+    pub(crate) fn child(&mut self) -> &mut std::process::Child {
         self.0.as_mut().expect("worker still owned")
     }
 }
@@ -118,7 +118,7 @@ async fn wait_ready(env: &TestEnv) {
 }
 
 /// SIGTERM, and the exit status must be success.
-fn stop(mut worker: WorkerProcess) {
+pub(crate) fn stop(mut worker: WorkerProcess) {
     let mut child = worker.0.take().expect("worker still owned");
     let status = std::process::Command::new("kill")
         .arg("-TERM")
@@ -144,7 +144,13 @@ async fn count(env: &TestEnv, sql: &str) -> i64 {
 }
 
 /// Deletes the test queue's BullMQ keys, then the rest of the test's world.
-async fn cleanup(env: TestEnv) {
+pub(crate) async fn cleanup(env: TestEnv) {
+    delete_queue_keys(&env).await;
+    env.cleanup().await;
+}
+
+/// Deletes the test queue's BullMQ keys (`bull:<queue>:*`).
+pub(crate) async fn delete_queue_keys(env: &TestEnv) {
     let mut conn = env.redis_conn().await;
     let pattern = format!("bull:{}:*", env.queue);
     let mut cursor: u64 = 0;
@@ -170,7 +176,6 @@ async fn cleanup(env: TestEnv) {
         }
         cursor = next;
     }
-    env.cleanup().await;
 }
 
 fn field(letter: &std::collections::HashMap<String, Vec<u8>>, name: &str) -> String {

@@ -277,11 +277,42 @@ impl TestEnv {
                 self.schema
             )
         };
-        // DDL on audit_log can meet the worker's own catalog updates (a
-        // partition being attached): PostgreSQL then reports "tuple
-        // concurrently updated", and trying again is the remedy.
+        self.toggle_ddl(&sql).await;
+    }
+
+    /// Makes this test's PostgreSQL refuse (or accept again) every insert,
+    /// update and delete on the job tables (`export_jobs`, `snapshot_jobs`)
+    /// with SQLSTATE 25006, as a read-only database does. Together with
+    /// [`TestEnv::refuse_writes`] the whole database refuses writes: job
+    /// requests cannot be recorded either. The tables must exist.
+    pub async fn refuse_job_writes(&self, refuse: bool) {
+        let mut sql = String::new();
+        for table in ["export_jobs", "snapshot_jobs"] {
+            if refuse {
+                sql.push_str(&format!(
+                    "CREATE OR REPLACE FUNCTION \"{s}\".refuse_job_write() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN RAISE EXCEPTION 'test: database refuses writes' USING ERRCODE = '25006'; END $$;
+                     DROP TRIGGER IF EXISTS refuse_job_write ON \"{s}\".{table};
+                     CREATE TRIGGER refuse_job_write BEFORE INSERT OR UPDATE OR DELETE ON \"{s}\".{table}
+                     FOR EACH ROW EXECUTE FUNCTION \"{s}\".refuse_job_write();",
+                    s = self.schema
+                ));
+            } else {
+                sql.push_str(&format!(
+                    "DROP TRIGGER IF EXISTS refuse_job_write ON \"{}\".{table};",
+                    self.schema
+                ));
+            }
+        }
+        self.toggle_ddl(&sql).await;
+    }
+
+    /// Runs fault-toggling DDL. DDL on audit_log can meet the worker's own
+    /// catalog updates (a partition being attached): PostgreSQL then
+    /// reports "tuple concurrently updated", and trying again is the remedy.
+    async fn toggle_ddl(&self, sql: &str) {
         for attempt in 1.. {
-            match self.pg.batch_execute(&sql).await {
+            match self.pg.batch_execute(sql).await {
                 Ok(()) => break,
                 Err(e) if attempt < 10 && e.to_string().contains("concurrently updated") => {
                     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -19,14 +19,14 @@ use crate::common::*;
 const LINK_SECRET: &str = "test-link-secret";
 
 /// A test's export world: its TestEnv plus a temporary store directory.
-struct ExportEnv {
-    env: TestEnv,
+pub(crate) struct ExportEnv {
+    pub(crate) env: TestEnv,
     dir: tempfile::TempDir,
     notifications: String,
 }
 
 impl ExportEnv {
-    async fn new(test: &str) -> Self {
+    pub(crate) async fn new(test: &str) -> Self {
         let env = TestEnv::new(test).await;
         let notifications = format!("test:{}:notifications", env.name);
         let me = Self {
@@ -42,7 +42,7 @@ impl ExportEnv {
         self.dir.path().join("store")
     }
 
-    fn config(&self) -> Config {
+    pub(crate) fn config(&self) -> Config {
         let mut c = self.env.config();
         c.storage.url = self.store_dir().display().to_string();
         c.export.link_secret = LINK_SECRET.to_owned().into();
@@ -53,7 +53,7 @@ impl ExportEnv {
         c
     }
 
-    fn env_vars(&self, part_rows: u64, page_rows: u32) -> Vec<(String, String)> {
+    pub(crate) fn env_vars(&self, part_rows: u64, page_rows: u32) -> Vec<(String, String)> {
         let mut v = self.env.env_vars();
         v.extend([
             (
@@ -101,7 +101,7 @@ impl ExportEnv {
 
     /// Inserts `n` rows in March 2024 straight into audit_log, with pairs
     /// sharing an event_time (the id breaks the tie) and awkward text.
-    async fn fill(&self, n: i64) {
+    pub(crate) async fn fill(&self, n: i64) {
         self.env
             .pg
             .batch_execute(
@@ -140,7 +140,7 @@ impl ExportEnv {
             .unwrap();
     }
 
-    async fn job(&self, id: &str) -> tokio_postgres::Row {
+    pub(crate) async fn job(&self, id: &str) -> tokio_postgres::Row {
         self.env
             .pg
             .query_one(
@@ -152,7 +152,7 @@ impl ExportEnv {
             .unwrap()
     }
 
-    async fn wait_notified(&self, id: &str, timeout: Duration) {
+    pub(crate) async fn wait_notified(&self, id: &str, timeout: Duration) {
         wait_until(timeout, "export completed and notified", || async {
             let r = self.job(id).await;
             let status: String = r.get(0);
@@ -170,7 +170,7 @@ impl ExportEnv {
         std::fs::read(self.store_dir().join(key)).unwrap()
     }
 
-    async fn notifications(&self) -> Vec<HashMap<String, String>> {
+    pub(crate) async fn notifications(&self) -> Vec<HashMap<String, String>> {
         self.env
             .stream_fields(&self.notifications)
             .await
@@ -184,7 +184,7 @@ impl ExportEnv {
             .collect()
     }
 
-    async fn cleanup(self) {
+    pub(crate) async fn cleanup(self) {
         let mut conn = self.env.redis_conn().await;
         let _: redis::RedisResult<()> = redis::cmd("DEL")
             .arg(&self.notifications)
@@ -194,7 +194,7 @@ impl ExportEnv {
     }
 }
 
-fn request(filters: Value, format: &str, compression: &str, requester: &str) -> Vec<u8> {
+pub(crate) fn request(filters: Value, format: &str, compression: &str, requester: &str) -> Vec<u8> {
     json!({"exportFilters": filters, "format": format, "compression": compression, "requesterId": requester})
         .to_string()
         .into_bytes()

@@ -2,10 +2,12 @@
 
 mod bullmq;
 mod common;
+mod event_path;
 mod export;
 mod faults;
 mod hostile;
 mod ops;
+mod outage;
 mod pg_tls;
 mod process;
 mod roles;

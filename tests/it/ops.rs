@@ -341,12 +341,12 @@ async fn alert_rules_fire_on_a_crafted_burst_and_not_on_normal_traffic() {
 
 /// A minimal OTLP/HTTP receiver: decodes exported spans as a collector would.
 #[derive(Clone, Default)]
-struct Receiver {
-    spans: Arc<Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>,
+pub(crate) struct Receiver {
+    pub(crate) spans: Arc<Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>,
 }
 
 impl Receiver {
-    async fn start(&self) -> u16 {
+    pub(crate) async fn start(&self) -> u16 {
         use axum::routing::post;
         use prost::Message;
         let me = self.clone();

@@ -18,15 +18,15 @@ use crate::common::*;
 const ORIGIN: &str = "test.example/audit-log";
 
 /// A test's snapshot world: its TestEnv, a signing key and a storage dir.
-struct SnapEnv {
-    env: TestEnv,
+pub(crate) struct SnapEnv {
+    pub(crate) env: TestEnv,
     key: String,
     verifier: String,
     storage: tempfile::TempDir,
 }
 
 impl SnapEnv {
-    async fn new(name: &str) -> Self {
+    pub(crate) async fn new(name: &str) -> Self {
         let env = TestEnv::new(name).await;
         let signer = Ed25519NoteSigner::generate(ORIGIN).unwrap();
         let s = Self {
@@ -48,7 +48,7 @@ impl SnapEnv {
         c
     }
 
-    fn env_vars(&self) -> Vec<(String, String)> {
+    pub(crate) fn env_vars(&self) -> Vec<(String, String)> {
         let mut v = self.env.env_vars();
         v.push(("AUDIT_WORKER__SNAPSHOT__ORIGIN".into(), ORIGIN.into()));
         v.push((
@@ -139,7 +139,7 @@ impl SnapEnv {
             .unwrap();
     }
 
-    async fn count(&self, sql: &str) -> i64 {
+    pub(crate) async fn count(&self, sql: &str) -> i64 {
         self.env.pg.query_one(sql, &[]).await.unwrap().get(0)
     }
 }
