@@ -117,13 +117,15 @@ pub fn batch_span(source: &'static str, queue: &str, messages: usize) -> tracing
 }
 
 /// The span of one job run (`kind` is `export` or `snapshot`), for job
-/// executors; `job_id` is the job's own identifier.
-pub fn job_span(kind: &'static str, job_id: &str) -> tracing::Span {
+/// executors; `job_id` is the job's own identifier and `source` the
+/// identity of the request that created it (`stream:...`, `bullmq:...`).
+pub fn job_span(kind: &'static str, job_id: &str, source: &str) -> tracing::Span {
     let span = tracing::info_span!(
         "job",
         otel.name = "audit.job",
         kind,
         job_id,
+        source,
         trace_id = tracing::field::Empty,
     );
     record_trace_id(&span);

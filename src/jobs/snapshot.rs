@@ -287,8 +287,8 @@ impl Snapshotter {
     }
 
     /// Leases the next runnable job (queued, or running with an expired
-    /// lease), if any.
-    pub async fn lease(&self) -> Result<Option<i64>, SnapshotError> {
+    /// lease), if any: its id and the identity of the request that made it.
+    pub async fn lease(&self) -> Result<Option<(i64, String)>, SnapshotError> {
         let client = self.pool.get().await?;
         let secs = self.settings.lease_secs as f64;
         let row = client
@@ -299,19 +299,19 @@ impl Snapshotter {
                   WHERE id = (SELECT id FROM snapshot_jobs
                                WHERE status = 'queued' OR (status = 'running' AND lease_until < now())
                                ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
-                  RETURNING id",
+                  RETURNING id, source",
                 &[&self.owner, &secs],
             )
             .await?;
-        Ok(row.map(|r| r.get(0)))
+        Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
     /// Leases and runs jobs until none is runnable; returns how many ran.
     pub async fn drain(&self) -> Result<usize, SnapshotError> {
         let mut ran = 0;
-        while let Some(job) = self.lease().await? {
+        while let Some((job, source)) = self.lease().await? {
             let started = std::time::Instant::now();
-            let span = crate::tracing_ctx::job_span("snapshot", &job.to_string());
+            let span = crate::tracing_ctx::job_span("snapshot", &job.to_string(), &source);
             let result = tracing::Instrument::instrument(self.run_job(job), span).await;
             if let Some(m) = &self.metrics {
                 let rows = result.as_ref().map_or(0, |s| s.record_count.max(0) as u64);

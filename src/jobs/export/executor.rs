@@ -219,7 +219,7 @@ impl Exporter {
             lost.clone(),
         ));
         let started = std::time::Instant::now();
-        let span = crate::tracing_ctx::job_span("export", &job.id);
+        let span = crate::tracing_ctx::job_span("export", &job.id, &job.source);
         let result = if job.status != "completed" && job.attempts > self.settings.max_attempts {
             Err(ExportError::Io(format!(
                 "gave up after {} attempts",

@@ -149,12 +149,15 @@ pub struct Job {
     pub expires_at: Option<DateTime<Utc>>,
     /// This attempt's lease token (`leased_by`).
     pub lease: String,
+    /// The identity of the request that created the job (`stream:...`,
+    /// `bullmq:...`, `cli:...`).
+    pub source: String,
 }
 
 /// The columns [`Job::from_row`] reads.
 const JOB_COLUMNS: &str = "id, requester_id, filters, format, compression, status, cutoff, \
     parts_prefix, artifact_key, attempts, parts_done, rows_done, last_event_time, last_id, \
-    row_count, size_bytes, sha256, completed_at, expires_at, leased_by";
+    row_count, size_bytes, sha256, completed_at, expires_at, leased_by, source";
 
 impl Job {
     fn from_row(row: &tokio_postgres::Row) -> Result<Self, String> {
@@ -186,6 +189,7 @@ impl Job {
             completed_at: row.get(17),
             expires_at: row.get(18),
             lease: row.get::<_, Option<String>>(19).unwrap_or_default(),
+            source: row.get(20),
         })
     }
 }

@@ -78,7 +78,16 @@ async fn decide_and_acknowledge(s: &Shared, entries: Vec<StreamEntry>, arrival: 
 
     let mut pipe = redis::pipe();
     pipe.atomic();
-    let mut acks: Vec<&str> = trimmed.iter().map(String::as_str).collect();
+    // Trimmed entries get an XACK of their own, whose reply says how many
+    // were still pending here (XAUTOCLAIM may have dropped them already,
+    // and counted them): each is counted once.
+    if !trimmed.is_empty() {
+        pipe.cmd("XACK")
+            .arg(&s.stream.key)
+            .arg(&s.stream.group)
+            .arg(&trimmed);
+    }
+    let mut acks: Vec<&str> = Vec::with_capacity(ids.len());
     let mut excused: Vec<&str> = Vec::new();
     for (id, disposition) in ids.iter().zip(&dispositions) {
         match disposition {
@@ -113,19 +122,20 @@ async fn decide_and_acknowledge(s: &Shared, entries: Vec<StreamEntry>, arrival: 
             .arg(1)
             .ignore();
     }
-    if acks.is_empty() && excused.is_empty() {
+    if trimmed.is_empty() && acks.is_empty() && excused.is_empty() {
         return;
     }
-    if !execute(s, &pipe, acks.len()).await {
+    let Some(replies) = execute(s, &pipe, acks.len() + trimmed.len()).await else {
         return;
-    }
-    if !trimmed.is_empty() {
-        s.processor
-            .metrics()
-            .stream_trimmed
-            .inc_by(trimmed.len() as u64);
+    };
+    let newly_trimmed = match replies.first() {
+        Some(Value::Int(n)) if !trimmed.is_empty() => u64::try_from(*n).unwrap_or(0),
+        _ => 0,
+    };
+    if newly_trimmed > 0 {
+        s.processor.metrics().stream_trimmed.inc_by(newly_trimmed);
         tracing::warn!(
-            count = trimmed.len(),
+            count = newly_trimmed,
             ids = ?trimmed,
             stream = %s.stream.key,
             "pending entries were deleted or trimmed from the stream before they were stored (MAXLEN/XTRIM/XDEL by a producer?); acknowledged with nothing to store"
@@ -168,14 +178,15 @@ fn delivery(s: &Shared, mut entry: StreamEntry, attempts: u64) -> Delivery {
 pub const REPLAYED_SOURCE_FIELD: &str = "source";
 
 /// Runs the batch's MULTI/EXEC, retrying a few times (the first command
-/// after a dropped connection fails while the manager reconnects); false
-/// if it never went through, in which case the entries are delivered again
-/// and absorbed as duplicates.
-async fn execute(s: &Shared, pipe: &redis::Pipeline, count: usize) -> bool {
+/// after a dropped connection fails while the manager reconnects), and
+/// returns the replies of its commands not marked `ignore`; `None` if it
+/// never went through, in which case the entries are delivered again and
+/// absorbed as duplicates.
+async fn execute(s: &Shared, pipe: &redis::Pipeline, count: usize) -> Option<Vec<Value>> {
     let mut conn = s.commands.clone();
     for attempt in 1..=5u64 {
-        match pipe.query_async::<()>(&mut conn).await {
-            Ok(()) => return true,
+        match pipe.query_async::<Vec<Value>>(&mut conn).await {
+            Ok(replies) => return Some(replies),
             Err(e) => {
                 s.processor
                     .metrics()
@@ -184,14 +195,14 @@ async fn execute(s: &Shared, pipe: &redis::Pipeline, count: usize) -> bool {
                     .inc();
                 if attempt == 5 {
                     tracing::error!(error = %e, count, "could not acknowledge; the entries will be delivered again and absorbed as duplicates");
-                    return false;
+                    return None;
                 }
                 tracing::warn!(error = %e, attempt, "acknowledging failed; retrying");
                 tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
             }
         }
     }
-    false
+    None
 }
 
 /// Delivery counts of redelivered entries, now that they are ours: the
