@@ -87,18 +87,7 @@ async fn main() {
     let client = redis::Client::open(REDIS).unwrap();
     let mut rc = client.get_multiplexed_async_connection().await.unwrap();
     let started = Instant::now();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(2_000) {
-        let mut pipe = redis::pipe();
-        for &i in chunk {
-            pipe.cmd("XADD")
-                .arg(&stream)
-                .arg("*")
-                .arg("data")
-                .arg(event(i))
-                .ignore();
-        }
-        let _: () = pipe.query_async(&mut rc).await.unwrap();
-    }
+    prefill(&mut rc, &stream, n).await;
     eprintln!("pre-filled {n} entries in {:.1?}", started.elapsed());
 
     // The worker, as a separate release process.

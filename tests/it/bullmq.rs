@@ -490,15 +490,7 @@ async fn bullmq_worker_killed_with_jobs_in_flight_completes_every_job_once_after
         r["startedMoreThanOnce"].as_i64().unwrap() > 0,
         "jobs in flight at the kill were recovered and run again: {r}"
     );
-    let row: (i64, i64) = env
-        .pg
-        .query_one(
-            "SELECT count(*), count(DISTINCT idempotency_key) FROM audit_log",
-            &[],
-        )
-        .await
-        .map(|r| (r.get(0), r.get(1)))
-        .unwrap();
+    let row: (i64, i64) = env.count_and_distinct().await;
     assert_eq!(row, (total, total), "each event stored exactly once");
     assert_eq!(env.dlq_len().await, 0);
     stop(second);

@@ -172,6 +172,19 @@ impl TestEnv {
             .unwrap_or(0)
     }
 
+    /// Rows and distinct idempotency keys: equal when nothing was stored
+    /// twice.
+    pub async fn count_and_distinct(&self) -> (i64, i64) {
+        self.pg
+            .query_one(
+                "SELECT count(*), count(DISTINCT idempotency_key) FROM audit_log",
+                &[],
+            )
+            .await
+            .map(|r| (r.get(0), r.get(1)))
+            .expect("audit_log readable")
+    }
+
     pub async fn dlq_len(&self) -> usize {
         let mut conn = self.redis_conn().await;
         redis::cmd("XLEN")

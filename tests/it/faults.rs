@@ -9,17 +9,6 @@ use serde_json::Value;
 
 use crate::common::*;
 
-async fn count_and_distinct(env: &TestEnv) -> (i64, i64) {
-    env.pg
-        .query_one(
-            "SELECT count(*), count(DISTINCT idempotency_key) FROM audit_log",
-            &[],
-        )
-        .await
-        .map(|r| (r.get(0), r.get(1)))
-        .unwrap_or((0, 0))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_kills_at_random_moments_while_events_flow_lose_and_duplicate_nothing() {
     let env = TestEnv::new("tenkills").await;
@@ -69,7 +58,7 @@ async fn ten_kills_at_random_moments_while_events_flow_lose_and_duplicate_nothin
     )
     .await;
     terminate(&mut child);
-    assert_eq!(count_and_distinct(&env).await, (total as i64, total as i64));
+    assert_eq!(env.count_and_distinct().await, (total as i64, total as i64));
     let by_event_id: i64 = env
         .pg
         .query_one(
@@ -169,7 +158,7 @@ async fn a_database_refusing_writes_opens_the_breaker_and_nothing_is_dead_letter
     })
     .await;
     terminate(&mut child);
-    assert_eq!(count_and_distinct(&env).await, (15_000, 15_000));
+    assert_eq!(env.count_and_distinct().await, (15_000, 15_000));
     assert_eq!(env.dlq_len().await, 0);
     env.cleanup().await;
 }
@@ -276,7 +265,7 @@ async fn the_worker_keeps_consuming_after_redis_restarts() {
     })
     .await;
     terminate(&mut child);
-    assert_eq!(count_and_distinct(&env).await, (5_000, 5_000));
+    assert_eq!(env.count_and_distinct().await, (5_000, 5_000));
     env.cleanup().await;
     drop(redis_server);
 }

@@ -202,15 +202,7 @@ async fn assert_every_event_stored_once_and_nothing_dead_lettered(
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let (count, distinct): (i64, i64) = env
-        .pg
-        .query_one(
-            "SELECT count(*), count(DISTINCT idempotency_key) FROM audit_log",
-            &[],
-        )
-        .await
-        .map(|r| (r.get(0), r.get(1)))
-        .unwrap();
+    let (count, distinct): (i64, i64) = env.count_and_distinct().await;
     assert_eq!(
         (count, distinct),
         (produced as i64, produced as i64),

@@ -72,15 +72,7 @@ async fn a_worker_killed_mid_load_and_restarted_stores_every_event_exactly_once(
     terminate(&mut child);
     assert!(child.wait().unwrap().success());
 
-    let row: (i64, i64) = env
-        .pg
-        .query_one(
-            "SELECT count(*), count(DISTINCT idempotency_key) FROM audit_log",
-            &[],
-        )
-        .await
-        .map(|r| (r.get(0), r.get(1)))
-        .unwrap();
+    let row: (i64, i64) = env.count_and_distinct().await;
     assert_eq!(
         row,
         (expected, expected),

@@ -119,15 +119,7 @@ async fn three_workers_share_one_stream_and_a_sigkill_loses_and_duplicates_nothi
         terminate(child);
     }
 
-    let (rows, distinct): (i64, i64) = env
-        .pg
-        .query_one(
-            "SELECT count(*), count(DISTINCT idempotency_key) FROM audit_log",
-            &[],
-        )
-        .await
-        .map(|r| (r.get(0), r.get(1)))
-        .unwrap();
+    let (rows, distinct): (i64, i64) = env.count_and_distinct().await;
     assert_eq!((rows, distinct), (total as i64, total as i64));
     let event_ids: i64 = env
         .pg
