@@ -194,6 +194,16 @@ impl TestEnv {
             .unwrap()
     }
 
+    /// Entries in this test's stream (XLEN).
+    pub async fn stream_len(&self) -> usize {
+        let mut conn = self.redis_conn().await;
+        redis::cmd("XLEN")
+            .arg(&self.stream)
+            .query_async(&mut conn)
+            .await
+            .unwrap_or(0)
+    }
+
     /// Entries pending in the group (delivered, not acknowledged).
     pub async fn pending_count(&self) -> usize {
         let mut conn = self.redis_conn().await;

@@ -640,3 +640,78 @@ async fn a_snapshot_request_on_the_stream_is_counted_accepted_and_completed_and_
     stop(worker);
     s.env.cleanup().await;
 }
+
+/// A dead letter can exist for an event that was in fact stored (a second
+/// copy of an at-least-once DLQ write, or a holder racing a claim). Its
+/// replay must not store the event again, even without an `eventId`: the
+/// replayed entry carries the identity the event first arrived with, which
+/// stays its idempotency key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_dead_letter_keeps_its_first_identity_and_is_not_stored_twice() {
+    let env = TestEnv::new("replay_identity").await;
+    let worker = InProcessWorker::start(env.config());
+    env.wait_for_schema().await;
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let data = json!({"timestamp": now, "action": "record.read", "status": "success"}).to_string();
+    let id = xadd(&env, &[("data", data.as_bytes())]).await;
+    wait_until(Duration::from_secs(30), "the event stored", || async {
+        env.row_count().await == 1
+    })
+    .await;
+    let identity = format!("stream:{}:{id}", env.stream);
+    let mut conn = env.redis_conn().await;
+    let _: String = redis::cmd("XADD")
+        .arg(&env.dlq)
+        .arg("*")
+        .arg("data")
+        .arg(data.as_bytes())
+        .arg("name")
+        .arg("audit.event")
+        .arg("reason")
+        .arg("max_deliveries")
+        .arg("error")
+        .arg("delivered 4 times")
+        .arg("source")
+        .arg(&identity)
+        .arg("failed_at")
+        .arg(&now)
+        .arg("attempts")
+        .arg(4)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_audit-worker"))
+        .args(["dlq", "replay", "--all"])
+        .envs(env.env_vars())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(env.dlq_len().await, 0, "the letter left the DLQ");
+    // The replayed entry is consumed (acknowledged and, by default, deleted).
+    wait_until(
+        Duration::from_secs(30),
+        "the replayed entry consumed",
+        || async { env.pending_count().await == 0 && env.stream_len().await == 0 },
+    )
+    .await;
+    assert_eq!(env.count_and_distinct().await, (1, 1), "stored once");
+    let key: String = env
+        .pg
+        .query_one("SELECT idempotency_key FROM audit_log", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(key, identity);
+    assert_eq!(
+        env.dlq_len().await,
+        0,
+        "nothing dead-lettered by the replay"
+    );
+    worker.stop().await;
+    env.cleanup().await;
+}
