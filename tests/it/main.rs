@@ -2,6 +2,7 @@
 
 mod bullmq;
 mod common;
+mod dlq_replay;
 mod export;
 mod faults;
 mod hostile;
