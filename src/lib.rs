@@ -12,6 +12,7 @@ pub mod http;
 pub mod integrity;
 pub mod jobs;
 pub mod lease;
+pub mod outage;
 pub mod pgtls;
 pub mod processor;
 #[cfg(test)]
@@ -19,6 +20,7 @@ mod properties;
 pub mod retry;
 pub mod sink;
 pub mod source;
+pub mod startup;
 pub mod storage;
 pub mod telemetry;
 pub mod tracing_ctx;

@@ -317,7 +317,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("audit-worker: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<app::ConfigurationError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

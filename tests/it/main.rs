@@ -13,5 +13,6 @@ mod roles;
 mod scale;
 mod secrets;
 mod snapshot;
+mod startup;
 mod stream_ingest;
 mod tls;

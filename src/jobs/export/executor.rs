@@ -151,13 +151,18 @@ impl Exporter {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let permits = Arc::new(Semaphore::new(self.settings.concurrency.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
+        let mut claim_outage = crate::outage::OutageLog::new("cannot claim export jobs");
         loop {
             while tasks.try_join_next().is_some() {}
             let permit = tokio::select! {
                 p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
                 _ = shutdown.cancelled() => break,
             };
-            match self.claim_next().await {
+            let claimed = self.claim_next().await;
+            if claimed.is_ok() {
+                claim_outage.recovered();
+            }
+            match claimed {
                 Ok(Some(job)) => {
                     let me = self.clone();
                     let stop = shutdown.clone();
@@ -168,7 +173,7 @@ impl Exporter {
                     continue;
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot claim export jobs; will retry"),
+                Err(e) => claim_outage.failed(&e),
             }
             drop(permit);
             tokio::select! {
