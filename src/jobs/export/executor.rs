@@ -310,7 +310,7 @@ impl Exporter {
         progress: Option<&AtomicU64>,
     ) -> Result<(), ExportError> {
         let client = self.pool.get().await?;
-        let query = PageQuery::new(&job.filters, job.cutoff);
+        let query = PageQuery::new(&job.filters, job.cutoff, job.cutoff_snapshot.as_deref());
         let statement = client.prepare(&query.sql).await?;
         let mut key = job
             .last_key
