@@ -1,6 +1,7 @@
 //! audit-worker: consumes audit events from Redis (Streams, BullMQ),
 //! validates them, verifies their integrity and stores them in PostgreSQL
-//! exactly once. See DESIGN.md for the architecture and wire contracts.
+//! exactly once. README.md describes the wire contracts, reason codes,
+//! metrics and operations.
 
 pub mod alerts;
 pub mod app;

@@ -206,14 +206,14 @@ async fn run_dlq(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
 /// parsed job, and clones the source of its Lua scripts, for every job,
 /// on tokio threads that free what other threads allocated. jemalloc
 /// cut the worker's CPU per job by about 40% and kept the export's peak RSS under
-/// issue 5's 64 MiB (mimalloc did not); figures in benches/README.md.
+/// its 64 MiB budget (mimalloc did not); figures in benches/README.md.
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(cli.config.as_deref()) {
+    let mut config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("audit-worker: {e}");
@@ -229,6 +229,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if matches!(cli.command, Command::Run | Command::Snapshot { .. }) {
+        if let Err(e) = audit_worker::jobs::dev_key::apply(&mut config, cli.config.is_some()) {
+            eprintln!("audit-worker: {e:#}");
+            return ExitCode::from(2);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,5 +1,5 @@
 //! Snapshot jobs (`audit.snapshot`): seal stored events into the signed,
-//! append-only Merkle log (DESIGN.md section 5).
+//! append-only Merkle log (README, "Snapshots").
 //!
 //! A request (queue message, schedule slot or CLI) becomes a row in
 //! `snapshot_jobs`, deduplicated by its source. The executor leases a job

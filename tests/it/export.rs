@@ -1,4 +1,4 @@
-//! Export jobs (issue 5) against real PostgreSQL, Redis and a local-disk
+//! Export jobs against real PostgreSQL, Redis and a local-disk
 //! object store in a temporary directory.
 
 use std::collections::HashMap;

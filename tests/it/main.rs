@@ -2,6 +2,7 @@
 
 mod bullmq;
 mod common;
+mod dev_key;
 mod dlq_replay;
 mod export;
 mod faults;
