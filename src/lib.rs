@@ -19,6 +19,7 @@ pub mod processor;
 #[cfg(test)]
 mod properties;
 pub mod retry;
+pub mod shutdown;
 pub mod sink;
 pub mod source;
 pub mod startup;

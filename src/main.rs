@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
 use audit_worker::config::Config;
 use audit_worker::jobs::export;
@@ -247,15 +246,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Run => {
-                let shutdown = CancellationToken::new();
-                let trigger = shutdown.clone();
-                tokio::spawn(async move {
-                    app::shutdown_signal().await;
-                    trigger.cancel();
-                });
-                app::run(config, shutdown).await
-            }
+            Command::Run => app::run(config, audit_worker::shutdown::on_signal()).await,
             Command::Migrate => {
                 let applied = db::migrate(&config).await?;
                 if applied.is_empty() {

@@ -183,7 +183,7 @@ pub async fn run_export(config: &Config, args: &RequestArgs, out: &PathBuf) -> a
     let ctrl_c = {
         let stop = stop.clone();
         tokio::spawn(async move {
-            crate::app::shutdown_signal().await;
+            crate::shutdown::signal().await;
             stop.cancel();
         })
     };
