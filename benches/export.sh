@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Export benchmark (issue 5): rows/s of `audit-worker export` writing
+# Export benchmark: rows/s of `audit-worker export` writing
 # ROWS rows to gzip CSV, beside PostgreSQL's own `COPY (same query) TO
 # STDOUT` over the same rows in the same run, and the export's peak RSS.
 #

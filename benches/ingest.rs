@@ -3,10 +3,10 @@
 //! schemas; Redis and PostgreSQL must be up (scripts/services.sh).
 //! `BENCH_EVENTS` sets the count (default 200,000).
 //!
-//! - `BENCH_MODE=ingest` (default, issue 2): events per second from a
+//! - `BENCH_MODE=ingest` (default): events per second from a
 //!   pre-filled Redis stream to committed rows, against a plain binary COPY
 //!   of the same rows into the same table definition; the worker's peak RSS.
-//! - `BENCH_MODE=drain` (issue 3): the database refuses writes (a trigger
+//! - `BENCH_MODE=drain`: the database refuses writes (a trigger
 //!   raising SQLSTATE 25006) while the stream fills and the breaker opens;
 //!   then it accepts them again: time from that moment to the backlog
 //!   drained, and the throughput of the drain.
@@ -232,7 +232,7 @@ async fn prefill(rc: &mut redis::aio::MultiplexedConnection, stream: &str, n: us
     }
 }
 
-/// Issue 3's figures: recovery after a database outage.
+/// Figures for the recovery after a database outage.
 async fn drain() {
     let n: usize = std::env::var("BENCH_EVENTS")
         .ok()

@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null 2>&1 || { echo "test: cargo not found: install the Rust toolchain (rustup) first" >&2; exit 1; }
+# Formatting and lints first: cheap, and a failure there needs no services.
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
 scripts/services.sh
 # promtool (tests check /metrics and the alert rules with it) and PyYAML
 # (deploy file check).

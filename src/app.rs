@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -15,37 +14,50 @@ use crate::jobs::snapshot::{self, Snapshotter};
 use crate::jobs::JobHandlers;
 use crate::processor::Processor;
 use crate::sink::{PostgresSink, SinkSettings};
-use crate::source::{self, bullmq::BullmqSource, stream::StreamSource};
+use crate::source::{bullmq::BullmqSource, stream::StreamSource};
+pub use crate::startup::ConfigurationError;
+use crate::startup::{self, Connected, HttpPort, StartupStatus};
 use crate::telemetry::Metrics;
 
 /// Runs the worker until `shutdown` fires (or a fatal start-up error).
+///
+/// The HTTP port is served from the start; while PostgreSQL or Redis
+/// cannot be reached the worker waits for them (see [`crate::startup`])
+/// instead of exiting. Settings that can never work fail at once with a
+/// [`ConfigurationError`].
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Metrics::new();
-    let policy = Arc::new(config.validation_policy()?);
+    let policy = Arc::new(
+        config
+            .validation_policy()
+            .map_err(|e| ConfigurationError(e.to_string()))?,
+    );
     if policy.hmac_keys.is_empty() {
         tracing::warn!("no HMAC keys configured: event signatures are stored but not verified (set integrity.hmac_keys)");
     } else {
         tracing::info!(keys = ?policy.hmac_keys.ids(), "HMAC keys loaded");
     }
+    startup::check_settings(&config)?;
 
-    let pool = db::connect_pool(&config).await?;
-    if config.database.migrate_on_start {
-        let applied = db::migrate(&config).await?;
-        if !applied.is_empty() {
-            tracing::info!(?applied, "migrations applied");
-        }
-    }
-    let partitions = Arc::new(Partitions::default());
-    {
-        let client = pool
-            .get()
-            .await
-            .context("getting a connection for partition upkeep")?;
-        partitions
-            .ensure_ahead(&client, config.database.partitions_ahead_months)
-            .await
-            .context("creating monthly partitions (did `audit-worker migrate` run?)")?;
-    }
+    let port = HttpPort::bind(&config.http.listen)?;
+    let starting_stop = CancellationToken::new();
+    let status = StartupStatus::default();
+    let starting_http = port.serve(
+        startup::starting_router(status.clone(), metrics.clone()),
+        starting_stop.clone(),
+    )?;
+    let Some(Connected {
+        pool,
+        partitions,
+        redis_client: client,
+        commands,
+    }) = startup::connect_when_available(&config, &status, &shutdown).await
+    else {
+        starting_stop.cancel();
+        let _ = starting_http.await;
+        tracing::info!("stopped before PostgreSQL and Redis were reachable");
+        return Ok(());
+    };
     let upkeep = tokio::spawn(partition_upkeep(
         pool.clone(),
         partitions.clone(),
@@ -53,9 +65,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         metrics.clone(),
         shutdown.clone(),
     ));
-
-    let client = source::redis_client(&config.redis)?;
-    let commands = source::command_connection(&client, &config.redis).await?;
 
     let sink = PostgresSink::spawn(
         pool.clone(),
@@ -79,19 +88,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     )?;
 
     let http_stop = CancellationToken::new();
-    let http_task = http::serve(
-        &config.http.listen,
-        HttpState {
+    // The start-up endpoints hand the port over to the full ones.
+    starting_stop.cancel();
+    let _ = starting_http.await;
+    let http_task = port.serve(
+        http::router(HttpState {
             metrics: metrics.clone(),
             redis: commands.clone(),
             pool: pool.clone(),
             breaker: sink.handle().breaker().clone(),
             queue: queue.clone(),
             exports: Some(exports.downloads.clone()),
-        },
+        }),
         http_stop.clone(),
-    )
-    .await?;
+    )?;
     let dlq_watch = tokio::spawn(watch_dead_letters(
         commands.clone(),
         queue,
@@ -264,6 +274,7 @@ async fn partition_upkeep(
     for result in ["ran", "skipped", "failed"] {
         metrics.periodic_runs.with_label_values(&[TASK, result]);
     }
+    let mut outage = crate::outage::OutageLog::new("partition upkeep failed");
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(database.partition_upkeep_interval_secs)) => {}
@@ -280,10 +291,16 @@ async fn partition_upkeep(
         })
         .await;
         let outcome = match result {
-            Ok(crate::lease::Exclusive::Ran(())) => "ran",
-            Ok(crate::lease::Exclusive::Skipped) => "skipped",
+            Ok(crate::lease::Exclusive::Ran(())) => {
+                outage.recovered();
+                "ran"
+            }
+            Ok(crate::lease::Exclusive::Skipped) => {
+                outage.recovered();
+                "skipped"
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "partition upkeep failed; will retry at the next interval");
+                outage.failed(&e);
                 "failed"
             }
         };
@@ -294,19 +311,5 @@ async fn partition_upkeep(
     }
 }
 
-/// Resolves when SIGTERM or SIGINT arrives.
-pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
+/// Resolves when SIGTERM or SIGINT arrives (see [`crate::shutdown`]).
+pub use crate::shutdown::signal as shutdown_signal;

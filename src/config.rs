@@ -108,7 +108,7 @@ pub struct StreamConfig {
     pub max_deliveries: u64,
 }
 
-/// `[bullmq]`: the BullMQ source (DESIGN.md section 3). Times are in the
+/// `[bullmq]`: the BullMQ source (README, "Wire contract (BullMQ)"). Times are in the
 /// units BullMQ itself uses, and the defaults are BullMQ's own unless the
 /// default file says why not.
 #[derive(Debug, Clone, Deserialize)]
@@ -233,7 +233,7 @@ pub struct ExportConfig {
     pub public_base_url: String,
 }
 
-/// `[snapshot]`: signed Merkle checkpoints over sealed events (issue 6).
+/// `[snapshot]`: signed Merkle checkpoints over sealed events.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotConfig {
@@ -241,6 +241,10 @@ pub struct SnapshotConfig {
     pub origin: String,
     pub signing_key: Secret,
     pub signing_key_file: String,
+    /// Development runs only: create (once) and use a signing key under the
+    /// user's data directory when none is configured (see
+    /// crate::jobs::dev_key).
+    pub dev_signing_key: bool,
     pub verifier_key: String,
     pub interval_secs: u64,
     pub cron: String,

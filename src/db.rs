@@ -130,24 +130,45 @@ pub fn pool_error_cause(e: &deadpool_postgres::PoolError) -> String {
     }
 }
 
-/// Creates the schema if missing and applies pending migrations.
-pub async fn migrate(config: &Config) -> Result<Vec<String>, DbError> {
+/// Opens one PostgreSQL connection (outside the pool) with the configured
+/// TLS settings (`database.sslmode`, `database.tls_ca_file`): the single
+/// way the CLI commands and migrations connect, so none of them falls back
+/// to plain TCP. The connection task runs until the client is dropped.
+pub async fn connect(
+    config: &Config,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), DbError> {
     let pg = pg_config(config)?;
     let target = describe_target(&pg);
     let unreachable = |e: tokio_postgres::Error| DbError::Unreachable {
         target: target.clone(),
         cause: root_cause(&e),
     };
-    let (mut client, conn_task) = match tls_connector(config)? {
+    let connected = match tls_connector(config)? {
         Some(tls) => {
             let (client, connection) = pg.connect(tls).await.map_err(unreachable)?;
-            (client, tokio::spawn(connection))
+            (
+                client,
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                }),
+            )
         }
         None => {
             let (client, connection) = pg.connect(NoTls).await.map_err(unreachable)?;
-            (client, tokio::spawn(connection))
+            (
+                client,
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                }),
+            )
         }
     };
+    Ok(connected)
+}
+
+/// Creates the schema if missing and applies pending migrations.
+pub async fn migrate(config: &Config) -> Result<Vec<String>, DbError> {
+    let (mut client, conn_task) = connect(config).await?;
     // Replicas starting together must not migrate concurrently (the
     // history table and CREATE SCHEMA race): one waits for the other on a
     // session advisory lock, released when this connection closes.

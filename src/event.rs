@@ -1,7 +1,7 @@
 //! The audit event: decoding and validation of the bytes a producer sent.
 //!
-//! The schema is the one the smart-logs `Audit.log()` SDK emits (DESIGN.md
-//! section 4). Decoding is pure: given the raw bytes, the limits and the
+//! The schema is the one the smart-logs `Audit.log()` SDK emits (README,
+//! "The event"). Decoding is pure: given the raw bytes, the limits and the
 //! current time it yields either a [`ValidEvent`] ready to store or a
 //! [`Rejection`] with a stable [`RejectReason`] code for the dead-letter
 //! stream. It never panics on input.

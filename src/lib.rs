@@ -1,6 +1,7 @@
 //! audit-worker: consumes audit events from Redis (Streams, BullMQ),
 //! validates them, verifies their integrity and stores them in PostgreSQL
-//! exactly once. See DESIGN.md for the architecture and wire contracts.
+//! exactly once. README.md describes the wire contracts, reason codes,
+//! metrics and operations.
 
 pub mod alerts;
 pub mod app;
@@ -13,13 +14,16 @@ pub mod integrity;
 pub mod jobs;
 pub mod lease;
 pub mod message;
+pub mod outage;
 pub mod pgtls;
 pub mod processor;
 #[cfg(test)]
 mod properties;
 pub mod retry;
+pub mod shutdown;
 pub mod sink;
 pub mod source;
+pub mod startup;
 pub mod storage;
 pub mod telemetry;
 pub mod tracing_ctx;

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
 use audit_worker::config::Config;
 use audit_worker::jobs::export;
@@ -206,14 +205,14 @@ async fn run_dlq(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
 /// parsed job, and clones the source of its Lua scripts, for every job,
 /// on tokio threads that free what other threads allocated. jemalloc
 /// cut the worker's CPU per job by about 40% and kept the export's peak RSS under
-/// issue 5's 64 MiB (mimalloc did not); figures in benches/README.md.
+/// its 64 MiB budget (mimalloc did not); figures in benches/README.md.
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(cli.config.as_deref()) {
+    let mut config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("audit-worker: {e}");
@@ -229,6 +228,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if matches!(cli.command, Command::Run | Command::Snapshot { .. }) {
+        if let Err(e) = audit_worker::jobs::dev_key::apply(&mut config, cli.config.is_some()) {
+            eprintln!("audit-worker: {e:#}");
+            return ExitCode::from(2);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -241,15 +246,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Run => {
-                let shutdown = CancellationToken::new();
-                let trigger = shutdown.clone();
-                tokio::spawn(async move {
-                    app::shutdown_signal().await;
-                    trigger.cancel();
-                });
-                app::run(config, shutdown).await
-            }
+            Command::Run => app::run(config, audit_worker::shutdown::on_signal()).await,
             Command::Migrate => {
                 let applied = db::migrate(&config).await?;
                 if applied.is_empty() {
@@ -317,7 +314,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("audit-worker: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<app::ConfigurationError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

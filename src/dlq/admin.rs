@@ -106,7 +106,43 @@ pub async fn list(
     Ok(found)
 }
 
-/// Puts matching dead letters back onto the event stream. Each re-add and
+/// The stream entry field that carries a replayed event's original source
+/// identity (`stream:<key>:<entry id>` or `bullmq:<queue>:<job id>`). The
+/// stream source uses it, when present, as the event's source and as its
+/// idempotency key when the event has no `eventId`, so a replayed event
+/// keeps the key it had at first delivery and is never stored twice.
+pub const REPLAY_SOURCE_FIELD: &str = "source";
+
+/// The fields of the stream entry that replays `letter`: its original
+/// bytes, its job kind and its original source identity (left out when the
+/// dead letter has none, e.g. one written by an older version).
+pub fn replay_fields(letter: &StoredDeadLetter) -> Vec<(&'static str, &[u8])> {
+    let mut fields = vec![("data", &letter.data[..]), ("name", letter.name.as_bytes())];
+    if !letter.source.is_empty() {
+        fields.push((REPLAY_SOURCE_FIELD, letter.source.as_bytes()));
+    }
+    fields
+}
+
+/// The MULTI/EXEC that replays one dead letter: XADD of its
+/// [`replay_fields`] onto `stream_key`, then XDEL from `dlq_key`.
+pub fn replay_pipeline(
+    letter: &StoredDeadLetter,
+    stream_key: &str,
+    dlq_key: &str,
+) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    let xadd = pipe.cmd("XADD").arg(stream_key).arg("*");
+    for (field, value) in replay_fields(letter) {
+        xadd.arg(field).arg(value);
+    }
+    pipe.cmd("XDEL").arg(dlq_key).arg(&letter.id);
+    pipe
+}
+
+/// Puts matching dead letters back onto the event stream, each with its
+/// original source identity (see [`REPLAY_SOURCE_FIELD`]). Each re-add and
 /// the removal from the DLQ happen in one MULTI/EXEC, so a letter is never
 /// lost between the two, nor replayed twice by a repeated command.
 pub async fn replay(
@@ -122,18 +158,7 @@ pub async fn replay(
             tracing::warn!(id = %letter.id, "dead letter has no data to replay; left in place");
             continue;
         }
-        let (new_id, _): (String, u64) = redis::pipe()
-            .atomic()
-            .cmd("XADD")
-            .arg(stream_key)
-            .arg("*")
-            .arg("data")
-            .arg(&letter.data[..])
-            .arg("name")
-            .arg(&letter.name)
-            .cmd("XDEL")
-            .arg(dlq_key)
-            .arg(&letter.id)
+        let (new_id, _): (String, u64) = replay_pipeline(&letter, stream_key, dlq_key)
             .query_async(conn)
             .await?;
         replayed.push((letter, new_id));
@@ -160,6 +185,51 @@ pub async fn purge_older_than(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn letter(source: &str) -> StoredDeadLetter {
+        StoredDeadLetter {
+            id: "5-0".into(),
+            data: b"{\"action\":\"x\"}".to_vec(),
+            name: "audit.event".into(),
+            reason: "hash_mismatch".into(),
+            error: "e".into(),
+            source: source.into(),
+            failed_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn replay_carries_the_original_source_identity_in_the_source_field() {
+        let l = letter("stream:audit:events:1700000000000-3");
+        assert_eq!(
+            replay_fields(&l),
+            vec![
+                ("data", &b"{\"action\":\"x\"}"[..]),
+                ("name", &b"audit.event"[..]),
+                ("source", &b"stream:audit:events:1700000000000-3"[..]),
+            ]
+        );
+        // The pipeline is MULTI, XADD with those fields, XDEL, EXEC.
+        let packed = String::from_utf8_lossy(
+            &replay_pipeline(&l, "audit:events", "audit:dlq").get_packed_pipeline(),
+        )
+        .into_owned();
+        let at = |s: &str| {
+            packed
+                .find(s)
+                .unwrap_or_else(|| panic!("{s} in {packed:?}"))
+        };
+        assert!(at("MULTI") < at("XADD") && at("XADD") < at("XDEL") && at("XDEL") < at("EXEC"));
+        assert!(at("XADD") < at("$6\r\nsource\r\n$35\r\nstream:audit:events:1700000000000-3"));
+        assert!(at("XDEL") < at("audit:dlq\r\n$3\r\n5-0"));
+    }
+
+    #[test]
+    fn replay_of_a_letter_without_source_adds_no_source_field() {
+        let l = letter("");
+        let fields = replay_fields(&l);
+        assert!(fields.iter().all(|(f, _)| *f != "source"), "{fields:?}");
+    }
 
     #[test]
     fn excerpts_escape_control_characters_and_truncate() {

@@ -70,12 +70,11 @@ pub(crate) mod tests {
     use super::*;
     use serde_json::Value;
 
-    /// The fixture file shared with every implementation of the contract.
+    /// The test vectors every implementation of the contract must reproduce
+    /// (tests/fixtures/integrity-vectors.json).
     pub(crate) fn fixtures() -> Value {
-        serde_json::from_str(include_str!(
-            "../../../shared/fixtures/integrity-vectors.json"
-        ))
-        .expect("fixtures parse")
+        serde_json::from_str(include_str!("../../tests/fixtures/integrity-vectors.json"))
+            .expect("fixtures parse")
     }
 
     pub(crate) fn fields_of(event: &Value) -> HashedFields<'_> {

@@ -2,7 +2,7 @@
 //! <https://c2sp.org/tlog-checkpoint>).
 //!
 //! Each snapshot of the audit log publishes its tree size and root as a
-//! checkpoint signed with Ed25519 (DESIGN.md section 5), so that anyone can
+//! checkpoint signed with Ed25519 (see README "Snapshots"), so that anyone can
 //! check it with existing note tools. A checkpoint note looks like:
 //!
 //! ```text
@@ -510,7 +510,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const VECTORS: &str = include_str!("../../../shared/fixtures/integrity-vectors.json");
+    const VECTORS: &str = include_str!("../../tests/fixtures/integrity-vectors.json");
 
     struct Fixture {
         seed: [u8; 32],

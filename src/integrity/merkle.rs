@@ -1,7 +1,7 @@
 //! RFC 6962 / RFC 9162 Merkle tree hashing for the snapshot log.
 //!
 //! Every snapshotted event becomes one leaf of a single append-only log
-//! (DESIGN.md section 5). This module is pure: it hashes, builds roots in
+//! (see README "Snapshots"). This module is pure: it hashes, builds roots in
 //! streaming fashion, describes proofs as lists of node ranges (so the I/O
 //! layer can compute each node by streaming leaf hashes out of the database)
 //! and verifies proofs. Nothing here performs I/O.
@@ -481,7 +481,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const VECTORS: &str = include_str!("../../../shared/fixtures/integrity-vectors.json");
+    const VECTORS: &str = include_str!("../../tests/fixtures/integrity-vectors.json");
 
     fn fixture() -> serde_json::Value {
         serde_json::from_str(VECTORS).expect("fixture is valid JSON")

@@ -3,7 +3,7 @@
 //!
 //! Everything here is pure: bytes in, bytes out, no I/O, so it can be
 //! unit-tested against the known-answer vectors in
-//! `shared/fixtures/integrity-vectors.json` and fuzzed.
+//! `tests/fixtures/integrity-vectors.json` and fuzzed.
 
 pub mod canonical;
 pub mod checkpoint;

@@ -8,6 +8,7 @@
 //! so a long job neither holds a Redis delivery open nor restarts from zero
 //! after a crash.
 
+pub mod dev_key;
 pub mod export;
 pub mod merkle_stream;
 pub mod snapshot;

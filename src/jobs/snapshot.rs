@@ -1,5 +1,5 @@
 //! Snapshot jobs (`audit.snapshot`): seal stored events into the signed,
-//! append-only Merkle log (DESIGN.md section 5).
+//! append-only Merkle log (README, "Snapshots").
 //!
 //! A request (queue message, schedule slot or CLI) becomes a row in
 //! `snapshot_jobs`, deduplicated by its source. The executor leases a job
@@ -33,6 +33,7 @@ use crate::integrity::checkpoint::{Checkpoint, CheckpointSigner, Ed25519NoteSign
 use crate::integrity::merkle::{self, Hash, TreeBuilder};
 use crate::jobs::merkle_stream::{consistency_plan, hash_from_bytes, PagedRows, RangeHasher};
 use crate::jobs::{JobError, JobHandler};
+use crate::outage::OutageLog;
 use crate::storage::Storage;
 
 /// Name of the audit event each snapshot appends about itself.
@@ -723,22 +724,28 @@ impl Snapshotter {
     pub async fn run_executor(self: Arc<Self>, shutdown: CancellationToken) {
         let poll = Duration::from_millis(self.settings.poll_interval_ms);
         let mut last_slot: Option<String> = None;
+        let mut enqueue_outage = OutageLog::new("could not enqueue the scheduled snapshot");
+        let mut publish_outage = OutageLog::new("publishing snapshots failed");
+        let mut round_outage = OutageLog::new("snapshot executor round failed");
         loop {
             let round = async {
                 let (source, to) = self.schedule_slot(Utc::now());
                 if last_slot.as_deref() != Some(source.as_str()) {
                     match self.enqueue(&source, None, to).await {
-                        Ok(_) => last_slot = Some(source),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "could not enqueue the scheduled snapshot; retrying")
+                        Ok(_) => {
+                            enqueue_outage.recovered();
+                            last_slot = Some(source);
                         }
+                        Err(e) => enqueue_outage.failed(&e),
                     }
                 }
-                if let Err(e) = self.publish_pending().await {
-                    tracing::warn!(error = %e, "publishing snapshots failed; retrying");
+                match self.publish_pending().await {
+                    Ok(()) => publish_outage.recovered(),
+                    Err(e) => publish_outage.failed(&e),
                 }
-                if let Err(e) = self.drain().await {
-                    tracing::warn!(error = %e, "snapshot executor round failed");
+                match self.drain().await {
+                    Ok(_) => round_outage.recovered(),
+                    Err(e) => round_outage.failed(&e),
                 }
             };
             tokio::select! {

@@ -6,7 +6,6 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
-use tokio_postgres::NoTls;
 
 use crate::config::Config;
 use crate::db;
@@ -47,17 +46,10 @@ pub fn keygen(name: &str, out: &Path, force: bool) -> anyhow::Result<String> {
     Ok(signer.verifier().to_string())
 }
 
+/// One database connection for `verify` and `prove`, with the configured
+/// TLS settings (see [`db::connect`]).
 async fn connect(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
-    let pg = db::pg_config(config)?;
-    let target = db::describe_target(&pg);
-    let (client, conn) = pg
-        .connect(NoTls)
-        .await
-        .map_err(|e| db::DbError::Unreachable {
-            target,
-            cause: db::root_cause(&e),
-        })?;
-    tokio::spawn(conn);
+    let (client, _connection) = db::connect(config).await?;
     Ok(client)
 }
 

@@ -47,7 +47,7 @@ export function deadline(ms, what) {
 
 // --- Events as the smart-logs SDK builds them -----------------------------
 
-/** The fields canonical hash v1 covers (DESIGN.md section 4). */
+/** The fields canonical hash v1 covers (README, "Storage"). */
 const CRITICAL_FIELDS = [
   'timestamp',
   'action',
@@ -88,7 +88,7 @@ export function signHash(hash, secret) {
  * algorithm.
  */
 export function checkAgainstVectors() {
-  const url = new URL('../../../shared/fixtures/integrity-vectors.json', import.meta.url);
+  const url = new URL('../fixtures/integrity-vectors.json', import.meta.url);
   const vectors = JSON.parse(readFileSync(url, 'utf8'));
   for (const c of vectors.canonicalHashV1) {
     const hash = canonicalHashV1(c.event);

@@ -722,7 +722,7 @@ async fn bullmq_hostile_jobs_fail_with_stable_codes_or_complete_with_rows_byte_e
     for (what, _, json) in &node_made {
         cases.push(serde_json::json!({"label": what, "json": json}));
     }
-    // A header-like job name: not a job kind, so an audit event (issue 4),
+    // A header-like job name: not a job kind, so an audit event,
     // refused for its data; the name reaches the dead letter unchanged.
     cases.push(serde_json::json!({
         "label": "header-injection name",

@@ -346,7 +346,7 @@ impl TestEnv {
     }
 
     /// Waits until the worker has created audit_log in this test's schema
-    /// and finished starting: its HTTP server answers only after every
+    /// and finished starting: `/readyz` answers 200 only after every
     /// migration and the initial partitions are done, so tests' own DDL does
     /// not race the worker's.
     pub async fn wait_for_schema(&self) {
@@ -358,9 +358,9 @@ impl TestEnv {
                 .unwrap_or(false)
         })
         .await;
-        let healthz = format!("http://127.0.0.1:{}/healthz", self.http_port);
+        let readyz = format!("http://127.0.0.1:{}/readyz", self.http_port);
         wait_until(Duration::from_secs(30), "the worker started", || async {
-            reqwest::get(&healthz)
+            reqwest::get(&readyz)
                 .await
                 .is_ok_and(|r| r.status().is_success())
         })

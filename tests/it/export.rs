@@ -1,4 +1,4 @@
-//! Export jobs (issue 5) against real PostgreSQL, Redis and a local-disk
+//! Export jobs against real PostgreSQL, Redis and a local-disk
 //! object store in a temporary directory.
 
 use std::collections::HashMap;
@@ -971,5 +971,112 @@ async fn an_export_killed_mid_way_resumes_to_a_byte_identical_artifact() {
         .records()
         .count();
     assert_eq!(rows as i64, total, "every row exactly once");
+    x.cleanup().await;
+}
+
+/// A connection of its own to the test's schema, for a transaction that
+/// stays open across other work.
+async fn session(env: &TestEnv) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&test_database_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("SET search_path = \"{}\"", env.schema))
+        .await
+        .unwrap();
+    client
+}
+
+/// Inserts one row `key` at `at` on `client` (inside its open transaction,
+/// if any).
+async fn insert_one(client: &tokio_postgres::Client, key: &str, at: &str) {
+    client
+        .execute(
+            "INSERT INTO audit_log (event_time, timestamp_raw, idempotency_key, event_id, action, \
+             status, hash, hash_provided, source) \
+             VALUES ($2::text::timestamptz, $2, $1, $1, 'record.read', 'success', md5($1) || md5($1), true, 'test')",
+            &[&key, &at],
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_holds_exactly_the_rows_committed_before_it_was_requested() {
+    let x = ExportEnv::new("export_cutoff").await;
+    x.fill(300).await;
+    // Two batches in flight when the export is requested: their
+    // transactions started before it (so their ingested_at is earlier),
+    // but they commit after it. One sorts first, one last.
+    let first = session(&x.env).await;
+    first.batch_execute("BEGIN").await.unwrap();
+    insert_one(&first, "in-flight-first", "2024-03-01T00:00:00.000Z").await;
+    let last = session(&x.env).await;
+    last.batch_execute("BEGIN").await.unwrap();
+    insert_one(&last, "in-flight-last", "2024-03-31T23:00:00.000Z").await;
+
+    // One row per page and per part: the export advances slowly, one
+    // checkpoint per row.
+    let mut config = x.config();
+    config.export.page_rows = 1;
+    config.export.part_rows = 1;
+    let pool = audit_worker::db::connect_pool(&config).await.unwrap();
+    let storage = audit_worker::storage::open(&config.storage).unwrap();
+    let wake = Arc::new(Notify::new());
+    let exporter =
+        Arc::new(export::exporter(&config, pool.clone(), storage, None, wake.clone()).unwrap());
+    let handler = ExportHandler::new(pool, wake);
+    let range = json!({"from": "2024-03-01T00:00:00Z", "to": "2024-04-01"});
+    let answer = handler
+        .record(&request(range, "ndjson", "none", "officer"), "src-cutoff")
+        .await
+        .unwrap();
+    let id = answer["jobId"].as_str().unwrap().to_owned();
+
+    // The last one commits before the export reaches it, a new row commits
+    // after the request, and the first one commits once the export has
+    // read past its place.
+    last.batch_execute("COMMIT").await.unwrap();
+    insert_one(&x.env.pg, "after-request", "2024-03-15T00:00:00.000Z").await;
+    let stop = CancellationToken::new();
+    let runner = tokio::spawn(exporter.clone().run(stop.clone()));
+    wait_until(Duration::from_secs(30), "the export under way", || async {
+        x.env
+            .pg
+            .query_one("SELECT rows_done FROM export_jobs WHERE id = $1", &[&id])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            >= 5
+    })
+    .await;
+    first.batch_execute("COMMIT").await.unwrap();
+    wait_until(Duration::from_secs(60), "export completed", || async {
+        x.job(&id).await.get::<_, String>(0) == "completed"
+    })
+    .await;
+    stop.cancel();
+    let _ = runner.await;
+
+    // Exactly the rows committed before the request: the 300 filled ones.
+    let got = parse_back(&x.artifact_bytes(&id).await, "ndjson");
+    let want = expected(&x.env, "event_id LIKE 'e-%'").await;
+    assert_eq!(want.len(), 300);
+    assert_eq!(got.len(), 300, "rows in the artifact");
+    assert_eq!(got, want);
+    assert_eq!(x.job(&id).await.get::<_, Option<i64>>(1), Some(300));
+    // The three late rows are stored, just not part of this export.
+    let late: i64 = x
+        .env
+        .pg
+        .query_one(
+            "SELECT count(*) FROM audit_log WHERE event_id IN ('in-flight-first', 'in-flight-last', 'after-request')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(late, 3);
     x.cleanup().await;
 }

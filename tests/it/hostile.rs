@@ -1,4 +1,4 @@
-//! Hostile input through the real stream source (issue 8): every case
+//! Hostile input through the real stream source: every case
 //! either becomes a dead letter with its stable reason code and original
 //! bytes, or a row that holds exactly what was sent; the worker stays up
 //! throughout, and a flood of 10 MB entries is refused without parsing.

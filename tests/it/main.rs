@@ -3,6 +3,8 @@
 mod bullmq;
 mod common;
 mod event_path;
+mod dev_key;
+mod dlq_replay;
 mod export;
 mod faults;
 mod hostile;
@@ -14,5 +16,6 @@ mod roles;
 mod scale;
 mod secrets;
 mod snapshot;
+mod startup;
 mod stream_ingest;
 mod tls;

@@ -153,36 +153,63 @@ async fn configuration_errors_name_the_setting_and_exit_non_zero() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/audit.toml"));
 
+    // An unreachable database or Redis is an outage, not a configuration
+    // error: the worker stays up, not ready, and says why in its log
+    // (without the password).
+    let unreachable = |key: &'static str, value: &'static str| {
+        let mut cmd = worker_command(&env, &["run"]);
+        cmd.env(key, value)
+            .env("AUDIT_WORKER__DATABASE__CONNECT_TIMEOUT_SECS", "2")
+            .env("AUDIT_WORKER__REDIS__CONNECT_TIMEOUT_SECS", "1")
+            .env("NO_COLOR", "1");
+        cmd.spawn().unwrap()
+    };
+    for (key, value, expected, hint) in [
+        (
+            "AUDIT_WORKER__DATABASE__URL",
+            "postgres://postgres:hunter2@127.0.0.1:1/x",
+            "database unreachable at 127.0.0.1:1",
+            "AUDIT_WORKER__DATABASE__URL",
+        ),
+        (
+            "AUDIT_WORKER__REDIS__URL",
+            "redis://127.0.0.1:1",
+            "redis unreachable at 127.0.0.1:1",
+            "AUDIT_WORKER__REDIS__URL",
+        ),
+    ] {
+        let mut child = unreachable(key, value);
+        wait_until(Duration::from_secs(20), "/readyz 503", || async {
+            http_status(env.http_port, "/readyz").await.map(|r| r.0) == Some(503)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(child.try_wait().unwrap().is_none(), "{key}: still running");
+        terminate(&mut child);
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(child.wait().unwrap().success(), "a clean stop: {stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(stderr.contains(hint), "{stderr}");
+        assert!(
+            !stderr.contains("hunter2"),
+            "the password never reaches the output: {stderr}"
+        );
+    }
+
+    // A database URL that can never work is a configuration error: exit 2.
     let out = worker_command(&env, &["run"])
         .env(
             "AUDIT_WORKER__DATABASE__URL",
-            "postgres://postgres:hunter2@127.0.0.1:1/x",
+            "postgres://postgres@127.0.0.1:port/x",
         )
-        .env("AUDIT_WORKER__DATABASE__CONNECT_TIMEOUT_SECS", "2")
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2));
     assert!(
-        stderr.contains("database unreachable at 127.0.0.1:1"),
-        "{stderr}"
-    );
-    assert!(stderr.contains("AUDIT_WORKER__DATABASE__URL"), "{stderr}");
-    assert!(
-        !stderr.contains("hunter2"),
-        "the password never reaches the output: {stderr}"
-    );
-
-    let out = worker_command(&env, &["run"])
-        .env("AUDIT_WORKER__REDIS__URL", "redis://127.0.0.1:1")
-        .env("AUDIT_WORKER__REDIS__CONNECT_TIMEOUT_SECS", "1")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        stderr.contains("redis unreachable at 127.0.0.1:1"),
-        "{stderr}"
+        String::from_utf8_lossy(&out.stderr).contains("database.url is not a valid PostgreSQL URL"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 
     let out = worker_command(&env, &["check-config"])

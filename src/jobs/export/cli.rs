@@ -164,7 +164,7 @@ pub async fn run_export(config: &Config, args: &RequestArgs, out: &PathBuf) -> a
     let progress = Arc::new(AtomicU64::new(0));
     // Counting costs a scan of the range: only when someone watches.
     let bar = if std::io::stderr().is_terminal() {
-        let total = PageQuery::new(&job.filters, job.cutoff)
+        let total = PageQuery::new(&job.filters, job.cutoff, job.cutoff_snapshot.as_deref())
             .count(&client)
             .await?;
         let bar = indicatif::ProgressBar::new(total.max(0) as u64);
@@ -183,7 +183,7 @@ pub async fn run_export(config: &Config, args: &RequestArgs, out: &PathBuf) -> a
     let ctrl_c = {
         let stop = stop.clone();
         tokio::spawn(async move {
-            crate::app::shutdown_signal().await;
+            crate::shutdown::signal().await;
             stop.cancel();
         })
     };

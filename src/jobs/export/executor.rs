@@ -154,13 +154,18 @@ impl Exporter {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let permits = Arc::new(Semaphore::new(self.settings.concurrency.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
+        let mut claim_outage = crate::outage::OutageLog::new("cannot claim export jobs");
         loop {
             while tasks.try_join_next().is_some() {}
             let permit = tokio::select! {
                 p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
                 _ = shutdown.cancelled() => break,
             };
-            match self.claim_next().await {
+            let claimed = self.claim_next().await;
+            if claimed.is_ok() {
+                claim_outage.recovered();
+            }
+            match claimed {
                 Ok(Some(job)) => {
                     let me = self.clone();
                     let stop = shutdown.clone();
@@ -171,7 +176,7 @@ impl Exporter {
                     continue;
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot claim export jobs; will retry"),
+                Err(e) => claim_outage.failed(&e),
             }
             drop(permit);
             tokio::select! {
@@ -328,7 +333,7 @@ impl Exporter {
         progress: Option<&AtomicU64>,
     ) -> Result<(), ExportError> {
         let client = self.pool.get().await?;
-        let query = PageQuery::new(&job.filters, job.cutoff);
+        let query = PageQuery::new(&job.filters, job.cutoff, job.cutoff_snapshot.as_deref());
         let statement = client.prepare(&query.sql).await?;
         let mut key = job
             .last_key

@@ -1,4 +1,4 @@
-//! Compliance exports (`export.audit` jobs, issue 5).
+//! Compliance exports (`export.audit` jobs; README, "Exports").
 //!
 //! A request arrives as a queue message; [`ExportHandler`] validates it and
 //! records it in export_jobs (deduplicated), then the message is

@@ -29,14 +29,29 @@ pub struct PageQuery {
 }
 
 impl PageQuery {
-    /// Builds the query for `filters`, limited to rows ingested at or
-    /// before `cutoff` (the job's creation): the row set is then fixed, and
-    /// an export resumed after a crash contains exactly the rows an
-    /// uninterrupted one would.
+    /// Builds the query for `filters`, limited to the rows committed before
+    /// the job was recorded, so the row set is fixed: an export resumed
+    /// after a crash contains exactly the rows an uninterrupted one would,
+    /// and a batch committing while the export runs is either wholly in
+    /// (committed before) or wholly out.
+    ///
+    /// "Committed before" is decided by the database snapshot the job
+    /// recorded (`cutoff_snapshot`, a `pg_snapshot`) against the
+    /// transaction that inserted each row (`ingest_xid`), not by time:
+    /// `ingested_at` is when the inserting transaction *started*, so a
+    /// time cutoff let a batch that started before it but committed after
+    /// the export had read past its rows go missing, while the manifest
+    /// claimed completeness. A snapshot needs no transaction held open for
+    /// the whole export (which a resume after a crash could not rejoin), and
+    /// it is stored with the job, so every attempt reads the same rows.
+    /// Rows older than the `ingest_xid` column (NULL) were committed before
+    /// any snapshot kept. Jobs recorded before snapshots were kept
+    /// (`snapshot` None) keep the `ingested_at <= cutoff` rule they began
+    /// with.
     ///
     /// Parameters: `$1, $2` the key to start after, `$3` the page size,
     /// then the filters.
-    pub fn new(filters: &Filters, cutoff: DateTime<Utc>) -> Self {
+    pub fn new(filters: &Filters, cutoff: DateTime<Utc>, snapshot: Option<&str>) -> Self {
         let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
         let mut clauses = Vec::new();
         let mut push = |clause: &str, p: Box<dyn ToSql + Sync + Send>| {
@@ -45,7 +60,13 @@ impl PageQuery {
         };
         push("event_time >= ?", Box::new(filters.from));
         push("event_time < ?", Box::new(filters.to));
-        push("ingested_at <= ?", Box::new(cutoff));
+        match snapshot {
+            Some(snapshot) => push(
+                "(ingest_xid IS NULL OR pg_visible_in_snapshot(ingest_xid, ?::text::pg_snapshot))",
+                Box::new(snapshot.to_owned()),
+            ),
+            None => push("ingested_at <= ?", Box::new(cutoff)),
+        }
         let list = |s: &std::collections::BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>();
         if !filters.actions.is_empty() {
             push("action = ANY(?)", Box::new(list(&filters.actions)));

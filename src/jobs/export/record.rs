@@ -136,6 +136,10 @@ pub struct Job {
     pub compression: Compression,
     pub status: String,
     pub cutoff: DateTime<Utc>,
+    /// The database snapshot taken when the job was recorded (text form of
+    /// a `pg_snapshot`): the export holds exactly the rows it sees as
+    /// committed. `None` for jobs recorded before snapshots were kept.
+    pub cutoff_snapshot: Option<String>,
     pub parts_prefix: String,
     pub artifact_key: String,
     pub attempts: i32,
@@ -157,7 +161,7 @@ pub struct Job {
 /// The columns [`Job::from_row`] reads.
 const JOB_COLUMNS: &str = "id, requester_id, filters, format, compression, status, cutoff, \
     parts_prefix, artifact_key, attempts, parts_done, rows_done, last_event_time, last_id, \
-    row_count, size_bytes, sha256, completed_at, expires_at, leased_by, source";
+    row_count, size_bytes, sha256, completed_at, expires_at, leased_by, source, cutoff_snapshot::text";
 
 impl Job {
     fn from_row(row: &tokio_postgres::Row) -> Result<Self, String> {
@@ -190,6 +194,7 @@ impl Job {
             expires_at: row.get(18),
             lease: row.get::<_, Option<String>>(19).unwrap_or_default(),
             source: row.get(20),
+            cutoff_snapshot: row.get(21),
         })
     }
 }

@@ -41,8 +41,14 @@ pub struct SweepSettings {
 
 /// Runs [`sweep_once`] every `interval` until `shutdown`.
 pub async fn run(exporter: Arc<Exporter>, settings: SweepSettings, shutdown: CancellationToken) {
+    let mut outage =
+        crate::outage::OutageLog::new("export sweep failed; it runs again next interval");
     loop {
-        match sweep_once(&exporter, settings.job_expiry_secs).await {
+        let swept = sweep_once(&exporter, settings.job_expiry_secs).await;
+        if swept.is_ok() {
+            outage.recovered();
+        }
+        match swept {
             Ok(r) if r.ran => tracing::info!(
                 expired = r.expired_jobs.len(),
                 parts_removed = r.parts_removed_jobs.len(),
@@ -50,9 +56,7 @@ pub async fn run(exporter: Arc<Exporter>, settings: SweepSettings, shutdown: Can
                 "export sweep done"
             ),
             Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "export sweep failed; it runs again next interval")
-            }
+            Err(e) => outage.failed(&e),
         }
         tokio::select! {
             _ = tokio::time::sleep(settings.interval) => {}

@@ -1,0 +1,336 @@
+//! Starting while PostgreSQL or Redis is down.
+//!
+//! During an outage every pod of a rolling deploy must stay up rather than
+//! crash-loop, so `run` binds its HTTP port first and answers `/healthz`
+//! 200 and `/readyz` 503 (naming what cannot be reached) while it retries
+//! connecting, and migrating when `database.migrate_on_start`, with capped
+//! exponential backoff. Only once both answer does it build the pipeline
+//! and start consuming. Settings that are simply wrong (a malformed URL, an
+//! unreadable CA file) are not outages: [`check_settings`] refuses them at
+//! once, before any connection is tried.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use deadpool_postgres::Pool;
+use redis::aio::ConnectionManager;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::db::{self, Partitions};
+use crate::outage::OutageLog;
+use crate::retry::Backoff;
+use crate::telemetry::Metrics;
+
+/// A setting that can never work, found before connecting: the worker
+/// exits at once (code 2) instead of retrying.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigurationError(pub String);
+
+/// Delays between connection attempts at start: 0.5 s doubling to 30 s.
+pub const CONNECT_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(500),
+    factor: 2.0,
+    cap: Duration::from_secs(30),
+    jitter: 0.1,
+};
+
+/// Checks, without any network I/O, that the database and Redis settings
+/// can be used at all: URL syntax, TLS mode and CA files.
+pub fn check_settings(config: &Config) -> Result<(), ConfigurationError> {
+    let bad = |e: &dyn std::fmt::Display| ConfigurationError(e.to_string());
+    db::pg_config(config).map_err(|e| bad(&e))?;
+    db::tls_connector(config).map_err(|e| bad(&e))?;
+    crate::source::redis_client(&config.redis).map_err(|e| bad(&e))?;
+    Ok(())
+}
+
+/// What `/readyz` reports while starting: the last error of each
+/// dependency not reached yet (`None`: reached).
+#[derive(Debug, Clone, Default)]
+pub struct StartupStatus {
+    inner: Arc<Mutex<Waiting>>,
+}
+
+#[derive(Debug, Clone)]
+struct Waiting {
+    database: Option<String>,
+    redis: Option<String>,
+}
+
+impl Default for Waiting {
+    fn default() -> Self {
+        Self {
+            database: Some("not connected yet".into()),
+            redis: Some("not connected yet".into()),
+        }
+    }
+}
+
+impl StartupStatus {
+    fn set_database(&self, error: Option<String>) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .database = error;
+    }
+
+    fn set_redis(&self, error: Option<String>) {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).redis = error;
+    }
+
+    fn snapshot(&self) -> Waiting {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// State of the start-up endpoints.
+#[derive(Clone)]
+struct StartingState {
+    status: StartupStatus,
+    metrics: Metrics,
+}
+
+/// The endpoints served until the worker is connected: `/healthz` 200,
+/// `/readyz` 503 naming what is unreachable, `/metrics`; anything else 503.
+pub fn starting_router(status: StartupStatus, metrics: Metrics) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(starting_readyz))
+        .route("/metrics", get(starting_metrics))
+        .fallback(|| async {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "starting: waiting for PostgreSQL and Redis (see /readyz)\n",
+            )
+        })
+        .with_state(StartingState { status, metrics })
+}
+
+async fn starting_readyz(State(state): State<StartingState>) -> Response {
+    let waiting = state.status.snapshot();
+    let check = |error: Option<String>| match error {
+        None => json!({"ok": true}),
+        Some(e) => json!({"ok": false, "error": e}),
+    };
+    let body = json!({
+        "status": "starting",
+        "checks": {
+            "database": check(waiting.database),
+            "redis": check(waiting.redis),
+        },
+    });
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+}
+
+async fn starting_metrics(State(state): State<StartingState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}
+
+/// The HTTP port, bound once for the whole life of the process: the
+/// start-up endpoints and then the full ones serve the same socket, so
+/// probes never meet a closed port in between.
+pub struct HttpPort {
+    listener: std::net::TcpListener,
+    listen: String,
+}
+
+impl HttpPort {
+    /// Binds `listen`.
+    pub fn bind(listen: &str) -> std::io::Result<Self> {
+        let listener = std::net::TcpListener::bind(listen)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot listen on {listen} ({e}): free the port or set AUDIT_WORKER__HTTP__LISTEN"
+                    ),
+                )
+            })?;
+        tracing::info!(%listen, "HTTP endpoints listening");
+        Ok(Self {
+            listener,
+            listen: listen.to_owned(),
+        })
+    }
+
+    /// Serves `router` on the port until `stop` fires; the port stays
+    /// bound afterwards for the next router.
+    pub fn serve(
+        &self,
+        router: Router,
+        stop: CancellationToken,
+    ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        let listener = tokio::net::TcpListener::from_std(self.listener.try_clone()?)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", self.listen)))?;
+        Ok(tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        }))
+    }
+}
+
+/// What the worker needs from its dependencies, once they answer.
+pub struct Connected {
+    pub pool: Pool,
+    pub partitions: Arc<Partitions>,
+    pub redis_client: redis::Client,
+    pub commands: ConnectionManager,
+}
+
+/// Connects to PostgreSQL (migrating when `database.migrate_on_start`,
+/// then creating the months' partitions) and to Redis, retrying each with
+/// [`CONNECT_BACKOFF`] until both answer. Each dependency's outage is
+/// logged when it begins and when it ends, with the count of failed
+/// attempts. `None` when `shutdown` fires first.
+pub async fn connect_when_available(
+    config: &Config,
+    status: &StartupStatus,
+    shutdown: &CancellationToken,
+) -> Option<Connected> {
+    let mut db_log = OutageLog::new("PostgreSQL not available at start");
+    let mut redis_log = OutageLog::new("Redis not available at start");
+    let mut database: Option<(Pool, Arc<Partitions>)> = None;
+    let mut redis: Option<(redis::Client, ConnectionManager)> = None;
+    let mut attempt = 0u32;
+    loop {
+        if database.is_none() {
+            let connecting = tokio::select! {
+                r = connect_database(config) => r,
+                _ = shutdown.cancelled() => return None,
+            };
+            match connecting {
+                Ok(connected) => {
+                    db_log.recovered();
+                    status.set_database(None);
+                    database = Some(connected);
+                }
+                Err(e) => {
+                    db_log.failed(&e);
+                    status.set_database(Some(e));
+                }
+            }
+        }
+        if redis.is_none() {
+            let connecting = tokio::select! {
+                r = connect_redis(config) => r,
+                _ = shutdown.cancelled() => return None,
+            };
+            match connecting {
+                Ok(connected) => {
+                    redis_log.recovered();
+                    status.set_redis(None);
+                    redis = Some(connected);
+                }
+                Err(e) => {
+                    redis_log.failed(&e);
+                    status.set_redis(Some(e));
+                }
+            }
+        }
+        if database.is_some() && redis.is_some() {
+            break;
+        }
+        attempt += 1;
+        tokio::select! {
+            _ = tokio::time::sleep(CONNECT_BACKOFF.delay(attempt)) => {}
+            _ = shutdown.cancelled() => return None,
+        }
+    }
+    let (pool, partitions) = database?;
+    let (redis_client, commands) = redis?;
+    Some(Connected {
+        pool,
+        partitions,
+        redis_client,
+        commands,
+    })
+}
+
+/// One attempt at the database: pool, migrations, partitions.
+async fn connect_database(config: &Config) -> Result<(Pool, Arc<Partitions>), String> {
+    let pool = db::connect_pool(config).await.map_err(|e| e.to_string())?;
+    if config.database.migrate_on_start {
+        let applied = db::migrate(config).await.map_err(|e| e.to_string())?;
+        if !applied.is_empty() {
+            tracing::info!(?applied, "migrations applied");
+        }
+    }
+    let partitions = Arc::new(Partitions::default());
+    let client = pool.get().await.map_err(|e| {
+        format!(
+            "getting a connection for partition upkeep: {}",
+            db::pool_error_cause(&e)
+        )
+    })?;
+    partitions
+        .ensure_ahead(&client, config.database.partitions_ahead_months)
+        .await
+        .map_err(|e| {
+            format!(
+                "creating monthly partitions ({}): did `audit-worker migrate` run?",
+                db::root_cause(&e)
+            )
+        })?;
+    drop(client);
+    Ok((pool, partitions))
+}
+
+/// One attempt at Redis: a PING on a fresh connection (the connection
+/// manager would keep retrying by itself, hiding the outage), then the
+/// shared command connection.
+async fn connect_redis(config: &Config) -> Result<(redis::Client, ConnectionManager), String> {
+    let client = crate::source::redis_client(&config.redis).map_err(|e| e.to_string())?;
+    let timeout = Duration::from_secs(config.redis.connect_timeout_secs.max(1));
+    let unreachable = |cause: String| {
+        crate::source::RedisSetupError::Unreachable {
+            target: crate::source::describe_target(&client),
+            cause,
+        }
+        .to_string()
+    };
+    let probe = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout));
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&probe)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    redis::cmd("PING")
+        .query_async::<String>(&mut conn)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    drop(conn);
+    let commands = crate::source::command_connection(&client, &config.redis)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((client, commands))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_up_retries_back_off_from_half_a_second_to_thirty() {
+        let secs: Vec<f64> = (1..=8)
+            .map(|a| CONNECT_BACKOFF.nominal(a).as_secs_f64())
+            .collect();
+        assert_eq!(secs, vec![0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]);
+    }
+}
