@@ -5,7 +5,9 @@
 //! concurrent write tasks. A batch is one statement: a multi-row
 //! `INSERT ... SELECT FROM UNNEST($1, $2, ...) ON CONFLICT DO NOTHING
 //! RETURNING`, so a redelivered event never becomes a second row and the
-//! RETURNING list tells new rows from duplicates. (Binary COPY has no ON
+//! RETURNING list tells new rows from existing ones. The stored hash of each
+//! existing one (one more query) tells a redelivery (`Duplicate`) from a
+//! different event reusing the key (`Conflict`). (Binary COPY has no ON
 //! CONFLICT and would need a staging table: three statements instead of
 //! one; see benches/README.md for the measured difference.)
 //!
@@ -289,14 +291,23 @@ impl BatchWriter {
                 .observe(started.elapsed().as_secs_f64());
             match result {
                 Ok(mut inserted) => {
+                    // A returned row is this record's only if it carries this
+                    // record's hash: two records of one batch may share a key.
+                    let mut unreturned = Vec::new();
                     for &i in &part {
                         let r = &records[i];
                         let key = (r.idempotency_key.clone(), r.event.event_time);
-                        outcomes[i] = Some(if inserted.remove(&key).is_some() {
-                            StoreOutcome::Inserted
-                        } else {
-                            StoreOutcome::Duplicate
-                        });
+                        match inserted.get(&key) {
+                            Some(hash) if hash.eq_ignore_ascii_case(&r.event.hash) => {
+                                inserted.remove(&key);
+                                outcomes[i] = Some(StoreOutcome::Inserted);
+                            }
+                            _ => unreturned.push(i),
+                        }
+                    }
+                    if !unreturned.is_empty() {
+                        self.resolve_unreturned(&client, records, &unreturned, outcomes)
+                            .await?;
                     }
                 }
                 Err(e) if classify(&e) == ErrorClass::Permanent => {
@@ -320,6 +331,73 @@ impl BatchWriter {
         }
         Ok(())
     }
+
+    /// Rows the INSERT did not return already existed: one query fetches
+    /// their stored hashes. The same hash is a redelivery (`Duplicate`);
+    /// another hash is a different event reusing the key (`Conflict`), which
+    /// must be dead-lettered, never acknowledged as a duplicate.
+    async fn resolve_unreturned(
+        &self,
+        client: &deadpool_postgres::Client,
+        records: &[AuditRecord],
+        idx: &[usize],
+        outcomes: &mut [Option<StoreOutcome>],
+    ) -> Result<(), String> {
+        let stored = stored_hashes(client, records, idx)
+            .await
+            .map_err(|e| format!("looking up stored events: {}", crate::db::root_cause(&e)))?;
+        let mut vanished = 0;
+        for &i in idx {
+            let r = &records[i];
+            let key = (r.idempotency_key.clone(), r.event.event_time);
+            outcomes[i] = match stored.get(&key) {
+                Some(hash) if hash.eq_ignore_ascii_case(&r.event.hash) => {
+                    Some(StoreOutcome::Duplicate)
+                }
+                Some(hash) => Some(StoreOutcome::Conflict {
+                    stored_hash: hash.clone(),
+                }),
+                // Deleted between the two statements (only unsealed rows can
+                // be): leave it unresolved so the next attempt inserts it.
+                None => {
+                    vanished += 1;
+                    None
+                }
+            };
+        }
+        if vanished > 0 {
+            return Err(format!(
+                "{vanished} conflicting row(s) disappeared before they could be compared; retrying"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The stored hash of each (idempotency key, event time) of the rows `idx`
+/// that exists, in one statement (through the idempotency index).
+async fn stored_hashes(
+    client: &deadpool_postgres::Client,
+    records: &[AuditRecord],
+    idx: &[usize],
+) -> Result<HashMap<(String, DateTime<Utc>), String>, tokio_postgres::Error> {
+    let keys: Vec<&str> = idx
+        .iter()
+        .map(|&i| records[i].idempotency_key.as_str())
+        .collect();
+    let times: Vec<DateTime<Utc>> = idx.iter().map(|&i| records[i].event.event_time).collect();
+    let rows = client
+        .query(
+            "SELECT a.idempotency_key, a.event_time, a.hash \
+             FROM UNNEST($1::text[], $2::timestamptz[]) AS k(key, t) \
+             JOIN audit_log a ON a.idempotency_key = k.key AND a.event_time = k.t",
+            &[&keys, &times],
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| ((row.get(0), row.get(1)), row.get(2)))
+        .collect())
 }
 
 const INSERT_SQL: &str = "\
@@ -336,15 +414,15 @@ SELECT * FROM UNNEST(
     $16::text[], $17::text[], $18::text[], $19::text[],
     $20::text[], $21::jsonb[], $22::jsonb[], $23::text[])
 ON CONFLICT (idempotency_key, event_time) DO NOTHING
-RETURNING idempotency_key, event_time";
+RETURNING idempotency_key, event_time, hash";
 
 /// Inserts the rows `idx` of `records` in one statement and returns the
-/// (key, time) pairs that were new.
+/// (key, time) pairs that were new, with the hash stored for each.
 async fn insert_rows(
     client: &deadpool_postgres::Client,
     records: &[AuditRecord],
     idx: &[usize],
-) -> Result<HashMap<(String, DateTime<Utc>), ()>, tokio_postgres::Error> {
+) -> Result<HashMap<(String, DateTime<Utc>), String>, tokio_postgres::Error> {
     let rows: Vec<&AuditRecord> = idx.iter().map(|&i| &records[i]).collect();
     fn col<'a, T>(rows: &[&'a AuditRecord], f: impl Fn(&'a AuditRecord) -> T) -> Vec<T> {
         rows.iter().map(|r| f(r)).collect()
@@ -407,7 +485,7 @@ async fn insert_rows(
         .map(|row| {
             (
                 (row.get::<_, String>(0), row.get::<_, DateTime<Utc>>(1)),
-                (),
+                row.get::<_, String>(2),
             )
         })
         .collect())

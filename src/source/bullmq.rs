@@ -443,6 +443,7 @@ impl QueueHandler {
         };
         let key = record.idempotency_key.clone();
         let hash = record.event.hash.clone();
+        let record_key = record.key();
         // Same extras as the stream source: the producer's trace continued
         // into the store span, the rule input for alerts, and the enqueue
         // time (the job's timestamp) for end-to-end latency.
@@ -473,6 +474,10 @@ impl QueueHandler {
             StoreOutcome::Inserted => Ok(self.stored(key, hash, "inserted")),
             StoreOutcome::Duplicate => Ok(self.stored(key, hash, "duplicate")),
             StoreOutcome::Rejected(rejection) => {
+                self.dead_letter(&job, data, name, rejection, source).await
+            }
+            StoreOutcome::Conflict { stored_hash } => {
+                let rejection = record_key.conflict(&stored_hash);
                 self.dead_letter(&job, data, name, rejection, source).await
             }
             StoreOutcome::Unavailable(cause) => {

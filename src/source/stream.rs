@@ -707,6 +707,8 @@ struct Tracked {
     span: Option<tracing::Span>,
     alert: Option<crate::alerts::AlertInput>,
     enqueued_ms: Option<i64>,
+    /// Explains an idempotency conflict after the record went to the sink.
+    key: crate::sink::RecordKey,
 }
 
 impl Tracked {
@@ -722,6 +724,7 @@ impl Tracked {
                 .wants(&record.event)
                 .then(|| crate::alerts::AlertInput::from_event(&record.event, &record.source)),
             enqueued_ms: crate::telemetry::stream_id_millis(&entry.id),
+            key: record.key(),
         }
     }
 
@@ -841,6 +844,10 @@ async fn handle_batch_in_span(
                     acks.push(id);
                 }
                 StoreOutcome::Rejected(rejection) => {
+                    dead.push((id, dead_letter(data, name, rejection, source)))
+                }
+                StoreOutcome::Conflict { stored_hash } => {
+                    let rejection = tracked.key.conflict(&stored_hash);
                     dead.push((id, dead_letter(data, name, rejection, source)))
                 }
                 StoreOutcome::Unavailable(_) => retry.push((id, data, name, source, tracked)),

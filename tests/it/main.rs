@@ -11,6 +11,7 @@ mod process;
 mod roles;
 mod scale;
 mod secrets;
+mod sink;
 mod snapshot;
 mod stream_ingest;
 mod tls;

@@ -1,0 +1,168 @@
+//! The sink's answers as sources and operators see them: which rows are new,
+//! which are redeliveries, which reuse an eventId; precision of event times.
+
+use std::time::Duration;
+
+use chrono::{SecondsFormat, Utc};
+use serde_json::{json, Value};
+
+use crate::common::*;
+use crate::ops::{parse_metrics, sample_sum, scrape};
+
+/// `audit_worker_events_total{source="stream",outcome=...}` now.
+async fn stream_events(env: &TestEnv, outcome: &str) -> f64 {
+    let text = scrape(env.http_port).await.unwrap_or_default();
+    sample_sum(
+        &parse_metrics(&text),
+        "audit_worker_events_total",
+        &[("source", "stream"), ("outcome", outcome)],
+    )
+}
+
+/// Waits until the stream source has counted `n` events with `outcome`.
+async fn wait_for_stream_events(env: &TestEnv, outcome: &str, n: f64) {
+    wait_until(
+        Duration::from_secs(30),
+        &format!("{n} {outcome} stream events"),
+        || async { stream_events(env, outcome).await >= n },
+    )
+    .await;
+}
+
+/// Canonical hash v1 of an event, as the worker computes it.
+fn hash_of(event: &Value) -> String {
+    audit_worker::event::decode_event(
+        event.to_string().as_bytes(),
+        &Default::default(),
+        Utc::now(),
+    )
+    .unwrap()
+    .hash
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_event_id_is_dead_lettered_as_a_conflict_and_a_true_redelivery_stays_a_duplicate()
+{
+    let env = TestEnv::new("idem_conflict").await;
+    let worker = InProcessWorker::start(env.config());
+    env.wait_for_schema().await;
+
+    let timestamp = ts(30);
+    let first = json!({"eventId": "evt-reused", "timestamp": timestamp,
+                       "action": "record.read", "status": "success", "principalId": "u-1"});
+    let other = json!({"eventId": "evt-reused", "timestamp": timestamp,
+                       "action": "record.delete", "status": "success", "principalId": "u-1"});
+    let first_bytes = first.to_string().into_bytes();
+    let other_bytes = other.to_string().into_bytes();
+    env.add_entries(&[(None, first_bytes.clone())]).await;
+    wait_for_stream_events(&env, "inserted", 1.0).await;
+
+    // A different event under the same eventId and time, then the first
+    // event again, byte for byte (a producer's retry).
+    env.add_entries(&[(None, other_bytes.clone()), (None, first_bytes.clone())])
+        .await;
+    wait_for_stream_events(&env, "dead_lettered", 1.0).await;
+    wait_for_stream_events(&env, "duplicate", 1.0).await;
+    wait_until(Duration::from_secs(10), "nothing pending", || async {
+        env.pending_count().await == 0
+    })
+    .await;
+
+    // The first event is stored once, untouched.
+    let rows = env
+        .pg
+        .query("SELECT action, hash FROM audit_log", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, String>(0), "record.read");
+    let stored_hash: String = rows[0].get(1);
+    assert_eq!(stored_hash, hash_of(&first));
+
+    // The other one is a dead letter with its own bytes and both hashes.
+    let letters = env.dlq_entries().await;
+    assert_eq!(letters.len(), 1, "exactly one dead letter");
+    let letter = &letters[0];
+    assert_eq!(letter["reason"], b"idempotency_conflict");
+    assert_eq!(letter["data"], other_bytes, "the original bytes");
+    let error = String::from_utf8(letter["error"].clone()).unwrap();
+    let other_hash = hash_of(&other);
+    assert_ne!(other_hash, stored_hash);
+    assert!(
+        error.contains(&format!("stored hash {stored_hash}"))
+            && error.contains(&format!("this event's hash {other_hash}"))
+            && error.contains("evt-reused"),
+        "error names the event and both hashes: {error}"
+    );
+
+    let scrape = parse_metrics(&scrape(env.http_port).await.unwrap());
+    let events = |outcome| {
+        sample_sum(
+            &scrape,
+            "audit_worker_events_total",
+            &[("source", "stream"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(events("inserted"), 1.0);
+    assert_eq!(
+        events("duplicate"),
+        1.0,
+        "the redelivery is a silent duplicate"
+    );
+    assert_eq!(events("dead_lettered"), 1.0);
+    assert_eq!(
+        sample_sum(
+            &scrape,
+            "audit_worker_dead_letters_total",
+            &[("reason", "idempotency_conflict")]
+        ),
+        1.0
+    );
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nanosecond_timestamp_is_stored_as_sent_and_counted_inserted_not_duplicate() {
+    let env = TestEnv::new("nanos").await;
+    let worker = InProcessWorker::start(env.config());
+    env.wait_for_schema().await;
+
+    // As Java's Instant.toString() and Go's RFC3339Nano write it.
+    let seconds =
+        (Utc::now() - chrono::Duration::seconds(60)).to_rfc3339_opts(SecondsFormat::Secs, true);
+    let timestamp = seconds.replace('Z', ".123456789Z");
+    let event = json!({"eventId": "evt-nanos", "timestamp": timestamp,
+                       "action": "record.read", "status": "success"});
+    env.add_events(std::slice::from_ref(&event)).await;
+    wait_until(Duration::from_secs(30), "the entry handled", || async {
+        stream_events(&env, "inserted").await + stream_events(&env, "duplicate").await >= 1.0
+    })
+    .await;
+
+    let row = env
+        .pg
+        .query_one(
+            "SELECT timestamp_raw, hash, \
+                    to_char(event_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') \
+             FROM audit_log WHERE event_id = 'evt-nanos'",
+            &[],
+        )
+        .await
+        .expect("the row exists");
+    assert_eq!(
+        row.get::<_, String>(0).as_bytes(),
+        timestamp.as_bytes(),
+        "timestamp_raw is the producer's string, byte for byte"
+    );
+    assert_eq!(row.get::<_, String>(1), hash_of(&event));
+    assert_eq!(
+        row.get::<_, String>(2),
+        format!("{}.123456", seconds.trim_end_matches('Z'))
+    );
+    assert_eq!(stream_events(&env, "inserted").await, 1.0);
+    assert_eq!(stream_events(&env, "duplicate").await, 0.0);
+    assert_eq!(env.dlq_len().await, 0);
+    worker.stop().await;
+    env.cleanup().await;
+}
