@@ -56,8 +56,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let client = source::redis_client(&config.redis)?;
     let commands = source::command_connection(&client, &config.redis).await?;
 
+    // The sink and the health checks have pools of their own (see
+    // db::PoolRole): neither can take the other's connections, nor jobs'.
+    let sink_pool = db::build_pool(&config, db::PoolRole::Sink)?;
+    let db_probe = Arc::new(crate::health_probe::DatabaseProbe::new(db::build_pool(
+        &config,
+        db::PoolRole::Health,
+    )?));
     let sink = PostgresSink::spawn(
-        pool.clone(),
+        sink_pool.clone(),
         partitions,
         SinkSettings::from_config(&config.sink),
         metrics.clone(),
@@ -78,7 +85,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         HttpState {
             metrics: metrics.clone(),
             redis: commands.clone(),
-            pool: pool.clone(),
+            pool: sink_pool,
+            db_probe,
             breaker: sink.handle().breaker().clone(),
             queue: queue.clone(),
             exports: Some(exports.downloads.clone()),

@@ -81,11 +81,56 @@ pub fn describe_target(pg: &tokio_postgres::Config) -> String {
     format!("{host}:{port}")
 }
 
-/// Creates the connection pool and checks that one connection works, so a
-/// wrong URL fails at start-up with a clear message instead of later.
-pub async fn connect_pool(config: &Config) -> Result<Pool, DbError> {
-    let pg = pg_config(config)?;
-    let target = describe_target(&pg);
+/// What a connection pool serves. Each role has its own connections, so one
+/// kind of work can never take the connections another needs (a flood of
+/// health checks cannot starve the sink and open its circuit breaker), and
+/// its own session settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolRole {
+    /// Jobs (exports, snapshots), partition upkeep and the CLI:
+    /// `database.pool_size` connections, no statement timeout (long reads
+    /// such as `verify` and exports are legitimate).
+    General,
+    /// The sink's batch writes: one connection per `sink.writers`, each
+    /// with `database.statement_timeout_ms`, so a write stuck behind a lock
+    /// fails (and is retried) instead of hanging its writer.
+    Sink,
+    /// `/readyz` and `/health/database`: one connection, statements cut
+    /// after [`HEALTH_STATEMENT_TIMEOUT_MS`].
+    Health,
+}
+
+/// Server-side limit of a health check's query.
+pub const HEALTH_STATEMENT_TIMEOUT_MS: u64 = 2000;
+
+impl PoolRole {
+    fn max_size(self, config: &Config) -> usize {
+        match self {
+            Self::General => config.database.pool_size,
+            Self::Sink => config.sink.writers.max(1),
+            Self::Health => 1,
+        }
+    }
+
+    /// `statement_timeout` of the role's sessions (0: none).
+    fn statement_timeout_ms(self, config: &Config) -> u64 {
+        match self {
+            Self::General => 0,
+            Self::Sink => config.database.statement_timeout_ms,
+            Self::Health => HEALTH_STATEMENT_TIMEOUT_MS,
+        }
+    }
+}
+
+/// Builds the pool for `role` without opening a connection (connections
+/// are made on first use, so this works while PostgreSQL is down).
+pub fn build_pool(config: &Config, role: PoolRole) -> Result<Pool, DbError> {
+    let mut pg = pg_config(config)?;
+    let timeout = role.statement_timeout_ms(config);
+    if timeout > 0 {
+        let options = pg.get_options().unwrap_or_default().to_owned();
+        pg.options(format!("{options} -c statement_timeout={timeout}"));
+    }
     let manager_config = ManagerConfig {
         recycling_method: RecyclingMethod::Fast,
     };
@@ -93,8 +138,8 @@ pub async fn connect_pool(config: &Config) -> Result<Pool, DbError> {
         Some(tls) => Manager::from_config(pg, tls, manager_config),
         None => Manager::from_config(pg, NoTls, manager_config),
     };
-    let pool = Pool::builder(manager)
-        .max_size(config.database.pool_size)
+    Pool::builder(manager)
+        .max_size(role.max_size(config))
         .wait_timeout(Some(Duration::from_secs(
             config.database.connect_timeout_secs,
         )))
@@ -103,7 +148,15 @@ pub async fn connect_pool(config: &Config) -> Result<Pool, DbError> {
         )))
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
-        .map_err(|e| DbError::Pool(e.to_string()))?;
+        .map_err(|e| DbError::Pool(e.to_string()))
+}
+
+/// Creates the general connection pool ([`PoolRole::General`]) and checks
+/// that one connection works, so a wrong URL fails at start-up with a
+/// clear message instead of later.
+pub async fn connect_pool(config: &Config) -> Result<Pool, DbError> {
+    let target = describe_target(&pg_config(config)?);
+    let pool = build_pool(config, PoolRole::General)?;
     let client = pool.get().await.map_err(|e| DbError::Unreachable {
         target: target.clone(),
         cause: pool_error_cause(&e),

@@ -8,6 +8,7 @@ pub mod config;
 pub mod db;
 pub mod dlq;
 pub mod event;
+pub mod health_probe;
 pub mod http;
 pub mod integrity;
 pub mod jobs;

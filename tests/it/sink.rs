@@ -166,3 +166,142 @@ async fn a_nanosecond_timestamp_is_stored_as_sent_and_counted_inserted_not_dupli
     worker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_health_checks_never_opens_the_breaker_and_every_event_is_stored() {
+    let env = TestEnv::new("health_flood").await;
+    let mut config = env.config();
+    // A database 40 ms away (each health query holds a connection for a
+    // round trip), a small general pool and quick timeouts: health checks
+    // that took connections from ingestion would show at once.
+    let proxy = delay_proxy(Duration::from_millis(20)).await;
+    config.database.url = test_database_url()
+        .replace("127.0.0.1:5432", &format!("127.0.0.1:{proxy}"))
+        .into();
+    config.database.pool_size = 2;
+    config.database.connect_timeout_secs = 1;
+    config.sink.retry_base_ms = 20;
+    config.sink.retry_cap_ms = 100;
+    let worker = InProcessWorker::start(config);
+    env.wait_for_schema().await;
+
+    const EVENTS: usize = 2000;
+    let producing = {
+        let env_events: Vec<Value> = (0..EVENTS).map(event).collect();
+        let redis = env.redis.clone();
+        let stream = env.stream.clone();
+        tokio::spawn(async move {
+            let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+            for chunk in env_events.chunks(20) {
+                let mut pipe = redis::pipe();
+                for e in chunk {
+                    pipe.cmd("XADD")
+                        .arg(&stream)
+                        .arg("*")
+                        .arg("data")
+                        .arg(e.to_string());
+                }
+                let _: Vec<String> = pipe.query_async(&mut conn).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    // 500 concurrent clients, each asking /readyz and /health/database in
+    // turn for as long as events are being added.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..500 {
+        let client = client.clone();
+        let stop = stop.clone();
+        let base = format!("http://127.0.0.1:{}", env.http_port);
+        flood.spawn(async move {
+            let mut answered = 0u64;
+            let mut n = i;
+            while !stop.is_cancelled() {
+                let path = if n % 2 == 0 {
+                    "/readyz"
+                } else {
+                    "/health/database"
+                };
+                n += 1;
+                if client.get(format!("{base}{path}")).send().await.is_ok() {
+                    answered += 1;
+                }
+            }
+            answered
+        });
+    }
+    producing.await.unwrap();
+    stop.cancel();
+    let mut answered = 0;
+    while let Some(n) = flood.join_next().await {
+        answered += n.unwrap();
+    }
+    assert!(answered >= 500, "the flood was served ({answered} answers)");
+
+    wait_until(Duration::from_secs(60), "every event stored", || async {
+        env.row_count().await == EVENTS as i64
+    })
+    .await;
+    let scrape = parse_metrics(&scrape(env.http_port).await.unwrap());
+    assert_eq!(
+        sample_sum(
+            &scrape,
+            "audit_worker_circuit_breaker_transitions_total",
+            &[("to", "open")]
+        ),
+        0.0,
+        "health checks never opened the breaker"
+    );
+    assert_eq!(env.dlq_len().await, 0);
+    println!(
+        "health flood: {answered} health answers while {EVENTS} events were stored; {} sink retries",
+        sample_sum(&scrape, "audit_worker_sink_retries_total", &[])
+    );
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+/// A TCP proxy to the test PostgreSQL (127.0.0.1:5432) that delays every
+/// chunk by `delay` in each direction: a database one round trip of
+/// 2 x `delay` away. Returns its port; it runs until the test ends.
+async fn delay_proxy(delay: Duration) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await else {
+                continue;
+            };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(pipe_delayed(cr, sw, delay));
+            tokio::spawn(pipe_delayed(sr, cw, delay));
+        }
+    });
+    port
+}
+
+async fn pipe_delayed(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        tokio::time::sleep(delay).await;
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
