@@ -5,14 +5,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::db::{self, Partitions};
+use crate::db;
 use crate::http::{self, HttpState, QueueInfo};
 use crate::jobs::snapshot::{self, Snapshotter};
 use crate::jobs::JobHandlers;
+use crate::partitions::{PartitionWindow, Partitions};
 use crate::sink::{PostgresSink, SinkSettings};
 use crate::source::{self, bullmq::BullmqSource, stream::StreamSource, SourceContext};
 use crate::telemetry::Metrics;
@@ -34,20 +34,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             tracing::info!(?applied, "migrations applied");
         }
     }
-    let partitions = Arc::new(Partitions::default());
-    {
-        let client = pool
-            .get()
-            .await
-            .context("getting a connection for partition upkeep")?;
-        partitions
-            .ensure_ahead(&client, config.database.partitions_ahead_months)
-            .await
-            .context("creating monthly partitions (did `audit-worker migrate` run?)")?;
-    }
+    // Partitions for the whole accepted window are made in the background
+    // (the first round starts now), never in the start-up path.
+    let partitions = Arc::new(Partitions::new(Duration::from_millis(
+        config.database.ddl_lock_timeout_ms,
+    )));
     let upkeep = tokio::spawn(partition_upkeep(
         pool.clone(),
         partitions.clone(),
+        PartitionWindow::from_config(&config),
         config.database.clone(),
         metrics.clone(),
         shutdown.clone(),
@@ -253,32 +248,45 @@ fn snapshot_executor(
     ))))
 }
 
-/// Creates next months' partitions every `partition_upkeep_interval_secs`,
-/// on one replica at a time (see [`crate::lease`]).
+/// Creates the partitions of every month an accepted event can fall in: at
+/// start, then every `partition_upkeep_interval_secs` (a minute after a
+/// round that left months undone), on one replica at a time (see
+/// [`crate::lease`]). Each month is its own short DDL transaction under
+/// `ddl_lock_timeout_ms`, so upkeep never holds up inserts.
 async fn partition_upkeep(
     pool: deadpool_postgres::Pool,
     partitions: Arc<Partitions>,
+    window: PartitionWindow,
     database: crate::config::DatabaseConfig,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
     const TASK: &str = "partition_upkeep";
-    let ahead = database.partitions_ahead_months;
+    const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(60);
+    let interval = Duration::from_secs(database.partition_upkeep_interval_secs);
     for result in ["ran", "skipped", "failed"] {
         metrics.periodic_runs.with_label_values(&[TASK, result]);
     }
+    let mut next = Duration::ZERO;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(database.partition_upkeep_interval_secs)) => {}
+            _ = tokio::time::sleep(next) => {}
             _ = shutdown.cancelled() => return,
         }
         let partitions = partitions.clone();
         let result = crate::lease::run_exclusive(&pool, &database.schema, TASK, |client| {
             Box::pin(async move {
-                partitions
-                    .ensure_ahead(client, ahead)
+                let failures = partitions
+                    .ensure_window(client, &window, chrono::Utc::now())
                     .await
-                    .map_err(|e| db::root_cause(&e))
+                    .map_err(|e| db::root_cause(&e))?;
+                match failures.iter().next() {
+                    None => Ok(()),
+                    Some((month, cause)) => Err(format!(
+                        "{} month(s) not created, e.g. {month}: {cause}",
+                        failures.len()
+                    )),
+                }
             })
         })
         .await;
@@ -286,9 +294,14 @@ async fn partition_upkeep(
             Ok(crate::lease::Exclusive::Ran(())) => "ran",
             Ok(crate::lease::Exclusive::Skipped) => "skipped",
             Err(e) => {
-                tracing::warn!(error = %e, "partition upkeep failed; will retry at the next interval");
+                tracing::warn!(error = %e, "partition upkeep failed; will retry (events for a missing month are retried until it exists)");
                 "failed"
             }
+        };
+        next = if outcome == "failed" {
+            interval.min(RETRY_AFTER_FAILURE)
+        } else {
+            interval
         };
         metrics
             .periodic_runs

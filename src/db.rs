@@ -1,10 +1,8 @@
-//! PostgreSQL connection pool, migrations and partition upkeep.
+//! PostgreSQL connection pools and migrations (monthly partitions: see
+//! [`crate::partitions`]).
 
-use std::collections::HashSet;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use chrono::{Datelike, NaiveDate, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
@@ -237,55 +235,4 @@ pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     cause
-}
-
-/// Keeps the set of monthly partitions known to exist, so a batch only pays
-/// for partition DDL the first time it meets a month.
-#[derive(Debug, Default)]
-pub struct Partitions {
-    known: Mutex<HashSet<NaiveDate>>,
-}
-
-impl Partitions {
-    /// Ensures a partition exists for every month in `months` (first days).
-    pub async fn ensure(
-        &self,
-        client: &deadpool_postgres::Client,
-        months: impl IntoIterator<Item = NaiveDate>,
-    ) -> Result<(), tokio_postgres::Error> {
-        let missing: Vec<NaiveDate> = {
-            let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-            months.into_iter().filter(|m| !known.contains(m)).collect()
-        };
-        for month in missing {
-            client
-                .execute("SELECT audit_log_ensure_partition($1)", &[&month])
-                .await?;
-            self.known
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(month);
-        }
-        Ok(())
-    }
-
-    /// Ensures the current month and `ahead` months after it exist.
-    pub async fn ensure_ahead(
-        &self,
-        client: &deadpool_postgres::Client,
-        ahead: u32,
-    ) -> Result<(), tokio_postgres::Error> {
-        let today = Utc::now().date_naive();
-        let months = (0..=ahead).map(|i| add_months(month_start(today), i));
-        self.ensure(client, months).await
-    }
-}
-
-/// First day of the month of `d`.
-pub fn month_start(d: NaiveDate) -> NaiveDate {
-    d.with_day(1).unwrap_or(d)
-}
-
-fn add_months(d: NaiveDate, n: u32) -> NaiveDate {
-    d.checked_add_months(chrono::Months::new(n)).unwrap_or(d)
 }

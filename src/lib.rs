@@ -13,6 +13,7 @@ pub mod http;
 pub mod integrity;
 pub mod jobs;
 pub mod lease;
+pub mod partitions;
 pub mod pgtls;
 pub mod processor;
 #[cfg(test)]

@@ -24,13 +24,13 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use deadpool_postgres::Pool;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_postgres::types::Json;
 
 use super::{AuditRecord, CircuitBreaker, SinkHandle, StoreOutcome, StoreRequest};
-use crate::db::{month_start, Partitions};
 use crate::event::{RejectReason, Rejection};
+use crate::partitions::{month_start, Partitions};
 use crate::retry::Backoff;
 use crate::telemetry::Metrics;
 use tokio_util::sync::CancellationToken;
@@ -191,22 +191,30 @@ impl BatchWriter {
         let _ = slots.acquire_many(self.settings.writers as u32).await;
     }
 
-    /// Writes one batch, retrying transient failures, and answers every request.
+    /// Writes one batch, retrying transient failures, and answers every
+    /// request as soon as its outcome is known: rows that committed are
+    /// answered even while others of the batch still wait (for a month's
+    /// partition, say), so their messages are acknowledged at once.
     async fn write(&self, batch: Vec<StoreRequest>) {
         self.metrics.batch_size.observe(batch.len() as f64);
         let (records, replies): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|r| (r.record, r.reply)).unzip();
-        let outcomes = self.resolve(&records).await;
-        for (reply, outcome) in replies.into_iter().zip(outcomes) {
-            let _ = reply.send(outcome);
-        }
+        let mut replies: Vec<_> = replies.into_iter().map(Some).collect();
+        self.resolve(&records, &mut replies).await;
     }
 
-    /// Finds the outcome of every record: each attempt needs the breaker's
-    /// permission (waiting while it is open does not count as an attempt);
-    /// transient failures of the still-unresolved rows are retried with
-    /// backoff; after `max_attempts`, or on shutdown, they are `Unavailable`.
-    async fn resolve(&self, records: &[AuditRecord]) -> Vec<StoreOutcome> {
+    /// Finds the outcome of every record and answers it: each attempt needs
+    /// the breaker's permission (waiting while it is open does not count as
+    /// an attempt); transient failures of the still-unresolved rows are
+    /// retried with backoff; after `max_attempts`, or on shutdown, they are
+    /// `Unavailable`. Rows only deferred (their month's partition could not
+    /// be made yet) are retried the same way, but do not count against the
+    /// breaker: the database answered, and the rest of the batch was stored.
+    async fn resolve(
+        &self,
+        records: &[AuditRecord],
+        replies: &mut [Option<oneshot::Sender<StoreOutcome>>],
+    ) {
         let mut outcomes: Vec<Option<StoreOutcome>> = vec![None; records.len()];
         let mut attempt = 0;
         let give_up = |outcomes: &mut Vec<Option<StoreOutcome>>, cause: &str| {
@@ -215,6 +223,7 @@ impl BatchWriter {
             }
         };
         loop {
+            answer(&outcomes, replies);
             let pending: Vec<usize> = (0..records.len())
                 .filter(|&i| outcomes[i].is_none())
                 .collect();
@@ -229,57 +238,78 @@ impl BatchWriter {
                 break;
             };
             attempt += 1;
-            match self.try_write(records, pending, &mut outcomes).await {
-                Ok(()) => permit.success(),
+            let cause = match self.try_write(records, pending, &mut outcomes).await {
+                Ok(None) => {
+                    permit.success();
+                    continue;
+                }
+                Ok(Some(deferred)) => {
+                    permit.success();
+                    deferred
+                }
                 Err(cause) => {
                     permit.failure();
-                    if attempt >= self.settings.max_attempts {
-                        tracing::warn!(attempts = attempt, %cause, "database write failed; the events wait in their queue");
-                        give_up(&mut outcomes, &cause);
-                        break;
-                    }
-                    self.metrics.sink_retries.inc();
-                    let delay = self.settings.backoff.delay(attempt);
-                    tracing::info!(attempt, ?delay, %cause, "transient database error; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.shutdown.cancelled() => {
-                            give_up(&mut outcomes, &cause);
-                            break;
-                        }
-                    }
+                    cause
+                }
+            };
+            if attempt >= self.settings.max_attempts {
+                tracing::warn!(attempts = attempt, %cause, "database write failed; the events wait in their queue");
+                give_up(&mut outcomes, &cause);
+                break;
+            }
+            self.metrics.sink_retries.inc();
+            let delay = self.settings.backoff.delay(attempt);
+            tracing::info!(attempt, ?delay, %cause, "transient database error; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.shutdown.cancelled() => {
+                    give_up(&mut outcomes, &cause);
+                    break;
                 }
             }
         }
-        outcomes
-            .into_iter()
-            .map(|o| o.expect("all resolved"))
-            .collect()
+        answer(&outcomes, replies);
     }
 
-    /// One attempt: inserts the pending rows, isolating rows that fail
-    /// permanently by bisection. Returns the transient error, if any, that
-    /// stopped it; rows resolved before it keep their outcome.
+    /// One attempt: makes the partitions the pending rows need, inserts the
+    /// rows whose partition exists, isolating rows that fail permanently by
+    /// bisection. Returns the transient error, if any, that stopped it
+    /// (rows resolved before it keep their outcome), or, when it completed,
+    /// why some rows were deferred: their month's partition could not be
+    /// made (a lock timeout, say); only those rows stay unresolved.
     async fn try_write(
         &self,
         records: &[AuditRecord],
         pending: Vec<usize>,
         outcomes: &mut [Option<StoreOutcome>],
-    ) -> Result<(), String> {
+    ) -> Result<Option<String>, String> {
         let client = self.pool.get().await.map_err(|e| {
             format!(
                 "no database connection: {}",
                 crate::db::pool_error_cause(&e)
             )
         })?;
-        let months: BTreeSet<NaiveDate> = pending
-            .iter()
-            .map(|&i| month_start(records[i].event.event_time.date_naive()))
-            .collect();
-        self.partitions
+        let month_of = |i: usize| month_start(records[i].event.event_time.date_naive());
+        let months: BTreeSet<NaiveDate> = pending.iter().map(|&i| month_of(i)).collect();
+        let failed = self
+            .partitions
             .ensure(&client, months)
             .await
             .map_err(|e| format!("creating partitions: {}", crate::db::root_cause(&e)))?;
+        let (pending, deferred): (Vec<usize>, Vec<usize>) = pending
+            .into_iter()
+            .partition(|&i| !failed.contains_key(&month_of(i)));
+        let deferred = (!deferred.is_empty()).then(|| {
+            let (month, cause) = failed.iter().next().expect("a failed month");
+            tracing::warn!(rows = deferred.len(), %month, %cause, "partition not created; these rows wait and are retried, the rest of the batch is written");
+            format!(
+                "{} row(s) wait for the partition of {month}: {cause}",
+                deferred.len()
+            )
+        });
+        if pending.is_empty() {
+            return Ok(deferred);
+        }
         let mut stack = vec![pending];
         while let Some(part) = stack.pop() {
             let started = Instant::now();
@@ -310,7 +340,7 @@ impl BatchWriter {
                             .await?;
                     }
                 }
-                Err(e) if classify(&e) == ErrorClass::Permanent => {
+                Err(e) if classify(&e) == ErrorClass::Permanent && !is_missing_partition(&e) => {
                     if part.len() == 1 {
                         let message = e
                             .as_db_error()
@@ -326,10 +356,16 @@ impl BatchWriter {
                         stack.push(a.to_vec());
                     }
                 }
+                Err(e) if is_missing_partition(&e) => {
+                    // Dropped by an operator after this process made or saw
+                    // it: make it again on the next attempt.
+                    self.partitions.forget(part.iter().map(|&i| month_of(i)));
+                    return Err(crate::db::root_cause(&e));
+                }
                 Err(e) => return Err(crate::db::root_cause(&e)),
             }
         }
-        Ok(())
+        Ok(deferred)
     }
 
     /// Rows the INSERT did not return already existed: one query fetches
@@ -398,6 +434,30 @@ async fn stored_hashes(
         .into_iter()
         .map(|row| ((row.get(0), row.get(1)), row.get(2)))
         .collect())
+}
+
+/// Sends the outcome of every resolved record not answered yet.
+fn answer(
+    outcomes: &[Option<StoreOutcome>],
+    replies: &mut [Option<oneshot::Sender<StoreOutcome>>],
+) {
+    for (outcome, reply) in outcomes.iter().zip(replies.iter_mut()) {
+        if let Some(outcome) = outcome {
+            if let Some(reply) = reply.take() {
+                let _ = reply.send(outcome.clone());
+            }
+        }
+    }
+}
+
+/// "no partition of relation ... found for row": the row's month has no
+/// partition (dropped after it was made). A check violation by its code,
+/// but not the row's fault: transient, never a dead letter.
+fn is_missing_partition(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        db.code() == &tokio_postgres::error::SqlState::CHECK_VIOLATION
+            && db.message().starts_with("no partition of relation")
+    })
 }
 
 const INSERT_SQL: &str = "\

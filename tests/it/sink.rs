@@ -305,3 +305,217 @@ async fn pipe_delayed(
     }
     let _ = to.shutdown().await;
 }
+
+/// A second session on the test's schema (the test's own `env.pg` keeps
+/// reading while this one holds locks).
+async fn session(env: &TestEnv) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&test_database_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("SET search_path = \"{}\"", env.schema))
+        .await
+        .unwrap();
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_at_both_edges_of_the_accepted_window_are_stored_while_a_long_reader_locks_audit_log(
+) {
+    let env = TestEnv::new("window_lock").await;
+    let config = env.config();
+    let max_age = chrono::Duration::days(config.validation.max_event_age_days);
+    let skew = chrono::Duration::seconds(config.validation.max_future_skew_secs);
+    let window = audit_worker::partitions::PartitionWindow::from_config(&config);
+    let worker = InProcessWorker::start(config);
+    env.wait_for_schema().await;
+
+    // What a long `verify` or export holds for its whole transaction.
+    let reader = session(&env).await;
+    reader
+        .batch_execute("BEGIN; LOCK TABLE audit_log IN ACCESS SHARE MODE")
+        .await
+        .unwrap();
+
+    let now = Utc::now();
+    let at = |t: chrono::DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Millis, true);
+    let times = [
+        now - max_age + chrono::Duration::hours(1), // the oldest accepted month
+        now - max_age / 2,
+        now,
+        now + skew - chrono::Duration::minutes(1), // the newest accepted instant
+    ];
+    let events: Vec<Value> = times
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            json!({"eventId": format!("edge-{i}"), "timestamp": at(*t),
+                             "action": "record.read", "status": "success"})
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    env.add_events(&events).await;
+    wait_until(
+        Duration::from_secs(10),
+        "every edge event stored while the reader holds its lock",
+        || async { env.row_count().await == events.len() as i64 },
+    )
+    .await;
+    let took = started.elapsed();
+    // The reader's transaction is still open: nothing waited for it to end.
+    let in_tx: String = reader
+        .query_one("SELECT current_setting('transaction_isolation')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!in_tx.is_empty());
+    let locks: i64 = env
+        .pg
+        .query_one(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+             WHERE c.relname = 'audit_log' AND l.mode = 'AccessShareLock' AND l.granted \
+               AND c.relnamespace = current_schema()::regnamespace",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(locks >= 1, "the reader still holds its lock");
+    assert_eq!(env.dlq_len().await, 0);
+    println!(
+        "window edges: {} events stored in {took:?} under the reader's lock",
+        events.len()
+    );
+
+    // Meanwhile the background upkeep made every month of the window, still
+    // under the reader's lock.
+    let months = window.months(Utc::now()).len() as i64;
+    wait_until(
+        Duration::from_secs(60),
+        "every month of the window",
+        || async {
+            env.pg
+                .query_one(
+                    "SELECT count(*) FROM pg_inherits WHERE inhparent = 'audit_log'::regclass",
+                    &[],
+                )
+                .await
+                .map(|r| r.get::<_, i64>(0) >= months)
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(30),
+        "the upkeep round counted",
+        || async {
+            let text = scrape(env.http_port).await.unwrap_or_default();
+            sample_sum(
+                &parse_metrics(&text),
+                "audit_worker_periodic_runs_total",
+                &[("task", "partition_upkeep"), ("result", "ran")],
+            ) == 1.0
+        },
+    )
+    .await;
+    println!(
+        "window edges: {months} monthly partitions made in the background within {:?} of the events",
+        started.elapsed()
+    );
+    reader.batch_execute("COMMIT").await.unwrap();
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_month_whose_partition_cannot_be_created_defers_only_its_own_rows() {
+    let env = TestEnv::new("ddl_defer").await;
+    let mut config = env.config();
+    config.database.ddl_lock_timeout_ms = 200;
+    config.sink.retry_base_ms = 100;
+    config.sink.retry_cap_ms = 200;
+    audit_worker::db::migrate(&config).await.unwrap();
+
+    // This month's partition exists; every other month's DDL is held up by
+    // a session holding the partition-creation lock.
+    let recent =
+        (Utc::now() - chrono::Duration::seconds(60)).to_rfc3339_opts(SecondsFormat::Millis, true);
+    env.pg
+        .execute(
+            "SELECT audit_log_ensure_partition($1::text::timestamptz::date)",
+            &[&recent],
+        )
+        .await
+        .unwrap();
+    let blocker = session(&env).await;
+    blocker
+        .execute(
+            "SELECT pg_advisory_lock(hashtext('audit_log_partitions:' || current_schema()))",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    let old = json!({"eventId": "old-month", "timestamp": "2019-05-04T12:00:00.000Z",
+                     "action": "record.read", "status": "success"});
+    let new = json!({"eventId": "this-month", "timestamp": recent,
+                     "action": "record.read", "status": "success"});
+    // One read, one batch.
+    env.add_events(&[old, new]).await;
+    let worker = InProcessWorker::start(config);
+    wait_until(
+        Duration::from_secs(15),
+        "this month's row stored",
+        || async {
+            env.pg
+                .query_one(
+                    "SELECT count(*) FROM audit_log WHERE event_id = 'this-month'",
+                    &[],
+                )
+                .await
+                .map(|r| r.get::<_, i64>(0) == 1)
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    // Let the old month's row fail its DDL a few more times.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.row_count().await, 1, "the old month's row waits");
+    assert_eq!(env.dlq_len().await, 0, "and is not dead-lettered");
+    // (The stream source acknowledges a read batch's entries together, so
+    // the stored row's entry is acknowledged with the deferred one.)
+    assert!(env.pending_count().await >= 1, "it stays pending in Redis");
+    let scrape = parse_metrics(&scrape(env.http_port).await.unwrap());
+    assert_eq!(
+        sample_sum(
+            &scrape,
+            "audit_worker_circuit_breaker_transitions_total",
+            &[("to", "open")]
+        ),
+        0.0,
+        "a month's DDL failing is not a database outage"
+    );
+    assert!(
+        sample_sum(&scrape, "audit_worker_sink_retries_total", &[]) >= 1.0,
+        "the deferred row was retried"
+    );
+
+    // Once the lock is gone the month is made and its row stored.
+    blocker
+        .execute(
+            "SELECT pg_advisory_unlock(hashtext('audit_log_partitions:' || current_schema()))",
+            &[],
+        )
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the old month's row stored",
+        || async { env.row_count().await == 2 && env.pending_count().await == 0 },
+    )
+    .await;
+    assert_eq!(env.dlq_len().await, 0);
+    worker.stop().await;
+    env.cleanup().await;
+}
