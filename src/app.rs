@@ -8,10 +8,11 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::db::{self, Partitions};
+use crate::db;
 use crate::http::{self, HttpState, QueueInfo};
 use crate::jobs::snapshot::{self, Snapshotter};
 use crate::jobs::JobHandlers;
+use crate::partitions::{PartitionWindow, Partitions};
 use crate::processor::Processor;
 use crate::sink::{PostgresSink, SinkSettings};
 use crate::source::{bullmq::BullmqSource, stream::StreamSource};
@@ -61,13 +62,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let upkeep = tokio::spawn(partition_upkeep(
         pool.clone(),
         partitions.clone(),
+        PartitionWindow::from_config(&config),
         config.database.clone(),
         metrics.clone(),
         shutdown.clone(),
     ));
 
+    // The sink and the health checks have pools of their own (see
+    // db::PoolRole): neither can take the other's connections, nor jobs'.
+    let sink_pool = db::build_pool(&config, db::PoolRole::Sink)?;
+    let db_probe = Arc::new(crate::health_probe::DatabaseProbe::new(db::build_pool(
+        &config,
+        db::PoolRole::Health,
+    )?));
     let sink = PostgresSink::spawn(
-        pool.clone(),
+        sink_pool.clone(),
         partitions,
         SinkSettings::from_config(&config.sink),
         metrics.clone(),
@@ -95,7 +104,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         http::router(HttpState {
             metrics: metrics.clone(),
             redis: commands.clone(),
-            pool: pool.clone(),
+            pool: sink_pool,
+            db_probe,
             breaker: sink.handle().breaker().clone(),
             queue: queue.clone(),
             exports: Some(exports.downloads.clone()),
@@ -260,33 +270,46 @@ fn snapshot_executor(
     )))
 }
 
-/// Creates next months' partitions every `partition_upkeep_interval_secs`,
-/// on one replica at a time (see [`crate::lease`]).
+/// Creates the partitions of every month an accepted event can fall in: at
+/// start, then every `partition_upkeep_interval_secs` (a minute after a
+/// round that left months undone), on one replica at a time (see
+/// [`crate::lease`]). Each month is its own short DDL transaction under
+/// `ddl_lock_timeout_ms`, so upkeep never holds up inserts.
 async fn partition_upkeep(
     pool: deadpool_postgres::Pool,
     partitions: Arc<Partitions>,
+    window: PartitionWindow,
     database: crate::config::DatabaseConfig,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
     const TASK: &str = "partition_upkeep";
-    let ahead = database.partitions_ahead_months;
+    const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(60);
+    let interval = Duration::from_secs(database.partition_upkeep_interval_secs);
     for result in ["ran", "skipped", "failed"] {
         metrics.periodic_runs.with_label_values(&[TASK, result]);
     }
     let mut outage = crate::outage::OutageLog::new("partition upkeep failed");
+    let mut next = Duration::ZERO;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(database.partition_upkeep_interval_secs)) => {}
+            _ = tokio::time::sleep(next) => {}
             _ = shutdown.cancelled() => return,
         }
         let partitions = partitions.clone();
         let result = crate::lease::run_exclusive(&pool, &database.schema, TASK, |client| {
             Box::pin(async move {
-                partitions
-                    .ensure_ahead(client, ahead)
+                let failures = partitions
+                    .ensure_window(client, &window, chrono::Utc::now())
                     .await
-                    .map_err(|e| db::root_cause(&e))
+                    .map_err(|e| db::root_cause(&e))?;
+                match failures.iter().next() {
+                    None => Ok(()),
+                    Some((month, cause)) => Err(format!(
+                        "{} month(s) not created, e.g. {month}: {cause}",
+                        failures.len()
+                    )),
+                }
             })
         })
         .await;
@@ -303,6 +326,11 @@ async fn partition_upkeep(
                 outage.failed(&e);
                 "failed"
             }
+        };
+        next = if outcome == "failed" {
+            interval.min(RETRY_AFTER_FAILURE)
+        } else {
+            interval
         };
         metrics
             .periodic_runs

@@ -155,6 +155,11 @@ pub struct DatabaseConfig {
     /// the system's trusted roots.
     pub tls_ca_file: String,
     pub partition_upkeep_interval_secs: u64,
+    /// `lock_timeout` of partition DDL, in ms: a month that cannot get its
+    /// lock in time is retried later instead of queueing every insert.
+    pub ddl_lock_timeout_ms: u64,
+    /// `statement_timeout` of the sink's connections, in ms (0: none).
+    pub statement_timeout_ms: u64,
 }
 
 /// `[sink]`: batching and retries of database writes.
@@ -452,6 +457,12 @@ impl Config {
             return err(
                 "database.partition_upkeep_interval_secs",
                 "must be at least 1",
+            );
+        }
+        if self.database.ddl_lock_timeout_ms == 0 {
+            return err(
+                "database.ddl_lock_timeout_ms",
+                "must be at least 1 (0 would let partition DDL wait for its lock forever)",
             );
         }
         self.telemetry.validate().map_err(ConfigError)?;

@@ -1,10 +1,8 @@
-//! PostgreSQL connection pool, migrations and partition upkeep.
+//! PostgreSQL connection pools and migrations (monthly partitions: see
+//! [`crate::partitions`]).
 
-use std::collections::HashSet;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use chrono::{Datelike, NaiveDate, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
@@ -81,11 +79,56 @@ pub fn describe_target(pg: &tokio_postgres::Config) -> String {
     format!("{host}:{port}")
 }
 
-/// Creates the connection pool and checks that one connection works, so a
-/// wrong URL fails at start-up with a clear message instead of later.
-pub async fn connect_pool(config: &Config) -> Result<Pool, DbError> {
-    let pg = pg_config(config)?;
-    let target = describe_target(&pg);
+/// What a connection pool serves. Each role has its own connections, so one
+/// kind of work can never take the connections another needs (a flood of
+/// health checks cannot starve the sink and open its circuit breaker), and
+/// its own session settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolRole {
+    /// Jobs (exports, snapshots), partition upkeep and the CLI:
+    /// `database.pool_size` connections, no statement timeout (long reads
+    /// such as `verify` and exports are legitimate).
+    General,
+    /// The sink's batch writes: one connection per `sink.writers`, each
+    /// with `database.statement_timeout_ms`, so a write stuck behind a lock
+    /// fails (and is retried) instead of hanging its writer.
+    Sink,
+    /// `/readyz` and `/health/database`: one connection, statements cut
+    /// after [`HEALTH_STATEMENT_TIMEOUT_MS`].
+    Health,
+}
+
+/// Server-side limit of a health check's query.
+pub const HEALTH_STATEMENT_TIMEOUT_MS: u64 = 2000;
+
+impl PoolRole {
+    fn max_size(self, config: &Config) -> usize {
+        match self {
+            Self::General => config.database.pool_size,
+            Self::Sink => config.sink.writers.max(1),
+            Self::Health => 1,
+        }
+    }
+
+    /// `statement_timeout` of the role's sessions (0: none).
+    fn statement_timeout_ms(self, config: &Config) -> u64 {
+        match self {
+            Self::General => 0,
+            Self::Sink => config.database.statement_timeout_ms,
+            Self::Health => HEALTH_STATEMENT_TIMEOUT_MS,
+        }
+    }
+}
+
+/// Builds the pool for `role` without opening a connection (connections
+/// are made on first use, so this works while PostgreSQL is down).
+pub fn build_pool(config: &Config, role: PoolRole) -> Result<Pool, DbError> {
+    let mut pg = pg_config(config)?;
+    let timeout = role.statement_timeout_ms(config);
+    if timeout > 0 {
+        let options = pg.get_options().unwrap_or_default().to_owned();
+        pg.options(format!("{options} -c statement_timeout={timeout}"));
+    }
     let manager_config = ManagerConfig {
         recycling_method: RecyclingMethod::Fast,
     };
@@ -93,8 +136,8 @@ pub async fn connect_pool(config: &Config) -> Result<Pool, DbError> {
         Some(tls) => Manager::from_config(pg, tls, manager_config),
         None => Manager::from_config(pg, NoTls, manager_config),
     };
-    let pool = Pool::builder(manager)
-        .max_size(config.database.pool_size)
+    Pool::builder(manager)
+        .max_size(role.max_size(config))
         .wait_timeout(Some(Duration::from_secs(
             config.database.connect_timeout_secs,
         )))
@@ -103,7 +146,15 @@ pub async fn connect_pool(config: &Config) -> Result<Pool, DbError> {
         )))
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
-        .map_err(|e| DbError::Pool(e.to_string()))?;
+        .map_err(|e| DbError::Pool(e.to_string()))
+}
+
+/// Creates the general connection pool ([`PoolRole::General`]) and checks
+/// that one connection works, so a wrong URL fails at start-up with a
+/// clear message instead of later.
+pub async fn connect_pool(config: &Config) -> Result<Pool, DbError> {
+    let target = describe_target(&pg_config(config)?);
+    let pool = build_pool(config, PoolRole::General)?;
     let client = pool.get().await.map_err(|e| DbError::Unreachable {
         target: target.clone(),
         cause: pool_error_cause(&e),
@@ -205,55 +256,4 @@ pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     cause
-}
-
-/// Keeps the set of monthly partitions known to exist, so a batch only pays
-/// for partition DDL the first time it meets a month.
-#[derive(Debug, Default)]
-pub struct Partitions {
-    known: Mutex<HashSet<NaiveDate>>,
-}
-
-impl Partitions {
-    /// Ensures a partition exists for every month in `months` (first days).
-    pub async fn ensure(
-        &self,
-        client: &deadpool_postgres::Client,
-        months: impl IntoIterator<Item = NaiveDate>,
-    ) -> Result<(), tokio_postgres::Error> {
-        let missing: Vec<NaiveDate> = {
-            let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-            months.into_iter().filter(|m| !known.contains(m)).collect()
-        };
-        for month in missing {
-            client
-                .execute("SELECT audit_log_ensure_partition($1)", &[&month])
-                .await?;
-            self.known
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(month);
-        }
-        Ok(())
-    }
-
-    /// Ensures the current month and `ahead` months after it exist.
-    pub async fn ensure_ahead(
-        &self,
-        client: &deadpool_postgres::Client,
-        ahead: u32,
-    ) -> Result<(), tokio_postgres::Error> {
-        let today = Utc::now().date_naive();
-        let months = (0..=ahead).map(|i| add_months(month_start(today), i));
-        self.ensure(client, months).await
-    }
-}
-
-/// First day of the month of `d`.
-pub fn month_start(d: NaiveDate) -> NaiveDate {
-    d.with_day(1).unwrap_or(d)
-}
-
-fn add_months(d: NaiveDate, n: u32) -> NaiveDate {
-    d.checked_add_months(chrono::Months::new(n)).unwrap_or(d)
 }

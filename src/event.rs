@@ -387,9 +387,16 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
 /// Parses the ISO-8601 timestamp. RFC 3339 (what `Date.toISOString()`
 /// produces) is required: an offset or `Z` must be present so the instant
 /// is unambiguous.
+///
+/// The instant is truncated to whole microseconds, the precision of
+/// PostgreSQL's `timestamptz`: Java and Go clients write nanoseconds, and an
+/// event time finer than what the database keeps would never equal the
+/// stored one (the sink matches rows by idempotency key and time). The
+/// producer's string is kept unchanged in `timestamp_raw`, which is what
+/// canonical hash v1 covers.
 fn parse_timestamp(raw: &str) -> Result<DateTime<Utc>, Rejection> {
     DateTime::parse_from_rfc3339(raw)
-        .map(|t| t.with_timezone(&Utc))
+        .map(|t| truncate_to_micros(t.with_timezone(&Utc)))
         .map_err(|e| {
             Rejection::new(
                 RejectReason::InvalidEvent,
@@ -399,6 +406,13 @@ fn parse_timestamp(raw: &str) -> Result<DateTime<Utc>, Rejection> {
                 ),
             )
         })
+}
+
+/// Drops the sub-microsecond part of `t`, always towards the past (before
+/// 1970 too), so the time is exactly one that PostgreSQL stores and returns.
+pub fn truncate_to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    let nanos = t.timestamp_subsec_nanos();
+    t - Duration::nanoseconds(i64::from(nanos % 1_000))
 }
 
 fn required_string(obj: &mut Map<String, Value>, key: &str) -> Result<String, Rejection> {
@@ -767,6 +781,51 @@ mod tests {
                 .unwrap()
                 .action,
             "😀"
+        );
+    }
+
+    #[test]
+    fn nanosecond_timestamps_keep_their_string_and_get_a_microsecond_time() {
+        let raw = "2025-05-01T10:00:01.123456789Z";
+        let ev = decode(&with("timestamp", json!(raw))).unwrap();
+        assert_eq!(ev.timestamp_raw, raw);
+        assert_eq!(
+            ev.event_time,
+            "2025-05-01T10:00:01.123456Z"
+                .parse::<DateTime<Utc>>()
+                .unwrap()
+        );
+        assert_eq!(ev.event_time.timestamp_subsec_nanos(), 123_456_000);
+        // The hash covers the producer's string, not the truncated time.
+        let ms = decode(&with("timestamp", json!("2025-05-01T10:00:01.123456Z"))).unwrap();
+        assert_ne!(ev.hash, ms.hash);
+        assert_eq!(ev.hash, canonical_hash_v1(&ev.hashed_fields()));
+        // Before the epoch too: truncation goes towards the past, whole
+        // microseconds stay as they are.
+        let t: DateTime<Utc> = "1969-12-31T23:59:59.999999999Z".parse().unwrap();
+        assert_eq!(
+            truncate_to_micros(t),
+            "1969-12-31T23:59:59.999999Z"
+                .parse::<DateTime<Utc>>()
+                .unwrap()
+        );
+        let whole: DateTime<Utc> = "2025-05-01T10:00:01.5Z".parse().unwrap();
+        assert_eq!(truncate_to_micros(whole), whole);
+    }
+
+    #[test]
+    fn an_idempotency_conflict_names_the_event_and_both_hashes() {
+        let t: DateTime<Utc> = "2025-05-01T10:00:01.123456Z".parse().unwrap();
+        let r = Rejection::idempotency_conflict("evt-1", t, "aa11", "bb22");
+        assert_eq!(r.reason, RejectReason::IdempotencyConflict);
+        assert_eq!(r.reason.code(), "idempotency_conflict");
+        assert!(
+            r.message.starts_with(
+                "event evt-1 at 2025-05-01T10:00:01.123456Z conflicts with the stored event: \
+                 stored hash aa11, this event's hash bb22"
+            ),
+            "{}",
+            r.message
         );
     }
 

@@ -3,6 +3,7 @@
 //! Nothing here reveals secrets or event contents: checks report only
 //! reachability, latency and error kinds.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use redis::aio::ConnectionManager;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::health_probe::DatabaseProbe;
 use crate::sink::{BreakerState, CircuitBreaker};
 use crate::telemetry::Metrics;
 
@@ -25,7 +27,11 @@ use crate::telemetry::Metrics;
 pub struct HttpState {
     pub metrics: Metrics,
     pub redis: ConnectionManager,
+    /// The sink's pool: `/health/database` shows its state (how busy the
+    /// ingest connections are); no health check takes one of them.
     pub pool: Pool,
+    /// The database check, on its own connection.
+    pub db_probe: Arc<DatabaseProbe>,
     pub breaker: CircuitBreaker,
     pub queue: QueueInfo,
     /// Export downloads (`None`: the endpoint answers 403).
@@ -111,7 +117,8 @@ async fn healthz() -> impl IntoResponse {
 /// Readiness: Redis and PostgreSQL both answer within two seconds and the
 /// circuit breaker is not open.
 async fn readyz(State(state): State<HttpState>) -> Response {
-    let (redis, db) = tokio::join!(check_redis(&state.redis), check_database(&state.pool));
+    let (redis, db) = tokio::join!(check_redis(&state.redis), state.db_probe.check());
+    let db = (db.ok, db.detail);
     let breaker = state.breaker.state();
     let ready = redis.0 && db.0 && breaker != BreakerState::Open;
     let body = json!({
@@ -155,32 +162,6 @@ pub async fn check_redis(conn: &ConnectionManager) -> (bool, serde_json::Value) 
     }
 }
 
-/// Runs `SELECT 1` on a pooled connection; returns (ok, detail).
-pub async fn check_database(pool: &Pool) -> (bool, serde_json::Value) {
-    let started = Instant::now();
-    let result = tokio::time::timeout(CHECK_TIMEOUT, async {
-        let client = pool
-            .get()
-            .await
-            .map_err(|e| crate::db::pool_error_cause(&e))?;
-        client
-            .simple_query("SELECT 1")
-            .await
-            .map_err(|e| crate::db::root_cause(&e))?;
-        Ok::<_, String>(())
-    })
-    .await;
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
-    match result {
-        Ok(Ok(())) => (true, json!({"ok": true, "latency_ms": ms})),
-        Ok(Err(e)) => (false, json!({"ok": false, "latency_ms": ms, "error": e})),
-        Err(_) => (
-            false,
-            json!({"ok": false, "latency_ms": ms, "error": "timeout"}),
-        ),
-    }
-}
-
 /// Overall status of one health check, as operators' tooling expects it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Health {
@@ -215,10 +196,13 @@ fn health_response(status: Health, started: Instant, details: serde_json::Value)
     (code, Json(body)).into_response()
 }
 
-/// `/health/database`: a query round trip and the pool's state.
+/// `/health/database`: a query round trip (on the probe's own connection,
+/// at most one per [`crate::health_probe::PROBE_MAX_AGE`]) and the state of
+/// the sink's pool.
 async fn health_database(State(state): State<HttpState>) -> Response {
     let started = Instant::now();
-    let (ok, detail) = check_database(&state.pool).await;
+    let probe = state.db_probe.check().await;
+    let (ok, detail) = (probe.ok, probe.detail);
     let pool = state.pool.status();
     let details = json!({
         "check": detail,

@@ -9,12 +9,14 @@ pub mod config;
 pub mod db;
 pub mod dlq;
 pub mod event;
+pub mod health_probe;
 pub mod http;
 pub mod integrity;
 pub mod jobs;
 pub mod lease;
 pub mod message;
 pub mod outage;
+pub mod partitions;
 pub mod pgtls;
 pub mod processor;
 #[cfg(test)]

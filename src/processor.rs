@@ -276,8 +276,8 @@ impl Processor {
             Ok(record) => record,
             Err(rejection) => return dead_letter(d, rejection),
         };
-        let idempotency_key = record.idempotency_key.clone();
-        let hash = record.event.hash.clone();
+        // Identity and hash, kept for the answer (the sink consumes the record).
+        let key = record.key();
         let span = crate::tracing_ctx::event_span(d.source.label(), d.trace.as_ref());
         let alert = this
             .alerts
@@ -288,9 +288,7 @@ impl Processor {
                 StoreOutcome::Inserted => Stored::Inserted,
                 StoreOutcome::Duplicate => Stored::Duplicate,
                 StoreOutcome::Conflict { stored_hash } => {
-                    let rejection =
-                        Rejection::idempotency_conflict(&idempotency_key, &stored_hash, &hash);
-                    return dead_letter(d, rejection);
+                    return dead_letter(d, key.conflict(&stored_hash));
                 }
                 StoreOutcome::Rejected(rejection) => return dead_letter(d, rejection),
                 StoreOutcome::Unavailable(cause) => {
@@ -321,8 +319,8 @@ impl Processor {
             }
             return Disposition::Stored {
                 stored,
-                idempotency_key,
-                hash,
+                idempotency_key: key.idempotency_key,
+                hash: key.hash,
             };
         }
     }

@@ -23,8 +23,9 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::db::{self, Partitions};
+use crate::db;
 use crate::outage::OutageLog;
+use crate::partitions::Partitions;
 use crate::retry::Backoff;
 use crate::telemetry::Metrics;
 
@@ -262,7 +263,7 @@ pub async fn connect_when_available(
     })
 }
 
-/// One attempt at the database: pool, migrations, partitions.
+/// One attempt at the database: pool and migrations.
 async fn connect_database(config: &Config) -> Result<(Pool, Arc<Partitions>), String> {
     let pool = db::connect_pool(config).await.map_err(|e| e.to_string())?;
     if config.database.migrate_on_start {
@@ -271,23 +272,12 @@ async fn connect_database(config: &Config) -> Result<(Pool, Arc<Partitions>), St
             tracing::info!(?applied, "migrations applied");
         }
     }
-    let partitions = Arc::new(Partitions::default());
-    let client = pool.get().await.map_err(|e| {
-        format!(
-            "getting a connection for partition upkeep: {}",
-            db::pool_error_cause(&e)
-        )
-    })?;
-    partitions
-        .ensure_ahead(&client, config.database.partitions_ahead_months)
-        .await
-        .map_err(|e| {
-            format!(
-                "creating monthly partitions ({}): did `audit-worker migrate` run?",
-                db::root_cause(&e)
-            )
-        })?;
-    drop(client);
+    // Partitions for the whole accepted window are made in the background
+    // (the upkeep task's first round starts at once), never in the
+    // start-up path.
+    let partitions = Arc::new(Partitions::new(std::time::Duration::from_millis(
+        config.database.ddl_lock_timeout_ms,
+    )));
     Ok((pool, partitions))
 }
 

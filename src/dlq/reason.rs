@@ -119,15 +119,23 @@ impl Rejection {
             message: message.into(),
         }
     }
-}
 
-impl Rejection {
-    /// A different event reuses a stored event's idempotency key: names
-    /// both hashes so the producer can tell which is which.
-    pub fn idempotency_conflict(key: &str, stored_hash: &str, new_hash: &str) -> Self {
+    /// The rejection of an event whose idempotency key and time are already
+    /// stored with another canonical hash: names both hashes, so an operator
+    /// can tell which producer reused the `eventId`.
+    pub fn idempotency_conflict(
+        key: &str,
+        event_time: chrono::DateTime<chrono::Utc>,
+        stored_hash: &str,
+        hash: &str,
+    ) -> Self {
+        let time = event_time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
         Self::new(
             RejectReason::IdempotencyConflict,
-            format!("idempotency key {key} is already stored for another event at the same time: stored hash {stored_hash}, this event's hash {new_hash}"),
+            format!(
+                "event {key} at {time} conflicts with the stored event: stored hash \
+                 {stored_hash}, this event's hash {hash} (each event needs its own eventId)"
+            ),
         )
     }
 }

@@ -11,6 +11,13 @@
 //! nothing; a second job for an overlapping range waits on the head lock and
 //! then finds those rows already sealed.
 //!
+//! Sealing never blocks ingestion: its transaction holds ROW EXCLUSIVE on
+//! `audit_log` (as inserts do; the two do not conflict) and row locks on
+//! the unsealed rows it numbers, which new rows never touch. Only the
+//! redelivery of an event being sealed right then waits, on that row, for
+//! the seal to commit, then is a duplicate. Partition DDL takes a lock that
+//! conflicts with neither (see [`crate::partitions`]).
+//!
 //! After COMMIT the snapshot is *published*: its manifest is written to the
 //! object store and an `audit.snapshot.created` event is XADDed to the
 //! event stream with a deterministic eventId. Both are idempotent and are

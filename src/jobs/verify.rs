@@ -5,6 +5,12 @@
 //! from the signed notes (RFC 6962 proofs do not bind the tree size), never
 //! from unsigned columns. Everything streams in leaf order, so memory stays
 //! flat for any log size.
+//!
+//! The check is one REPEATABLE READ, read-only transaction, which holds
+//! ACCESS SHARE on `audit_log` (and each partition it reads) until it ends,
+//! however long that is. Inserts (ROW EXCLUSIVE) and partition DDL (ATTACH,
+//! SHARE UPDATE EXCLUSIVE; see [`crate::partitions`]) do not conflict with
+//! it, so a long `verify` never holds up ingestion.
 
 use std::collections::BTreeMap;
 

@@ -9,6 +9,7 @@
 pub mod breaker;
 pub mod postgres;
 
+use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +38,36 @@ impl AuditRecord {
             source,
         }
     }
+
+    /// What a source keeps of the record once the record went to the sink.
+    pub fn key(&self) -> RecordKey {
+        RecordKey {
+            idempotency_key: self.idempotency_key.clone(),
+            event_time: self.event.event_time,
+            hash: self.event.hash.clone(),
+        }
+    }
+}
+
+/// A record's identity and hash: small enough for a source to keep beside
+/// the pending outcome, and all it needs to explain a [`StoreOutcome::Conflict`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordKey {
+    pub idempotency_key: String,
+    pub event_time: DateTime<Utc>,
+    pub hash: String,
+}
+
+impl RecordKey {
+    /// The dead-letter rejection for this record, given the stored row's hash.
+    pub fn conflict(&self, stored_hash: &str) -> Rejection {
+        Rejection::idempotency_conflict(
+            &self.idempotency_key,
+            self.event_time,
+            stored_hash,
+            &self.hash,
+        )
+    }
 }
 
 /// What became of one record.
@@ -44,10 +75,13 @@ impl AuditRecord {
 pub enum StoreOutcome {
     /// A new row was committed.
     Inserted,
-    /// A row with the same idempotency key already existed; nothing written.
+    /// The same event (same idempotency key, time and canonical hash) was
+    /// already stored; nothing written.
     Duplicate,
-    /// A different event is stored under the same idempotency key and time
-    /// (same key, other hash): dead-letter this one as a conflict.
+    /// Another event with the same idempotency key and time, but another
+    /// canonical hash, is stored: a reused `eventId`. Nothing written; the
+    /// event must be dead-lettered (`idempotency_conflict`), never
+    /// acknowledged as a duplicate.
     Conflict { stored_hash: String },
     /// PostgreSQL refused this row for a reason no retry fixes; dead-letter it.
     Rejected(Rejection),

@@ -5,7 +5,9 @@
 //! see `run_batcher`): batches grow only while the writers are busy. A batch is one statement: a multi-row
 //! `INSERT ... SELECT FROM UNNEST($1, $2, ...) ON CONFLICT DO NOTHING
 //! RETURNING`, so a redelivered event never becomes a second row and the
-//! RETURNING list tells new rows from duplicates. (Binary COPY has no ON
+//! RETURNING list tells new rows from existing ones. The stored hash of each
+//! existing one (one more query) tells a redelivery (`Duplicate`) from a
+//! different event reusing the key (`Conflict`). (Binary COPY has no ON
 //! CONFLICT and would need a staging table: three statements instead of
 //! one; see benches/README.md for the measured difference.)
 //!
@@ -22,13 +24,13 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use deadpool_postgres::Pool;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_postgres::types::Json;
 
 use super::{AuditRecord, CircuitBreaker, SinkHandle, StoreOutcome, StoreRequest};
-use crate::db::{month_start, Partitions};
 use crate::event::{RejectReason, Rejection};
+use crate::partitions::{month_start, Partitions};
 use crate::retry::Backoff;
 use crate::telemetry::Metrics;
 use tokio_util::sync::CancellationToken;
@@ -220,22 +222,30 @@ impl BatchWriter {
         let _ = slots.acquire_many(self.settings.writers as u32).await;
     }
 
-    /// Writes one batch, retrying transient failures, and answers every request.
+    /// Writes one batch, retrying transient failures, and answers every
+    /// request as soon as its outcome is known: rows that committed are
+    /// answered even while others of the batch still wait (for a month's
+    /// partition, say), so their messages are acknowledged at once.
     async fn write(&self, batch: Vec<StoreRequest>) {
         self.metrics.batch_size.observe(batch.len() as f64);
         let (records, replies): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|r| (r.record, r.reply)).unzip();
-        let outcomes = self.resolve(&records).await;
-        for (reply, outcome) in replies.into_iter().zip(outcomes) {
-            let _ = reply.send(outcome);
-        }
+        let mut replies: Vec<_> = replies.into_iter().map(Some).collect();
+        self.resolve(&records, &mut replies).await;
     }
 
-    /// Finds the outcome of every record: each attempt needs the breaker's
-    /// permission (waiting while it is open does not count as an attempt);
-    /// transient failures of the still-unresolved rows are retried with
-    /// backoff; after `max_attempts`, or on shutdown, they are `Unavailable`.
-    async fn resolve(&self, records: &[AuditRecord]) -> Vec<StoreOutcome> {
+    /// Finds the outcome of every record and answers it: each attempt needs
+    /// the breaker's permission (waiting while it is open does not count as
+    /// an attempt); transient failures of the still-unresolved rows are
+    /// retried with backoff; after `max_attempts`, or on shutdown, they are
+    /// `Unavailable`. Rows only deferred (their month's partition could not
+    /// be made yet) are retried the same way, but do not count against the
+    /// breaker: the database answered, and the rest of the batch was stored.
+    async fn resolve(
+        &self,
+        records: &[AuditRecord],
+        replies: &mut [Option<oneshot::Sender<StoreOutcome>>],
+    ) {
         let mut outcomes: Vec<Option<StoreOutcome>> = vec![None; records.len()];
         let mut attempt = 0;
         let give_up = |outcomes: &mut Vec<Option<StoreOutcome>>, cause: &str| {
@@ -244,6 +254,7 @@ impl BatchWriter {
             }
         };
         loop {
+            answer(&outcomes, replies);
             let pending: Vec<usize> = (0..records.len())
                 .filter(|&i| outcomes[i].is_none())
                 .collect();
@@ -258,57 +269,78 @@ impl BatchWriter {
                 break;
             };
             attempt += 1;
-            match self.try_write(records, pending, &mut outcomes).await {
-                Ok(()) => permit.success(),
+            let cause = match self.try_write(records, pending, &mut outcomes).await {
+                Ok(None) => {
+                    permit.success();
+                    continue;
+                }
+                Ok(Some(deferred)) => {
+                    permit.success();
+                    deferred
+                }
                 Err(cause) => {
                     permit.failure();
-                    if attempt >= self.settings.max_attempts {
-                        tracing::warn!(attempts = attempt, %cause, "database write failed; the events wait in their queue");
-                        give_up(&mut outcomes, &cause);
-                        break;
-                    }
-                    self.metrics.sink_retries.inc();
-                    let delay = self.settings.backoff.delay(attempt);
-                    tracing::info!(attempt, ?delay, %cause, "transient database error; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.shutdown.cancelled() => {
-                            give_up(&mut outcomes, &cause);
-                            break;
-                        }
-                    }
+                    cause
+                }
+            };
+            if attempt >= self.settings.max_attempts {
+                tracing::warn!(attempts = attempt, %cause, "database write failed; the events wait in their queue");
+                give_up(&mut outcomes, &cause);
+                break;
+            }
+            self.metrics.sink_retries.inc();
+            let delay = self.settings.backoff.delay(attempt);
+            tracing::info!(attempt, ?delay, %cause, "transient database error; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.shutdown.cancelled() => {
+                    give_up(&mut outcomes, &cause);
+                    break;
                 }
             }
         }
-        outcomes
-            .into_iter()
-            .map(|o| o.expect("all resolved"))
-            .collect()
+        answer(&outcomes, replies);
     }
 
-    /// One attempt: inserts the pending rows, isolating rows that fail
-    /// permanently by bisection. Returns the transient error, if any, that
-    /// stopped it; rows resolved before it keep their outcome.
+    /// One attempt: makes the partitions the pending rows need, inserts the
+    /// rows whose partition exists, isolating rows that fail permanently by
+    /// bisection. Returns the transient error, if any, that stopped it
+    /// (rows resolved before it keep their outcome), or, when it completed,
+    /// why some rows were deferred: their month's partition could not be
+    /// made (a lock timeout, say); only those rows stay unresolved.
     async fn try_write(
         &self,
         records: &[AuditRecord],
         pending: Vec<usize>,
         outcomes: &mut [Option<StoreOutcome>],
-    ) -> Result<(), String> {
+    ) -> Result<Option<String>, String> {
         let client = self.pool.get().await.map_err(|e| {
             format!(
                 "no database connection: {}",
                 crate::db::pool_error_cause(&e)
             )
         })?;
-        let months: BTreeSet<NaiveDate> = pending
-            .iter()
-            .map(|&i| month_start(records[i].event.event_time.date_naive()))
-            .collect();
-        self.partitions
+        let month_of = |i: usize| month_start(records[i].event.event_time.date_naive());
+        let months: BTreeSet<NaiveDate> = pending.iter().map(|&i| month_of(i)).collect();
+        let failed = self
+            .partitions
             .ensure(&client, months)
             .await
             .map_err(|e| format!("creating partitions: {}", crate::db::root_cause(&e)))?;
+        let (pending, deferred): (Vec<usize>, Vec<usize>) = pending
+            .into_iter()
+            .partition(|&i| !failed.contains_key(&month_of(i)));
+        let deferred = (!deferred.is_empty()).then(|| {
+            let (month, cause) = failed.iter().next().expect("a failed month");
+            tracing::warn!(rows = deferred.len(), %month, %cause, "partition not created; these rows wait and are retried, the rest of the batch is written");
+            format!(
+                "{} row(s) wait for the partition of {month}: {cause}",
+                deferred.len()
+            )
+        });
+        if pending.is_empty() {
+            return Ok(deferred);
+        }
         let mut stack = vec![pending];
         while let Some(part) = stack.pop() {
             let started = Instant::now();
@@ -320,17 +352,26 @@ impl BatchWriter {
                 .observe(started.elapsed().as_secs_f64());
             match result {
                 Ok(mut inserted) => {
+                    // A returned row is this record's only if it carries this
+                    // record's hash: two records of one batch may share a key.
+                    let mut unreturned = Vec::new();
                     for &i in &part {
                         let r = &records[i];
                         let key = (r.idempotency_key.clone(), r.event.event_time);
-                        outcomes[i] = Some(if inserted.remove(&key).is_some() {
-                            StoreOutcome::Inserted
-                        } else {
-                            StoreOutcome::Duplicate
-                        });
+                        match inserted.get(&key) {
+                            Some(hash) if hash.eq_ignore_ascii_case(&r.event.hash) => {
+                                inserted.remove(&key);
+                                outcomes[i] = Some(StoreOutcome::Inserted);
+                            }
+                            _ => unreturned.push(i),
+                        }
+                    }
+                    if !unreturned.is_empty() {
+                        self.resolve_unreturned(&client, records, &unreturned, outcomes)
+                            .await?;
                     }
                 }
-                Err(e) if classify(&e) == ErrorClass::Permanent => {
+                Err(e) if classify(&e) == ErrorClass::Permanent && !is_missing_partition(&e) => {
                     if part.len() == 1 {
                         let message = e
                             .as_db_error()
@@ -346,11 +387,108 @@ impl BatchWriter {
                         stack.push(a.to_vec());
                     }
                 }
+                Err(e) if is_missing_partition(&e) => {
+                    // Dropped by an operator after this process made or saw
+                    // it: make it again on the next attempt.
+                    self.partitions.forget(part.iter().map(|&i| month_of(i)));
+                    return Err(crate::db::root_cause(&e));
+                }
                 Err(e) => return Err(crate::db::root_cause(&e)),
             }
         }
+        Ok(deferred)
+    }
+
+    /// Rows the INSERT did not return already existed: one query fetches
+    /// their stored hashes. The same hash is a redelivery (`Duplicate`);
+    /// another hash is a different event reusing the key (`Conflict`), which
+    /// must be dead-lettered, never acknowledged as a duplicate.
+    async fn resolve_unreturned(
+        &self,
+        client: &deadpool_postgres::Client,
+        records: &[AuditRecord],
+        idx: &[usize],
+        outcomes: &mut [Option<StoreOutcome>],
+    ) -> Result<(), String> {
+        let stored = stored_hashes(client, records, idx)
+            .await
+            .map_err(|e| format!("looking up stored events: {}", crate::db::root_cause(&e)))?;
+        let mut vanished = 0;
+        for &i in idx {
+            let r = &records[i];
+            let key = (r.idempotency_key.clone(), r.event.event_time);
+            outcomes[i] = match stored.get(&key) {
+                Some(hash) if hash.eq_ignore_ascii_case(&r.event.hash) => {
+                    Some(StoreOutcome::Duplicate)
+                }
+                Some(hash) => Some(StoreOutcome::Conflict {
+                    stored_hash: hash.clone(),
+                }),
+                // Deleted between the two statements (only unsealed rows can
+                // be): leave it unresolved so the next attempt inserts it.
+                None => {
+                    vanished += 1;
+                    None
+                }
+            };
+        }
+        if vanished > 0 {
+            return Err(format!(
+                "{vanished} conflicting row(s) disappeared before they could be compared; retrying"
+            ));
+        }
         Ok(())
     }
+}
+
+/// The stored hash of each (idempotency key, event time) of the rows `idx`
+/// that exists, in one statement (through the idempotency index).
+async fn stored_hashes(
+    client: &deadpool_postgres::Client,
+    records: &[AuditRecord],
+    idx: &[usize],
+) -> Result<HashMap<(String, DateTime<Utc>), String>, tokio_postgres::Error> {
+    let keys: Vec<&str> = idx
+        .iter()
+        .map(|&i| records[i].idempotency_key.as_str())
+        .collect();
+    let times: Vec<DateTime<Utc>> = idx.iter().map(|&i| records[i].event.event_time).collect();
+    let rows = client
+        .query(
+            "SELECT a.idempotency_key, a.event_time, a.hash \
+             FROM UNNEST($1::text[], $2::timestamptz[]) AS k(key, t) \
+             JOIN audit_log a ON a.idempotency_key = k.key AND a.event_time = k.t",
+            &[&keys, &times],
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| ((row.get(0), row.get(1)), row.get(2)))
+        .collect())
+}
+
+/// Sends the outcome of every resolved record not answered yet.
+fn answer(
+    outcomes: &[Option<StoreOutcome>],
+    replies: &mut [Option<oneshot::Sender<StoreOutcome>>],
+) {
+    for (outcome, reply) in outcomes.iter().zip(replies.iter_mut()) {
+        if let Some(outcome) = outcome {
+            if let Some(reply) = reply.take() {
+                let _ = reply.send(outcome.clone());
+            }
+        }
+    }
+}
+
+/// "no partition of relation ... found for row": the row's month has no
+/// partition (dropped after it was made). A check violation by its code,
+/// but not the row's fault: transient, never a dead letter.
+fn is_missing_partition(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        db.code() == &tokio_postgres::error::SqlState::CHECK_VIOLATION
+            && db.message().starts_with("no partition of relation")
+    })
 }
 
 const INSERT_SQL: &str = "\
@@ -367,15 +505,15 @@ SELECT * FROM UNNEST(
     $16::text[], $17::text[], $18::text[], $19::text[],
     $20::text[], $21::jsonb[], $22::jsonb[], $23::text[])
 ON CONFLICT (idempotency_key, event_time) DO NOTHING
-RETURNING idempotency_key, event_time";
+RETURNING idempotency_key, event_time, hash";
 
 /// Inserts the rows `idx` of `records` in one statement and returns the
-/// (key, time) pairs that were new.
+/// (key, time) pairs that were new, with the hash stored for each.
 async fn insert_rows(
     client: &deadpool_postgres::Client,
     records: &[AuditRecord],
     idx: &[usize],
-) -> Result<HashMap<(String, DateTime<Utc>), ()>, tokio_postgres::Error> {
+) -> Result<HashMap<(String, DateTime<Utc>), String>, tokio_postgres::Error> {
     let rows: Vec<&AuditRecord> = idx.iter().map(|&i| &records[i]).collect();
     fn col<'a, T>(rows: &[&'a AuditRecord], f: impl Fn(&'a AuditRecord) -> T) -> Vec<T> {
         rows.iter().map(|r| f(r)).collect()
@@ -438,7 +576,7 @@ async fn insert_rows(
         .map(|row| {
             (
                 (row.get::<_, String>(0), row.get::<_, DateTime<Utc>>(1)),
-                (),
+                row.get::<_, String>(2),
             )
         })
         .collect())

@@ -347,8 +347,9 @@ impl TestEnv {
 
     /// Waits until the worker has created audit_log in this test's schema
     /// and finished starting: `/readyz` answers 200 only after every
-    /// migration and the initial partitions are done, so tests' own DDL does
-    /// not race the worker's.
+    /// migration is done, so tests' own DDL does not race the migrations.
+    /// (Partitions are made in the background; their DDL takes no lock that
+    /// blocks reads or inserts.)
     pub async fn wait_for_schema(&self) {
         wait_until(Duration::from_secs(30), "audit_log migrated", || async {
             self.pg

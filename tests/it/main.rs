@@ -2,9 +2,9 @@
 
 mod bullmq;
 mod common;
-mod event_path;
 mod dev_key;
 mod dlq_replay;
+mod event_path;
 mod export;
 mod faults;
 mod hostile;
@@ -15,6 +15,7 @@ mod process;
 mod roles;
 mod scale;
 mod secrets;
+mod sink;
 mod snapshot;
 mod startup;
 mod stream_ingest;
