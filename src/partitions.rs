@@ -8,7 +8,7 @@
 //! `database.ddl_lock_timeout_ms`; when that fails only that month's rows
 //! wait and are retried, the rest of their batch is stored.
 //!
-//! Locks: the SQL function `audit_log_ensure_partition` (migration V7)
+//! Locks: the SQL function `audit_log_ensure_partition` (migration V8)
 //! creates a month's table on its own and ATTACHes it, which needs only
 //! SHARE UPDATE EXCLUSIVE on `audit_log`. That conflicts neither with what
 //! inserts hold (ROW EXCLUSIVE) nor with what snapshot sealing holds (ROW
