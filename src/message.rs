@@ -52,6 +52,12 @@ pub struct Delivery {
     pub side_bytes: usize,
     /// How many times this message has been delivered, this time included.
     pub attempts: u64,
+    /// Whether the processor waits out a database outage itself, holding
+    /// the message (stream entries: their redelivery would raise the
+    /// delivery count), or answers [`Disposition::Retry`] at once so that
+    /// the protocol retries it (BullMQ jobs honour their own `attempts` and
+    /// `backoff`, as producers configured them).
+    pub wait_out_outages: bool,
     /// The delivery count above which the message is dead-lettered as
     /// poison (`stream.max_deliveries`); `None` where the protocol bounds
     /// redeliveries itself (BullMQ's attempts and stalled-job limit).
@@ -96,9 +102,9 @@ pub enum Disposition {
     /// Never storable: write this dead letter, then acknowledge, both at
     /// once where the source can (stream: one MULTI/EXEC).
     DeadLetter(DeadLetter),
-    /// Not durable and not the message's fault (the worker is shutting
-    /// down while the database is unavailable): leave it unacknowledged so
-    /// it is delivered again.
+    /// Not durable and not the message's fault (the database is
+    /// unavailable and the delivery does not wait it out, or the worker is
+    /// shutting down): leave it unacknowledged so it is delivered again.
     Retry { cause: String },
 }
 

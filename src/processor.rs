@@ -8,12 +8,14 @@
 //! dead-letter decisions, metrics, spans and the security-alert hand-off
 //! all happen here; sources only read and carry dispositions out.
 //!
-//! Failures that are not the message's fault are retried *in place*: an
-//! event whose write found the database unavailable waits for the circuit
-//! breaker and is written again, and a job request whose handler could not
-//! record it is offered again with backoff, without a new Redis delivery.
-//! So an outage never raises a message's delivery count, and never turns
-//! into a `max_deliveries` dead letter.
+//! Failures that are not the message's fault are retried *in place* for
+//! stream entries: an event whose write found the database unavailable
+//! waits for the circuit breaker and is written again, and a job request
+//! whose handler could not record it is offered again with backoff, without
+//! a new Redis delivery. So an outage never raises an entry's delivery
+//! count, and never turns into a `max_deliveries` dead letter. BullMQ jobs
+//! instead go back to BullMQ, which retries them with the job's own
+//! `attempts` and `backoff` (see [`Delivery::wait_out_outages`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -253,6 +255,9 @@ impl Processor {
                     this.metrics.job_request(kind.label(), false);
                     return dead_letter(d, rejection);
                 }
+                Err(JobError::Transient(cause)) if !d.wait_out_outages => {
+                    return Disposition::Retry { cause };
+                }
                 Err(JobError::Transient(cause)) => {
                     attempt += 1;
                     if attempt == 1 {
@@ -293,8 +298,9 @@ impl Processor {
                 StoreOutcome::Rejected(rejection) => return dead_letter(d, rejection),
                 StoreOutcome::Unavailable(cause) => {
                     // Not the event's fault: wait until the database takes
-                    // writes again and write it again, in place.
-                    if !self.wait_for_database().await {
+                    // writes again and write it again, in place (or let the
+                    // protocol retry it).
+                    if !d.wait_out_outages || !self.wait_for_database().await {
                         return Disposition::Retry { cause };
                     }
                     // Validation is pure and passed once; it is repeated
@@ -403,6 +409,7 @@ mod tests {
             data: Some(data.to_vec()),
             side_bytes: 0,
             attempts: 1,
+            wait_out_outages: true,
             max_deliveries: Some(3),
             trace: None,
             enqueued_ms: None,

@@ -76,6 +76,8 @@ impl QueueHandler {
             data: Some(data),
             side_bytes: 0,
             attempts: u64::from(job.attempts_made()) + 1,
+            // BullMQ retries with the job's own attempts and backoff.
+            wait_out_outages: false,
             // BullMQ bounds redeliveries itself (attempts, stalled limit).
             max_deliveries: None,
             trace: crate::tracing_ctx::from_job_data(job.data()),

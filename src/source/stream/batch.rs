@@ -168,6 +168,7 @@ fn delivery(s: &Shared, mut entry: StreamEntry, attempts: u64) -> Delivery {
         data: entry.take_field("data"),
         side_bytes,
         attempts,
+        wait_out_outages: true,
         max_deliveries: Some(s.stream.max_deliveries),
         trace,
         enqueued_ms,
