@@ -50,7 +50,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         partitions,
         redis_client: client,
         commands,
-    }) = startup::connect_when_available(&config, &status, &shutdown).await
+    }) = (match startup::connect_when_available(&config, &status, &shutdown).await {
+        Ok(connected) => connected,
+        Err(e) => {
+            starting_stop.cancel();
+            let _ = starting_http.await;
+            return Err(e);
+        }
+    })
     else {
         starting_stop.cancel();
         let _ = starting_http.await;
