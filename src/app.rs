@@ -27,8 +27,7 @@ use crate::telemetry::Metrics;
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let policy = Arc::new(
-        config
-            .validation_policy()
+        crate::event::ValidationPolicy::from_config(&config.validation, &config.integrity)
             .map_err(|e| ConfigurationError(e.to_string()))?,
     );
     if policy.hmac_keys.is_empty() {
