@@ -29,8 +29,7 @@ use crate::telemetry::Metrics;
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let policy = Arc::new(
-        config
-            .validation_policy()
+        crate::event::ValidationPolicy::from_config(&config.validation, &config.integrity)
             .map_err(|e| ConfigurationError(e.to_string()))?,
     );
     if policy.hmac_keys.is_empty() {
@@ -52,7 +51,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         partitions,
         redis_client: client,
         commands,
-    }) = startup::connect_when_available(&config, &status, &shutdown).await
+    }) = (match startup::connect_when_available(&config, &status, &shutdown).await {
+        Ok(connected) => connected,
+        Err(e) => {
+            starting_stop.cancel();
+            let _ = starting_http.await;
+            return Err(e);
+        }
+    })
     else {
         starting_stop.cancel();
         let _ = starting_http.await;

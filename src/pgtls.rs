@@ -200,6 +200,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_mode_the_configuration_accepts_is_understood() {
+        for mode in crate::config::SSL_MODES {
+            assert!(SslMode::parse(mode).is_some(), "{mode}");
+        }
+    }
+
+    #[test]
     fn modes_parse_with_libpq_spelling_only() {
         assert_eq!(SslMode::parse("verify-full"), Some(SslMode::VerifyFull));
         assert_eq!(SslMode::parse("verify-ca"), Some(SslMode::VerifyCa));

@@ -35,6 +35,25 @@ use crate::telemetry::Metrics;
 #[error("{0}")]
 pub struct ConfigurationError(pub String);
 
+/// Whether a connection failure is one that waiting cannot fix: a server
+/// certificate that does not verify, or refused credentials. Start-up stops
+/// with it (never falling back to plain text or guessing) instead of
+/// retrying; anything else (refused or reset connections, timeouts, a
+/// database not created yet, a server starting up) is an outage.
+pub fn is_permanent(message: &str) -> bool {
+    let m = message.to_lowercase();
+    [
+        "certificate",
+        "password authentication failed",
+        "pg_hba.conf",
+        "wrongpass",
+        "authentication failed",
+        "authenticationfailed",
+    ]
+    .iter()
+    .any(|p| m.contains(p))
+}
+
 /// Delays between connection attempts at start: 0.5 s doubling to 30 s.
 pub const CONNECT_BACKOFF: Backoff = Backoff {
     base: Duration::from_millis(500),
@@ -198,12 +217,13 @@ pub struct Connected {
 /// then creating the months' partitions) and to Redis, retrying each with
 /// [`CONNECT_BACKOFF`] until both answer. Each dependency's outage is
 /// logged when it begins and when it ends, with the count of failed
-/// attempts. `None` when `shutdown` fires first.
+/// attempts. `Ok(None)` when `shutdown` fires first; `Err` for a failure
+/// waiting cannot fix (see [`is_permanent`]).
 pub async fn connect_when_available(
     config: &Config,
     status: &StartupStatus,
     shutdown: &CancellationToken,
-) -> Option<Connected> {
+) -> anyhow::Result<Option<Connected>> {
     let mut db_log = OutageLog::new("PostgreSQL not available at start");
     let mut redis_log = OutageLog::new("Redis not available at start");
     let mut database: Option<(Pool, Arc<Partitions>)> = None;
@@ -213,7 +233,7 @@ pub async fn connect_when_available(
         if database.is_none() {
             let connecting = tokio::select! {
                 r = connect_database(config) => r,
-                _ = shutdown.cancelled() => return None,
+                _ = shutdown.cancelled() => return Ok(None),
             };
             match connecting {
                 Ok(connected) => {
@@ -221,6 +241,7 @@ pub async fn connect_when_available(
                     status.set_database(None);
                     database = Some(connected);
                 }
+                Err(e) if is_permanent(&e) => anyhow::bail!(e),
                 Err(e) => {
                     db_log.failed(&e);
                     status.set_database(Some(e));
@@ -230,7 +251,7 @@ pub async fn connect_when_available(
         if redis.is_none() {
             let connecting = tokio::select! {
                 r = connect_redis(config) => r,
-                _ = shutdown.cancelled() => return None,
+                _ = shutdown.cancelled() => return Ok(None),
             };
             match connecting {
                 Ok(connected) => {
@@ -238,6 +259,7 @@ pub async fn connect_when_available(
                     status.set_redis(None);
                     redis = Some(connected);
                 }
+                Err(e) if is_permanent(&e) => anyhow::bail!(e),
                 Err(e) => {
                     redis_log.failed(&e);
                     status.set_redis(Some(e));
@@ -250,17 +272,18 @@ pub async fn connect_when_available(
         attempt += 1;
         tokio::select! {
             _ = tokio::time::sleep(CONNECT_BACKOFF.delay(attempt)) => {}
-            _ = shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return Ok(None),
         }
     }
-    let (pool, partitions) = database?;
-    let (redis_client, commands) = redis?;
-    Some(Connected {
+    let (Some((pool, partitions)), Some((redis_client, commands))) = (database, redis) else {
+        return Ok(None);
+    };
+    Ok(Some(Connected {
         pool,
         partitions,
         redis_client,
         commands,
-    })
+    }))
 }
 
 /// One attempt at the database: pool and migrations.
@@ -315,6 +338,26 @@ async fn connect_redis(config: &Config) -> Result<(redis::Client, ConnectionMana
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_certificates_and_credentials_stop_start_up_and_outages_do_not() {
+        for permanent in [
+            "database unreachable at localhost:5 (invalid peer certificate: UnknownIssuer): start PostgreSQL or set AUDIT_WORKER__DATABASE__URL",
+            "database unreachable at h:5 (password authentication failed for user \"x\"): ...",
+            "redis unreachable at h:6 (WRONGPASS invalid username-password pair): ...",
+        ] {
+            assert!(is_permanent(permanent), "{permanent}");
+        }
+        for outage in [
+            "database unreachable at 127.0.0.1:1 (Connection refused (os error 111)): ...",
+            "database unreachable at h:5 (database \"x\" does not exist): ...",
+            "database unreachable at h:5 (the database system is starting up): ...",
+            "redis unreachable at 127.0.0.1:1 (Connection refused (os error 111)): ...",
+            "redis unreachable at h:6 (timed out): ...",
+        ] {
+            assert!(!is_permanent(outage), "{outage}");
+        }
+    }
 
     #[test]
     fn start_up_retries_back_off_from_half_a_second_to_thirty() {

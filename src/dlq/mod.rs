@@ -8,6 +8,8 @@ pub mod admin;
 pub mod letter;
 pub mod reason;
 
-pub use admin::{list, purge_older_than, replay, DeadLetterFilter, StoredDeadLetter};
+pub use admin::{
+    list, purge_older_than, replay, DeadLetterFilter, StoredDeadLetter, REPLAY_SOURCE_FIELD,
+};
 pub use letter::DeadLetter;
 pub use reason::{RejectReason, Rejection};

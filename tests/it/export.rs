@@ -445,7 +445,10 @@ async fn every_format_parses_back_to_exactly_the_matching_rows() {
         })
         .collect();
     assert_eq!(events.len(), n + 1);
-    let policy = x.config().validation_policy().unwrap();
+    let config = x.config();
+    let policy =
+        audit_worker::event::ValidationPolicy::from_config(&config.validation, &config.integrity)
+            .unwrap();
     for e in &events {
         assert_eq!(e["action"], "audit.export.completed");
         assert!(e["eventId"]

@@ -34,39 +34,6 @@ use notify::Notifier;
 use record::Origin;
 use request::ExportRequest;
 
-/// Checks `[export]` values that parse but make no sense.
-pub fn validate_config(c: &ExportConfig) -> Result<(), String> {
-    let bad = |key: &str, why: &str| Err(format!("export.{key} {why}"));
-    if c.part_rows == 0 || c.page_rows == 0 {
-        return bad("part_rows / page_rows", "must be at least 1");
-    }
-    if c.concurrency == 0 {
-        return bad("concurrency", "must be at least 1");
-    }
-    if c.lease_secs < 2 {
-        return bad("lease_secs", "must be at least 2");
-    }
-    if c.max_attempts < 1 {
-        return bad("max_attempts", "must be at least 1");
-    }
-    if c.gzip_level > 9 {
-        return bad("gzip_level", "must be between 0 and 9");
-    }
-    if !(1..=22).contains(&c.zstd_level) {
-        return bad("zstd_level", "must be between 1 and 22");
-    }
-    if c.job_expiry_secs == 0 || c.download_expiry_secs == 0 || c.sweep_interval_secs == 0 {
-        return bad(
-            "job_expiry_secs / download_expiry_secs / sweep_interval_secs",
-            "must be at least 1",
-        );
-    }
-    if c.notifications_key.is_empty() {
-        return bad("notifications_key", "must not be empty");
-    }
-    Ok(())
-}
-
 /// Object keys of a queue job: parts under `exports/<id>/parts/`, the
 /// artifact at `exports/<id>/<file name>`.
 pub fn queue_layout(request: &ExportRequest) -> impl Fn(&str) -> (String, String) + '_ {
@@ -153,7 +120,7 @@ pub fn exporter(
             redis,
             notifications_key: config.export.notifications_key.clone(),
             events_key: config.stream.key.clone(),
-            hmac: config.hmac_keys().unwrap_or_default(),
+            hmac: crate::event::hmac_key_ring(&config.integrity).unwrap_or_default(),
         }),
         links: link_signer(config)?,
         worker_name: config.consumer_name(),

@@ -152,7 +152,7 @@ fn delivery(s: &Shared, mut entry: StreamEntry, attempts: u64) -> Delivery {
         .unwrap_or_else(|| AUDIT_EVENT.to_owned());
     // A dead letter put back by `dlq replay` keeps the identity it first
     // arrived with, and so its idempotency key.
-    let identity = text(entry.field(REPLAYED_SOURCE_FIELD))
+    let identity = text(entry.field(crate::dlq::REPLAY_SOURCE_FIELD))
         .filter(|src| src.starts_with("stream:") || src.starts_with("bullmq:"))
         .unwrap_or_else(|| format!("stream:{}:{}", s.stream.key, entry.id));
     let trace = crate::tracing_ctx::from_stream_fields(
@@ -174,9 +174,6 @@ fn delivery(s: &Shared, mut entry: StreamEntry, attempts: u64) -> Delivery {
         enqueued_ms,
     }
 }
-
-/// The entry field that carries a replayed dead letter's original identity.
-pub const REPLAYED_SOURCE_FIELD: &str = "source";
 
 /// Runs the batch's MULTI/EXEC, retrying a few times (the first command
 /// after a dropped connection fails while the manager reconnects), and

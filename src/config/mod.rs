@@ -1,0 +1,320 @@
+//! Typed configuration: `config/default.toml` (built in) < `--config FILE`
+//! < `AUDIT_WORKER__SECTION__KEY` environment variables.
+//!
+//! The built-in default file is the single source of defaults, so the
+//! documented values and the real ones cannot drift apart. Unknown keys are
+//! rejected so that a misspelt setting fails loudly.
+//!
+//! Each section lives in a file of its own and checks its own values; this
+//! module adds the rules that span sections. Configuration is a leaf: it
+//! imports no domain module, and the domain builds its own types from it
+//! (e.g. `ValidationPolicy::from_config` in the event module).
+
+use std::path::Path;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+
+mod alerts;
+mod bullmq;
+mod database;
+mod dlq;
+mod export;
+mod http;
+mod integrity;
+mod log;
+mod redis;
+mod secret;
+mod sink;
+mod snapshot;
+mod storage;
+mod stream;
+mod telemetry;
+mod validation;
+
+pub use alerts::{AlertsConfig, RuleConfig};
+pub use bullmq::BullmqConfig;
+pub use database::{DatabaseConfig, SSL_MODES};
+pub use dlq::DlqConfig;
+pub use export::ExportConfig;
+pub use http::HttpConfig;
+pub use integrity::IntegrityConfig;
+pub use log::LogConfig;
+pub use redis::RedisConfig;
+pub use secret::{read_secret_file, Secret};
+pub use sink::SinkConfig;
+pub use snapshot::SnapshotConfig;
+pub use storage::StorageConfig;
+pub use stream::StreamConfig;
+pub use telemetry::TelemetryConfig;
+pub use validation::ValidationConfig;
+
+/// The documented defaults, compiled in.
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+
+/// Prefix of the environment variables that override settings.
+pub const ENV_PREFIX: &str = "AUDIT_WORKER__";
+
+/// A configuration problem, phrased as what to fix.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub redis: RedisConfig,
+    pub stream: StreamConfig,
+    pub bullmq: BullmqConfig,
+    pub dlq: DlqConfig,
+    pub database: DatabaseConfig,
+    pub sink: SinkConfig,
+    pub validation: ValidationConfig,
+    pub integrity: IntegrityConfig,
+    pub http: HttpConfig,
+    pub storage: StorageConfig,
+    pub log: LogConfig,
+    pub export: ExportConfig,
+    pub snapshot: SnapshotConfig,
+    pub telemetry: TelemetryConfig,
+    pub alerts: AlertsConfig,
+}
+
+impl Config {
+    /// Loads defaults, then `file` if given, then the environment, and
+    /// validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, Env::prefixed(ENV_PREFIX).split("__"))
+    }
+
+    /// Like [`Config::load`] with an explicit environment provider (tests).
+    pub fn load_from(file: Option<&Path>, env: Env) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist: check the --config path",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let config: Config = figment.merge(env).extract().map_err(|e| {
+            let text: Vec<String> = e
+                .into_iter()
+                .map(|err| {
+                    let setting = err.path.join(".").to_lowercase();
+                    let origin = err
+                        .metadata
+                        .as_ref()
+                        .map(|m| m.interpolate(&err.profile.clone().unwrap_or_default(), &err.path))
+                        .unwrap_or_default();
+                    match (setting.is_empty(), origin.is_empty()) {
+                        (true, _) => err.kind.to_string(),
+                        (false, true) => format!("{setting}: {}", err.kind),
+                        (false, false) => format!("{setting} (from {origin}): {}", err.kind),
+                    }
+                })
+                .collect();
+            ConfigError(format!(
+                "{}: fix the value in the config file or the AUDIT_WORKER__* variable",
+                text.join("; ")
+            ))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense, naming the setting:
+    /// each section checks itself, then the rules that span sections.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, why: &str| Err(ConfigError(format!("{key} {why}")));
+        self.redis.validate()?;
+        self.stream.validate()?;
+        if self.dlq.key.is_empty() || self.dlq.key == self.stream.key {
+            return err("dlq.key", "must be set and differ from stream.key");
+        }
+        if self.bullmq.enabled {
+            self.bullmq.validate()?;
+            if (self.bullmq.max_in_flight_data_bytes as usize) < self.validation.max_event_bytes {
+                return err(
+                    "bullmq.max_in_flight_data_bytes",
+                    "must be at least validation.max_event_bytes (one valid job must fit)",
+                );
+            }
+        }
+        self.database.validate()?;
+        self.sink.validate()?;
+        if self.database.pool_size < self.sink.writers + 1 {
+            return err(
+                "database.pool_size",
+                "must exceed sink.writers (one connection is kept for health checks and partitions)",
+            );
+        }
+        self.validation.validate()?;
+        self.http.validate()?;
+        self.log.validate()?;
+        self.export.validate().map_err(ConfigError)?;
+        self.snapshot.validate()?;
+        self.telemetry.validate().map_err(ConfigError)?;
+        self.alerts.validate().map_err(ConfigError)?;
+        let keys = self.integrity.hmac_key_entries()?;
+        if self.validation.require_signature && keys.is_empty() {
+            return err(
+                "validation.require_signature",
+                "is on but no HMAC key is configured: set integrity.hmac_keys or integrity.hmac_keys_file",
+            );
+        }
+        Ok(())
+    }
+
+    /// The secret that signs export download links, from
+    /// `export.link_secret_file` or `export.link_secret`; `None` when
+    /// neither is set (downloads by link are then refused).
+    pub fn export_link_secret(&self) -> Result<Option<Secret>, ConfigError> {
+        if !self.export.link_secret_file.is_empty() {
+            let text = read_secret_file(&self.export.link_secret_file, "export.link_secret_file")?;
+            let first = text.lines().next().unwrap_or("").to_owned();
+            return Ok((!first.is_empty()).then_some(Secret::from(first)));
+        }
+        Ok((!self.export.link_secret.is_empty()).then(|| self.export.link_secret.clone()))
+    }
+
+    /// The database password from `password_file`, `password`, or none.
+    pub fn database_password(&self) -> Result<Option<Secret>, ConfigError> {
+        if !self.database.password_file.is_empty() {
+            let text = read_secret_file(&self.database.password_file, "database.password_file")?;
+            return Ok(Some(Secret::from(
+                text.lines().next().unwrap_or("").to_owned(),
+            )));
+        }
+        Ok((!self.database.password.is_empty()).then(|| self.database.password.clone()))
+    }
+
+    /// This replica's consumer name: configured, or `<hostname>-<pid>`.
+    pub fn consumer_name(&self) -> String {
+        if self.stream.consumer.is_empty() {
+            format!(
+                "{}-{}",
+                gethostname::gethostname().to_string_lossy(),
+                std::process::id()
+            )
+        } else {
+            self.stream.consumer.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An environment provider that matches no variable, so unit tests do
+    /// not depend on (or race over) the process environment.
+    fn env(_: &[(&str, &str)]) -> Env {
+        Env::prefixed("AUDIT_WORKER_UNIT_TEST_UNSET__").split("__")
+    }
+
+    #[test]
+    fn built_in_defaults_load_and_validate() {
+        let c = Config::load_from(None, env(&[])).unwrap();
+        assert_eq!(c.stream.key, "audit:events");
+        assert_eq!(c.stream.group, "audit-workers");
+        assert_eq!(c.dlq.key, "audit:dlq");
+        assert_eq!(c.http.listen, "0.0.0.0:3001");
+        assert_eq!(c.sink.batch_size, 1000);
+        assert_eq!(c.validation.max_event_bytes, 65536);
+        assert!(c.bullmq.enabled);
+        assert_eq!(c.bullmq.queues, vec!["audit-events".to_string()]);
+        assert_eq!(c.bullmq.prefix, "bull");
+        assert!(c.bullmq.concurrency >= 100);
+    }
+
+    #[test]
+    fn bullmq_settings_that_cannot_work_are_refused_with_the_setting_named() {
+        let dir = tempfile::tempdir().unwrap();
+        for (toml, expected) in [
+            ("[bullmq]\nqueues = []\n", "bullmq.queues"),
+            ("[bullmq]\nqueues = [\"a:b\"]\n", "bullmq.queues"),
+            ("[bullmq]\nqueues = [\"a\", \"a\"]\n", "bullmq.queues"),
+            ("[bullmq]\nconcurrency = 0\n", "bullmq.concurrency"),
+            (
+                "[bullmq]\ndrain_delay_secs = 0\n",
+                "bullmq.drain_delay_secs",
+            ),
+        ] {
+            let cfg = dir.path().join("c.toml");
+            std::fs::write(&cfg, toml).unwrap();
+            let e = Config::load_from(Some(&cfg), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(expected), "{toml}: {e}");
+        }
+        let cfg = dir.path().join("off.toml");
+        std::fs::write(&cfg, "[bullmq]\nenabled = false\nqueues = []\n").unwrap();
+        assert!(Config::load_from(Some(&cfg), env(&[])).is_ok());
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_unknown_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.toml");
+        std::fs::write(&good, "[sink]\nbatch_size = 250\n").unwrap();
+        let c = Config::load_from(Some(&good), env(&[])).unwrap();
+        assert_eq!(c.sink.batch_size, 250);
+
+        let typo = dir.path().join("typo.toml");
+        std::fs::write(&typo, "[sink]\nbatchsize = 250\n").unwrap();
+        let e = Config::load_from(Some(&typo), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("batchsize"), "{e}");
+
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "[sink]\nbatch_size = 0\n").unwrap();
+        let e = Config::load_from(Some(&bad), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sink.batch_size"), "{e}");
+    }
+
+    #[test]
+    fn hmac_keys_parse_from_setting_and_file_and_secrets_stay_hidden() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::write(&keys, "# rotation\nold=old-secret-value\n").unwrap();
+        let cfg = dir.path().join("c.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[integrity]\nhmac_keys = \"new=new-secret-value\"\nhmac_keys_file = \"{}\"\n",
+                keys.display()
+            ),
+        )
+        .unwrap();
+        let c = Config::load_from(Some(&cfg), env(&[])).unwrap();
+        let ids: Vec<String> = c
+            .integrity
+            .hmac_key_entries()
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, vec!["new", "old"]);
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("new-secret-value"), "{debug}");
+    }
+
+    #[test]
+    fn require_signature_without_keys_is_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("c.toml");
+        std::fs::write(&cfg, "[validation]\nrequire_signature = true\n").unwrap();
+        let e = Config::load_from(Some(&cfg), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("integrity.hmac_keys"), "{e}");
+    }
+}
