@@ -108,12 +108,14 @@ async fn decide_and_acknowledge(s: &Shared, entries: Vec<StreamEntry>, arrival: 
         if s.stream.delete_acked {
             pipe.cmd("XDEL").arg(&s.stream.key).arg(&acks).ignore();
         }
-        if arrival == Arrival::Redelivered {
-            pipe.cmd("HDEL")
-                .arg(excused_key(&s.stream.key))
-                .arg(&acks)
-                .ignore();
-        }
+    }
+    if arrival == Arrival::Redelivered && !(acks.is_empty() && trimmed.is_empty()) {
+        // Whatever leaves the pending list leaves the excused counts too.
+        pipe.cmd("HDEL")
+            .arg(excused_key(&s.stream.key))
+            .arg(&acks)
+            .arg(&trimmed)
+            .ignore();
     }
     for id in &excused {
         pipe.cmd("HINCRBY")
