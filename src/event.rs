@@ -35,40 +35,6 @@ pub struct ValidationPolicy {
     pub hmac_keys: HmacKeyRing,
 }
 
-impl ValidationPolicy {
-    /// The policy `[validation]` and `[integrity]` configure (reads the HMAC
-    /// key file, if one is set).
-    pub fn from_config(
-        validation: &crate::config::ValidationConfig,
-        integrity: &crate::config::IntegrityConfig,
-    ) -> Result<Self, crate::config::ConfigError> {
-        let v = validation;
-        Ok(Self {
-            max_event_bytes: v.max_event_bytes,
-            max_string_chars: v.max_string_chars,
-            max_custom_depth: v.max_custom_depth,
-            max_event_age: Duration::days(v.max_event_age_days),
-            max_future_skew: Duration::seconds(v.max_future_skew_secs),
-            require_hash: v.require_hash,
-            require_signature: v.require_signature,
-            hmac_keys: hmac_key_ring(integrity)?,
-        })
-    }
-}
-
-/// The HMAC key ring `[integrity]` configures.
-pub fn hmac_key_ring(
-    integrity: &crate::config::IntegrityConfig,
-) -> Result<HmacKeyRing, crate::config::ConfigError> {
-    Ok(HmacKeyRing::new(
-        integrity
-            .hmac_key_entries()?
-            .into_iter()
-            .map(|(id, secret)| crate::integrity::HmacKey::new(id, secret.expose().as_bytes()))
-            .collect(),
-    ))
-}
-
 impl Default for ValidationPolicy {
     fn default() -> Self {
         Self {

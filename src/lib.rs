@@ -18,6 +18,7 @@ pub mod message;
 pub mod outage;
 pub mod partitions;
 pub mod pgtls;
+pub mod policy;
 pub mod processor;
 #[cfg(test)]
 mod properties;

@@ -8,7 +8,7 @@
 //! Each section lives in a file of its own and checks its own values; this
 //! module adds the rules that span sections. Configuration is a leaf: it
 //! imports no domain module, and the domain builds its own types from it
-//! (e.g. `ValidationPolicy::from_config` in the event module).
+//! (e.g. `ValidationPolicy::from_config` in the policy module).
 
 use std::path::Path;
 

@@ -120,7 +120,7 @@ pub fn exporter(
             redis,
             notifications_key: config.export.notifications_key.clone(),
             events_key: config.stream.key.clone(),
-            hmac: crate::event::hmac_key_ring(&config.integrity).unwrap_or_default(),
+            hmac: crate::policy::hmac_key_ring(&config.integrity).unwrap_or_default(),
         }),
         links: link_signer(config)?,
         worker_name: config.consumer_name(),
