@@ -249,6 +249,9 @@ pub struct SnapshotConfig {
     pub poll_interval_ms: u64,
     pub page_size: i32,
     pub manifest_prefix: String,
+    /// `details.<key>` / `sessionContext.<key>` paths that enter the record
+    /// digest as salted commitments, besides the fixed personal fields.
+    pub personal_fields: Vec<String>,
 }
 
 /// `[log]`: log format and filter.
@@ -435,6 +438,11 @@ impl Config {
                 "snapshot.poll_interval_ms / snapshot.page_size",
                 "need poll_interval_ms >= 1 and 1 <= page_size <= 1000000",
             );
+        }
+        if let Err(e) =
+            crate::integrity::record::PersonalFields::with_extra(&self.snapshot.personal_fields)
+        {
+            return Err(ConfigError(format!("snapshot.personal_fields: {e}")));
         }
         if !self.snapshot.cron.is_empty() {
             if let Err(e) = self.snapshot.cron.parse::<croner::Cron>() {

@@ -8,6 +8,7 @@
 pub mod canonical;
 pub mod checkpoint;
 pub mod merkle;
+pub mod record;
 pub mod signature;
 
 pub use canonical::{canonical_hash_v1, canonical_string_v1, HashedFields};
