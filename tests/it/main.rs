@@ -5,6 +5,7 @@ mod common;
 mod export;
 mod faults;
 mod hostile;
+mod log_v2;
 mod ops;
 mod pg_tls;
 mod process;
