@@ -12,6 +12,7 @@ pub mod export;
 pub mod merkle_stream;
 pub mod snapshot;
 pub mod snapshot_cli;
+pub mod stored_record;
 pub mod verify;
 
 use std::sync::Arc;

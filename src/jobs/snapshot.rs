@@ -1,11 +1,12 @@
 //! Snapshot jobs (`audit.snapshot`): seal stored events into the signed,
-//! append-only Merkle log (DESIGN.md section 5).
+//! append-only Merkle log.
 //!
 //! A request (queue message, schedule slot or CLI) becomes a row in
 //! `snapshot_jobs`, deduplicated by its source. The executor leases a job
-//! and runs ONE transaction that locks the log head, numbers the unsealed
-//! rows of the range in (event_time, id) order, marks them sealed, copies
-//! their leaves into the append-only `seal_ledger`, extends the tree from
+//! and runs ONE transaction that locks the log head, reads the unsealed
+//! rows of the range (no ledger entry yet) in (event_time, id) order,
+//! appends their record digests (leaf v2) to the append-only `seal_ledger`
+//! (audit rows are never written), extends the tree from
 //! the previous snapshot's stored frontier, signs the checkpoint, records
 //! the snapshot and marks the job done. A crash before COMMIT leaves
 //! nothing; a second job for an overlapping range waits on the head lock and
@@ -31,7 +32,9 @@ use crate::config::{Config, ConfigError, SnapshotConfig};
 use crate::event::{RejectReason, Rejection};
 use crate::integrity::checkpoint::{Checkpoint, CheckpointSigner, Ed25519NoteSigner, NoteVerifier};
 use crate::integrity::merkle::{self, Hash, TreeBuilder};
+use crate::integrity::record::LEAF_VERSION_V2;
 use crate::jobs::merkle_stream::{consistency_plan, hash_from_bytes, PagedRows, RangeHasher};
+use crate::jobs::stored_record::{record_from_row, stored_digest, RECORD_COLUMNS, SALTS_JOIN};
 use crate::jobs::{JobError, JobHandler};
 use crate::storage::Storage;
 
@@ -469,33 +472,8 @@ impl Snapshotter {
             .await?
             .get(0);
         let base = prev_size as i64;
-        // Lock the range's unsealed rows first (a row deleted meanwhile
-        // drops out here, so leaf numbers stay contiguous), number them in
-        // (event_time, id) order, seal them and copy their leaves to the
-        // ledger, all in one statement.
-        let appended = tx
-            .execute(
-                "WITH locked AS (
-                     SELECT event_time, id FROM audit_log
-                      WHERE snapshot_id IS NULL
-                        AND ($1::timestamptz IS NULL OR event_time >= $1)
-                        AND event_time < $2
-                      FOR UPDATE
-                 ), numbered AS (
-                     SELECT event_time, id,
-                            $3::bigint + row_number() OVER (ORDER BY event_time, id) - 1 AS leaf_index
-                       FROM locked
-                 ), sealed AS (
-                     UPDATE audit_log a
-                        SET snapshot_id = $4, leaf_index = n.leaf_index
-                       FROM numbered n
-                      WHERE a.event_time = n.event_time AND a.id = n.id
-                  RETURNING a.leaf_index, a.event_time, a.id, a.idempotency_key, a.hash
-                 )
-                 INSERT INTO seal_ledger (leaf_index, snapshot_id, event_time, row_id, idempotency_key, leaf)
-                 SELECT leaf_index, $4, event_time, id, idempotency_key, decode(hash, 'hex') FROM sealed",
-                &[&from, &to, &base, &snapshot_id],
-            )
+        let appended = self
+            .append_to_ledger(&tx, from, to, base, snapshot_id)
             .await?;
         let new_size = prev_size + appended;
 
@@ -588,8 +566,8 @@ impl Snapshotter {
             "INSERT INTO snapshots (id, range_from, range_to, record_count, first_event, last_event,
                                     first_event_time, last_event_time, previous_tree_size, tree_size,
                                     root, checkpoint_note, key_name, consistency_proof, frontier,
-                                    manifest_path, job_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+                                    manifest_path, job_id, leaf_version)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
             &[
                 &snapshot_id,
                 &from,
@@ -608,6 +586,7 @@ impl Snapshotter {
                 &frontier,
                 &manifest_path,
                 &job,
+                &LEAF_VERSION_V2,
             ],
         )
         .await?;
@@ -632,6 +611,53 @@ impl Snapshotter {
         );
         drop(client);
         self.summary(snapshot_id).await
+    }
+
+    /// Appends the range's unsealed events (rows without a ledger entry) to
+    /// the ledger in (event_time, id) order, numbered from `base`, each
+    /// with its record digest (leaf v2) computed from the row and its
+    /// salts. Reads audit_log, never writes it. Returns how many.
+    async fn append_to_ledger(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        from: Option<DateTime<Utc>>,
+        to: DateTime<Utc>,
+        base: i64,
+        snapshot_id: i64,
+    ) -> Result<u64, SnapshotError> {
+        // Rows are immutable (trigger), so nothing needs locking: the head
+        // lock serializes sealers, and a row committed after this read is a
+        // late event for the next snapshot.
+        let sql = format!(
+            "SELECT a.id, {RECORD_COLUMNS} FROM audit_log a {SALTS_JOIN}
+              WHERE ($1::timestamptz IS NULL OR a.event_time >= $1) AND a.event_time < $2
+                AND a.snapshot_id IS NULL
+                AND NOT EXISTS (SELECT 1 FROM seal_ledger l
+                                 WHERE l.event_time = a.event_time AND l.row_id = a.id)
+              ORDER BY a.event_time, a.id"
+        );
+        let page = self.settings.page_size;
+        let mut rows = PagedRows::open(tx, &sql, &[&from, &to], page).await?;
+        let mut next = base;
+        let mut batch = LedgerBatch::default();
+        while let Some(r) = rows.next().await? {
+            let (rec, salts) = record_from_row(&r, 1)
+                .ok_or_else(|| SnapshotError::Integrity("a row without a key".into()))?;
+            let digest = stored_digest(&rec, salts.as_ref()).map_err(|e| {
+                SnapshotError::Integrity(format!(
+                    "event {} (event_time {}): {e}",
+                    rec.idempotency_key,
+                    rec.event_time.to_rfc3339()
+                ))
+            })?;
+            batch.push(next, rec.event_time, r.get(0), rec.idempotency_key, digest);
+            next += 1;
+            if batch.len() >= page.max(1) as usize {
+                batch.flush(tx, snapshot_id).await?;
+            }
+        }
+        batch.flush(tx, snapshot_id).await?;
+        Ok((next - base) as u64)
     }
 
     /// Reads a recorded snapshot as its manifest.
@@ -857,6 +883,58 @@ pub fn creation_event(s: &SnapshotSummary) -> serde_json::Value {
         "snapshotManifest": s.manifest_path,
         "snapshotCheckpoint": s.checkpoint,
     })
+}
+
+/// Ledger entries waiting to be inserted, as columns (one multi-row
+/// INSERT per page).
+#[derive(Default)]
+struct LedgerBatch {
+    leaf_index: Vec<i64>,
+    event_time: Vec<DateTime<Utc>>,
+    row_id: Vec<i64>,
+    key: Vec<String>,
+    leaf: Vec<Vec<u8>>,
+}
+
+impl LedgerBatch {
+    fn len(&self) -> usize {
+        self.leaf_index.len()
+    }
+
+    fn push(&mut self, index: i64, time: DateTime<Utc>, row: i64, key: String, leaf: Hash) {
+        self.leaf_index.push(index);
+        self.event_time.push(time);
+        self.row_id.push(row);
+        self.key.push(key);
+        self.leaf.push(leaf.to_vec());
+    }
+
+    async fn flush(
+        &mut self,
+        tx: &tokio_postgres::Transaction<'_>,
+        snapshot_id: i64,
+    ) -> Result<(), SnapshotError> {
+        if self.leaf_index.is_empty() {
+            return Ok(());
+        }
+        tx.execute(
+            "INSERT INTO seal_ledger (leaf_index, snapshot_id, event_time, row_id, idempotency_key, leaf, leaf_version)
+             SELECT i, $1, t, r, k, l, $7
+               FROM UNNEST($2::bigint[], $3::timestamptz[], $4::bigint[], $5::text[], $6::bytea[]) AS u(i, t, r, k, l)",
+            &[
+                &snapshot_id,
+                &self.leaf_index,
+                &self.event_time,
+                &self.row_id,
+                &self.key,
+                &self.leaf,
+                &LEAF_VERSION_V2,
+            ],
+        )
+        .await?;
+        *self = Self::default();
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -161,9 +161,10 @@ pub fn verify_proof(proof_file: &Path, key: &str) -> anyhow::Result<String> {
     })?;
     let cp = verify::verify_proof(&proof, &verifier).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(format!(
-        "OK: event {} (hash {}) is leaf {} of log {:?} at size {}, signed by {}",
+        "OK: event {} (hash {}, leaf v{}) is leaf {} of log {:?} at size {}, signed by {}",
         proof.event,
         proof.event_hash,
+        proof.leaf_version,
         proof.leaf_index,
         cp.origin(),
         cp.size(),

@@ -14,9 +14,11 @@ use tokio_postgres::Row;
 
 use crate::integrity::checkpoint::{open_note, Checkpoint, NoteVerifier};
 use crate::integrity::merkle::{self, Hash, TreeBuilder};
+use crate::integrity::record::{LEAF_VERSION_V1, LEAF_VERSION_V2};
 use crate::integrity::{canonical_hash_v1, HashedFields};
 use crate::jobs::merkle_stream::{hash_from_bytes, PagedRows, RangeHasher};
 use crate::jobs::snapshot::SnapshotError;
+use crate::jobs::stored_record::{record_from_row, stored_digest, RECORD_COLUMNS, SALTS_JOIN};
 
 /// What kind of problem a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -341,10 +343,18 @@ pub async fn verify(
     check_boundary(start, &ledger_tree, &row_tree, &mut report);
 
     let (s, e) = (start as i64, end as i64);
+    // Each ledger entry with the row it names (leaf v2 rows carry no
+    // leaf number of their own) and that row's salts.
     let mut ledger = PagedRows::open(
         &tx,
-        "SELECT leaf_index, snapshot_id, event_time, row_id, idempotency_key, leaf
-           FROM seal_ledger WHERE leaf_index >= $1 AND leaf_index < $2 ORDER BY leaf_index",
+        &format!(
+            "SELECT l.leaf_index, l.snapshot_id, l.event_time, l.row_id, l.idempotency_key, l.leaf,
+                    l.leaf_version, a.id, {RECORD_COLUMNS}
+               FROM seal_ledger l
+               LEFT JOIN audit_log a ON a.event_time = l.event_time AND a.id = l.row_id
+               {SALTS_JOIN}
+              WHERE l.leaf_index >= $1 AND l.leaf_index < $2 ORDER BY l.leaf_index"
+        ),
         &[&s, &e],
         page,
     )
@@ -404,6 +414,73 @@ pub async fn verify(
         let l_key: String = entry.get(4);
         let leaf = hash_from_bytes(entry.get::<_, &[u8]>(5)).unwrap_or(zero);
         ledger_tree.push(merkle::leaf_hash(&leaf));
+        if entry.get::<_, i16>(6) == LEAF_VERSION_V2 {
+            // Leaf v2: the row is the one the ledger names; any row claiming
+            // this leaf number was inserted (v2 rows never carry one).
+            for r in &at_leaf {
+                report.findings.push(row_finding(
+                    FindingKind::Inserted,
+                    r,
+                    format!("claims leaf {i}, which the ledger assigns to event {l_key}"),
+                ));
+            }
+            let row_leaf = match record_from_row(&entry, 8) {
+                None => {
+                    report.findings.push(Finding {
+                        kind: FindingKind::Deleted,
+                        event: Some(l_key),
+                        row_id: Some(l_row),
+                        event_time: Some(l_time),
+                        leaf_index: Some(i),
+                        snapshot_id: Some(l_snapshot),
+                        detail: "sealed event's row is missing".into(),
+                    });
+                    zero
+                }
+                Some((rec, salts)) => {
+                    let digest = stored_digest(&rec, salts.as_ref());
+                    let mut what = Vec::new();
+                    match &digest {
+                        Err(e) => what.push(format!("its record digest cannot be computed: {e}")),
+                        Ok(d) if *d != leaf => what.push(
+                            "its stored record no longer matches the sealed record digest \
+                             (a column or its salts changed)"
+                                .to_string(),
+                        ),
+                        Ok(_) => {}
+                    }
+                    if canonical_hash_v1(&HashedFields {
+                        timestamp: Some(&rec.timestamp_raw),
+                        action: Some(&rec.action),
+                        status: Some(&rec.status),
+                        principal_id: rec.principal_id.as_deref(),
+                        organization_id: rec.organization_id.as_deref(),
+                        target_resource_type: rec.target_resource_type.as_deref(),
+                        target_resource_id: rec.target_resource_id.as_deref(),
+                        outcome_description: rec.outcome_description.as_deref(),
+                    }) != rec.hash
+                    {
+                        what.push("its hashed fields no longer match its hash".into());
+                    }
+                    if !what.is_empty() {
+                        report.findings.push(Finding {
+                            kind: FindingKind::Altered,
+                            event: Some(l_key),
+                            row_id: entry.get(7),
+                            event_time: Some(rec.event_time),
+                            leaf_index: Some(i),
+                            snapshot_id: Some(l_snapshot),
+                            detail: what.join("; "),
+                        });
+                    }
+                    digest.unwrap_or(zero)
+                }
+            };
+            row_tree.push(merkle::leaf_hash(&row_leaf));
+            report.leaves_checked += 1;
+            check_boundary(index + 1, &ledger_tree, &row_tree, &mut report);
+            continue;
+        }
 
         // The row the ledger sealed at this leaf; any other row claiming the
         // leaf was inserted.
@@ -545,9 +622,11 @@ pub async fn verify(
         let unsealed = tx
             .query(
                 &format!(
-                    "SELECT {ROW_COLUMNS} FROM audit_log
+                    "SELECT {ROW_COLUMNS} FROM audit_log a
                       WHERE snapshot_id IS NULL AND ($1::timestamptz IS NULL OR event_time >= $1)
                         AND event_time < $2
+                        AND NOT EXISTS (SELECT 1 FROM seal_ledger l
+                                         WHERE l.event_time = a.event_time AND l.row_id = a.id)
                       ORDER BY event_time, id LIMIT 10000"
                 ),
                 &[&f, &t],
@@ -567,6 +646,10 @@ pub async fn verify(
     Ok(report)
 }
 
+fn leaf_version_v1() -> i16 {
+    LEAF_VERSION_V1
+}
+
 /// An inclusion proof as `prove` prints it; everything an auditor needs
 /// with the verifier key (see README, "Verifying a proof offline").
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -577,8 +660,14 @@ pub struct InclusionProof {
     pub event: String,
     pub row_id: i64,
     pub event_time: DateTime<Utc>,
-    /// The event's canonical hash v1 (hex): the Merkle leaf data.
+    /// The event's canonical hash v1 (hex); the Merkle leaf data of leaf v1.
     pub event_hash: String,
+    /// 1: the leaf data is `eventHash`; 2: it is `recordDigest`.
+    #[serde(default = "leaf_version_v1")]
+    pub leaf_version: i16,
+    /// The event's record digest (hex, leaf v2): the Merkle leaf data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_digest: Option<String>,
     pub leaf_index: u64,
     /// The tree size of the checkpoint; it must equal the size in the note.
     pub tree_size: u64,
@@ -605,26 +694,35 @@ pub async fn prove(
         .read_only(true)
         .start()
         .await?;
-    let found = tx
+    // The ledger says which leaf sealed the event (rows sealed with leaf
+    // v1 also carry it; v2 rows do not).
+    let sealed = tx
         .query(
-            "SELECT id, event_time, hash, leaf_index, snapshot_id, snapshot_id IS NOT NULL
-               FROM audit_log WHERE idempotency_key = $1 ORDER BY event_time LIMIT 10",
+            "SELECT l.row_id, l.event_time, l.leaf, l.leaf_index, l.snapshot_id, l.leaf_version, a.hash
+               FROM seal_ledger l
+               LEFT JOIN audit_log a ON a.event_time = l.event_time AND a.id = l.row_id
+              WHERE l.idempotency_key = $1 ORDER BY l.event_time LIMIT 10",
             &[&event],
         )
         .await?;
-    let sealed: Vec<&Row> = found.iter().filter(|r| r.get::<_, bool>(5)).collect();
-    let r = match (found.len(), sealed.len()) {
-        (0, _) => {
-            return Err(SnapshotError::BadRequest(format!(
-                "no stored event has eventId / idempotency key {event:?}"
-            )))
+    let r = match sealed.len() {
+        0 => {
+            let stored: i64 = tx
+                .query_one(
+                    "SELECT count(*) FROM audit_log WHERE idempotency_key = $1",
+                    &[&event],
+                )
+                .await?
+                .get(0);
+            return Err(SnapshotError::BadRequest(if stored == 0 {
+                format!("no stored event has eventId / idempotency key {event:?}")
+            } else {
+                format!(
+                    "event {event:?} is not sealed yet: wait for the next snapshot or run `audit-worker snapshot`"
+                )
+            }));
         }
-        (_, 0) => {
-            return Err(SnapshotError::BadRequest(format!(
-                "event {event:?} is not sealed yet: wait for the next snapshot or run `audit-worker snapshot`"
-            )))
-        }
-        (_, 1) => sealed[0],
+        1 => &sealed[0],
         _ => {
             return Err(SnapshotError::BadRequest(format!(
                 "several sealed events share the key {event:?}; they differ by timestamp"
@@ -632,6 +730,8 @@ pub async fn prove(
         }
     };
     let leaf_index = r.get::<_, i64>(3) as u64;
+    let leaf_version: i16 = r.get(5);
+    let leaf_data = hex::encode(r.get::<_, &[u8]>(2));
     let latest = tx
         .query_one(
             "SELECT s.id, s.tree_size, s.checkpoint_note, s.key_name
@@ -666,12 +766,24 @@ pub async fn prove(
             "the seal ledger is missing leaves: run `audit-worker verify`".into(),
         )
     })?;
+    let v2 = leaf_version == LEAF_VERSION_V2;
     let proof = InclusionProof {
-        format: "audit-worker.inclusion-proof.v1".into(),
+        format: if v2 {
+            "audit-worker.inclusion-proof.v2"
+        } else {
+            "audit-worker.inclusion-proof.v1"
+        }
+        .into(),
         event: event.to_owned(),
         row_id: r.get(0),
         event_time: r.get(1),
-        event_hash: r.get(2),
+        event_hash: if v2 {
+            r.get::<_, Option<String>>(6).unwrap_or_default()
+        } else {
+            leaf_data.clone()
+        },
+        leaf_version,
+        record_digest: v2.then_some(leaf_data),
         leaf_index,
         tree_size: size,
         inclusion_proof: nodes.iter().map(hex::encode).collect(),
@@ -701,10 +813,16 @@ pub fn verify_proof(proof: &InclusionProof, verifier: &NoteVerifier) -> Result<C
             cp.size()
         ));
     }
-    let leaf: Hash = hex::decode(&proof.event_hash)
+    let (data, name) = match (proof.leaf_version, &proof.record_digest) {
+        (1, _) => (&proof.event_hash, "eventHash"),
+        (2, Some(d)) => (d, "recordDigest"),
+        (2, None) => return Err("a leaf v2 proof needs recordDigest".into()),
+        (v, _) => return Err(format!("leafVersion {v} is not 1 or 2")),
+    };
+    let leaf: Hash = hex::decode(data)
         .ok()
         .and_then(|b| hash_from_bytes(&b))
-        .ok_or("eventHash must be 64 hex digits")?;
+        .ok_or(format!("{name} must be 64 hex digits"))?;
     let nodes: Vec<Hash> = proof
         .inclusion_proof
         .iter()
