@@ -5,9 +5,134 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use audit_worker::config::Config;
+use audit_worker::integrity::checkpoint::Ed25519NoteSigner;
+use audit_worker::jobs::snapshot::{SnapshotSummary, Snapshotter};
+use audit_worker::jobs::verify::{self, FindingKind, VerifyReport};
+use chrono::Utc;
 use serde_json::{json, Value};
 
 use crate::common::*;
+
+const ORIGIN: &str = "test.example/log-v2";
+
+/// A test's log: its TestEnv and a signing key.
+struct LogEnv {
+    env: TestEnv,
+    key: String,
+    verifier: String,
+    storage: tempfile::TempDir,
+}
+
+impl LogEnv {
+    async fn new(name: &str) -> Self {
+        let env = TestEnv::new(name).await;
+        let signer = Ed25519NoteSigner::generate(ORIGIN).unwrap();
+        let s = Self {
+            env,
+            key: signer.to_private_key_string(),
+            verifier: signer.verifier().to_string(),
+            storage: tempfile::tempdir().unwrap(),
+        };
+        audit_worker::db::migrate(&s.config()).await.unwrap();
+        s
+    }
+
+    /// The worker's configuration: no signing key, so it ingests only and
+    /// the test decides when to seal.
+    fn worker_config(&self) -> Config {
+        let mut c = self.env.config();
+        c.snapshot.origin = ORIGIN.into();
+        c.storage.url = self.storage.path().display().to_string();
+        c
+    }
+
+    fn config(&self) -> Config {
+        let mut c = self.worker_config();
+        c.snapshot.signing_key = self.key.clone().into();
+        c.snapshot.page_size = 5000;
+        c
+    }
+
+    /// Stores `events` through a running worker.
+    async fn ingest(&self, events: &[Value], extra_config: impl FnOnce(&mut Config)) {
+        let mut c = self.worker_config();
+        extra_config(&mut c);
+        let before = self.env.row_count().await;
+        let worker = InProcessWorker::start(c);
+        self.env.add_events(events).await;
+        let want = before + events.len() as i64;
+        wait_until(Duration::from_secs(120), "events stored", || async {
+            self.env.row_count().await >= want
+        })
+        .await;
+        worker.stop().await;
+    }
+
+    async fn seal(&self, tag: &str) -> SnapshotSummary {
+        let c = self.config();
+        let pool = audit_worker::db::connect_pool(&c).await.unwrap();
+        let signer = audit_worker::jobs::snapshot::load_signer(&c.snapshot)
+            .unwrap()
+            .unwrap();
+        let storage = audit_worker::storage::open(&c.storage).unwrap();
+        Snapshotter::new(&c, pool, signer, storage, None)
+            .snapshot_now(&format!("test:{tag}"), None, Utc::now())
+            .await
+            .unwrap()
+    }
+
+    async fn verify(&self) -> VerifyReport {
+        let c = self.config();
+        let (mut client, conn) = audit_worker::db::pg_config(&c)
+            .unwrap()
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let verifier = audit_worker::jobs::snapshot::load_verifier(&c.snapshot).unwrap();
+        verify::verify(&mut client, &verifier, ORIGIN, None, 5000)
+            .await
+            .unwrap()
+    }
+
+    /// Runs `sql` as a superuser could: with the append-only triggers off.
+    async fn tamper(&self, sql: &str) {
+        self.env
+            .pg
+            .batch_execute(&format!(
+                "ALTER TABLE audit_log DISABLE TRIGGER audit_log_immutable;
+                 {sql};
+                 ALTER TABLE audit_log ENABLE TRIGGER audit_log_immutable;"
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+}
+
+fn events_of(report: &VerifyReport, kind: FindingKind) -> BTreeSet<String> {
+    report
+        .findings
+        .iter()
+        .filter(|f| f.kind == kind)
+        .filter_map(|f| f.event.clone())
+        .collect()
+}
+
+/// An event with every optional field set, so every column holds a value.
+fn full_event(i: usize) -> Value {
+    let mut e = event(i);
+    let o = e.as_object_mut().unwrap();
+    o.insert("signature".into(), json!("ab".repeat(32)));
+    o.insert("algorithm".into(), json!("HMAC-SHA256"));
+    o.insert("eventVersion".into(), json!("1.0"));
+    o.insert("correlationId".into(), json!(format!("corr-{i}")));
+    o.insert("retentionPolicy".into(), json!("7y"));
+    // Keys outside the schema are stored in `details`, as details.email...
+    o.insert("email".into(), json!(format!("u{i}@example.com")));
+    o.insert("n".into(), json!(i));
+    e
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_stores_a_fresh_salt_per_personal_field_in_the_same_write_as_the_row() {
@@ -96,4 +221,295 @@ async fn ingest_stores_a_fresh_salt_per_personal_field_in_the_same_write_as_the_
         .get(0);
     assert_eq!(leaked, 0);
     env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_the_event_for_a_change_to_any_stored_column_or_salt_of_a_sealed_row() {
+    let s = LogEnv::new("tamper2").await;
+    let events: Vec<Value> = (0..40).map(full_event).collect();
+    s.ingest(&events, |c| {
+        c.snapshot.personal_fields = vec!["details.email".into()]
+    })
+    .await;
+    let sealed = s.seal("one").await;
+    assert_eq!(sealed.record_count, 40);
+    let clean = s.verify().await;
+    assert!(clean.ok(), "{:?}", clean.findings);
+    assert_eq!(clean.leaves_checked, 40);
+
+    // One sealed event per stored column (and its salts), each changed in
+    // a way that keeps the row valid for PostgreSQL.
+    let matrix: &[(&str, &str)] = &[
+        ("timestamp_raw", "timestamp_raw = timestamp_raw || ' '"),
+        ("event_id", "event_id = 'forged-id'"),
+        ("action", "action = 'record.deleted'"),
+        (
+            "status",
+            "status = CASE status WHEN 'success' THEN 'failure' ELSE 'success' END",
+        ),
+        ("principal_id", "principal_id = 'someone-else'"),
+        ("organization_id", "organization_id = 'org-x'"),
+        ("target_resource_type", "target_resource_type = 'Other'"),
+        ("target_resource_id", "target_resource_id = 'p-x'"),
+        (
+            "outcome_description",
+            "outcome_description = 'nothing happened'",
+        ),
+        ("hash", "hash = repeat('0', 64)"),
+        ("hash_algorithm", "hash_algorithm = 'SHA-1'"),
+        ("hash_provided", "hash_provided = NOT hash_provided"),
+        ("signature", "signature = repeat('cd', 32)"),
+        ("signature_algorithm", "signature_algorithm = NULL"),
+        ("signature_key_id", "signature_key_id = 'k-forged'"),
+        ("event_version", "event_version = '2.0'"),
+        ("correlation_id", "correlation_id = 'corr-x'"),
+        ("data_classification", "data_classification = 'PUBLIC'"),
+        ("retention_policy", "retention_policy = '1d'"),
+        (
+            "session_context",
+            "session_context = session_context || '{\"ipAddress\":\"10.9.9.9\"}'",
+        ),
+        (
+            "session_context (not personal)",
+            "session_context = session_context || '{\"sessionId\":\"s-x\"}'",
+        ),
+        ("details", "details = details || '{\"n\":-1}'"),
+        (
+            "details (personal)",
+            "details = details || '{\"email\":\"x@example.com\"}'",
+        ),
+        ("source", "source = 'bullmq:forged:1'"),
+        (
+            "ingested_at",
+            "ingested_at = ingested_at + interval '1 second'",
+        ),
+    ];
+    let mut expected = BTreeSet::new();
+    for (n, (column, set)) in matrix.iter().enumerate() {
+        let key = format!("evt-{n}");
+        s.tamper(&format!(
+            "UPDATE audit_log SET {set} WHERE idempotency_key = '{key}'"
+        ))
+        .await;
+        let one = s.verify().await;
+        assert_eq!(
+            events_of(&one, FindingKind::Altered),
+            expected
+                .iter()
+                .cloned()
+                .chain([key.clone()])
+                .collect::<BTreeSet<_>>(),
+            "changing {column} of {key} must be named"
+        );
+        expected.insert(key);
+    }
+    // The idempotency key (the event's identity), the salts (added,
+    // changed, removed) and the leaf number claimed by a row.
+    let n = matrix.len();
+    s.tamper(&format!(
+        "UPDATE audit_log SET idempotency_key = 'forged-key' WHERE idempotency_key = 'evt-{n}';
+         UPDATE audit_salts SET idempotency_key = 'forged-key' WHERE idempotency_key = 'evt-{n}'"
+    ))
+    .await;
+    s.tamper(&format!(
+        "UPDATE audit_salts SET salts = jsonb_set(salts, '{{principalId}}', to_jsonb(repeat('0', 64)))
+          WHERE idempotency_key = 'evt-{}'",
+        n + 1
+    ))
+    .await;
+    s.tamper(&format!(
+        "DELETE FROM audit_salts WHERE idempotency_key = 'evt-{}'",
+        n + 2
+    ))
+    .await;
+    s.tamper(&format!(
+        "UPDATE audit_salts SET salts = salts - 'details.email' WHERE idempotency_key = 'evt-{}'",
+        n + 3
+    ))
+    .await;
+    for k in n..n + 4 {
+        expected.insert(format!("evt-{k}"));
+    }
+    let report = s.verify().await;
+    assert_eq!(events_of(&report, FindingKind::Altered), expected);
+    assert!(events_of(&report, FindingKind::Deleted).is_empty());
+    assert!(report.findings.iter().any(
+        |f| f.kind == FindingKind::Checkpoint && f.detail.contains("recomputed from the rows")
+    ));
+
+    // The row's identity in the table (id, event_time) is the ledger's
+    // reference: changing it makes the sealed event missing and the row
+    // an unsealed one inside the sealed range.
+    s.tamper(&format!(
+        "UPDATE audit_log SET id = id + 1000000 WHERE idempotency_key = 'evt-{}'",
+        n + 4
+    ))
+    .await;
+    s.tamper(&format!(
+        "UPDATE audit_log SET event_time = event_time + interval '1 millisecond'
+          WHERE idempotency_key = 'evt-{}'",
+        n + 5
+    ))
+    .await;
+    let report = s.verify().await;
+    let moved: BTreeSet<String> = [format!("evt-{}", n + 4), format!("evt-{}", n + 5)].into();
+    assert_eq!(events_of(&report, FindingKind::Deleted), moved);
+    assert_eq!(events_of(&report, FindingKind::Inserted), moved);
+    s.env.cleanup().await;
+}
+
+/// Seals the oldest `n` rows the way the first log version did (leaf v1):
+/// rows UPDATEd with snapshot_id / leaf_index, the ledger holding each
+/// event's hash v1, a signed checkpoint over those leaves.
+async fn seal_as_v1(s: &LogEnv, n: i64) {
+    use audit_worker::integrity::checkpoint::{Checkpoint, CheckpointSigner};
+    use audit_worker::integrity::merkle::{leaf_hash, TreeBuilder};
+    let signer = Ed25519NoteSigner::from_key_string(&s.key).unwrap();
+    let rows = s
+        .env
+        .pg
+        .query(
+            "SELECT id, event_time, idempotency_key, hash FROM audit_log ORDER BY event_time, id LIMIT $1",
+            &[&n],
+        )
+        .await
+        .unwrap();
+    let mut tree = TreeBuilder::new();
+    for r in &rows {
+        tree.push(leaf_hash(&hex::decode(r.get::<_, &str>(3)).unwrap()));
+    }
+    let note = Checkpoint::new(ORIGIN, n as u64, tree.root())
+        .unwrap()
+        .sign(&signer)
+        .unwrap();
+    let frontier: Vec<Vec<u8>> = tree.frontier().iter().map(|h| h.to_vec()).collect();
+    let pg = &s.env.pg;
+    pg.batch_execute("BEGIN; ALTER TABLE audit_log DISABLE TRIGGER audit_log_immutable")
+        .await
+        .unwrap();
+    let id: i64 = pg
+        .query_one(
+            "INSERT INTO snapshots (range_to, record_count, previous_tree_size, tree_size, root,
+                                    checkpoint_note, key_name, consistency_proof, frontier, manifest_path)
+             VALUES ($6, $1, 0, $1, $2, $3, $4, '{}', $5, 'v1.json') RETURNING id",
+            &[
+                &n,
+                &tree.root().as_slice(),
+                &note,
+                &signer.key_name(),
+                &frontier,
+                &(rows.last().unwrap().get::<_, chrono::DateTime<Utc>>(1)
+                    + chrono::Duration::microseconds(1)),
+            ],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for (i, r) in rows.iter().enumerate() {
+        let (row, time, key): (i64, chrono::DateTime<Utc>, String) = (r.get(0), r.get(1), r.get(2));
+        pg.execute(
+            "UPDATE audit_log SET snapshot_id = $1, leaf_index = $2 WHERE id = $3 AND event_time = $4",
+            &[&id, &(i as i64), &row, &time],
+        )
+        .await
+        .unwrap();
+        pg.execute(
+            "INSERT INTO seal_ledger (leaf_index, snapshot_id, event_time, row_id, idempotency_key, leaf)
+             VALUES ($1, $2, $3, $4, $5, decode($6, 'hex'))",
+            &[&(i as i64), &id, &time, &row, &key, &r.get::<_, &str>(3)],
+        )
+        .await
+        .unwrap();
+    }
+    pg.execute(
+        "UPDATE snapshot_log_head SET tree_size = $1, snapshot_id = $2",
+        &[&n, &id],
+    )
+    .await
+    .unwrap();
+    pg.batch_execute("ALTER TABLE audit_log ENABLE TRIGGER audit_log_immutable; COMMIT")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_sealed_with_v1_leaves_keeps_verifying_and_continues_with_v2_leaves() {
+    let s = LogEnv::new("v1tov2").await;
+    let events: Vec<Value> = (0..30).map(full_event).collect();
+    s.ingest(&events, |_| {}).await;
+    seal_as_v1(&s, 12).await;
+    let first = s.verify().await;
+    assert!(first.ok(), "{:?}", first.findings);
+    assert_eq!(first.leaves_checked, 12);
+
+    let v2 = s.seal("v2").await;
+    assert_eq!((v2.previous_tree_size, v2.tree_size), (12, 30));
+    let versions = s
+        .env
+        .pg
+        .query(
+            "SELECT leaf_version, count(*) FROM seal_ledger GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let versions: Vec<(i16, i64)> = versions.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(versions, vec![(1, 12), (2, 18)]);
+    let report = s.verify().await;
+    assert!(report.ok(), "{:?}", report.findings);
+    assert_eq!(report.leaves_checked, 30);
+
+    // Proofs of both kinds verify with the public key only.
+    let c = s.config();
+    let (mut client, conn) = audit_worker::db::pg_config(&c)
+        .unwrap()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let key = audit_worker::integrity::checkpoint::NoteVerifier::parse(&s.verifier).unwrap();
+    let v1_key: String = s
+        .env
+        .pg
+        .query_one(
+            "SELECT idempotency_key FROM seal_ledger WHERE leaf_index = 3",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let v2_key: String = s
+        .env
+        .pg
+        .query_one(
+            "SELECT idempotency_key FROM seal_ledger WHERE leaf_index = 20",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let p1 = verify::prove(&mut client, &v1_key, 100).await.unwrap();
+    assert_eq!((p1.leaf_version, p1.record_digest.is_none()), (1, true));
+    verify::verify_proof(&p1, &key).unwrap();
+    let p2 = verify::prove(&mut client, &v2_key, 100).await.unwrap();
+    assert_eq!(p2.leaf_version, 2);
+    assert_eq!(p2.leaf_index, 20);
+    verify::verify_proof(&p2, &key).unwrap();
+    let mut forged = p2.clone();
+    forged.record_digest = Some("00".repeat(32));
+    assert!(verify::verify_proof(&forged, &key).is_err());
+
+    // A change to the hashed fields of a v1 event and to any column of a v2
+    // event are both named.
+    s.tamper(&format!(
+        "UPDATE audit_log SET outcome_description = 'x' WHERE idempotency_key = '{v1_key}';
+         UPDATE audit_log SET retention_policy = '1d' WHERE idempotency_key = '{v2_key}'"
+    ))
+    .await;
+    let report = s.verify().await;
+    assert_eq!(
+        events_of(&report, FindingKind::Altered),
+        BTreeSet::from([v1_key, v2_key])
+    );
+    s.env.cleanup().await;
 }
