@@ -43,5 +43,7 @@ BEGIN
     -- The sealer no longer writes audit_log at all.
     EXECUTE format('REVOKE UPDATE ON %I.audit_log FROM audit_worker_sealer', current_schema());
     EXECUTE format('REVOKE UPDATE (snapshot_id, leaf_index) ON %I.audit_log FROM audit_worker_sealer', current_schema());
+    -- Exports (run by every replica) carry each event's ledger entry.
+    EXECUTE format('GRANT SELECT ON %I.seal_ledger TO audit_worker_writer', current_schema());
 END
 $outer$;

@@ -513,3 +513,137 @@ async fn a_log_sealed_with_v1_leaves_keeps_verifying_and_continues_with_v2_leave
     );
     s.env.cleanup().await;
 }
+
+/// An event whose custom fields exercise the canonical encoding: floats,
+/// large numbers, non-ASCII and non-BMP keys, nesting.
+fn varied_event(i: usize) -> Value {
+    let mut e = full_event(i);
+    let o = e.as_object_mut().unwrap();
+    o.insert("ratio".into(), json!(i as f64 / 7.0));
+    o.insert("big".into(), json!(1e21 * (i % 5) as f64));
+    o.insert("tiny".into(), json!(1.5e-7 * i as f64));
+    o.insert("\u{e9}clair".into(), json!(i % 2 == 0));
+    o.insert("emoji\u{1F600}".into(), json!([i, "x\u{1}y", null]));
+    o.insert("\u{ff61}half".into(), json!({"b": 1, "a": [2.50, -0.0]}));
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_independent_python_verifier_agrees_with_the_worker_on_a_10k_event_log_and_100_proofs()
+{
+    use rand::seq::index::sample;
+    use rand::SeedableRng;
+    let s = LogEnv::new("pyverify").await;
+    let events: Vec<Value> = (0..10_000).map(varied_event).collect();
+    s.ingest(&events, |c| {
+        c.snapshot.personal_fields = vec!["details.email".into()]
+    })
+    .await;
+    let summary = s.seal("all").await;
+    assert_eq!(summary.tree_size, 10_000);
+    let dir = tempfile::tempdir().unwrap();
+
+    // The export, as an auditor would receive it.
+    let out = dir.path().join("export");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_audit-worker"));
+    cmd.args(["export", "--format", "ndjson", "--compression", "none"])
+        .args(["--from", "2000-01-01", "--to", "2100-01-01", "--out"])
+        .arg(&out)
+        .env(
+            "AUDIT_WORKER__STORAGE__URL",
+            s.storage.path().display().to_string(),
+        );
+    for (k, v) in s.env.env_vars() {
+        cmd.env(k, v);
+    }
+    let result = cmd.output().unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let export = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".ndjson"))
+        .expect("an ndjson artifact");
+
+    // 100 random proofs, as `prove` prints them.
+    let c = s.config();
+    let (mut client, conn) = audit_worker::db::pg_config(&c)
+        .unwrap()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+    let mut proofs = Vec::new();
+    for i in sample(&mut rng, 10_000, 100) {
+        let p = verify::prove(&mut client, &format!("evt-{i}"), 5000)
+            .await
+            .unwrap();
+        assert_eq!(p.leaf_version, 2);
+        proofs.push(p);
+    }
+    let proofs_file = dir.path().join("proofs.json");
+    std::fs::write(&proofs_file, serde_json::to_vec(&proofs).unwrap()).unwrap();
+    let checkpoint = dir.path().join("checkpoint");
+    std::fs::write(&checkpoint, &summary.checkpoint).unwrap();
+
+    let run = |export: &std::path::Path| {
+        std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/verify_log.py"
+            ))
+            .args(["--key", &s.verifier, "--origin", ORIGIN, "--json"])
+            .arg("--checkpoint")
+            .arg(&checkpoint)
+            .arg("--export")
+            .arg(export)
+            .arg("--proofs")
+            .arg(&proofs_file)
+            .output()
+            .unwrap()
+    };
+    let result = run(&export);
+    let stdout = String::from_utf8_lossy(&result.stdout).to_string();
+    assert!(
+        result.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["leavesRecomputed"], 10_000);
+    assert_eq!(report["exportRows"], 10_000);
+    assert_eq!(report["rootRecomputed"], json!(summary.root_hex));
+    assert_eq!(report["signedRoot"], json!(summary.root_hex));
+    assert_eq!(report["proofsChecked"], 100);
+
+    // One changed column of a proven event in the export: the script names
+    // the event and the root no longer matches.
+    let victim = proofs[0].event.clone();
+    let text = std::fs::read_to_string(&export).unwrap();
+    let tampered: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let mut row: Value = serde_json::from_str(l).unwrap();
+            if row["idempotency_key"] == json!(victim) {
+                row["retention_policy"] = json!("1d");
+            }
+            row.to_string()
+        })
+        .collect();
+    let bad = dir.path().join("tampered.ndjson");
+    std::fs::write(&bad, tampered.join("\n")).unwrap();
+    let result = run(&bad);
+    assert!(!result.status.success());
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        stdout.contains(&format!("FAILED: proof of event {victim}")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("differs from the signed root"), "{stdout}");
+    s.env.cleanup().await;
+}
