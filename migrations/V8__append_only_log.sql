@@ -43,6 +43,10 @@ BEGIN
     -- The sealer no longer writes audit_log at all.
     EXECUTE format('REVOKE UPDATE ON %I.audit_log FROM audit_worker_sealer', current_schema());
     EXECUTE format('REVOKE UPDATE (snapshot_id, leaf_index) ON %I.audit_log FROM audit_worker_sealer', current_schema());
+    -- Sealing numbers its snapshot with nextval on the snapshots id
+    -- sequence, which V5 did not grant: a sealer-only login could not seal.
+    EXECUTE format('GRANT USAGE ON SEQUENCE %s TO audit_worker_sealer',
+                   pg_get_serial_sequence(format('%I.snapshots', current_schema()), 'id'));
     -- Exports (run by every replica) carry each event's ledger entry.
     EXECUTE format('GRANT SELECT ON %I.seal_ledger TO audit_worker_writer', current_schema());
 END
