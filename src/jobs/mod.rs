@@ -13,6 +13,7 @@ pub mod merkle_stream;
 pub mod snapshot;
 pub mod snapshot_cli;
 pub mod stored_record;
+pub mod tile_store;
 pub mod verify;
 
 use std::sync::Arc;

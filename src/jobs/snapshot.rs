@@ -529,6 +529,8 @@ impl Snapshotter {
                 SnapshotError::Integrity("a consistency node was not computed".into())
             })?;
         let root = tree.root();
+        // The tiles follow the ledger in the same transaction.
+        crate::jobs::tile_store::extend_tiles(&tx, new_size, self.settings.page_size).await?;
 
         let checkpoint = Checkpoint::new(self.origin.clone(), new_size, root)
             .map_err(|e| SnapshotError::Signing(e.to_string()))?;

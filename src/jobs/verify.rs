@@ -603,6 +603,28 @@ pub async fn verify(
         }
     }
 
+    // 3b. The stored tiles (what proofs and /log/ readers use) must give
+    //     every signed root they reach.
+    let tiled = crate::jobs::tile_store::tiles_size(&tx).await?;
+    for &i in &scope {
+        let Some(cp) = &snapshots[i].signed else {
+            continue;
+        };
+        if cp.size() == 0 || cp.size() > tiled {
+            continue;
+        }
+        let root = crate::jobs::tile_store::range_hashes(&tx, &[0..cp.size()]).await?;
+        if root.as_deref() != Some(&[*cp.root()][..]) {
+            report.checkpoint(
+                snapshots[i].id,
+                format!(
+                    "the stored tiles do not reproduce the signed root at size {}",
+                    cp.size()
+                ),
+            );
+        }
+    }
+
     // 4. Unsealed rows inside a sealed range: either inserted after sealing
     //    or a late arrival the next snapshot has not sealed yet. Either way
     //    the signed log does not vouch for them, so they are reported.
@@ -742,30 +764,37 @@ pub async fn prove(
     let size = latest.get::<_, i64>(1) as u64;
     let ranges = merkle::inclusion_proof_ranges(leaf_index, size)
         .map_err(|e| SnapshotError::Integrity(e.to_string()))?;
-    let mut hasher = RangeHasher::new(ranges);
-    {
-        let begin = hasher.start().unwrap_or(0) as i64;
-        let mut leaves = PagedRows::open(
-            &tx,
-            "SELECT leaf_index, leaf FROM seal_ledger WHERE leaf_index >= $1 AND leaf_index < $2
-              ORDER BY leaf_index",
-            &[&begin, &(size as i64)],
-            page,
-        )
-        .await?;
-        while let Some(row) = leaves.next().await? {
-            let i: i64 = row.get(0);
-            let leaf = hash_from_bytes(row.get::<_, &[u8]>(1)).ok_or_else(|| {
-                SnapshotError::Integrity(format!("ledger leaf {i} is not 32 bytes"))
-            })?;
-            hasher.feed(i as u64, &merkle::leaf_hash(&leaf));
+    // From the stored tiles (O(log n) tiles); a log whose tiles do not
+    // reach this size yet (sealed before tiles existed, until its next
+    // snapshot) is read from the ledger instead.
+    let nodes = match crate::jobs::tile_store::range_hashes(&tx, &ranges).await? {
+        Some(nodes) => nodes,
+        None => {
+            let mut hasher = RangeHasher::new(ranges);
+            let begin = hasher.start().unwrap_or(0) as i64;
+            let mut leaves = PagedRows::open(
+                &tx,
+                "SELECT leaf_index, leaf FROM seal_ledger WHERE leaf_index >= $1 AND leaf_index < $2
+                  ORDER BY leaf_index",
+                &[&begin, &(size as i64)],
+                page,
+            )
+            .await?;
+            while let Some(row) = leaves.next().await? {
+                let i: i64 = row.get(0);
+                let leaf = hash_from_bytes(row.get::<_, &[u8]>(1)).ok_or_else(|| {
+                    SnapshotError::Integrity(format!("ledger leaf {i} is not 32 bytes"))
+                })?;
+                hasher.feed(i as u64, &merkle::leaf_hash(&leaf));
+            }
+            drop(leaves);
+            hasher.finish().ok_or_else(|| {
+                SnapshotError::Integrity(
+                    "the seal ledger is missing leaves: run `audit-worker verify`".into(),
+                )
+            })?
         }
-    }
-    let nodes = hasher.finish().ok_or_else(|| {
-        SnapshotError::Integrity(
-            "the seal ledger is missing leaves: run `audit-worker verify`".into(),
-        )
-    })?;
+    };
     let v2 = leaf_version == LEAF_VERSION_V2;
     let proof = InclusionProof {
         format: if v2 {
