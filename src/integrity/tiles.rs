@@ -243,9 +243,11 @@ mod tests {
     }
 
     /// Appends in uneven steps and keeps the latest version of each tile.
-    fn build(sizes: &[u64]) -> (Vec<Hash>, HashMap<(u32, u64), Vec<Hash>>) {
+    type Store = HashMap<(u32, u64), Vec<Hash>>;
+
+    fn build(sizes: &[u64]) -> (Vec<Hash>, Store) {
         let all = leaves(*sizes.last().unwrap());
-        let mut store: HashMap<(u32, u64), Vec<Hash>> = HashMap::new();
+        let mut store: Store = HashMap::new();
         let mut old = 0u64;
         for &size in sizes {
             let snapshot = store.clone();
@@ -264,7 +266,7 @@ mod tests {
         (all, store)
     }
 
-    fn node(store: &HashMap<(u32, u64), Vec<Hash>>, n: &Node) -> Hash {
+    fn node(store: &Store, n: &Node) -> Hash {
         let (level, tile, _) = n.tile_span();
         node_from_tile(n, &store[&(level, tile)]).unwrap()
     }

@@ -613,7 +613,9 @@ pub async fn verify(
         if cp.size() == 0 || cp.size() > tiled {
             continue;
         }
-        let root = crate::jobs::tile_store::range_hashes(&tx, &[0..cp.size()]).await?;
+        let root =
+            crate::jobs::tile_store::range_hashes(&tx, std::slice::from_ref(&(0..cp.size())))
+                .await?;
         if root.as_deref() != Some(&[*cp.root()][..]) {
             report.checkpoint(
                 snapshots[i].id,
