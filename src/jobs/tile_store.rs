@@ -183,3 +183,69 @@ pub async fn range_hashes(
     }
     Ok(Some(out))
 }
+
+/// The latest signed checkpoint note, if the log has one.
+pub async fn latest_checkpoint(
+    client: &impl GenericClient,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT s.checkpoint_note FROM snapshot_log_head h JOIN snapshots s ON s.id = h.snapshot_id",
+            &[],
+        )
+        .await?
+        .map(|r| r.get(0)))
+}
+
+/// The bytes of a tile or entry bundle as tlog-tiles clients expect, or
+/// `None` when the log does not (yet) hold that many hashes or entries.
+/// An entry bundle holds each leaf's 32-byte leaf data (the record digest,
+/// never event content), each behind a big-endian 16-bit length.
+pub async fn tile_bytes(
+    client: &impl GenericClient,
+    request: &crate::integrity::tiles::TileRequest,
+) -> Result<Option<Vec<u8>>, tokio_postgres::Error> {
+    use crate::integrity::tiles::TileRequest;
+    match *request {
+        TileRequest::Hashes {
+            level,
+            index,
+            width,
+        } => {
+            let want = width.unwrap_or(TILE_WIDTH) as usize * 32;
+            let row = client
+                .query_opt(
+                    "SELECT hashes FROM log_tiles WHERE level = $1 AND idx = $2",
+                    &[&(level as i16), &(index as i64)],
+                )
+                .await?;
+            Ok(row.and_then(|r| {
+                let h: &[u8] = r.get(0);
+                (h.len() >= want).then(|| h[..want].to_vec())
+            }))
+        }
+        TileRequest::Entries { index, width } => {
+            let want = width.unwrap_or(TILE_WIDTH) as i64;
+            let first = index as i64 * TILE_WIDTH as i64;
+            // Only leaves under the latest checkpoint are published.
+            let rows = client
+                .query(
+                    "SELECT l.leaf FROM seal_ledger l, snapshot_log_head h
+                      WHERE l.leaf_index >= $1 AND l.leaf_index < $2 AND l.leaf_index < h.tree_size
+                      ORDER BY l.leaf_index",
+                    &[&first, &(first + want)],
+                )
+                .await?;
+            if rows.len() as i64 != want {
+                return Ok(None);
+            }
+            let mut out = Vec::with_capacity(rows.len() * 34);
+            for r in &rows {
+                let leaf: &[u8] = r.get(0);
+                out.extend_from_slice(&(leaf.len() as u16).to_be_bytes());
+                out.extend_from_slice(leaf);
+            }
+            Ok(Some(out))
+        }
+    }
+}

@@ -647,3 +647,109 @@ async fn the_independent_python_verifier_agrees_with_the_worker_on_a_10k_event_l
     assert!(stdout.contains("differs from the signed root"), "{stdout}");
     s.env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_independent_tlog_tiles_reader_follows_the_log_over_http() {
+    let s = LogEnv::new("tiles").await;
+    let first: Vec<Value> = (0..300).map(event).collect();
+    s.ingest(&first, |_| {}).await;
+    let old = s.seal("old").await;
+    assert_eq!(old.tree_size, 300);
+    let second: Vec<Value> = (300..700).map(event).collect();
+    s.ingest(&second, |_| {}).await;
+    let new = s.seal("new").await;
+    assert_eq!((new.previous_tree_size, new.tree_size), (300, 700));
+    // Tiles at size 700: level 0 tiles 0 and 1 full, tile 2 with 188
+    // hashes; level 1 tile 0 with 2 (the two complete 256-leaf subtrees).
+    let tiles = s
+        .env
+        .pg
+        .query(
+            "SELECT level, idx, length(hashes) / 32 FROM log_tiles ORDER BY level, idx",
+            &[],
+        )
+        .await
+        .unwrap();
+    let tiles: Vec<(i16, i64, i32)> = tiles
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        tiles,
+        vec![(0, 0, 256), (0, 1, 256), (0, 2, 188), (1, 0, 2)]
+    );
+
+    // The worker serves the log read-only; a reader written from the
+    // specifications follows it with only the verifier key.
+    let worker = InProcessWorker::start(s.worker_config());
+    let port = s.env.http_port;
+    wait_until(Duration::from_secs(30), "the HTTP listener", || async {
+        http_status(port, "/healthz").await.is_some()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let old_cp = dir.path().join("old-checkpoint");
+    std::fs::write(&old_cp, &old.checkpoint).unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tlog_reader.py"))
+        .arg(format!("http://127.0.0.1:{port}"))
+        .args([s.verifier.as_str(), ORIGIN])
+        .arg(&old_cp)
+        .args(["0", "255", "256", "299", "511", "699"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["size"], 700);
+    assert_eq!(report["root"], json!(new.root_hex));
+    assert_eq!(report["oldSize"], 300);
+    assert_eq!(report["consistency"], true);
+    // Each entry is the event's record digest, as in the ledger.
+    let digest: Vec<u8> = s
+        .env
+        .pg
+        .query_one("SELECT leaf FROM seal_ledger WHERE leaf_index = 511", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(report["leaves"]["511"], json!(hex::encode(digest)));
+
+    // Non-canonical or not-yet-existing tiles are 404; the checkpoint is
+    // the latest note.
+    let client = reqwest::Client::new();
+    let get = |path: String| {
+        let client = client.clone();
+        async move {
+            let r = client
+                .get(format!("http://127.0.0.1:{port}{path}"))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
+        }
+    };
+    assert_eq!(
+        get("/log/checkpoint".into()).await,
+        (200, new.checkpoint.clone().into_bytes())
+    );
+    let (status, body) = get("/log/tile/0/002.p/188".into()).await;
+    assert_eq!((status, body.len()), (200, 188 * 32));
+    let (status, body) = get("/log/tile/entries/001".into()).await;
+    assert_eq!((status, body.len()), (200, 256 * 34));
+    for missing in [
+        "/log/tile/0/002",
+        "/log/tile/0/002.p/189",
+        "/log/tile/0/2",
+        "/log/tile/1/000",
+        "/log/tile/entries/003",
+    ] {
+        assert_eq!(get(missing.into()).await.0, 404, "{missing}");
+    }
+    worker.stop().await;
+    s.env.cleanup().await;
+}
