@@ -90,6 +90,10 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// A checkpoint (signed note file) the log must extend, instead of
+        /// the last one published to the object store.
+        #[arg(long, value_name = "FILE")]
+        trusted_checkpoint: Option<PathBuf>,
     },
     /// Print an event's inclusion proof and signed checkpoint as JSON.
     Prove {
@@ -294,8 +298,14 @@ fn main() -> ExitCode {
                 println!("{}", snapshot_cli::snapshot(&config, from, to).await?);
                 Ok(())
             }
-            Command::Verify { snapshot, json } => {
-                if snapshot_cli::verify(&config, snapshot, json).await? {
+            Command::Verify {
+                snapshot,
+                json,
+                trusted_checkpoint,
+            } => {
+                if snapshot_cli::verify(&config, snapshot, json, trusted_checkpoint.as_deref())
+                    .await?
+                {
                     Ok(())
                 } else {
                     Err(anyhow::anyhow!(

@@ -10,6 +10,7 @@
 
 pub mod export;
 pub mod merkle_stream;
+pub mod published;
 pub mod snapshot;
 pub mod snapshot_cli;
 pub mod stored_record;

@@ -681,6 +681,15 @@ impl Snapshotter {
             .put(&path, PutPayload::from(body))
             .await
             .map_err(|e| SnapshotError::Storage(e.to_string()))?;
+        // The checkpoint, append-only outside the database: what `verify`
+        // requires the log to extend.
+        crate::jobs::published::publish(
+            &self.storage,
+            &crate::jobs::published::folder(&self.settings.manifest_prefix, &self.origin),
+            summary.tree_size as u64,
+            &summary.checkpoint,
+        )
+        .await?;
         let Some(redis) = &self.redis else {
             return Err(SnapshotError::Redis(
                 "no Redis connection in this process".into(),

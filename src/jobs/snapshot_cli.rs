@@ -106,10 +106,18 @@ pub async fn snapshot(
 
 /// `verify`: prints each finding and a summary; Ok(false) when anything
 /// was found.
-pub async fn verify(config: &Config, only: Option<i64>, json: bool) -> anyhow::Result<bool> {
+/// The log must also extend a trusted checkpoint: the one in `trusted`
+/// (a file), else the last one this deployment published to the object
+/// store.
+pub async fn verify(
+    config: &Config,
+    only: Option<i64>,
+    json: bool,
+    trusted: Option<&Path>,
+) -> anyhow::Result<bool> {
     let verifier = snapshot::load_verifier(&config.snapshot)?;
     let mut client = connect(config).await?;
-    let report = verify::verify(
+    let mut report = verify::verify(
         &mut client,
         &verifier,
         &config.snapshot.origin,
@@ -117,6 +125,41 @@ pub async fn verify(config: &Config, only: Option<i64>, json: bool) -> anyhow::R
         config.snapshot.page_size,
     )
     .await?;
+    let note = match trusted {
+        Some(file) => {
+            Some(std::fs::read_to_string(file).with_context(|| {
+                format!("cannot read the trusted checkpoint {}", file.display())
+            })?)
+        }
+        None => {
+            let storage = crate::storage::open(&config.storage)?;
+            let folder = crate::jobs::published::folder(
+                &config.snapshot.manifest_prefix,
+                &config.snapshot.origin,
+            );
+            crate::jobs::published::latest(&storage, &folder)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot read the published checkpoints ({e}): check storage.url, or give --trusted-checkpoint FILE")
+                })?
+        }
+    };
+    match note {
+        Some(note) => report.findings.extend(
+            crate::jobs::published::check_extends(
+                &mut client,
+                &verifier,
+                &config.snapshot.origin,
+                &note,
+                config.snapshot.page_size,
+            )
+            .await?,
+        ),
+        None if !json => {
+            println!("note: no checkpoint was published yet, so none is required to be extended")
+        }
+        None => {}
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -753,3 +753,149 @@ async fn an_independent_tlog_tiles_reader_follows_the_log_over_http() {
     worker.stop().await;
     s.env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncating_the_log_and_resetting_its_head_fails_verify_against_the_published_checkpoint() {
+    let s = LogEnv::new("truncate").await;
+    s.ingest(&(0..100).map(event).collect::<Vec<_>>(), |_| {})
+        .await;
+    let a = s.seal("a").await;
+    s.ingest(&(100..200).map(event).collect::<Vec<_>>(), |_| {})
+        .await;
+    let b = s.seal("b").await;
+    assert_eq!((a.tree_size, b.tree_size), (100, 200));
+    // Both checkpoints are published outside the database, append-only.
+    let folder = s
+        .storage
+        .path()
+        .join("snapshots/test.example_log-v2/checkpoints");
+    for size in [100, 200] {
+        let note = std::fs::read_to_string(folder.join(format!("{size:020}.note"))).unwrap();
+        assert_eq!(
+            note,
+            if size == 100 {
+                &a.checkpoint
+            } else {
+                &b.checkpoint
+            }
+            .as_str()
+        );
+    }
+
+    // A superuser removes the newest snapshot with its ledger entries,
+    // rows, salts and tiles, and resets the head: the database is
+    // consistent again, and a check of the database alone passes.
+    s.env
+        .pg
+        .batch_execute(
+            "ALTER TABLE seal_ledger DISABLE TRIGGER seal_ledger_append_only;
+             ALTER TABLE snapshots DISABLE TRIGGER snapshots_guard;
+             ALTER TABLE log_tiles DISABLE TRIGGER log_tiles_grow_only;
+             ALTER TABLE audit_log DISABLE TRIGGER audit_log_immutable;",
+        )
+        .await
+        .unwrap();
+    s.env
+        .pg
+        .batch_execute(&format!(
+            "DELETE FROM audit_salts s USING seal_ledger l
+              WHERE l.snapshot_id = {id} AND s.idempotency_key = l.idempotency_key AND s.event_time = l.event_time;
+             DELETE FROM audit_log a USING seal_ledger l
+              WHERE l.snapshot_id = {id} AND a.id = l.row_id AND a.event_time = l.event_time;
+             DELETE FROM seal_ledger WHERE snapshot_id = {id};
+             DELETE FROM snapshot_jobs WHERE snapshot_id = {id};
+             DELETE FROM snapshots WHERE id = {id};
+             DELETE FROM log_tiles;
+             UPDATE snapshot_log_head SET tree_size = 100, snapshot_id = {a_id};",
+            id = b.snapshot_id,
+            a_id = a.snapshot_id
+        ))
+        .await
+        .unwrap();
+    s.env
+        .pg
+        .batch_execute(
+            "ALTER TABLE seal_ledger ENABLE TRIGGER seal_ledger_append_only;
+             ALTER TABLE snapshots ENABLE TRIGGER snapshots_guard;
+             ALTER TABLE log_tiles ENABLE TRIGGER log_tiles_grow_only;
+             ALTER TABLE audit_log ENABLE TRIGGER audit_log_immutable;",
+        )
+        .await
+        .unwrap();
+    let db_only = s.verify().await;
+    assert!(db_only.ok(), "{:?}", db_only.findings);
+
+    // Against the last published checkpoint it fails, naming what is gone.
+    let c = s.config();
+    let (mut client, conn) = audit_worker::db::pg_config(&c)
+        .unwrap()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let storage = audit_worker::storage::open(&c.storage).unwrap();
+    let published = audit_worker::jobs::published::latest(
+        &storage,
+        &audit_worker::jobs::published::folder(&c.snapshot.manifest_prefix, ORIGIN),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(published, b.checkpoint);
+    let verifier = audit_worker::jobs::snapshot::load_verifier(&c.snapshot).unwrap();
+    let findings = audit_worker::jobs::published::check_extends(
+        &mut client,
+        &verifier,
+        ORIGIN,
+        &published,
+        1000,
+    )
+    .await
+    .unwrap();
+    let details: Vec<&str> = findings.iter().map(|f| f.detail.as_str()).collect();
+    assert_eq!(findings.len(), 3, "{details:?}");
+    assert!(
+        details[0].contains("head says 100 leaves but the trusted checkpoint has 200"),
+        "{details:?}"
+    );
+    assert!(
+        details[1].contains("100 ledger entries are missing"),
+        "{details:?}"
+    );
+    assert!(
+        details[2].contains("no snapshot has the trusted checkpoint's size 200"),
+        "{details:?}"
+    );
+
+    // The command does the same by default, and accepts an older trusted
+    // checkpoint that the log still extends.
+    let cli = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_audit-worker"));
+        cmd.arg("verify").args(extra);
+        for (k, v) in s.env.env_vars() {
+            cmd.env(k, v);
+        }
+        cmd.env("AUDIT_WORKER__SNAPSHOT__ORIGIN", ORIGIN)
+            .env("AUDIT_WORKER__SNAPSHOT__SIGNING_KEY", &s.key)
+            .env(
+                "AUDIT_WORKER__STORAGE__URL",
+                s.storage.path().display().to_string(),
+            )
+            .output()
+            .unwrap()
+    };
+    let out = cli(&[]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("truncated or rolled back"), "{stdout}");
+    let old = s.storage.path().join("a.note");
+    std::fs::write(&old, &a.checkpoint).unwrap();
+    let out = cli(&["--trusted-checkpoint", old.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.env.cleanup().await;
+}
