@@ -13,7 +13,8 @@ written here from their specifications. Needs Python 3 and the
 
 --checkpoint  a signed checkpoint note (file); default: the checkpoint of
               the first proof.
---origin      the log origin to require (recommended).
+--origin      the log origin to require (a proof or checkpoint of any other
+              log is refused).
 --export      an `audit-worker export --format ndjson` file (plain or gzip):
               every sealed event's leaf is recomputed from its exported
               record and salts; when the export holds every leaf up to the
@@ -206,6 +207,18 @@ def leaf_data(row):
     raise Failure(f"unknown leaf_version {version!r}")
 
 
+def same_instant(a, b):
+    """Whether two RFC 3339 timestamps name the same instant (None: unparsable)."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(a.replace("Z", "+00:00")) == datetime.fromisoformat(
+            b.replace("Z", "+00:00")
+        )
+    except (AttributeError, ValueError):
+        return None
+
+
 # --- RFC 6962 / RFC 9162 ---------------------------------------------------
 
 
@@ -327,7 +340,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--key", required=True)
     ap.add_argument("--checkpoint")
-    ap.add_argument("--origin")
+    ap.add_argument("--origin", required=True)
     ap.add_argument("--export")
     ap.add_argument("--proofs")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -343,7 +356,7 @@ def main():
         else:
             raise Failure("give --checkpoint or --proofs")
         origin, size, root = open_note(note, verifier)
-        if args.origin is not None and origin != args.origin:
+        if origin != args.origin:
             raise Failure(f"checkpoint origin {origin!r} is not the expected {args.origin!r}")
     except (Failure, OSError, ValueError, KeyError) as e:
         print(f"FAILED: {e}")
@@ -393,6 +406,21 @@ def main():
                 raise Failure("proof's tree size differs from its signed checkpoint")
             version = p.get("leafVersion", 1)
             data = bytes.fromhex(p["recordDigest"] if version == 2 else p["eventHash"])
+            if version == 2:
+                # The printed record must give the leaf, and what the proof
+                # prints about the event must be the record's.
+                record = p.get("record")
+                if not isinstance(record, dict):
+                    raise Failure("a leaf v2 proof must carry its record")
+                if hashlib.sha256(RECORD_PREFIX_V2 + jcs(record).encode("utf-8")).digest() != data:
+                    raise Failure("the record in the proof does not give its recordDigest")
+                for key, member in (("event", "idempotencyKey"), ("eventHash", "hash")):
+                    if p.get(key) != record.get(member):
+                        raise Failure(f"the proof's {key} is not its record's {member}")
+                if same_instant(p.get("eventTime"), record.get("eventTime")) is not True:
+                    raise Failure("the proof's eventTime is not its record's")
+                if p.get("rowId") is not None:
+                    raise Failure("a leaf v2 proof cannot prove a row id")
             index = p["leafIndex"]
             if index in leaves:
                 exported_event, exported = leaves[index]

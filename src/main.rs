@@ -107,6 +107,10 @@ enum Command {
         /// The verifier key (`<name>+<id>+<key>`, printed by keygen).
         #[arg(long)]
         key: String,
+        /// The log's origin, as published by its operator: a proof from
+        /// any other log is refused.
+        #[arg(long)]
+        origin: String,
     },
 }
 
@@ -317,8 +321,8 @@ fn main() -> ExitCode {
                 println!("{}", snapshot_cli::prove(&config, &event).await?);
                 Ok(())
             }
-            Command::VerifyProof { proof, key } => {
-                println!("{}", snapshot_cli::verify_proof(&proof, &key)?);
+            Command::VerifyProof { proof, key, origin } => {
+                println!("{}", snapshot_cli::verify_proof(&proof, &key, &origin)?);
                 Ok(())
             }
         }

@@ -284,6 +284,15 @@ pub fn encode_v2(r: &StoredRecord, salts: &Salts) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// The record digest of a record object as [`record_object`] builds it
+/// (and as a v2 proof carries it): lets a proof's reader recompute the leaf
+/// from the printed record.
+pub fn digest_of_object(record: &Value) -> Result<[u8; 32], String> {
+    let mut bytes = RECORD_PREFIX_V2.to_vec();
+    bytes.extend(jcs(record)?);
+    Ok(Sha256::digest(bytes).into())
+}
+
 /// The record digest: the log's entry for the event.
 pub fn record_digest(r: &StoredRecord, salts: &Salts) -> Result<[u8; 32], String> {
     Ok(Sha256::digest(encode_v2(r, salts)?).into())
@@ -366,6 +375,10 @@ mod tests {
         assert_eq!(
             hex::encode(leaf_hash(&record_digest(&r, &salts).unwrap())),
             v["leafHash"].as_str().unwrap()
+        );
+        assert_eq!(
+            digest_of_object(&record_object(&r, &salts).unwrap()).unwrap(),
+            record_digest(&r, &salts).unwrap()
         );
         assert_eq!(
             hex::encode(commitment(&[1; SALT_LEN], &json!("user-12345")).unwrap()),

@@ -183,7 +183,7 @@ pub async fn prove(config: &Config, event: &str) -> anyhow::Result<String> {
     let mut client = connect(config).await?;
     let proof = verify::prove(&mut client, event, config.snapshot.page_size).await?;
     if let Ok(v) = snapshot::load_verifier(&config.snapshot) {
-        verify::verify_proof(&proof, &v).map_err(|e| {
+        verify::verify_proof(&proof, &v, &config.snapshot.origin).map_err(|e| {
             anyhow::anyhow!("the proof just built does not verify ({e}): run `audit-worker verify`")
         })?;
     }
@@ -191,7 +191,7 @@ pub async fn prove(config: &Config, event: &str) -> anyhow::Result<String> {
 }
 
 /// `verify-proof`: checks a `prove` output offline with a verifier key.
-pub fn verify_proof(proof_file: &Path, key: &str) -> anyhow::Result<String> {
+pub fn verify_proof(proof_file: &Path, key: &str, origin: &str) -> anyhow::Result<String> {
     let verifier = NoteVerifier::parse(key.trim())
         .map_err(|e| anyhow::anyhow!("--key is not a verifier key ({e})"))?;
     let text = std::fs::read_to_string(proof_file)
@@ -202,7 +202,7 @@ pub fn verify_proof(proof_file: &Path, key: &str) -> anyhow::Result<String> {
             proof_file.display()
         )
     })?;
-    let cp = verify::verify_proof(&proof, &verifier).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cp = verify::verify_proof(&proof, &verifier, origin).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(format!(
         "OK: event {} (hash {}, leaf v{}) is leaf {} of log {:?} at size {}, signed by {}",
         proof.event,

@@ -14,7 +14,10 @@ use tokio_postgres::Row;
 
 use crate::integrity::checkpoint::{open_note, Checkpoint, NoteVerifier};
 use crate::integrity::merkle::{self, Hash, TreeBuilder};
-use crate::integrity::record::{LEAF_VERSION_V1, LEAF_VERSION_V2};
+use crate::integrity::record::{
+    digest_of_object, record_object, salts_from_json, timestamp_text, LEAF_VERSION_V1,
+    LEAF_VERSION_V2,
+};
 use crate::integrity::{canonical_hash_v1, HashedFields};
 use crate::jobs::merkle_stream::{hash_from_bytes, PagedRows, RangeHasher};
 use crate::jobs::snapshot::SnapshotError;
@@ -670,6 +673,41 @@ pub async fn verify(
     Ok(report)
 }
 
+/// A v2 proof's printed record must give its leaf, and the printed event,
+/// time and hash must be the record's: nothing printed goes unproven.
+fn check_record(proof: &InclusionProof, digest_hex: &str) -> Result<(), String> {
+    let record = proof
+        .record
+        .as_ref()
+        .ok_or("a leaf v2 proof needs the record it proves")?;
+    let digest = digest_of_object(record)?;
+    if hex::encode(digest) != digest_hex {
+        return Err("the record in the proof does not give its recordDigest".into());
+    }
+    let field = |k: &str| record.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+    if field("idempotencyKey") != proof.event {
+        return Err(format!(
+            "the proof names event {:?} but its record is event {:?}",
+            proof.event,
+            field("idempotencyKey")
+        ));
+    }
+    if field("eventTime") != timestamp_text(&proof.event_time) {
+        return Err(format!(
+            "the proof's eventTime {} is not its record's ({})",
+            timestamp_text(&proof.event_time),
+            field("eventTime")
+        ));
+    }
+    if field("hash") != proof.event_hash {
+        return Err("the proof's eventHash is not its record's hash".into());
+    }
+    if proof.row_id.is_some() {
+        return Err("a leaf v2 proof cannot prove a row id: remove rowId".into());
+    }
+    Ok(())
+}
+
 fn leaf_version_v1() -> i16 {
     LEAF_VERSION_V1
 }
@@ -682,7 +720,10 @@ pub struct InclusionProof {
     pub format: String,
     /// The event's idempotency key (its eventId when it had one).
     pub event: String,
-    pub row_id: i64,
+    /// The row's id (leaf v1 proofs only: it is not part of a v2 record,
+    /// so a v2 proof does not print it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_id: Option<i64>,
     pub event_time: DateTime<Utc>,
     /// The event's canonical hash v1 (hex); the Merkle leaf data of leaf v1.
     pub event_hash: String,
@@ -692,6 +733,11 @@ pub struct InclusionProof {
     /// The event's record digest (hex, leaf v2): the Merkle leaf data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record_digest: Option<String>,
+    /// The stored record as it is encoded (leaf v2; personal values as
+    /// their commitments): `verify-proof` recomputes the leaf from it, and
+    /// the event, time and hash printed above must be the record's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<serde_json::Value>,
     pub leaf_index: u64,
     /// The tree size of the checkpoint; it must equal the size in the note.
     pub tree_size: u64,
@@ -798,6 +844,29 @@ pub async fn prove(
         }
     };
     let v2 = leaf_version == LEAF_VERSION_V2;
+    let record = if v2 {
+        let row = tx
+            .query_opt(
+                &format!(
+                    "SELECT {RECORD_COLUMNS} FROM audit_log a {SALTS_JOIN}
+                      WHERE a.event_time = $1 AND a.id = $2"
+                ),
+                &[&r.get::<_, DateTime<Utc>>(1), &r.get::<_, i64>(0)],
+            )
+            .await?;
+        let (rec, salts) = row
+            .as_ref()
+            .and_then(|row| record_from_row(row, 0))
+            .ok_or_else(|| {
+                SnapshotError::Integrity(format!(
+                    "the sealed row of event {event:?} is missing: run `audit-worker verify`"
+                ))
+            })?;
+        let salts = salts_from_json(salts.as_ref()).map_err(SnapshotError::Integrity)?;
+        Some(record_object(&rec, &salts).map_err(SnapshotError::Integrity)?)
+    } else {
+        None
+    };
     let proof = InclusionProof {
         format: if v2 {
             "audit-worker.inclusion-proof.v2"
@@ -806,7 +875,7 @@ pub async fn prove(
         }
         .into(),
         event: event.to_owned(),
-        row_id: r.get(0),
+        row_id: (!v2).then(|| r.get(0)),
         event_time: r.get(1),
         event_hash: if v2 {
             r.get::<_, Option<String>>(6).unwrap_or_default()
@@ -815,6 +884,7 @@ pub async fn prove(
         },
         leaf_version,
         record_digest: v2.then_some(leaf_data),
+        record,
         leaf_index,
         tree_size: size,
         inclusion_proof: nodes.iter().map(hex::encode).collect(),
@@ -830,13 +900,23 @@ pub async fn prove(
 /// Checks a proof offline with only the verifier key: the note's
 /// signature, then the inclusion of the event hash under the signed root
 /// at the signed size. Returns the checkpoint on success.
-pub fn verify_proof(proof: &InclusionProof, verifier: &NoteVerifier) -> Result<Checkpoint, String> {
+pub fn verify_proof(
+    proof: &InclusionProof,
+    verifier: &NoteVerifier,
+    origin: &str,
+) -> Result<Checkpoint, String> {
     let cp = open_note(&proof.checkpoint, verifier).map_err(|e| {
         format!(
             "checkpoint does not verify with key {}: {e}",
             verifier.name()
         )
     })?;
+    if cp.origin() != origin {
+        return Err(format!(
+            "the checkpoint is of log {:?}, not the expected {origin:?}",
+            cp.origin()
+        ));
+    }
     if cp.size() != proof.tree_size {
         return Err(format!(
             "proof claims tree size {} but the signed checkpoint says {}",
@@ -846,7 +926,10 @@ pub fn verify_proof(proof: &InclusionProof, verifier: &NoteVerifier) -> Result<C
     }
     let (data, name) = match (proof.leaf_version, &proof.record_digest) {
         (1, _) => (&proof.event_hash, "eventHash"),
-        (2, Some(d)) => (d, "recordDigest"),
+        (2, Some(d)) => {
+            check_record(proof, d)?;
+            (d, "recordDigest")
+        }
         (2, None) => return Err("a leaf v2 proof needs recordDigest".into()),
         (v, _) => return Err(format!("leafVersion {v} is not 1 or 2")),
     };

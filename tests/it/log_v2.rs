@@ -490,14 +490,46 @@ async fn a_log_sealed_with_v1_leaves_keeps_verifying_and_continues_with_v2_leave
         .get(0);
     let p1 = verify::prove(&mut client, &v1_key, 100).await.unwrap();
     assert_eq!((p1.leaf_version, p1.record_digest.is_none()), (1, true));
-    verify::verify_proof(&p1, &key).unwrap();
+    verify::verify_proof(&p1, &key, ORIGIN).unwrap();
     let p2 = verify::prove(&mut client, &v2_key, 100).await.unwrap();
     assert_eq!(p2.leaf_version, 2);
     assert_eq!(p2.leaf_index, 20);
-    verify::verify_proof(&p2, &key).unwrap();
-    let mut forged = p2.clone();
-    forged.record_digest = Some("00".repeat(32));
-    assert!(verify::verify_proof(&forged, &key).is_err());
+    verify::verify_proof(&p2, &key, ORIGIN).unwrap();
+    // verify-proof requires the expected origin and refuses anything
+    // printed that the leaf does not prove.
+    let e = verify::verify_proof(&p2, &key, "another/log").unwrap_err();
+    assert!(e.contains("not the expected"), "{e}");
+    let record = p2.record.clone().unwrap();
+    assert_eq!(record["idempotencyKey"], json!(v2_key));
+    assert_eq!(record["commitments"].as_array().unwrap().len(), 4);
+    assert!(
+        !record.to_string().contains("10.0.0.1"),
+        "personal values stay committed"
+    );
+    type Forgery = fn(&mut verify::InclusionProof);
+    let forgeries: [(Forgery, &str); 6] = [
+        (
+            |p| p.record_digest = Some("00".repeat(32)),
+            "does not give its recordDigest",
+        ),
+        (
+            |p| p.record.as_mut().unwrap()["retentionPolicy"] = json!("1d"),
+            "does not give its recordDigest",
+        ),
+        (|p| p.event = "evt-other".into(), "names event"),
+        (
+            |p| p.event_time += chrono::Duration::seconds(1),
+            "eventTime",
+        ),
+        (|p| p.event_hash = "00".repeat(32), "eventHash"),
+        (|p| p.row_id = Some(1), "row id"),
+    ];
+    for (forge, why) in forgeries {
+        let mut forged = p2.clone();
+        forge(&mut forged);
+        let e = verify::verify_proof(&forged, &key, ORIGIN).unwrap_err();
+        assert!(e.contains(why), "{why}: {e}");
+    }
 
     // A change to the hashed fields of a v1 event and to any column of a v2
     // event are both named.
@@ -645,6 +677,26 @@ async fn the_independent_python_verifier_agrees_with_the_worker_on_a_10k_event_l
         "{stdout}"
     );
     assert!(stdout.contains("differs from the signed root"), "{stdout}");
+
+    // A proof whose printed record or event was changed is refused.
+    let mut forged = proofs.clone();
+    forged[1].record.as_mut().unwrap()["retentionPolicy"] = json!("1d");
+    forged[2].event = "evt-someone-else".into();
+    std::fs::write(&proofs_file, serde_json::to_vec(&forged).unwrap()).unwrap();
+    let result = run(&export);
+    assert!(!result.status.success());
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "FAILED: proof of event {}: the record in the proof does not give its recordDigest",
+            proofs[1].event
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("FAILED: proof of event evt-someone-else: the proof's event is not its record's idempotencyKey"),
+        "{stdout}"
+    );
     s.env.cleanup().await;
 }
 

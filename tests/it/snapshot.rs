@@ -325,6 +325,7 @@ async fn snapshot_of_100k_events_verifies_and_its_root_matches_an_independent_co
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_audit-worker"));
     let out = cmd
         .args(["verify-proof", file.to_str().unwrap(), "--key", &s.verifier])
+        .args(["--origin", ORIGIN])
         .output()
         .unwrap();
     assert!(
@@ -344,6 +345,7 @@ async fn snapshot_of_100k_events_verifies_and_its_root_matches_an_independent_co
     std::fs::write(&file, bad.to_string()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_audit-worker"))
         .args(["verify-proof", file.to_str().unwrap(), "--key", &s.verifier])
+        .args(["--origin", ORIGIN])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -352,6 +354,7 @@ async fn snapshot_of_100k_events_verifies_and_its_root_matches_an_independent_co
     std::fs::write(&file, bad.to_string()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_audit-worker"))
         .args(["verify-proof", file.to_str().unwrap(), "--key", &s.verifier])
+        .args(["--origin", ORIGIN])
         .output()
         .unwrap();
     assert!(!out.status.success());
