@@ -26,6 +26,10 @@ ALTER TABLE seal_ledger ADD COLUMN leaf_version smallint NOT NULL DEFAULT 1
     CHECK (leaf_version IN (1, 2));
 COMMENT ON COLUMN seal_ledger.leaf IS
     'Merkle leaf data (32 bytes): the hash v1 (leaf_version 1) or the record digest (leaf_version 2)';
+-- Late events: an event whose time lies in a range an earlier snapshot
+-- already sealed is appended by the next snapshot; its entry records when
+-- it arrived (its ingested_at), so `verify` lists it as late.
+ALTER TABLE seal_ledger ADD COLUMN late_arrival timestamptz;
 ALTER TABLE snapshots ADD COLUMN leaf_version smallint NOT NULL DEFAULT 1
     CHECK (leaf_version IN (1, 2));
 

@@ -639,6 +639,14 @@ impl Snapshotter {
               ORDER BY a.event_time, a.id"
         );
         let page = self.settings.page_size;
+        // Ranges earlier snapshots sealed: an event inside one is late.
+        let sealed: Vec<(Option<DateTime<Utc>>, DateTime<Utc>)> = tx
+            .query("SELECT range_from, range_to FROM snapshots", &[])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let sealed = SealedRanges::new(sealed);
         let mut rows = PagedRows::open(tx, &sql, &[&from, &to], page).await?;
         let mut next = base;
         let mut batch = LedgerBatch::default();
@@ -652,7 +660,15 @@ impl Snapshotter {
                     rec.event_time.to_rfc3339()
                 ))
             })?;
-            batch.push(next, rec.event_time, r.get(0), rec.idempotency_key, digest);
+            let late = sealed.contains(rec.event_time).then_some(rec.ingested_at);
+            batch.push(
+                next,
+                rec.event_time,
+                r.get(0),
+                rec.idempotency_key,
+                digest,
+                late,
+            );
             next += 1;
             if batch.len() >= page.max(1) as usize {
                 batch.flush(tx, snapshot_id).await?;
@@ -896,6 +912,31 @@ pub fn creation_event(s: &SnapshotSummary) -> serde_json::Value {
     })
 }
 
+/// The event-time ranges earlier snapshots sealed, merged, for telling a
+/// late event (its time lies in one) from a timely one.
+struct SealedRanges(Vec<(Option<DateTime<Utc>>, DateTime<Utc>)>);
+
+impl SealedRanges {
+    fn new(mut ranges: Vec<(Option<DateTime<Utc>>, DateTime<Utc>)>) -> Self {
+        ranges.sort_by_key(|(f, _)| *f);
+        let mut merged: Vec<(Option<DateTime<Utc>>, DateTime<Utc>)> = Vec::new();
+        for (f, t) in ranges {
+            match merged.last_mut() {
+                Some((_, lt)) if f.is_none_or(|f| f <= *lt) => *lt = (*lt).max(t),
+                _ => merged.push((f, t)),
+            }
+        }
+        Self(merged)
+    }
+
+    fn contains(&self, t: DateTime<Utc>) -> bool {
+        // Few ranges after merging (one per gap between requested ranges).
+        self.0
+            .iter()
+            .any(|(f, to)| f.is_none_or(|f| f <= t) && t < *to)
+    }
+}
+
 /// Ledger entries waiting to be inserted, as columns (one multi-row
 /// INSERT per page).
 #[derive(Default)]
@@ -905,6 +946,7 @@ struct LedgerBatch {
     row_id: Vec<i64>,
     key: Vec<String>,
     leaf: Vec<Vec<u8>>,
+    late: Vec<Option<DateTime<Utc>>>,
 }
 
 impl LedgerBatch {
@@ -912,7 +954,16 @@ impl LedgerBatch {
         self.leaf_index.len()
     }
 
-    fn push(&mut self, index: i64, time: DateTime<Utc>, row: i64, key: String, leaf: Hash) {
+    fn push(
+        &mut self,
+        index: i64,
+        time: DateTime<Utc>,
+        row: i64,
+        key: String,
+        leaf: Hash,
+        late: Option<DateTime<Utc>>,
+    ) {
+        self.late.push(late);
         self.leaf_index.push(index);
         self.event_time.push(time);
         self.row_id.push(row);
@@ -929,9 +980,11 @@ impl LedgerBatch {
             return Ok(());
         }
         tx.execute(
-            "INSERT INTO seal_ledger (leaf_index, snapshot_id, event_time, row_id, idempotency_key, leaf, leaf_version)
-             SELECT i, $1, t, r, k, l, $7
-               FROM UNNEST($2::bigint[], $3::timestamptz[], $4::bigint[], $5::text[], $6::bytea[]) AS u(i, t, r, k, l)",
+            "INSERT INTO seal_ledger (leaf_index, snapshot_id, event_time, row_id, idempotency_key, leaf,
+                                      leaf_version, late_arrival)
+             SELECT i, $1, t, r, k, l, $7, a
+               FROM UNNEST($2::bigint[], $3::timestamptz[], $4::bigint[], $5::text[], $6::bytea[],
+                           $8::timestamptz[]) AS u(i, t, r, k, l, a)",
             &[
                 &snapshot_id,
                 &self.leaf_index,
@@ -940,6 +993,7 @@ impl LedgerBatch {
                 &self.key,
                 &self.leaf,
                 &LEAF_VERSION_V2,
+                &self.late,
             ],
         )
         .await?;

@@ -163,14 +163,18 @@ pub async fn verify(
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
+        for late in &report.late {
+            println!("{late}");
+        }
         for f in &report.findings {
             println!("{f}");
         }
         println!(
-            "{}: {} snapshots, {} leaves checked, {} problems",
+            "{}: {} snapshots, {} leaves checked ({} late), {} problems",
             if report.ok() { "OK" } else { "FAILED" },
             report.snapshots_checked,
             report.leaves_checked,
+            report.late.len(),
             report.findings.len()
         );
     }

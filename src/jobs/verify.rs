@@ -21,7 +21,9 @@ use crate::integrity::record::{
 use crate::integrity::{canonical_hash_v1, HashedFields};
 use crate::jobs::merkle_stream::{hash_from_bytes, PagedRows, RangeHasher};
 use crate::jobs::snapshot::SnapshotError;
-use crate::jobs::stored_record::{record_from_row, stored_digest, RECORD_COLUMNS, SALTS_JOIN};
+use crate::jobs::stored_record::{
+    record_from_row, stored_digest, RECORD_COLUMNS, RECORD_COLUMN_COUNT, SALTS_JOIN,
+};
 
 /// What kind of problem a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -92,6 +94,36 @@ pub struct VerifyReport {
     pub snapshots_checked: u64,
     pub leaves_checked: u64,
     pub findings: Vec<Finding>,
+    /// Events sealed after a snapshot had already sealed their time range
+    /// (not a problem: they are listed so an auditor sees them as late,
+    /// not as inserted).
+    pub late: Vec<LateEvent>,
+}
+
+/// A late event: sealed by a later snapshot than its time range's.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LateEvent {
+    pub event: String,
+    pub leaf_index: i64,
+    pub snapshot_id: i64,
+    pub event_time: DateTime<Utc>,
+    /// When it was stored (its ingested_at).
+    pub arrived: DateTime<Utc>,
+}
+
+impl std::fmt::Display for LateEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "LATE event {} (leaf {}, snapshot {}): event_time {} but arrived {}, after its period was sealed",
+            self.event,
+            self.leaf_index,
+            self.snapshot_id,
+            self.event_time.to_rfc3339(),
+            self.arrived.to_rfc3339()
+        )
+    }
 }
 
 impl VerifyReport {
@@ -352,7 +384,7 @@ pub async fn verify(
         &tx,
         &format!(
             "SELECT l.leaf_index, l.snapshot_id, l.event_time, l.row_id, l.idempotency_key, l.leaf,
-                    l.leaf_version, a.id, {RECORD_COLUMNS}
+                    l.leaf_version, a.id, {RECORD_COLUMNS}, l.late_arrival
                FROM seal_ledger l
                LEFT JOIN audit_log a ON a.event_time = l.event_time AND a.id = l.row_id
                {SALTS_JOIN}
@@ -417,6 +449,15 @@ pub async fn verify(
         let l_key: String = entry.get(4);
         let leaf = hash_from_bytes(entry.get::<_, &[u8]>(5)).unwrap_or(zero);
         ledger_tree.push(merkle::leaf_hash(&leaf));
+        if let Some(arrived) = entry.get::<_, Option<DateTime<Utc>>>(8 + RECORD_COLUMN_COUNT) {
+            report.late.push(LateEvent {
+                event: l_key.clone(),
+                leaf_index: i,
+                snapshot_id: l_snapshot,
+                event_time: l_time,
+                arrived,
+            });
+        }
         if entry.get::<_, i16>(6) == LEAF_VERSION_V2 {
             // Leaf v2: the row is the one the ledger names; any row claiming
             // this leaf number was inserted (v2 rows never carry one).

@@ -951,3 +951,50 @@ async fn truncating_the_log_and_resetting_its_head_fails_verify_against_the_publ
     );
     s.env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_arriving_after_its_period_was_sealed_is_sealed_next_and_listed_as_late() {
+    let s = LogEnv::new("late").await;
+    s.ingest(&(0..20).map(event).collect::<Vec<_>>(), |_| {})
+        .await;
+    let first = s.seal("first").await;
+    assert_eq!(first.record_count, 20);
+    // Its timestamp lies an hour back, inside the range just sealed.
+    let mut late = event(20);
+    late["eventId"] = json!("evt-late");
+    late["timestamp"] = json!(ts(3_000));
+    // A timely one, stamped after the first snapshot's range.
+    let mut timely = event(21);
+    timely["timestamp"] = json!(ts(0));
+    s.ingest(&[late, timely], |_| {}).await;
+    let before = s.verify().await;
+    assert_eq!(
+        events_of(&before, FindingKind::Inserted),
+        BTreeSet::from(["evt-late".to_string()]),
+        "until sealed, a late arrival is an unsealed row inside a sealed range"
+    );
+    let second = s.seal("second").await;
+    assert_eq!((second.previous_tree_size, second.tree_size), (20, 22));
+    let marked = s
+        .env
+        .pg
+        .query(
+            "SELECT l.idempotency_key, l.late_arrival = a.ingested_at FROM seal_ledger l
+               JOIN audit_log a ON a.event_time = l.event_time AND a.id = l.row_id
+              WHERE l.late_arrival IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    let marked: Vec<(String, bool)> = marked.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(marked, vec![("evt-late".to_string(), true)]);
+    let report = s.verify().await;
+    assert!(report.ok(), "{:?}", report.findings);
+    let late: Vec<(&str, i64)> = report
+        .late
+        .iter()
+        .map(|l| (l.event.as_str(), l.snapshot_id))
+        .collect();
+    assert_eq!(late, vec![("evt-late", second.snapshot_id)]);
+    s.env.cleanup().await;
+}
