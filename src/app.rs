@@ -84,7 +84,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let sink = PostgresSink::spawn(
         sink_pool.clone(),
         partitions,
-        SinkSettings::from_config(&config.sink),
+        SinkSettings::from_config(&config.sink).with_personal_fields(
+            crate::integrity::record::PersonalFields::with_extra(&config.snapshot.personal_fields)
+                .map_err(|e| anyhow::anyhow!("snapshot.personal_fields: {e}"))?,
+        ),
         metrics.clone(),
         shutdown.clone(),
     );

@@ -48,8 +48,9 @@ pub struct QueueInfo {
     pub alert_window: Duration,
 }
 
-/// The router: liveness, readiness, health detail, metrics, and
-/// `/exports/{id}/download` (signed export links).
+/// The router: liveness, readiness, health detail, metrics,
+/// `/exports/{id}/download` (signed export links) and the verifiable log,
+/// read-only, in the C2SP tlog-tiles layout under `/log/`.
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
@@ -60,6 +61,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/health/queue", get(health_queue))
         .route("/health/circuit-breaker", get(health_breaker))
         .route("/exports/{id}/download", get(export_download))
+        .route("/log/checkpoint", get(log_checkpoint))
+        .route("/log/tile/{*path}", get(log_tile))
         .layer(axum::middleware::from_fn(refuse_request_bodies))
         .with_state(state)
 }
@@ -392,6 +395,77 @@ async fn export_download(
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
     crate::jobs::export::download::serve(state.exports.as_ref(), &id, &query).await
+}
+
+/// The latest signed checkpoint (C2SP signed note), 404 before the first.
+async fn log_checkpoint(State(state): State<HttpState>) -> Response {
+    let result = async {
+        let client = state.pool.get().await.map_err(|e| e.to_string())?;
+        crate::jobs::tile_store::latest_checkpoint(&**client)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    match result {
+        Ok(Some(note)) => (
+            [
+                (
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; charset=utf-8",
+                ),
+                (axum::http::header::CACHE_CONTROL, "no-cache"),
+            ],
+            note,
+        )
+            .into_response(),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            "no checkpoint yet: no snapshot was sealed\n",
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the checkpoint");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n").into_response()
+        }
+    }
+}
+
+/// A tile (`/log/tile/<L>/<N>[.p/<W>]`) or entry bundle
+/// (`/log/tile/entries/<N>[.p/<W>]`). Tiles never change once served
+/// (a partial tile of width W stays a prefix), so they are cacheable.
+async fn log_tile(State(state): State<HttpState>, Path(path): Path<String>) -> Response {
+    let Some(request) = crate::integrity::tiles::parse_tile_path(&path) else {
+        return (StatusCode::NOT_FOUND, "not a tlog-tiles path\n").into_response();
+    };
+    let result = async {
+        let client = state.pool.get().await.map_err(|e| e.to_string())?;
+        crate::jobs::tile_store::tile_bytes(&**client, &request)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    match result {
+        Ok(Some(bytes)) => (
+            [
+                (axum::http::header::CONTENT_TYPE, "application/octet-stream"),
+                (
+                    axum::http::header::CACHE_CONTROL,
+                    "public, max-age=31536000, immutable",
+                ),
+            ],
+            bytes,
+        )
+            .into_response(),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            "the log does not hold this tile yet\n",
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read a tile");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n").into_response()
+        }
+    }
 }
 
 /// Prometheus text exposition.

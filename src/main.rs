@@ -89,6 +89,10 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// A checkpoint (signed note file) the log must extend, instead of
+        /// the last one published to the object store.
+        #[arg(long, value_name = "FILE")]
+        trusted_checkpoint: Option<PathBuf>,
     },
     /// Print an event's inclusion proof and signed checkpoint as JSON.
     Prove {
@@ -102,6 +106,10 @@ enum Command {
         /// The verifier key (`<name>+<id>+<key>`, printed by keygen).
         #[arg(long)]
         key: String,
+        /// The log's origin, as published by its operator: a proof from
+        /// any other log is refused.
+        #[arg(long)]
+        origin: String,
     },
 }
 
@@ -291,8 +299,14 @@ fn main() -> ExitCode {
                 println!("{}", snapshot_cli::snapshot(&config, from, to).await?);
                 Ok(())
             }
-            Command::Verify { snapshot, json } => {
-                if snapshot_cli::verify(&config, snapshot, json).await? {
+            Command::Verify {
+                snapshot,
+                json,
+                trusted_checkpoint,
+            } => {
+                if snapshot_cli::verify(&config, snapshot, json, trusted_checkpoint.as_deref())
+                    .await?
+                {
                     Ok(())
                 } else {
                     Err(anyhow::anyhow!(
@@ -304,8 +318,8 @@ fn main() -> ExitCode {
                 println!("{}", snapshot_cli::prove(&config, &event).await?);
                 Ok(())
             }
-            Command::VerifyProof { proof, key } => {
-                println!("{}", snapshot_cli::verify_proof(&proof, &key)?);
+            Command::VerifyProof { proof, key, origin } => {
+                println!("{}", snapshot_cli::verify_proof(&proof, &key, &origin)?);
                 Ok(())
             }
         }

@@ -69,6 +69,8 @@ pub fn check_settings(config: &Config) -> Result<(), ConfigurationError> {
     db::pg_config(config).map_err(|e| bad(&e))?;
     db::tls_connector(config).map_err(|e| bad(&e))?;
     crate::source::redis_client(&config.redis).map_err(|e| bad(&e))?;
+    crate::integrity::record::PersonalFields::with_extra(&config.snapshot.personal_fields)
+        .map_err(|e| bad(&format!("snapshot.personal_fields: {e}")))?;
     Ok(())
 }
 

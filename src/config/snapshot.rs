@@ -24,6 +24,10 @@ pub struct SnapshotConfig {
     pub poll_interval_ms: u64,
     pub page_size: i32,
     pub manifest_prefix: String,
+    /// `details.<key>` / `sessionContext.<key>` paths that enter the record
+    /// digest as salted commitments, besides the fixed personal fields
+    /// (their form is checked at start-up, where the record digest is built).
+    pub personal_fields: Vec<String>,
 }
 
 impl SnapshotConfig {

@@ -8,7 +8,9 @@
 pub mod canonical;
 pub mod checkpoint;
 pub mod merkle;
+pub mod record;
 pub mod signature;
+pub mod tiles;
 
 pub use canonical::{canonical_hash_v1, canonical_string_v1, HashedFields};
 pub use signature::{HmacKey, HmacKeyRing};

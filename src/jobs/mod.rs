@@ -11,8 +11,11 @@
 pub mod dev_key;
 pub mod export;
 pub mod merkle_stream;
+pub mod published;
 pub mod snapshot;
 pub mod snapshot_cli;
+pub mod stored_record;
+pub mod tile_store;
 pub mod verify;
 
 use std::sync::Arc;

@@ -3,9 +3,10 @@
 //!
 //! A request (queue message, schedule slot or CLI) becomes a row in
 //! `snapshot_jobs`, deduplicated by its source. The executor leases a job
-//! and runs ONE transaction that locks the log head, numbers the unsealed
-//! rows of the range in (event_time, id) order, marks them sealed, copies
-//! their leaves into the append-only `seal_ledger`, extends the tree from
+//! and runs ONE transaction that locks the log head, reads the unsealed
+//! rows of the range (no ledger entry yet) in (event_time, id) order,
+//! appends their record digests (leaf v2) to the append-only `seal_ledger`
+//! (audit rows are never written), extends the tree from
 //! the previous snapshot's stored frontier, signs the checkpoint, records
 //! the snapshot and marks the job done. A crash before COMMIT leaves
 //! nothing; a second job for an overlapping range waits on the head lock and
@@ -38,7 +39,9 @@ use crate::config::{Config, ConfigError, SnapshotConfig};
 use crate::event::{RejectReason, Rejection};
 use crate::integrity::checkpoint::{Checkpoint, CheckpointSigner, Ed25519NoteSigner, NoteVerifier};
 use crate::integrity::merkle::{self, Hash, TreeBuilder};
+use crate::integrity::record::LEAF_VERSION_V2;
 use crate::jobs::merkle_stream::{consistency_plan, hash_from_bytes, PagedRows, RangeHasher};
+use crate::jobs::stored_record::{record_from_row, stored_digest, RECORD_COLUMNS, SALTS_JOIN};
 use crate::jobs::{JobError, JobHandler};
 use crate::outage::OutageLog;
 use crate::storage::Storage;
@@ -477,33 +480,8 @@ impl Snapshotter {
             .await?
             .get(0);
         let base = prev_size as i64;
-        // Lock the range's unsealed rows first (a row deleted meanwhile
-        // drops out here, so leaf numbers stay contiguous), number them in
-        // (event_time, id) order, seal them and copy their leaves to the
-        // ledger, all in one statement.
-        let appended = tx
-            .execute(
-                "WITH locked AS (
-                     SELECT event_time, id FROM audit_log
-                      WHERE snapshot_id IS NULL
-                        AND ($1::timestamptz IS NULL OR event_time >= $1)
-                        AND event_time < $2
-                      FOR UPDATE
-                 ), numbered AS (
-                     SELECT event_time, id,
-                            $3::bigint + row_number() OVER (ORDER BY event_time, id) - 1 AS leaf_index
-                       FROM locked
-                 ), sealed AS (
-                     UPDATE audit_log a
-                        SET snapshot_id = $4, leaf_index = n.leaf_index
-                       FROM numbered n
-                      WHERE a.event_time = n.event_time AND a.id = n.id
-                  RETURNING a.leaf_index, a.event_time, a.id, a.idempotency_key, a.hash
-                 )
-                 INSERT INTO seal_ledger (leaf_index, snapshot_id, event_time, row_id, idempotency_key, leaf)
-                 SELECT leaf_index, $4, event_time, id, idempotency_key, decode(hash, 'hex') FROM sealed",
-                &[&from, &to, &base, &snapshot_id],
-            )
+        let appended = self
+            .append_to_ledger(&tx, from, to, base, snapshot_id)
             .await?;
         let new_size = prev_size + appended;
 
@@ -559,6 +537,8 @@ impl Snapshotter {
                 SnapshotError::Integrity("a consistency node was not computed".into())
             })?;
         let root = tree.root();
+        // The tiles follow the ledger in the same transaction.
+        crate::jobs::tile_store::extend_tiles(&tx, new_size, self.settings.page_size).await?;
 
         let checkpoint = Checkpoint::new(self.origin.clone(), new_size, root)
             .map_err(|e| SnapshotError::Signing(e.to_string()))?;
@@ -596,8 +576,8 @@ impl Snapshotter {
             "INSERT INTO snapshots (id, range_from, range_to, record_count, first_event, last_event,
                                     first_event_time, last_event_time, previous_tree_size, tree_size,
                                     root, checkpoint_note, key_name, consistency_proof, frontier,
-                                    manifest_path, job_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+                                    manifest_path, job_id, leaf_version)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
             &[
                 &snapshot_id,
                 &from,
@@ -616,6 +596,7 @@ impl Snapshotter {
                 &frontier,
                 &manifest_path,
                 &job,
+                &LEAF_VERSION_V2,
             ],
         )
         .await?;
@@ -642,6 +623,69 @@ impl Snapshotter {
         self.summary(snapshot_id).await
     }
 
+    /// Appends the range's unsealed events (rows without a ledger entry) to
+    /// the ledger in (event_time, id) order, numbered from `base`, each
+    /// with its record digest (leaf v2) computed from the row and its
+    /// salts. Reads audit_log, never writes it. Returns how many.
+    async fn append_to_ledger(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        from: Option<DateTime<Utc>>,
+        to: DateTime<Utc>,
+        base: i64,
+        snapshot_id: i64,
+    ) -> Result<u64, SnapshotError> {
+        // Rows are immutable (trigger), so nothing needs locking: the head
+        // lock serializes sealers, and a row committed after this read is a
+        // late event for the next snapshot.
+        let sql = format!(
+            "SELECT a.id, {RECORD_COLUMNS} FROM audit_log a {SALTS_JOIN}
+              WHERE ($1::timestamptz IS NULL OR a.event_time >= $1) AND a.event_time < $2
+                AND a.snapshot_id IS NULL
+                AND NOT EXISTS (SELECT 1 FROM seal_ledger l
+                                 WHERE l.event_time = a.event_time AND l.row_id = a.id)
+              ORDER BY a.event_time, a.id"
+        );
+        let page = self.settings.page_size;
+        // Ranges earlier snapshots sealed: an event inside one is late.
+        let sealed: Vec<(Option<DateTime<Utc>>, DateTime<Utc>)> = tx
+            .query("SELECT range_from, range_to FROM snapshots", &[])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let sealed = SealedRanges::new(sealed);
+        let mut rows = PagedRows::open(tx, &sql, &[&from, &to], page).await?;
+        let mut next = base;
+        let mut batch = LedgerBatch::default();
+        while let Some(r) = rows.next().await? {
+            let (rec, salts) = record_from_row(&r, 1)
+                .ok_or_else(|| SnapshotError::Integrity("a row without a key".into()))?;
+            let digest = stored_digest(&rec, salts.as_ref()).map_err(|e| {
+                SnapshotError::Integrity(format!(
+                    "event {} (event_time {}): {e}",
+                    rec.idempotency_key,
+                    rec.event_time.to_rfc3339()
+                ))
+            })?;
+            let late = sealed.contains(rec.event_time).then_some(rec.ingested_at);
+            batch.push(
+                next,
+                rec.event_time,
+                r.get(0),
+                rec.idempotency_key,
+                digest,
+                late,
+            );
+            next += 1;
+            if batch.len() >= page.max(1) as usize {
+                batch.flush(tx, snapshot_id).await?;
+            }
+        }
+        batch.flush(tx, snapshot_id).await?;
+        Ok((next - base) as u64)
+    }
+
     /// Reads a recorded snapshot as its manifest.
     pub async fn summary(&self, id: i64) -> Result<SnapshotSummary, SnapshotError> {
         let client = self.pool.get().await?;
@@ -661,6 +705,15 @@ impl Snapshotter {
             .put(&path, PutPayload::from(body))
             .await
             .map_err(|e| SnapshotError::Storage(e.to_string()))?;
+        // The checkpoint, append-only outside the database: what `verify`
+        // requires the log to extend.
+        crate::jobs::published::publish(
+            &self.storage,
+            &crate::jobs::published::folder(&self.settings.manifest_prefix, &self.origin),
+            summary.tree_size as u64,
+            &summary.checkpoint,
+        )
+        .await?;
         let Some(redis) = &self.redis else {
             return Err(SnapshotError::Redis(
                 "no Redis connection in this process".into(),
@@ -871,6 +924,96 @@ pub fn creation_event(s: &SnapshotSummary) -> serde_json::Value {
         "snapshotManifest": s.manifest_path,
         "snapshotCheckpoint": s.checkpoint,
     })
+}
+
+/// The event-time ranges earlier snapshots sealed, merged, for telling a
+/// late event (its time lies in one) from a timely one.
+struct SealedRanges(Vec<(Option<DateTime<Utc>>, DateTime<Utc>)>);
+
+impl SealedRanges {
+    fn new(mut ranges: Vec<(Option<DateTime<Utc>>, DateTime<Utc>)>) -> Self {
+        ranges.sort_by_key(|(f, _)| *f);
+        let mut merged: Vec<(Option<DateTime<Utc>>, DateTime<Utc>)> = Vec::new();
+        for (f, t) in ranges {
+            match merged.last_mut() {
+                Some((_, lt)) if f.is_none_or(|f| f <= *lt) => *lt = (*lt).max(t),
+                _ => merged.push((f, t)),
+            }
+        }
+        Self(merged)
+    }
+
+    fn contains(&self, t: DateTime<Utc>) -> bool {
+        // Few ranges after merging (one per gap between requested ranges).
+        self.0
+            .iter()
+            .any(|(f, to)| f.is_none_or(|f| f <= t) && t < *to)
+    }
+}
+
+/// Ledger entries waiting to be inserted, as columns (one multi-row
+/// INSERT per page).
+#[derive(Default)]
+struct LedgerBatch {
+    leaf_index: Vec<i64>,
+    event_time: Vec<DateTime<Utc>>,
+    row_id: Vec<i64>,
+    key: Vec<String>,
+    leaf: Vec<Vec<u8>>,
+    late: Vec<Option<DateTime<Utc>>>,
+}
+
+impl LedgerBatch {
+    fn len(&self) -> usize {
+        self.leaf_index.len()
+    }
+
+    fn push(
+        &mut self,
+        index: i64,
+        time: DateTime<Utc>,
+        row: i64,
+        key: String,
+        leaf: Hash,
+        late: Option<DateTime<Utc>>,
+    ) {
+        self.late.push(late);
+        self.leaf_index.push(index);
+        self.event_time.push(time);
+        self.row_id.push(row);
+        self.key.push(key);
+        self.leaf.push(leaf.to_vec());
+    }
+
+    async fn flush(
+        &mut self,
+        tx: &tokio_postgres::Transaction<'_>,
+        snapshot_id: i64,
+    ) -> Result<(), SnapshotError> {
+        if self.leaf_index.is_empty() {
+            return Ok(());
+        }
+        tx.execute(
+            "INSERT INTO seal_ledger (leaf_index, snapshot_id, event_time, row_id, idempotency_key, leaf,
+                                      leaf_version, late_arrival)
+             SELECT i, $1, t, r, k, l, $7, a
+               FROM UNNEST($2::bigint[], $3::timestamptz[], $4::bigint[], $5::text[], $6::bytea[],
+                           $8::timestamptz[]) AS u(i, t, r, k, l, a)",
+            &[
+                &snapshot_id,
+                &self.leaf_index,
+                &self.event_time,
+                &self.row_id,
+                &self.key,
+                &self.leaf,
+                &LEAF_VERSION_V2,
+                &self.late,
+            ],
+        )
+        .await?;
+        *self = Self::default();
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -98,10 +98,18 @@ pub async fn snapshot(
 
 /// `verify`: prints each finding and a summary; Ok(false) when anything
 /// was found.
-pub async fn verify(config: &Config, only: Option<i64>, json: bool) -> anyhow::Result<bool> {
+/// The log must also extend a trusted checkpoint: the one in `trusted`
+/// (a file), else the last one this deployment published to the object
+/// store.
+pub async fn verify(
+    config: &Config,
+    only: Option<i64>,
+    json: bool,
+    trusted: Option<&Path>,
+) -> anyhow::Result<bool> {
     let verifier = snapshot::load_verifier(&config.snapshot)?;
     let mut client = connect(config).await?;
-    let report = verify::verify(
+    let mut report = verify::verify(
         &mut client,
         &verifier,
         &config.snapshot.origin,
@@ -109,17 +117,56 @@ pub async fn verify(config: &Config, only: Option<i64>, json: bool) -> anyhow::R
         config.snapshot.page_size,
     )
     .await?;
+    let note = match trusted {
+        Some(file) => {
+            Some(std::fs::read_to_string(file).with_context(|| {
+                format!("cannot read the trusted checkpoint {}", file.display())
+            })?)
+        }
+        None => {
+            let storage = crate::storage::open(&config.storage)?;
+            let folder = crate::jobs::published::folder(
+                &config.snapshot.manifest_prefix,
+                &config.snapshot.origin,
+            );
+            crate::jobs::published::latest(&storage, &folder)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot read the published checkpoints ({e}): check storage.url, or give --trusted-checkpoint FILE")
+                })?
+        }
+    };
+    match note {
+        Some(note) => report.findings.extend(
+            crate::jobs::published::check_extends(
+                &mut client,
+                &verifier,
+                &config.snapshot.origin,
+                &note,
+                config.snapshot.page_size,
+            )
+            .await?,
+        ),
+        None if !json => {
+            println!("note: no checkpoint was published yet, so none is required to be extended")
+        }
+        None => {}
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
+        for late in &report.late {
+            println!("{late}");
+        }
         for f in &report.findings {
             println!("{f}");
         }
         println!(
-            "{}: {} snapshots, {} leaves checked, {} problems",
+            "{}: {} snapshots, {} leaves checked ({} late), {} problems",
             if report.ok() { "OK" } else { "FAILED" },
             report.snapshots_checked,
             report.leaves_checked,
+            report.late.len(),
             report.findings.len()
         );
     }
@@ -132,7 +179,7 @@ pub async fn prove(config: &Config, event: &str) -> anyhow::Result<String> {
     let mut client = connect(config).await?;
     let proof = verify::prove(&mut client, event, config.snapshot.page_size).await?;
     if let Ok(v) = snapshot::load_verifier(&config.snapshot) {
-        verify::verify_proof(&proof, &v).map_err(|e| {
+        verify::verify_proof(&proof, &v, &config.snapshot.origin).map_err(|e| {
             anyhow::anyhow!("the proof just built does not verify ({e}): run `audit-worker verify`")
         })?;
     }
@@ -140,7 +187,7 @@ pub async fn prove(config: &Config, event: &str) -> anyhow::Result<String> {
 }
 
 /// `verify-proof`: checks a `prove` output offline with a verifier key.
-pub fn verify_proof(proof_file: &Path, key: &str) -> anyhow::Result<String> {
+pub fn verify_proof(proof_file: &Path, key: &str, origin: &str) -> anyhow::Result<String> {
     let verifier = NoteVerifier::parse(key.trim())
         .map_err(|e| anyhow::anyhow!("--key is not a verifier key ({e})"))?;
     let text = std::fs::read_to_string(proof_file)
@@ -151,11 +198,12 @@ pub fn verify_proof(proof_file: &Path, key: &str) -> anyhow::Result<String> {
             proof_file.display()
         )
     })?;
-    let cp = verify::verify_proof(&proof, &verifier).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cp = verify::verify_proof(&proof, &verifier, origin).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(format!(
-        "OK: event {} (hash {}) is leaf {} of log {:?} at size {}, signed by {}",
+        "OK: event {} (hash {}, leaf v{}) is leaf {} of log {:?} at size {}, signed by {}",
         proof.event,
         proof.event_hash,
+        proof.leaf_version,
         proof.leaf_index,
         cp.origin(),
         cp.size(),

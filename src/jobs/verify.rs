@@ -20,9 +20,16 @@ use tokio_postgres::Row;
 
 use crate::integrity::checkpoint::{open_note, Checkpoint, NoteVerifier};
 use crate::integrity::merkle::{self, Hash, TreeBuilder};
+use crate::integrity::record::{
+    digest_of_object, record_object, salts_from_json, timestamp_text, LEAF_VERSION_V1,
+    LEAF_VERSION_V2,
+};
 use crate::integrity::{canonical_hash_v1, HashedFields};
 use crate::jobs::merkle_stream::{hash_from_bytes, PagedRows, RangeHasher};
 use crate::jobs::snapshot::SnapshotError;
+use crate::jobs::stored_record::{
+    record_from_row, stored_digest, RECORD_COLUMNS, RECORD_COLUMN_COUNT, SALTS_JOIN,
+};
 
 /// What kind of problem a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -93,6 +100,36 @@ pub struct VerifyReport {
     pub snapshots_checked: u64,
     pub leaves_checked: u64,
     pub findings: Vec<Finding>,
+    /// Events sealed after a snapshot had already sealed their time range
+    /// (not a problem: they are listed so an auditor sees them as late,
+    /// not as inserted).
+    pub late: Vec<LateEvent>,
+}
+
+/// A late event: sealed by a later snapshot than its time range's.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LateEvent {
+    pub event: String,
+    pub leaf_index: i64,
+    pub snapshot_id: i64,
+    pub event_time: DateTime<Utc>,
+    /// When it was stored (its ingested_at).
+    pub arrived: DateTime<Utc>,
+}
+
+impl std::fmt::Display for LateEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "LATE event {} (leaf {}, snapshot {}): event_time {} but arrived {}, after its period was sealed",
+            self.event,
+            self.leaf_index,
+            self.snapshot_id,
+            self.event_time.to_rfc3339(),
+            self.arrived.to_rfc3339()
+        )
+    }
 }
 
 impl VerifyReport {
@@ -347,10 +384,18 @@ pub async fn verify(
     check_boundary(start, &ledger_tree, &row_tree, &mut report);
 
     let (s, e) = (start as i64, end as i64);
+    // Each ledger entry with the row it names (leaf v2 rows carry no
+    // leaf number of their own) and that row's salts.
     let mut ledger = PagedRows::open(
         &tx,
-        "SELECT leaf_index, snapshot_id, event_time, row_id, idempotency_key, leaf
-           FROM seal_ledger WHERE leaf_index >= $1 AND leaf_index < $2 ORDER BY leaf_index",
+        &format!(
+            "SELECT l.leaf_index, l.snapshot_id, l.event_time, l.row_id, l.idempotency_key, l.leaf,
+                    l.leaf_version, a.id, {RECORD_COLUMNS}, l.late_arrival
+               FROM seal_ledger l
+               LEFT JOIN audit_log a ON a.event_time = l.event_time AND a.id = l.row_id
+               {SALTS_JOIN}
+              WHERE l.leaf_index >= $1 AND l.leaf_index < $2 ORDER BY l.leaf_index"
+        ),
         &[&s, &e],
         page,
     )
@@ -410,6 +455,82 @@ pub async fn verify(
         let l_key: String = entry.get(4);
         let leaf = hash_from_bytes(entry.get::<_, &[u8]>(5)).unwrap_or(zero);
         ledger_tree.push(merkle::leaf_hash(&leaf));
+        if let Some(arrived) = entry.get::<_, Option<DateTime<Utc>>>(8 + RECORD_COLUMN_COUNT) {
+            report.late.push(LateEvent {
+                event: l_key.clone(),
+                leaf_index: i,
+                snapshot_id: l_snapshot,
+                event_time: l_time,
+                arrived,
+            });
+        }
+        if entry.get::<_, i16>(6) == LEAF_VERSION_V2 {
+            // Leaf v2: the row is the one the ledger names; any row claiming
+            // this leaf number was inserted (v2 rows never carry one).
+            for r in &at_leaf {
+                report.findings.push(row_finding(
+                    FindingKind::Inserted,
+                    r,
+                    format!("claims leaf {i}, which the ledger assigns to event {l_key}"),
+                ));
+            }
+            let row_leaf = match record_from_row(&entry, 8) {
+                None => {
+                    report.findings.push(Finding {
+                        kind: FindingKind::Deleted,
+                        event: Some(l_key),
+                        row_id: Some(l_row),
+                        event_time: Some(l_time),
+                        leaf_index: Some(i),
+                        snapshot_id: Some(l_snapshot),
+                        detail: "sealed event's row is missing".into(),
+                    });
+                    zero
+                }
+                Some((rec, salts)) => {
+                    let digest = stored_digest(&rec, salts.as_ref());
+                    let mut what = Vec::new();
+                    match &digest {
+                        Err(e) => what.push(format!("its record digest cannot be computed: {e}")),
+                        Ok(d) if *d != leaf => what.push(
+                            "its stored record no longer matches the sealed record digest \
+                             (a column or its salts changed)"
+                                .to_string(),
+                        ),
+                        Ok(_) => {}
+                    }
+                    if canonical_hash_v1(&HashedFields {
+                        timestamp: Some(&rec.timestamp_raw),
+                        action: Some(&rec.action),
+                        status: Some(&rec.status),
+                        principal_id: rec.principal_id.as_deref(),
+                        organization_id: rec.organization_id.as_deref(),
+                        target_resource_type: rec.target_resource_type.as_deref(),
+                        target_resource_id: rec.target_resource_id.as_deref(),
+                        outcome_description: rec.outcome_description.as_deref(),
+                    }) != rec.hash
+                    {
+                        what.push("its hashed fields no longer match its hash".into());
+                    }
+                    if !what.is_empty() {
+                        report.findings.push(Finding {
+                            kind: FindingKind::Altered,
+                            event: Some(l_key),
+                            row_id: entry.get(7),
+                            event_time: Some(rec.event_time),
+                            leaf_index: Some(i),
+                            snapshot_id: Some(l_snapshot),
+                            detail: what.join("; "),
+                        });
+                    }
+                    digest.unwrap_or(zero)
+                }
+            };
+            row_tree.push(merkle::leaf_hash(&row_leaf));
+            report.leaves_checked += 1;
+            check_boundary(index + 1, &ledger_tree, &row_tree, &mut report);
+            continue;
+        }
 
         // The row the ledger sealed at this leaf; any other row claiming the
         // leaf was inserted.
@@ -532,6 +653,30 @@ pub async fn verify(
         }
     }
 
+    // 3b. The stored tiles (what proofs and /log/ readers use) must give
+    //     every signed root they reach.
+    let tiled = crate::jobs::tile_store::tiles_size(&tx).await?;
+    for &i in &scope {
+        let Some(cp) = &snapshots[i].signed else {
+            continue;
+        };
+        if cp.size() == 0 || cp.size() > tiled {
+            continue;
+        }
+        let root =
+            crate::jobs::tile_store::range_hashes(&tx, std::slice::from_ref(&(0..cp.size())))
+                .await?;
+        if root.as_deref() != Some(&[*cp.root()][..]) {
+            report.checkpoint(
+                snapshots[i].id,
+                format!(
+                    "the stored tiles do not reproduce the signed root at size {}",
+                    cp.size()
+                ),
+            );
+        }
+    }
+
     // 4. Unsealed rows inside a sealed range: either inserted after sealing
     //    or a late arrival the next snapshot has not sealed yet. Either way
     //    the signed log does not vouch for them, so they are reported.
@@ -551,9 +696,11 @@ pub async fn verify(
         let unsealed = tx
             .query(
                 &format!(
-                    "SELECT {ROW_COLUMNS} FROM audit_log
+                    "SELECT {ROW_COLUMNS} FROM audit_log a
                       WHERE snapshot_id IS NULL AND ($1::timestamptz IS NULL OR event_time >= $1)
                         AND event_time < $2
+                        AND NOT EXISTS (SELECT 1 FROM seal_ledger l
+                                         WHERE l.event_time = a.event_time AND l.row_id = a.id)
                       ORDER BY event_time, id LIMIT 10000"
                 ),
                 &[&f, &t],
@@ -573,6 +720,45 @@ pub async fn verify(
     Ok(report)
 }
 
+/// A v2 proof's printed record must give its leaf, and the printed event,
+/// time and hash must be the record's: nothing printed goes unproven.
+fn check_record(proof: &InclusionProof, digest_hex: &str) -> Result<(), String> {
+    let record = proof
+        .record
+        .as_ref()
+        .ok_or("a leaf v2 proof needs the record it proves")?;
+    let digest = digest_of_object(record)?;
+    if hex::encode(digest) != digest_hex {
+        return Err("the record in the proof does not give its recordDigest".into());
+    }
+    let field = |k: &str| record.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+    if field("idempotencyKey") != proof.event {
+        return Err(format!(
+            "the proof names event {:?} but its record is event {:?}",
+            proof.event,
+            field("idempotencyKey")
+        ));
+    }
+    if field("eventTime") != timestamp_text(&proof.event_time) {
+        return Err(format!(
+            "the proof's eventTime {} is not its record's ({})",
+            timestamp_text(&proof.event_time),
+            field("eventTime")
+        ));
+    }
+    if field("hash") != proof.event_hash {
+        return Err("the proof's eventHash is not its record's hash".into());
+    }
+    if proof.row_id.is_some() {
+        return Err("a leaf v2 proof cannot prove a row id: remove rowId".into());
+    }
+    Ok(())
+}
+
+fn leaf_version_v1() -> i16 {
+    LEAF_VERSION_V1
+}
+
 /// An inclusion proof as `prove` prints it; everything an auditor needs
 /// with the verifier key (see README, "Verifying a proof offline").
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -581,10 +767,24 @@ pub struct InclusionProof {
     pub format: String,
     /// The event's idempotency key (its eventId when it had one).
     pub event: String,
-    pub row_id: i64,
+    /// The row's id (leaf v1 proofs only: it is not part of a v2 record,
+    /// so a v2 proof does not print it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_id: Option<i64>,
     pub event_time: DateTime<Utc>,
-    /// The event's canonical hash v1 (hex): the Merkle leaf data.
+    /// The event's canonical hash v1 (hex); the Merkle leaf data of leaf v1.
     pub event_hash: String,
+    /// 1: the leaf data is `eventHash`; 2: it is `recordDigest`.
+    #[serde(default = "leaf_version_v1")]
+    pub leaf_version: i16,
+    /// The event's record digest (hex, leaf v2): the Merkle leaf data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_digest: Option<String>,
+    /// The stored record as it is encoded (leaf v2; personal values as
+    /// their commitments): `verify-proof` recomputes the leaf from it, and
+    /// the event, time and hash printed above must be the record's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<serde_json::Value>,
     pub leaf_index: u64,
     /// The tree size of the checkpoint; it must equal the size in the note.
     pub tree_size: u64,
@@ -611,26 +811,35 @@ pub async fn prove(
         .read_only(true)
         .start()
         .await?;
-    let found = tx
+    // The ledger says which leaf sealed the event (rows sealed with leaf
+    // v1 also carry it; v2 rows do not).
+    let sealed = tx
         .query(
-            "SELECT id, event_time, hash, leaf_index, snapshot_id, snapshot_id IS NOT NULL
-               FROM audit_log WHERE idempotency_key = $1 ORDER BY event_time LIMIT 10",
+            "SELECT l.row_id, l.event_time, l.leaf, l.leaf_index, l.snapshot_id, l.leaf_version, a.hash
+               FROM seal_ledger l
+               LEFT JOIN audit_log a ON a.event_time = l.event_time AND a.id = l.row_id
+              WHERE l.idempotency_key = $1 ORDER BY l.event_time LIMIT 10",
             &[&event],
         )
         .await?;
-    let sealed: Vec<&Row> = found.iter().filter(|r| r.get::<_, bool>(5)).collect();
-    let r = match (found.len(), sealed.len()) {
-        (0, _) => {
-            return Err(SnapshotError::BadRequest(format!(
-                "no stored event has eventId / idempotency key {event:?}"
-            )))
+    let r = match sealed.len() {
+        0 => {
+            let stored: i64 = tx
+                .query_one(
+                    "SELECT count(*) FROM audit_log WHERE idempotency_key = $1",
+                    &[&event],
+                )
+                .await?
+                .get(0);
+            return Err(SnapshotError::BadRequest(if stored == 0 {
+                format!("no stored event has eventId / idempotency key {event:?}")
+            } else {
+                format!(
+                    "event {event:?} is not sealed yet: wait for the next snapshot or run `audit-worker snapshot`"
+                )
+            }));
         }
-        (_, 0) => {
-            return Err(SnapshotError::BadRequest(format!(
-                "event {event:?} is not sealed yet: wait for the next snapshot or run `audit-worker snapshot`"
-            )))
-        }
-        (_, 1) => sealed[0],
+        1 => &sealed[0],
         _ => {
             return Err(SnapshotError::BadRequest(format!(
                 "several sealed events share the key {event:?}; they differ by timestamp"
@@ -638,6 +847,8 @@ pub async fn prove(
         }
     };
     let leaf_index = r.get::<_, i64>(3) as u64;
+    let leaf_version: i16 = r.get(5);
+    let leaf_data = hex::encode(r.get::<_, &[u8]>(2));
     let latest = tx
         .query_one(
             "SELECT s.id, s.tree_size, s.checkpoint_note, s.key_name
@@ -648,36 +859,79 @@ pub async fn prove(
     let size = latest.get::<_, i64>(1) as u64;
     let ranges = merkle::inclusion_proof_ranges(leaf_index, size)
         .map_err(|e| SnapshotError::Integrity(e.to_string()))?;
-    let mut hasher = RangeHasher::new(ranges);
-    {
-        let begin = hasher.start().unwrap_or(0) as i64;
-        let mut leaves = PagedRows::open(
-            &tx,
-            "SELECT leaf_index, leaf FROM seal_ledger WHERE leaf_index >= $1 AND leaf_index < $2
-              ORDER BY leaf_index",
-            &[&begin, &(size as i64)],
-            page,
-        )
-        .await?;
-        while let Some(row) = leaves.next().await? {
-            let i: i64 = row.get(0);
-            let leaf = hash_from_bytes(row.get::<_, &[u8]>(1)).ok_or_else(|| {
-                SnapshotError::Integrity(format!("ledger leaf {i} is not 32 bytes"))
-            })?;
-            hasher.feed(i as u64, &merkle::leaf_hash(&leaf));
+    // From the stored tiles (O(log n) tiles); a log whose tiles do not
+    // reach this size yet (sealed before tiles existed, until its next
+    // snapshot) is read from the ledger instead.
+    let nodes = match crate::jobs::tile_store::range_hashes(&tx, &ranges).await? {
+        Some(nodes) => nodes,
+        None => {
+            let mut hasher = RangeHasher::new(ranges);
+            let begin = hasher.start().unwrap_or(0) as i64;
+            let mut leaves = PagedRows::open(
+                &tx,
+                "SELECT leaf_index, leaf FROM seal_ledger WHERE leaf_index >= $1 AND leaf_index < $2
+                  ORDER BY leaf_index",
+                &[&begin, &(size as i64)],
+                page,
+            )
+            .await?;
+            while let Some(row) = leaves.next().await? {
+                let i: i64 = row.get(0);
+                let leaf = hash_from_bytes(row.get::<_, &[u8]>(1)).ok_or_else(|| {
+                    SnapshotError::Integrity(format!("ledger leaf {i} is not 32 bytes"))
+                })?;
+                hasher.feed(i as u64, &merkle::leaf_hash(&leaf));
+            }
+            drop(leaves);
+            hasher.finish().ok_or_else(|| {
+                SnapshotError::Integrity(
+                    "the seal ledger is missing leaves: run `audit-worker verify`".into(),
+                )
+            })?
         }
-    }
-    let nodes = hasher.finish().ok_or_else(|| {
-        SnapshotError::Integrity(
-            "the seal ledger is missing leaves: run `audit-worker verify`".into(),
-        )
-    })?;
+    };
+    let v2 = leaf_version == LEAF_VERSION_V2;
+    let record = if v2 {
+        let row = tx
+            .query_opt(
+                &format!(
+                    "SELECT {RECORD_COLUMNS} FROM audit_log a {SALTS_JOIN}
+                      WHERE a.event_time = $1 AND a.id = $2"
+                ),
+                &[&r.get::<_, DateTime<Utc>>(1), &r.get::<_, i64>(0)],
+            )
+            .await?;
+        let (rec, salts) = row
+            .as_ref()
+            .and_then(|row| record_from_row(row, 0))
+            .ok_or_else(|| {
+                SnapshotError::Integrity(format!(
+                    "the sealed row of event {event:?} is missing: run `audit-worker verify`"
+                ))
+            })?;
+        let salts = salts_from_json(salts.as_ref()).map_err(SnapshotError::Integrity)?;
+        Some(record_object(&rec, &salts).map_err(SnapshotError::Integrity)?)
+    } else {
+        None
+    };
     let proof = InclusionProof {
-        format: "audit-worker.inclusion-proof.v1".into(),
+        format: if v2 {
+            "audit-worker.inclusion-proof.v2"
+        } else {
+            "audit-worker.inclusion-proof.v1"
+        }
+        .into(),
         event: event.to_owned(),
-        row_id: r.get(0),
+        row_id: (!v2).then(|| r.get(0)),
         event_time: r.get(1),
-        event_hash: r.get(2),
+        event_hash: if v2 {
+            r.get::<_, Option<String>>(6).unwrap_or_default()
+        } else {
+            leaf_data.clone()
+        },
+        leaf_version,
+        record_digest: v2.then_some(leaf_data),
+        record,
         leaf_index,
         tree_size: size,
         inclusion_proof: nodes.iter().map(hex::encode).collect(),
@@ -693,13 +947,23 @@ pub async fn prove(
 /// Checks a proof offline with only the verifier key: the note's
 /// signature, then the inclusion of the event hash under the signed root
 /// at the signed size. Returns the checkpoint on success.
-pub fn verify_proof(proof: &InclusionProof, verifier: &NoteVerifier) -> Result<Checkpoint, String> {
+pub fn verify_proof(
+    proof: &InclusionProof,
+    verifier: &NoteVerifier,
+    origin: &str,
+) -> Result<Checkpoint, String> {
     let cp = open_note(&proof.checkpoint, verifier).map_err(|e| {
         format!(
             "checkpoint does not verify with key {}: {e}",
             verifier.name()
         )
     })?;
+    if cp.origin() != origin {
+        return Err(format!(
+            "the checkpoint is of log {:?}, not the expected {origin:?}",
+            cp.origin()
+        ));
+    }
     if cp.size() != proof.tree_size {
         return Err(format!(
             "proof claims tree size {} but the signed checkpoint says {}",
@@ -707,10 +971,19 @@ pub fn verify_proof(proof: &InclusionProof, verifier: &NoteVerifier) -> Result<C
             cp.size()
         ));
     }
-    let leaf: Hash = hex::decode(&proof.event_hash)
+    let (data, name) = match (proof.leaf_version, &proof.record_digest) {
+        (1, _) => (&proof.event_hash, "eventHash"),
+        (2, Some(d)) => {
+            check_record(proof, d)?;
+            (d, "recordDigest")
+        }
+        (2, None) => return Err("a leaf v2 proof needs recordDigest".into()),
+        (v, _) => return Err(format!("leafVersion {v} is not 1 or 2")),
+    };
+    let leaf: Hash = hex::decode(data)
         .ok()
         .and_then(|b| hash_from_bytes(&b))
-        .ok_or("eventHash must be 64 hex digits")?;
+        .ok_or(format!("{name} must be 64 hex digits"))?;
     let nodes: Vec<Hash> = proof
         .inclusion_proof
         .iter()

@@ -30,6 +30,7 @@ use tokio_postgres::types::Json;
 
 use super::{AuditRecord, CircuitBreaker, SinkHandle, StoreOutcome, StoreRequest};
 use crate::event::{RejectReason, Rejection};
+use crate::integrity::record::{new_salts, salts_to_json, PersonalFields};
 use crate::partitions::{month_start, Partitions};
 use crate::retry::Backoff;
 use crate::telemetry::Metrics;
@@ -45,6 +46,8 @@ pub struct SinkSettings {
     pub backoff: Backoff,
     pub breaker_failures: u32,
     pub breaker_recovery: Duration,
+    /// Fields whose values get a fresh salt per event (leaf v2 commitments).
+    pub personal_fields: Arc<PersonalFields>,
 }
 
 impl SinkSettings {
@@ -63,7 +66,15 @@ impl SinkSettings {
             },
             breaker_failures: c.breaker_failure_threshold,
             breaker_recovery: Duration::from_secs(c.breaker_recovery_secs),
+            personal_fields: Arc::new(PersonalFields::default()),
         }
+    }
+
+    /// Salts `fields` (the fixed personal fields plus
+    /// `snapshot.personal_fields`) instead of the fixed ones only.
+    pub fn with_personal_fields(mut self, fields: PersonalFields) -> Self {
+        self.personal_fields = Arc::new(fields);
+        self
     }
 }
 
@@ -344,7 +355,7 @@ impl BatchWriter {
         let mut stack = vec![pending];
         while let Some(part) = stack.pop() {
             let started = Instant::now();
-            let result = insert_rows(&client, records, &part).await;
+            let result = insert_rows(&client, records, &part, &self.settings.personal_fields).await;
             let label = if result.is_ok() { "ok" } else { "error" };
             self.metrics
                 .insert_duration
@@ -491,21 +502,46 @@ fn is_missing_partition(e: &tokio_postgres::Error) -> bool {
     })
 }
 
+/// One statement per batch: the rows, and (for the rows that were new) the
+/// salts of their personal fields, so a row never exists without its salts.
+/// When a batch holds one key twice, the first occurrence is the row
+/// inserted and the one whose salts are kept.
 const INSERT_SQL: &str = "\
-INSERT INTO audit_log (
-    idempotency_key, event_id, event_time, timestamp_raw, action, status,
-    principal_id, organization_id, target_resource_type, target_resource_id,
-    outcome_description, hash, hash_provided, signature, signature_algorithm,
-    signature_key_id, event_version, correlation_id, data_classification,
-    retention_policy, session_context, details, source)
-SELECT * FROM UNNEST(
-    $1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
-    $7::text[], $8::text[], $9::text[], $10::text[],
-    $11::text[], $12::text[], $13::bool[], $14::text[], $15::text[],
-    $16::text[], $17::text[], $18::text[], $19::text[],
-    $20::text[], $21::jsonb[], $22::jsonb[], $23::text[])
-ON CONFLICT (idempotency_key, event_time) DO NOTHING
-RETURNING idempotency_key, event_time, hash";
+WITH input AS (
+    SELECT * FROM UNNEST(
+        $1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
+        $7::text[], $8::text[], $9::text[], $10::text[],
+        $11::text[], $12::text[], $13::bool[], $14::text[], $15::text[],
+        $16::text[], $17::text[], $18::text[], $19::text[],
+        $20::text[], $21::jsonb[], $22::jsonb[], $23::text[], $24::jsonb[])
+        WITH ORDINALITY AS i(idempotency_key, event_id, event_time, timestamp_raw, action, status,
+            principal_id, organization_id, target_resource_type, target_resource_id,
+            outcome_description, hash, hash_provided, signature, signature_algorithm,
+            signature_key_id, event_version, correlation_id, data_classification,
+            retention_policy, session_context, details, source, salts, n)
+), inserted AS (
+    INSERT INTO audit_log (
+        idempotency_key, event_id, event_time, timestamp_raw, action, status,
+        principal_id, organization_id, target_resource_type, target_resource_id,
+        outcome_description, hash, hash_provided, signature, signature_algorithm,
+        signature_key_id, event_version, correlation_id, data_classification,
+        retention_policy, session_context, details, source)
+    SELECT idempotency_key, event_id, event_time, timestamp_raw, action, status,
+        principal_id, organization_id, target_resource_type, target_resource_id,
+        outcome_description, hash, hash_provided, signature, signature_algorithm,
+        signature_key_id, event_version, correlation_id, data_classification,
+        retention_policy, session_context, details, source
+      FROM input ORDER BY n
+    ON CONFLICT (idempotency_key, event_time) DO NOTHING
+    RETURNING idempotency_key, event_time, hash
+), salted AS (
+    INSERT INTO audit_salts (idempotency_key, event_time, salts)
+    SELECT DISTINCT ON (i.idempotency_key, i.event_time) i.idempotency_key, i.event_time, i.salts
+      FROM inserted r JOIN input i USING (idempotency_key, event_time)
+     WHERE i.salts IS NOT NULL
+     ORDER BY i.idempotency_key, i.event_time, i.n
+)
+SELECT idempotency_key, event_time, hash FROM inserted";
 
 /// Inserts the rows `idx` of `records` in one statement and returns the
 /// (key, time) pairs that were new, with the hash stored for each.
@@ -513,6 +549,7 @@ async fn insert_rows(
     client: &deadpool_postgres::Client,
     records: &[AuditRecord],
     idx: &[usize],
+    personal: &PersonalFields,
 ) -> Result<HashMap<(String, DateTime<Utc>), String>, tokio_postgres::Error> {
     let rows: Vec<&AuditRecord> = idx.iter().map(|&i| &records[i]).collect();
     fn col<'a, T>(rows: &[&'a AuditRecord], f: impl Fn(&'a AuditRecord) -> T) -> Vec<T> {
@@ -541,6 +578,16 @@ async fn insert_rows(
     let session = col(&rows, |r| r.event.session_context.as_ref().map(Json));
     let details = col(&rows, |r| r.event.details.as_ref().map(Json));
     let source = col(&rows, |r| r.source.as_str());
+    let salts = col(&rows, |r| {
+        let e = &r.event;
+        let paths = personal.present_in(
+            e.principal_id.as_deref(),
+            e.target_resource_id.as_deref(),
+            e.session_context.as_ref(),
+            e.details.as_ref(),
+        );
+        (!paths.is_empty()).then(|| Json(salts_to_json(&new_salts(&paths))))
+    });
     let returned = client
         .query(
             INSERT_SQL,
@@ -568,6 +615,7 @@ async fn insert_rows(
                 &session,
                 &details,
                 &source,
+                &salts,
             ],
         )
         .await?;

@@ -8,6 +8,7 @@ mod event_path;
 mod export;
 mod faults;
 mod hostile;
+mod log_v2;
 mod ops;
 mod outage;
 mod pg_tls;

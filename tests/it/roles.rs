@@ -150,3 +150,82 @@ async fn the_worker_ingests_under_the_writer_role_which_cannot_update_or_delete(
             .expect("test role dropped");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealer_seals_without_any_right_to_change_audit_rows_and_a_reader_verifies() {
+    use audit_worker::integrity::checkpoint::Ed25519NoteSigner;
+    let env = TestEnv::new("rolesseal").await;
+    let owner = env.config();
+    audit_worker::db::migrate(&owner)
+        .await
+        .expect("migrate as owner");
+    let events: Vec<_> = (0..50).map(event).collect();
+    env.add_events(&events).await;
+    let worker = InProcessWorker::start(owner);
+    wait_until(Duration::from_secs(60), "50 rows", || async {
+        env.row_count().await == 50
+    })
+    .await;
+    worker.stop().await;
+
+    let sealer = create_login(&env, "s", "audit_worker_writer, audit_worker_sealer").await;
+    let reader = create_login(&env, "r", "audit_worker_reader").await;
+    let signer = Ed25519NoteSigner::generate("roles.example/log").unwrap();
+    let storage = tempfile::tempdir().unwrap();
+    let mut c = env.config();
+    c.database.url = url_as(&sealer).into();
+    c.database.migrate_on_start = false;
+    c.snapshot.origin = "roles.example/log".into();
+    c.snapshot.signing_key = signer.to_private_key_string().into();
+    c.storage.url = storage.path().display().to_string();
+    let pool = audit_worker::db::connect_pool(&c).await.unwrap();
+    let key = audit_worker::jobs::snapshot::load_signer(&c.snapshot)
+        .unwrap()
+        .unwrap();
+    let store = audit_worker::storage::open(&c.storage).unwrap();
+    let summary = audit_worker::jobs::snapshot::Snapshotter::new(&c, pool, key, store, None)
+        .snapshot_now("test:roles", None, chrono::Utc::now())
+        .await
+        .expect("the sealer seals");
+    assert_eq!(summary.record_count, 50);
+
+    let s = connect_as(&sealer, &env.schema).await;
+    for sql in [
+        "UPDATE audit_log SET snapshot_id = 1, leaf_index = 0",
+        "UPDATE audit_log SET action = 'rewritten'",
+        "DELETE FROM audit_log",
+        "UPDATE audit_salts SET salts = '{}'",
+        "DELETE FROM audit_salts",
+    ] {
+        assert_denied(s.execute(sql, &[]).await, sql);
+    }
+
+    let mut r = connect_as(&reader, &env.schema).await;
+    let report = audit_worker::jobs::verify::verify(
+        &mut r,
+        &signer.verifier(),
+        "roles.example/log",
+        None,
+        1000,
+    )
+    .await
+    .expect("the reader verifies");
+    assert!(report.ok(), "{:?}", report.findings);
+    assert_eq!(report.leaves_checked, 50);
+
+    drop(s);
+    drop(r);
+    env.cleanup().await;
+    let pg = {
+        let (c, conn) = tokio_postgres::connect(&test_database_url(), NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c
+    };
+    for role in [&sealer, &reader] {
+        pg.batch_execute(&format!("DROP ROLE \"{role}\""))
+            .await
+            .expect("test role dropped");
+    }
+}

@@ -8,6 +8,9 @@ use std::time::Duration;
 use audit_worker::config::Config;
 use audit_worker::integrity::checkpoint::Ed25519NoteSigner;
 use audit_worker::jobs::snapshot::{SnapshotSummary, Snapshotter};
+use audit_worker::jobs::stored_record::{
+    record_from_row, stored_digest, RECORD_COLUMNS, SALTS_JOIN,
+};
 use audit_worker::jobs::verify::{self, FindingKind, VerifyReport};
 use base64::Engine;
 use chrono::{DateTime, Utc};
@@ -213,23 +216,38 @@ async fn snapshot_of_100k_events_verifies_and_its_root_matches_an_independent_co
     assert_eq!(first.first_event.as_deref(), Some("evt-a-0"));
     assert_eq!(first.last_event.as_deref(), Some("evt-a-99999"));
 
-    // Independent check: the rows in (event_time, id) order, hashed with
-    // RFC 6962 written above, give the signed root.
+    // Independent check: the record digests (leaf v2) of the rows in
+    // (event_time, id) order, hashed with RFC 6962 written above, give the
+    // signed root. (scripts/verify_log.py recomputes the digests themselves
+    // independently, see log_v2.rs.)
     let rows = s
         .env
         .pg
-        .query("SELECT hash FROM audit_log ORDER BY event_time, id", &[])
+        .query(
+            &format!(
+                "SELECT {RECORD_COLUMNS} FROM audit_log a {SALTS_JOIN} ORDER BY a.event_time, a.id"
+            ),
+            &[],
+        )
         .await
         .unwrap();
     let leaves: Vec<[u8; 32]> = rows
         .iter()
         .map(|r| {
-            hex::decode(r.get::<_, &str>(0))
-                .unwrap()
-                .try_into()
-                .unwrap()
+            let (rec, salts) = record_from_row(r, 0).unwrap();
+            stored_digest(&rec, salts.as_ref()).unwrap()
         })
         .collect();
+    assert_eq!(
+        s.count("SELECT count(*) FROM seal_ledger WHERE leaf_version = 2")
+            .await,
+        100_000
+    );
+    assert_eq!(
+        s.count("SELECT count(*) FROM snapshots WHERE leaf_version = 2")
+            .await,
+        1
+    );
     let (size, root) = note_size_root(&first.checkpoint);
     assert_eq!(size, 100_000);
     assert_eq!(root, rfc6962_root(&leaves).to_vec());
@@ -307,6 +325,7 @@ async fn snapshot_of_100k_events_verifies_and_its_root_matches_an_independent_co
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_audit-worker"));
     let out = cmd
         .args(["verify-proof", file.to_str().unwrap(), "--key", &s.verifier])
+        .args(["--origin", ORIGIN])
         .output()
         .unwrap();
     assert!(
@@ -326,6 +345,7 @@ async fn snapshot_of_100k_events_verifies_and_its_root_matches_an_independent_co
     std::fs::write(&file, bad.to_string()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_audit-worker"))
         .args(["verify-proof", file.to_str().unwrap(), "--key", &s.verifier])
+        .args(["--origin", ORIGIN])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -334,6 +354,7 @@ async fn snapshot_of_100k_events_verifies_and_its_root_matches_an_independent_co
     std::fs::write(&file, bad.to_string()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_audit-worker"))
         .args(["verify-proof", file.to_str().unwrap(), "--key", &s.verifier])
+        .args(["--origin", ORIGIN])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -341,7 +362,7 @@ async fn snapshot_of_100k_events_verifies_and_its_root_matches_an_independent_co
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sealed_rows_refuse_update_delete_and_truncate_while_unsealed_rows_allow_them() {
+async fn sealed_and_unsealed_rows_alike_refuse_update_delete_and_truncate() {
     let s = SnapEnv::new("snapimmut").await;
     let t0 = Utc::now() - chrono::Duration::hours(3);
     s.insert_events("a", 0, 10, t0).await;
@@ -351,27 +372,30 @@ async fn sealed_rows_refuse_update_delete_and_truncate_while_unsealed_rows_allow
     assert_eq!(summary.record_count, 5);
 
     let pg = &s.env.pg;
-    let e = pg
-        .execute(
-            "UPDATE audit_log SET action = 'x' WHERE event_id = 'evt-a-1'",
-            &[],
-        )
-        .await
-        .unwrap_err();
-    let msg = e.as_db_error().unwrap().message().to_owned();
-    assert!(
-        msg.contains("is sealed by snapshot") && msg.contains("cannot be updated"),
-        "{msg}"
-    );
-    let e = pg
-        .execute("DELETE FROM audit_log WHERE event_id = 'evt-a-1'", &[])
-        .await
-        .unwrap_err();
-    assert!(e
-        .as_db_error()
-        .unwrap()
-        .message()
-        .contains("cannot be deleted"));
+    // evt-a-1 is sealed, evt-a-7 and evt-a-8 are not: all are refused.
+    for event in ["evt-a-1", "evt-a-7"] {
+        for (sql, op) in [
+            (
+                format!("UPDATE audit_log SET action = 'x' WHERE event_id = '{event}'"),
+                "UPDATE",
+            ),
+            (
+                format!("UPDATE audit_log SET details = '{{\"x\":1}}' WHERE event_id = '{event}'"),
+                "UPDATE",
+            ),
+            (
+                format!("DELETE FROM audit_log WHERE event_id = '{event}'"),
+                "DELETE",
+            ),
+        ] {
+            let e = pg.execute(&sql, &[]).await.unwrap_err();
+            let msg = e.as_db_error().unwrap().message().to_owned();
+            assert!(
+                msg.contains("audit_log is append-only") && msg.contains(op),
+                "{sql}: {msg}"
+            );
+        }
+    }
     let e = pg.batch_execute("TRUNCATE audit_log").await.unwrap_err();
     assert!(e
         .as_db_error()
@@ -407,27 +431,13 @@ async fn sealed_rows_refuse_update_delete_and_truncate_while_unsealed_rows_allow
             "{sql}"
         );
     }
-
-    // Unsealed rows stay mutable (pseudonymisation before sealing, say).
+    assert_eq!(s.count("SELECT count(*) FROM audit_log").await, 10);
+    // Sealing wrote only the ledger: no row was touched.
+    assert_eq!(s.count("SELECT count(*) FROM seal_ledger").await, 5);
     assert_eq!(
-        pg.execute(
-            "UPDATE audit_log SET details = '{\"x\":1}' WHERE event_id = 'evt-a-7'",
-            &[]
-        )
-        .await
-        .unwrap(),
-        1
-    );
-    assert_eq!(
-        pg.execute("DELETE FROM audit_log WHERE event_id = 'evt-a-8'", &[])
-            .await
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        s.count("SELECT count(*) FROM audit_log WHERE snapshot_id IS NOT NULL")
+        s.count("SELECT count(*) FROM audit_log WHERE snapshot_id IS NOT NULL OR leaf_index IS NOT NULL")
             .await,
-        5
+        0
     );
     assert!(s.verify(None).await.ok());
     s.env.cleanup().await;
@@ -542,7 +552,7 @@ async fn overlapping_snapshot_jobs_at_once_seal_every_row_exactly_once() {
     assert_eq!(newer.previous_tree_size, older.tree_size);
     assert_eq!(newer.tree_size, 30_000);
     assert_eq!(
-        s.count("SELECT count(DISTINCT leaf_index) FROM audit_log WHERE snapshot_id IS NOT NULL")
+        s.count("SELECT count(DISTINCT (event_time, row_id)) FROM seal_ledger")
             .await,
         30_000
     );
@@ -567,13 +577,14 @@ async fn a_snapshot_killed_mid_transaction_leaves_nothing_half_sealed_and_is_fin
         .spawn()
         .unwrap();
     // Wait until this test's sealing transaction (the backend holding a
-    // lock on this schema's log head) runs its sealing statement, then
-    // kill -9 the process.
+    // lock on this schema's log head) is appending to the ledger (reading
+    // unsealed rows or inserting entries), then kill -9 the process.
     let head = format!("\"{}\".snapshot_log_head", s.env.schema);
     let sealing = format!(
         "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-          WHERE l.relation = '{head}'::regclass AND a.state = 'active'
-            AND a.query LIKE '%INSERT INTO seal_ledger%'"
+          WHERE l.relation = '{head}'::regclass
+            AND a.state IN ('active', 'idle in transaction')
+            AND a.query LIKE '%seal_ledger%' AND a.query NOT LIKE '%pg_locks%'"
     );
     wait_until(Duration::from_secs(60), "the sealing statement", || async {
         s.count(&sealing).await > 0
@@ -590,12 +601,9 @@ async fn a_snapshot_killed_mid_transaction_leaves_nothing_half_sealed_and_is_fin
         || async { s.count(&holding).await == 0 },
     )
     .await;
-    let sealed = s
-        .count("SELECT count(*) FROM audit_log WHERE snapshot_id IS NOT NULL")
-        .await;
     let ledger = s.count("SELECT count(*) FROM seal_ledger").await;
     let head = s.count("SELECT tree_size FROM snapshot_log_head").await;
-    assert_eq!((sealed, ledger, head), (0, 0, 0), "nothing half-sealed");
+    assert_eq!((ledger, head), (0, 0), "nothing half-sealed");
     assert_eq!(s.count("SELECT count(*) FROM snapshots").await, 0);
 
     // Restart: a worker takes the abandoned job over once its lease ends.
@@ -625,11 +633,7 @@ async fn a_snapshot_killed_mid_transaction_leaves_nothing_half_sealed_and_is_fin
     .await;
     unsafe_sigterm(&worker);
     assert!(worker.wait().unwrap().success());
-    assert_eq!(
-        s.count("SELECT count(*) FROM audit_log WHERE snapshot_id IS NOT NULL")
-            .await,
-        150_000
-    );
+    assert_eq!(s.count("SELECT count(*) FROM seal_ledger").await, 150_000);
     let out = worker_cmd(&s, &["verify"]).output().unwrap();
     assert!(
         out.status.success(),
@@ -698,8 +702,9 @@ async fn an_audit_snapshot_message_is_run_by_the_worker_and_logged_as_an_audit_e
     worker.stop().await;
     assert_eq!(
         s.count(
-            "SELECT count(*) FROM audit_log WHERE snapshot_id IS NOT NULL
-                AND action <> 'audit.snapshot.created'"
+            "SELECT count(*) FROM seal_ledger l JOIN audit_log a
+                ON a.event_time = l.event_time AND a.id = l.row_id
+             WHERE a.action <> 'audit.snapshot.created'"
         )
         .await,
         300

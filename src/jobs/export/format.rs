@@ -16,7 +16,7 @@ use super::request::{Compression, Format};
 
 /// The exported columns, in order. The README documents them; changing
 /// them changes every export's bytes, so add at the end only.
-pub const COLUMNS: [&str; 23] = [
+pub const COLUMNS: [&str; 29] = [
     "id",
     "event_time",
     "timestamp",
@@ -40,6 +40,15 @@ pub const COLUMNS: [&str; 23] = [
     "signature_algorithm",
     "signature_key_id",
     "ingested_at",
+    // What an auditor needs to recompute the record digest (leaf v2) and
+    // place it in the log: the remaining stored columns, the event's salts,
+    // and its ledger entry (null while unsealed).
+    "idempotency_key",
+    "hash_provided",
+    "source",
+    "salts",
+    "leaf_index",
+    "leaf_version",
 ];
 
 /// The SELECT list producing [`COLUMNS`] in order (JSON columns as text,
@@ -48,7 +57,14 @@ pub const SELECT_LIST: &str = "id, event_time, timestamp_raw, event_id, action, 
     principal_id, organization_id, target_resource_type, target_resource_id, \
     outcome_description, data_classification, correlation_id, event_version, \
     retention_policy, session_context::text, details::text, hash, hash_algorithm, \
-    signature, signature_algorithm, signature_key_id, ingested_at";
+    signature, signature_algorithm, signature_key_id, ingested_at, \
+    idempotency_key, to_jsonb(hash_provided)::text, source, \
+    (SELECT s.salts::text FROM audit_salts s \
+      WHERE s.idempotency_key = audit_log.idempotency_key AND s.event_time = audit_log.event_time), \
+    (SELECT to_jsonb(l.leaf_index)::text FROM seal_ledger l \
+      WHERE l.event_time = audit_log.event_time AND l.row_id = audit_log.id), \
+    (SELECT to_jsonb(l.leaf_version)::text FROM seal_ledger l \
+      WHERE l.event_time = audit_log.event_time AND l.row_id = audit_log.id)";
 
 /// One exported value.
 #[derive(Debug, Clone, Copy)]
@@ -62,7 +78,7 @@ pub enum Cell<'a> {
 
 /// One audit_log row, borrowed from the database row, in [`COLUMNS`] order.
 pub struct ExportRow<'a> {
-    pub cells: [Cell<'a>; 23],
+    pub cells: [Cell<'a>; 29],
 }
 
 impl<'a> ExportRow<'a> {
@@ -99,6 +115,12 @@ impl<'a> ExportRow<'a> {
                 t(20)?,
                 t(21)?,
                 Cell::Time(row.try_get(22)?),
+                t(23)?,
+                j(24)?,
+                t(25)?,
+                j(26)?,
+                j(27)?,
+                j(28)?,
             ],
         })
     }
@@ -305,7 +327,7 @@ mod tests {
 
     fn row<'a>(id: i64, text: &'a str, json: Option<&'a str>) -> ExportRow<'a> {
         let t = DateTime::from_timestamp(1_709_251_200, 123_456_000).unwrap();
-        let mut cells = [Cell::Text(None); 23];
+        let mut cells = [Cell::Text(None); COLUMNS.len()];
         cells[0] = Cell::Int(id);
         cells[1] = Cell::Time(t);
         cells[2] = Cell::Text(Some("2024-03-01T00:00:00.123456Z"));

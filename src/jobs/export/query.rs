@@ -139,7 +139,8 @@ impl PageQuery {
         &self,
         client: &tokio_postgres::Client,
     ) -> Result<i64, tokio_postgres::Error> {
-        let from = self.sql.find(" FROM ").unwrap_or(0);
+        // The select list holds subqueries of its own: cut at the outer FROM.
+        let from = self.sql.find(" FROM audit_log ").unwrap_or(0);
         let to = self.sql.find(" ORDER BY ").unwrap_or(self.sql.len());
         let sql = format!("SELECT count(*){}", &self.sql[from..to]);
         let start = self.start;

@@ -1,0 +1,481 @@
+//! Leaf v2: the canonical encoding of a whole stored record.
+//!
+//! Leaf v1 was the producer's canonical hash v1, which covers 8 fields; a
+//! rewrite of any other stored column went unnoticed. A v2 log entry is the
+//! *record digest*: SHA-256 over a versioned, domain-separated RFC 8785
+//! (JCS) encoding of every column the worker stores for an event. Personal
+//! values enter as salted commitments `SHA-256(salt || value)`, the salts
+//! being kept apart from the row, so erasing a value together with its salt
+//! later leaves every leaf, checkpoint and proof valid.
+//!
+//! The encoding (also specified in the README, "Record digest (leaf v2)"):
+//!
+//! ```text
+//! record digest = SHA-256( "audit-worker/record/v2\n" || JCS(record) )
+//! leaf hash     = SHA-256( 0x00 || record digest )          (RFC 6962)
+//! ```
+//!
+//! `record` is a JSON object with exactly the keys of [`StoredRecord`]
+//! (absent values are `null`) plus `commitments`, the sorted list of the
+//! paths whose values were replaced by their commitment (lowercase hex).
+//! Pure code: no I/O.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+/// Domain-separation prefix (with the version number) of the v2 encoding.
+pub const RECORD_PREFIX_V2: &[u8] = b"audit-worker/record/v2\n";
+
+/// The leaf version of logs whose entries are record digests.
+pub const LEAF_VERSION_V2: i16 = 2;
+
+/// The leaf version of the first logs, whose entries were hash v1.
+pub const LEAF_VERSION_V1: i16 = 1;
+
+/// Personal fields that are always committed when present.
+pub const ALWAYS_PERSONAL: [&str; 4] = [
+    "principalId",
+    "targetResourceId",
+    "sessionContext.ipAddress",
+    "sessionContext.userAgent",
+];
+
+/// Length of a salt, in bytes.
+pub const SALT_LEN: usize = 32;
+
+/// Per-event salts, by field path (`principalId`, `sessionContext.ipAddress`).
+pub type Salts = BTreeMap<String, [u8; SALT_LEN]>;
+
+/// Every column the worker stores for an event, as read back from
+/// `audit_log`: the input of the record digest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRecord {
+    pub idempotency_key: String,
+    pub event_id: Option<String>,
+    pub event_time: DateTime<Utc>,
+    pub timestamp_raw: String,
+    pub action: String,
+    pub status: String,
+    pub principal_id: Option<String>,
+    pub organization_id: Option<String>,
+    pub target_resource_type: Option<String>,
+    pub target_resource_id: Option<String>,
+    pub outcome_description: Option<String>,
+    pub hash: String,
+    pub hash_algorithm: String,
+    pub hash_provided: bool,
+    pub signature: Option<String>,
+    pub signature_algorithm: Option<String>,
+    pub signature_key_id: Option<String>,
+    pub event_version: Option<String>,
+    pub correlation_id: Option<String>,
+    pub data_classification: Option<String>,
+    pub retention_policy: Option<String>,
+    pub session_context: Option<Value>,
+    pub details: Option<Value>,
+    pub source: String,
+    pub ingested_at: DateTime<Utc>,
+}
+
+/// Which fields of an event are personal: the fixed ones plus a configured
+/// list of `details.<key>` / `sessionContext.<key>` paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersonalFields {
+    paths: Vec<String>,
+}
+
+impl Default for PersonalFields {
+    fn default() -> Self {
+        Self {
+            paths: ALWAYS_PERSONAL.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+impl PersonalFields {
+    /// The fixed personal fields plus `extra` (setting
+    /// `snapshot.personal_fields`). Each extra path must be
+    /// `details.<key>` or `sessionContext.<key>`, naming a top-level key.
+    pub fn with_extra(extra: &[String]) -> Result<Self, String> {
+        let mut me = Self::default();
+        for p in extra {
+            let ok = match p.split_once('.') {
+                Some(("details" | "sessionContext", key)) => !key.is_empty(),
+                _ => false,
+            };
+            if !ok {
+                return Err(format!(
+                    "personal field {p:?} must be details.<key> or sessionContext.<key> \
+                     (principalId, targetResourceId, sessionContext.ipAddress and userAgent \
+                     are always personal)"
+                ));
+            }
+            if !me.paths.contains(p) {
+                me.paths.push(p.clone());
+            }
+        }
+        Ok(me)
+    }
+
+    /// The paths, fixed ones first.
+    pub fn paths(&self) -> &[String] {
+        &self.paths
+    }
+
+    /// The personal paths that hold a value (not absent, not null) in this
+    /// event: the ones that need a salt.
+    pub fn present_in(
+        &self,
+        principal_id: Option<&str>,
+        target_resource_id: Option<&str>,
+        session_context: Option<&Value>,
+        details: Option<&Value>,
+    ) -> Vec<&str> {
+        self.paths
+            .iter()
+            .filter(|p| match p.as_str() {
+                "principalId" => principal_id.is_some(),
+                "targetResourceId" => target_resource_id.is_some(),
+                other => {
+                    let (container, key) = other.split_once('.').unwrap_or(("", ""));
+                    let obj = match container {
+                        "details" => details,
+                        "sessionContext" => session_context,
+                        _ => None,
+                    };
+                    obj.and_then(|o| o.get(key)).is_some_and(|v| !v.is_null())
+                }
+            })
+            .map(String::as_str)
+            .collect()
+    }
+}
+
+/// Draws a fresh random salt for each path.
+pub fn new_salts(paths: &[&str]) -> Salts {
+    use rand::RngCore;
+    let mut rng = rand::thread_rng();
+    paths
+        .iter()
+        .map(|p| {
+            let mut s = [0u8; SALT_LEN];
+            rng.fill_bytes(&mut s);
+            (p.to_string(), s)
+        })
+        .collect()
+}
+
+/// Salts as stored (`{"<path>": "<64 hex digits>"}`).
+pub fn salts_to_json(salts: &Salts) -> Value {
+    Value::Object(
+        salts
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(hex::encode(v))))
+            .collect(),
+    )
+}
+
+/// Reads stored salts back; names the path of a malformed one.
+pub fn salts_from_json(v: Option<&Value>) -> Result<Salts, String> {
+    let Some(v) = v else {
+        return Ok(Salts::new());
+    };
+    let obj = v.as_object().ok_or("stored salts are not a JSON object")?;
+    obj.iter()
+        .map(|(k, v)| {
+            let salt = v
+                .as_str()
+                .and_then(|s| hex::decode(s).ok())
+                .and_then(|b| <[u8; SALT_LEN]>::try_from(b).ok())
+                .ok_or_else(|| format!("salt of {k} is not 64 hex digits"))?;
+            Ok((k.clone(), salt))
+        })
+        .collect()
+}
+
+/// `SHA-256(salt || value)`: a string value as its UTF-8 bytes, any other
+/// JSON value as its JCS encoding.
+pub fn commitment(salt: &[u8; SALT_LEN], value: &Value) -> Result<[u8; 32], String> {
+    let mut h = Sha256::new();
+    h.update(salt);
+    match value {
+        Value::String(s) => h.update(s.as_bytes()),
+        other => h.update(jcs(other)?),
+    }
+    Ok(h.finalize().into())
+}
+
+fn jcs(v: &Value) -> Result<Vec<u8>, String> {
+    serde_json_canonicalizer::to_vec(v).map_err(|e| format!("cannot canonicalise: {e}"))
+}
+
+/// A timestamp as the encoding writes it: RFC 3339, UTC, `Z`, exactly six
+/// fraction digits (PostgreSQL keeps microseconds).
+pub fn timestamp_text(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+fn opt(s: &Option<String>) -> Value {
+    s.as_ref().map_or(Value::Null, |s| Value::String(s.clone()))
+}
+
+/// The JSON object that is canonicalised: every column, personal values
+/// replaced by their commitments. Fails when a salt names a path that has
+/// no value in the record (the salts do not belong to it).
+pub fn record_object(r: &StoredRecord, salts: &Salts) -> Result<Value, String> {
+    let mut m = Map::new();
+    let s = |v: &str| Value::String(v.to_owned());
+    m.insert("idempotencyKey".into(), s(&r.idempotency_key));
+    m.insert("eventId".into(), opt(&r.event_id));
+    m.insert("eventTime".into(), s(&timestamp_text(&r.event_time)));
+    m.insert("timestamp".into(), s(&r.timestamp_raw));
+    m.insert("action".into(), s(&r.action));
+    m.insert("status".into(), s(&r.status));
+    m.insert("principalId".into(), opt(&r.principal_id));
+    m.insert("organizationId".into(), opt(&r.organization_id));
+    m.insert("targetResourceType".into(), opt(&r.target_resource_type));
+    m.insert("targetResourceId".into(), opt(&r.target_resource_id));
+    m.insert("outcomeDescription".into(), opt(&r.outcome_description));
+    m.insert("hash".into(), s(&r.hash));
+    m.insert("hashAlgorithm".into(), s(&r.hash_algorithm));
+    m.insert("hashProvided".into(), Value::Bool(r.hash_provided));
+    m.insert("signature".into(), opt(&r.signature));
+    m.insert("signatureAlgorithm".into(), opt(&r.signature_algorithm));
+    m.insert("signatureKeyId".into(), opt(&r.signature_key_id));
+    m.insert("eventVersion".into(), opt(&r.event_version));
+    m.insert("correlationId".into(), opt(&r.correlation_id));
+    m.insert("dataClassification".into(), opt(&r.data_classification));
+    m.insert("retentionPolicy".into(), opt(&r.retention_policy));
+    m.insert(
+        "sessionContext".into(),
+        r.session_context.clone().unwrap_or(Value::Null),
+    );
+    m.insert("details".into(), r.details.clone().unwrap_or(Value::Null));
+    m.insert("source".into(), s(&r.source));
+    m.insert("ingestedAt".into(), s(&timestamp_text(&r.ingested_at)));
+    for (path, salt) in salts {
+        let slot = match path.split_once('.') {
+            None if path == "principalId" || path == "targetResourceId" => m.get_mut(path),
+            Some((c @ ("details" | "sessionContext"), key)) => m
+                .get_mut(c)
+                .and_then(Value::as_object_mut)
+                .and_then(|o| o.get_mut(key)),
+            _ => None,
+        };
+        let slot = slot
+            .filter(|v| !v.is_null())
+            .ok_or_else(|| format!("a salt is stored for {path}, which holds no value"))?;
+        *slot = Value::String(hex::encode(commitment(salt, slot)?));
+    }
+    m.insert(
+        "commitments".into(),
+        Value::Array(salts.keys().map(|k| Value::String(k.clone())).collect()),
+    );
+    Ok(Value::Object(m))
+}
+
+/// The bytes that are hashed: prefix, then the JCS encoding.
+pub fn encode_v2(r: &StoredRecord, salts: &Salts) -> Result<Vec<u8>, String> {
+    let mut out = RECORD_PREFIX_V2.to_vec();
+    out.extend(jcs(&record_object(r, salts)?)?);
+    Ok(out)
+}
+
+/// The record digest of a record object as [`record_object`] builds it
+/// (and as a v2 proof carries it): lets a proof's reader recompute the leaf
+/// from the printed record.
+pub fn digest_of_object(record: &Value) -> Result<[u8; 32], String> {
+    let mut bytes = RECORD_PREFIX_V2.to_vec();
+    bytes.extend(jcs(record)?);
+    Ok(Sha256::digest(bytes).into())
+}
+
+/// The record digest: the log's entry for the event.
+pub fn record_digest(r: &StoredRecord, salts: &Salts) -> Result<[u8; 32], String> {
+    Ok(Sha256::digest(encode_v2(r, salts)?).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::integrity::merkle::leaf_hash;
+    use serde_json::json;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    /// The record of the known-answer test (the same record is written out
+    /// in tests/fixtures/record-v2-vectors.py).
+    fn sample() -> (StoredRecord, Salts) {
+        let r = StoredRecord {
+            idempotency_key: "evt-1".into(),
+            event_id: Some("evt-1".into()),
+            event_time: at("2023-10-26T10:30:00Z"),
+            timestamp_raw: "2023-10-26T10:30:00.000Z".into(),
+            action: "userLogin".into(),
+            status: "success".into(),
+            principal_id: Some("user-12345".into()),
+            organization_id: Some("org-67890".into()),
+            target_resource_type: Some("User".into()),
+            target_resource_id: Some("user-12345".into()),
+            outcome_description: Some("Zoë said \"hi\"\n — 日本語".into()),
+            hash: "1a5173f0c32c592cbe9d3c03c2af6ab212b16de1c903bfe2d1f231e926adf2b7".into(),
+            hash_algorithm: "SHA-256".into(),
+            hash_provided: true,
+            signature: Some(
+                "8977ba6cd1d4f853a2cd998e83cb9bbc399bc886322e4e75f0e26e3e1fb88c76".into(),
+            ),
+            signature_algorithm: Some("HMAC-SHA256".into()),
+            signature_key_id: Some("k1".into()),
+            event_version: Some("1.0".into()),
+            correlation_id: None,
+            data_classification: Some("PHI".into()),
+            retention_policy: Some("7y".into()),
+            session_context: Some(json!({
+                "sessionId": "s-1", "ipAddress": "192.0.2.7",
+                "userAgent": "curl/8", "geolocation": {"country": "DE"}
+            })),
+            details: Some(json!({"email": "a@example.com", "n": 1.5, "z": [1, 2e21, null]})),
+            source: "stream:audit:events:1-0".into(),
+            ingested_at: at("2023-10-26T10:30:01.123456Z"),
+        };
+        let salts: Salts = [
+            "principalId",
+            "targetResourceId",
+            "sessionContext.ipAddress",
+            "sessionContext.userAgent",
+            "details.email",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.to_string(), [i as u8 + 1; SALT_LEN]))
+        .collect();
+        (r, salts)
+    }
+
+    #[test]
+    fn record_digest_matches_the_independent_known_answer() {
+        let (r, salts) = sample();
+        let enc = encode_v2(&r, &salts).unwrap();
+        let text = String::from_utf8(enc.clone()).unwrap();
+        // Values computed once with Python 3's json and hashlib by
+        // tests/fixtures/record-v2-vectors.py.
+        let v: Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/record-v2-vectors.json"))
+                .unwrap();
+        assert_eq!(text, v["encoding"].as_str().unwrap());
+        assert_eq!(
+            hex::encode(record_digest(&r, &salts).unwrap()),
+            v["recordDigest"].as_str().unwrap()
+        );
+        assert_eq!(
+            hex::encode(leaf_hash(&record_digest(&r, &salts).unwrap())),
+            v["leafHash"].as_str().unwrap()
+        );
+        assert_eq!(
+            digest_of_object(&record_object(&r, &salts).unwrap()).unwrap(),
+            record_digest(&r, &salts).unwrap()
+        );
+        assert_eq!(
+            hex::encode(commitment(&[1; SALT_LEN], &json!("user-12345")).unwrap()),
+            v["principalIdCommitment"].as_str().unwrap()
+        );
+        // Personal values never appear in the encoding.
+        for secret in ["user-12345", "192.0.2.7", "curl/8", "a@example.com"] {
+            assert!(!text.contains(secret), "{secret} leaked into the encoding");
+        }
+    }
+
+    #[test]
+    fn every_column_changes_the_digest() {
+        let (r, salts) = sample();
+        let base = record_digest(&r, &salts).unwrap();
+        let mut variants: Vec<StoredRecord> = Vec::new();
+        let mut push = |f: &dyn Fn(&mut StoredRecord)| {
+            let mut x = r.clone();
+            f(&mut x);
+            variants.push(x);
+        };
+        push(&|x| x.idempotency_key.push('x'));
+        push(&|x| x.event_id = None);
+        push(&|x| x.event_time += chrono::Duration::microseconds(1));
+        push(&|x| x.timestamp_raw.push('x'));
+        push(&|x| x.action.push('x'));
+        push(&|x| x.status = "failure".into());
+        push(&|x| x.principal_id = Some("user-2".into()));
+        push(&|x| x.organization_id = None);
+        push(&|x| x.target_resource_type = None);
+        push(&|x| x.target_resource_id = Some("other".into()));
+        push(&|x| x.outcome_description = None);
+        push(&|x| x.hash.replace_range(0..1, "0"));
+        push(&|x| x.hash_algorithm = "SHA-512".into());
+        push(&|x| x.hash_provided = false);
+        push(&|x| x.signature = None);
+        push(&|x| x.signature_algorithm = None);
+        push(&|x| x.signature_key_id = Some("k2".into()));
+        push(&|x| x.event_version = None);
+        push(&|x| x.correlation_id = Some("c".into()));
+        push(&|x| x.data_classification = Some("PUBLIC".into()));
+        push(&|x| x.retention_policy = Some("1y".into()));
+        push(&|x| x.session_context.as_mut().unwrap()["ipAddress"] = json!("192.0.2.8"));
+        push(&|x| x.session_context.as_mut().unwrap()["sessionId"] = json!("s-2"));
+        push(&|x| x.details.as_mut().unwrap()["n"] = json!(1.25));
+        push(&|x| x.details.as_mut().unwrap()["email"] = json!("b@example.com"));
+        push(&|x| x.source.push('x'));
+        push(&|x| x.ingested_at += chrono::Duration::microseconds(1));
+        assert_eq!(variants.len(), 27);
+        for (i, v) in variants.iter().enumerate() {
+            assert_ne!(record_digest(v, &salts).unwrap(), base, "variant {i}");
+        }
+        // Dropping a salt (a commitment turned back into the raw value) or
+        // changing one changes the digest too.
+        let mut fewer = salts.clone();
+        fewer.remove("details.email");
+        assert_ne!(record_digest(&r, &fewer).unwrap(), base);
+        let mut other = salts.clone();
+        other.insert("principalId".into(), [9; SALT_LEN]);
+        assert_ne!(record_digest(&r, &other).unwrap(), base);
+    }
+
+    #[test]
+    fn a_salt_without_a_value_is_refused() {
+        let (mut r, salts) = sample();
+        r.principal_id = None;
+        let e = record_digest(&r, &salts).unwrap_err();
+        assert!(e.contains("principalId"), "{e}");
+    }
+
+    #[test]
+    fn personal_fields_are_the_fixed_ones_plus_valid_extras() {
+        let p = PersonalFields::with_extra(&["details.email".into()]).unwrap();
+        assert_eq!(p.paths().len(), 5);
+        for bad in ["email", "details.", "other.x", "principalId.x"] {
+            assert!(PersonalFields::with_extra(&[bad.into()]).is_err(), "{bad}");
+        }
+        let (r, _) = sample();
+        let present = p.present_in(
+            r.principal_id.as_deref(),
+            None,
+            r.session_context.as_ref(),
+            Some(&json!({"email": null})),
+        );
+        assert_eq!(
+            present,
+            vec![
+                "principalId",
+                "sessionContext.ipAddress",
+                "sessionContext.userAgent"
+            ]
+        );
+        let salts = new_salts(&present);
+        assert_eq!(salts.len(), 3);
+        assert_ne!(salts["principalId"], salts["sessionContext.ipAddress"]);
+        let back = salts_from_json(Some(&salts_to_json(&salts))).unwrap();
+        assert_eq!(back, salts);
+        assert!(salts_from_json(Some(&json!({"principalId": "zz"}))).is_err());
+    }
+}

@@ -1,0 +1,65 @@
+//! Reading stored records (a row of `audit_log` with its salts) for the
+//! record digest (leaf v2): the one place that maps columns to
+//! [`StoredRecord`], shared by sealing, `verify` and `prove`.
+
+use serde_json::Value;
+use tokio_postgres::Row;
+
+use crate::integrity::record::{record_digest, salts_from_json, StoredRecord};
+
+/// The select list of a stored record: `audit_log` as `a`, joined with
+/// [`SALTS_JOIN`]. [`RECORD_COLUMN_COUNT`] columns.
+pub const RECORD_COLUMNS: &str = "a.idempotency_key, a.event_id, a.event_time, a.timestamp_raw, \
+     a.action, a.status, a.principal_id, a.organization_id, a.target_resource_type, \
+     a.target_resource_id, a.outcome_description, a.hash, a.hash_algorithm, a.hash_provided, \
+     a.signature, a.signature_algorithm, a.signature_key_id, a.event_version, a.correlation_id, \
+     a.data_classification, a.retention_policy, a.session_context, a.details, a.source, \
+     a.ingested_at, s.salts";
+
+/// How many columns [`RECORD_COLUMNS`] selects.
+pub const RECORD_COLUMN_COUNT: usize = 26;
+
+/// The join that brings an `audit_log a` row's salts.
+pub const SALTS_JOIN: &str = "LEFT JOIN audit_salts s \
+     ON s.idempotency_key = a.idempotency_key AND s.event_time = a.event_time";
+
+/// The record whose columns start at `at`, or `None` when the row is
+/// missing (a LEFT JOIN found nothing), with its stored salts.
+pub fn record_from_row(r: &Row, at: usize) -> Option<(StoredRecord, Option<Value>)> {
+    let key: Option<String> = r.get(at);
+    let rec = StoredRecord {
+        idempotency_key: key?,
+        event_id: r.get(at + 1),
+        event_time: r.get(at + 2),
+        timestamp_raw: r.get(at + 3),
+        action: r.get(at + 4),
+        status: r.get(at + 5),
+        principal_id: r.get(at + 6),
+        organization_id: r.get(at + 7),
+        target_resource_type: r.get(at + 8),
+        target_resource_id: r.get(at + 9),
+        outcome_description: r.get(at + 10),
+        hash: r.get(at + 11),
+        hash_algorithm: r.get(at + 12),
+        hash_provided: r.get(at + 13),
+        signature: r.get(at + 14),
+        signature_algorithm: r.get(at + 15),
+        signature_key_id: r.get(at + 16),
+        event_version: r.get(at + 17),
+        correlation_id: r.get(at + 18),
+        data_classification: r.get(at + 19),
+        retention_policy: r.get(at + 20),
+        session_context: r.get(at + 21),
+        details: r.get(at + 22),
+        source: r.get(at + 23),
+        ingested_at: r.get(at + 24),
+    };
+    Some((rec, r.get(at + 25)))
+}
+
+/// The record digest of a stored record and its stored salts; the error
+/// says what in the stored data prevents computing it.
+pub fn stored_digest(rec: &StoredRecord, salts: Option<&Value>) -> Result<[u8; 32], String> {
+    let salts = salts_from_json(salts)?;
+    record_digest(rec, &salts)
+}
