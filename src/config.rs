@@ -252,6 +252,9 @@ pub struct SnapshotConfig {
     /// `details.<key>` / `sessionContext.<key>` paths that enter the record
     /// digest as salted commitments, besides the fixed personal fields.
     pub personal_fields: Vec<String>,
+    /// Seconds between checks that the database's log extends the last
+    /// published checkpoint; 0: no monitor.
+    pub monitor_interval_secs: u64,
 }
 
 /// `[log]`: log format and filter.

@@ -9,6 +9,7 @@
 //! after a crash.
 
 pub mod export;
+pub mod log_monitor;
 pub mod merkle_stream;
 pub mod published;
 pub mod snapshot;

@@ -834,6 +834,25 @@ async fn truncating_the_log_and_resetting_its_head_fails_verify_against_the_publ
         );
     }
 
+    // The monitor of a running worker sees the log extend its last
+    // published checkpoint.
+    let mut c = s.worker_config();
+    c.snapshot.enabled = false;
+    c.snapshot.verifier_key = s.verifier.clone();
+    c.snapshot.monitor_interval_secs = 1;
+    c.alerts.stream = format!("test:{}:alerts", s.env.name);
+    let alerts_stream = c.alerts.stream.clone();
+    let worker = InProcessWorker::start(c);
+    let port = s.env.http_port;
+    wait_until(
+        Duration::from_secs(30),
+        "the monitor to report 1",
+        || async {
+            metric(port, "audit_worker_log_extends_published_checkpoint").await == Some(1.0)
+        },
+    )
+    .await;
+
     // A superuser removes the newest snapshot with its ledger entries,
     // rows, salts and tiles, and resets the head: the database is
     // consistent again, and a check of the database alone passes.
@@ -876,6 +895,41 @@ async fn truncating_the_log_and_resetting_its_head_fails_verify_against_the_publ
         .unwrap();
     let db_only = s.verify().await;
     assert!(db_only.ok(), "{:?}", db_only.findings);
+
+    // The monitor notices: the gauge drops to 0 and one security alert is
+    // raised, naming what is missing.
+    wait_until(
+        Duration::from_secs(30),
+        "the monitor to report 0",
+        || async {
+            metric(port, "audit_worker_log_extends_published_checkpoint").await == Some(0.0)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        metric(
+            port,
+            "audit_worker_security_alerts_total{rule=\"log_truncated\"}"
+        )
+        .await,
+        Some(1.0),
+        "one alert, not one per round"
+    );
+    let mut conn = s.env.redis_conn().await;
+    let entries: redis::Value = redis::cmd("XRANGE")
+        .arg(&alerts_stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let entries = audit_worker::source::stream::parse_entries(&entries);
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].field("rule").unwrap(), b"log_truncated");
+    let message = String::from_utf8_lossy(entries[0].field("message").unwrap()).to_string();
+    assert!(message.contains("truncated or rolled back"), "{message}");
+    worker.stop().await;
 
     // Against the last published checkpoint it fails, naming what is gone.
     let c = s.config();
@@ -997,4 +1051,16 @@ async fn an_event_arriving_after_its_period_was_sealed_is_sealed_next_and_listed
         .collect();
     assert_eq!(late, vec![("evt-late", second.snapshot_id)]);
     s.env.cleanup().await;
+}
+
+/// A metric's value from the worker's /metrics (`name` with its labels).
+async fn metric(port: u16, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
