@@ -94,6 +94,10 @@ enum Command {
         /// the last one published to the object store.
         #[arg(long, value_name = "FILE")]
         trusted_checkpoint: Option<PathBuf>,
+        /// Check only the leaves appended after the checkpoint of this
+        /// size (incremental), plus the whole checkpoint chain.
+        #[arg(long, value_name = "SIZE", conflicts_with = "snapshot")]
+        since: Option<u64>,
     },
     /// Print an event's inclusion proof and signed checkpoint as JSON.
     Prove {
@@ -306,9 +310,14 @@ fn main() -> ExitCode {
                 snapshot,
                 json,
                 trusted_checkpoint,
+                since,
             } => {
-                if snapshot_cli::verify(&config, snapshot, json, trusted_checkpoint.as_deref())
-                    .await?
+                let scope = match (snapshot, since) {
+                    (Some(id), _) => audit_worker::jobs::verify::Scope::Snapshot(id),
+                    (None, Some(n)) => audit_worker::jobs::verify::Scope::Since(n),
+                    (None, None) => audit_worker::jobs::verify::Scope::All,
+                };
+                if snapshot_cli::verify(&config, scope, json, trusted_checkpoint.as_deref()).await?
                 {
                     Ok(())
                 } else {

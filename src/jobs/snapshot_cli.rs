@@ -111,17 +111,17 @@ pub async fn snapshot(
 /// store.
 pub async fn verify(
     config: &Config,
-    only: Option<i64>,
+    scope: verify::Scope,
     json: bool,
     trusted: Option<&Path>,
 ) -> anyhow::Result<bool> {
     let verifier = snapshot::load_verifier(&config.snapshot)?;
     let mut client = connect(config).await?;
-    let mut report = verify::verify(
+    let mut report = verify::verify_scope(
         &mut client,
         &verifier,
         &config.snapshot.origin,
-        only,
+        scope,
         config.snapshot.page_size,
     )
     .await?;

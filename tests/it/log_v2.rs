@@ -803,6 +803,59 @@ async fn an_independent_tlog_tiles_reader_follows_the_log_over_http() {
         assert_eq!(get(missing.into()).await.0, 404, "{missing}");
     }
     worker.stop().await;
+
+    // Incremental verification: only what was appended since the older
+    // checkpoint is re-checked.
+    let c = s.config();
+    let (mut client, conn) = audit_worker::db::pg_config(&c)
+        .unwrap()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let key = audit_worker::integrity::checkpoint::NoteVerifier::parse(&s.verifier).unwrap();
+    let since = verify::verify_scope(&mut client, &key, ORIGIN, verify::Scope::Since(300), 1000)
+        .await
+        .unwrap();
+    assert!(since.ok(), "{:?}", since.findings);
+    assert_eq!(since.leaves_checked, 400);
+    assert!(
+        verify::verify_scope(&mut client, &key, ORIGIN, verify::Scope::Since(299), 1000)
+            .await
+            .is_err()
+    );
+    s.tamper("UPDATE audit_log SET details = '{}' WHERE idempotency_key IN ('evt-5', 'evt-500')")
+        .await;
+    let since = verify::verify_scope(&mut client, &key, ORIGIN, verify::Scope::Since(300), 1000)
+        .await
+        .unwrap();
+    assert_eq!(
+        events_of(&since, FindingKind::Altered),
+        BTreeSet::from(["evt-500".to_string()])
+    );
+    assert_eq!(
+        events_of(&s.verify().await, FindingKind::Altered),
+        BTreeSet::from(["evt-5".to_string(), "evt-500".to_string()])
+    );
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_audit-worker"));
+    cmd.args(["verify", "--since", "300"]);
+    for (k, v) in s.env.env_vars() {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .env("AUDIT_WORKER__SNAPSHOT__ORIGIN", ORIGIN)
+        .env("AUDIT_WORKER__SNAPSHOT__VERIFIER_KEY", &s.verifier)
+        .env(
+            "AUDIT_WORKER__STORAGE__URL",
+            s.storage.path().display().to_string(),
+        )
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(stdout.contains("ALTERED event evt-500"), "{stdout}");
+    assert!(!stdout.contains("evt-5 "), "{stdout}");
+    assert!(stdout.contains("400 leaves checked"), "{stdout}");
     s.env.cleanup().await;
 }
 
