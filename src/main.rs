@@ -99,6 +99,14 @@ enum Command {
         #[arg(long, value_name = "SIZE", conflicts_with = "snapshot")]
         since: Option<u64>,
     },
+    /// Print the consistency proof between two checkpoints (by tree size;
+    /// the newer defaults to the latest), computed from the stored tiles.
+    ProveConsistency {
+        /// Tree size of the older checkpoint.
+        old_size: u64,
+        /// Tree size of the newer checkpoint (default: the latest).
+        new_size: Option<u64>,
+    },
     /// Print an event's inclusion proof and signed checkpoint as JSON.
     Prove {
         /// The event's eventId (its idempotency key).
@@ -325,6 +333,13 @@ fn main() -> ExitCode {
                         "verification failed: see the problems listed above"
                     ))
                 }
+            }
+            Command::ProveConsistency { old_size, new_size } => {
+                println!(
+                    "{}",
+                    snapshot_cli::prove_consistency(&config, old_size, new_size).await?
+                );
+                Ok(())
             }
             Command::Prove { event } => {
                 println!("{}", snapshot_cli::prove(&config, &event).await?);

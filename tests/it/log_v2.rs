@@ -531,6 +531,28 @@ async fn a_log_sealed_with_v1_leaves_keeps_verifying_and_continues_with_v2_leave
         assert!(e.contains(why), "{why}: {e}");
     }
 
+    // The consistency proof between the v1 and the v2 checkpoint comes
+    // from tiles (the v1 part was tiled by the v2 snapshot) and verifies.
+    let cons = audit_worker::jobs::tile_store::consistency(&client, 12, None)
+        .await
+        .unwrap();
+    assert_eq!((cons.old_size, cons.new_size), (12, 30));
+    let old = audit_worker::integrity::checkpoint::open_note(&cons.old_checkpoint, &key).unwrap();
+    let new = audit_worker::integrity::checkpoint::open_note(&cons.new_checkpoint, &key).unwrap();
+    let nodes: Vec<[u8; 32]> = cons
+        .proof
+        .iter()
+        .map(|h| hex::decode(h).unwrap().try_into().unwrap())
+        .collect();
+    audit_worker::integrity::merkle::verify_consistency(12, 30, old.root(), new.root(), &nodes)
+        .unwrap();
+    assert_eq!(new.root().to_vec(), hex::decode(&v2.root_hex).unwrap());
+    assert!(
+        audit_worker::jobs::tile_store::consistency(&client, 13, None)
+            .await
+            .is_err()
+    );
+
     // A change to the hashed fields of a v1 event and to any column of a v2
     // event are both named.
     s.tamper(&format!(
