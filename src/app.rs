@@ -135,6 +135,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let (alerts, alert_task) =
         crate::alerts::spawn(&config.alerts, commands.clone(), metrics.clone());
 
+    // Truncation and rollback of the verifiable log, checked periodically.
+    let log_monitor = crate::jobs::log_monitor::spawn(
+        &config,
+        pool.clone(),
+        commands.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    );
+
     // Job kinds register their handlers here (export, snapshot).
     let mut job_handlers = JobHandlers {
         export: Some(exports.handler.clone()),
@@ -189,6 +198,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let _ = upkeep.await;
     let _ = dlq_watch.await;
     if let Some(task) = snapshot_task {
+        let _ = task.await;
+    }
+    if let Some(task) = log_monitor {
         let _ = task.await;
     }
     http_stop.cancel();

@@ -93,6 +93,18 @@ enum Command {
         /// the last one published to the object store.
         #[arg(long, value_name = "FILE")]
         trusted_checkpoint: Option<PathBuf>,
+        /// Check only the leaves appended after the checkpoint of this
+        /// size (incremental), plus the whole checkpoint chain.
+        #[arg(long, value_name = "SIZE", conflicts_with = "snapshot")]
+        since: Option<u64>,
+    },
+    /// Print the consistency proof between two checkpoints (by tree size;
+    /// the newer defaults to the latest), computed from the stored tiles.
+    ProveConsistency {
+        /// Tree size of the older checkpoint.
+        old_size: u64,
+        /// Tree size of the newer checkpoint (default: the latest).
+        new_size: Option<u64>,
     },
     /// Print an event's inclusion proof and signed checkpoint as JSON.
     Prove {
@@ -303,9 +315,14 @@ fn main() -> ExitCode {
                 snapshot,
                 json,
                 trusted_checkpoint,
+                since,
             } => {
-                if snapshot_cli::verify(&config, snapshot, json, trusted_checkpoint.as_deref())
-                    .await?
+                let scope = match (snapshot, since) {
+                    (Some(id), _) => audit_worker::jobs::verify::Scope::Snapshot(id),
+                    (None, Some(n)) => audit_worker::jobs::verify::Scope::Since(n),
+                    (None, None) => audit_worker::jobs::verify::Scope::All,
+                };
+                if snapshot_cli::verify(&config, scope, json, trusted_checkpoint.as_deref()).await?
                 {
                     Ok(())
                 } else {
@@ -313,6 +330,13 @@ fn main() -> ExitCode {
                         "verification failed: see the problems listed above"
                     ))
                 }
+            }
+            Command::ProveConsistency { old_size, new_size } => {
+                println!(
+                    "{}",
+                    snapshot_cli::prove_consistency(&config, old_size, new_size).await?
+                );
+                Ok(())
             }
             Command::Prove { event } => {
                 println!("{}", snapshot_cli::prove(&config, &event).await?);

@@ -95,6 +95,10 @@ pub struct Metrics {
     /// Runs of periodic work that must happen once across replicas, by task
     /// and result (`ran`, `skipped`: another replica holds the lock, `failed`).
     pub periodic_runs: IntCounterVec,
+    /// 1 while the database's log extends the last published checkpoint,
+    /// 0 when it does not (truncated, rolled back or rewritten), -1 until
+    /// known.
+    pub log_extends_published: IntGauge,
 }
 
 impl Metrics {
@@ -148,6 +152,13 @@ impl Metrics {
             &["operation"],
         )
         .expect("valid metric");
+        let log_extends_published = IntGauge::new(
+            "audit_worker_log_extends_published_checkpoint",
+            "1 while the database's log extends the last published checkpoint, 0 when it does not \
+             (truncated, rolled back or rewritten), -1 until checked.",
+        )
+        .expect("valid metric");
+        log_extends_published.set(-1);
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "audit_worker_build_info",
@@ -283,6 +294,7 @@ impl Metrics {
             Box::new(alert_events_evaluated.clone()),
             Box::new(alert_events_dropped.clone()),
             Box::new(periodic_runs.clone()),
+            Box::new(log_extends_published.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -338,6 +350,7 @@ impl Metrics {
             alert_events_evaluated,
             alert_events_dropped,
             periodic_runs,
+            log_extends_published,
         }
     }
 

@@ -28,6 +28,9 @@ pub struct SnapshotConfig {
     /// digest as salted commitments, besides the fixed personal fields
     /// (their form is checked at start-up, where the record digest is built).
     pub personal_fields: Vec<String>,
+    /// Seconds between checks that the database's log extends the last
+    /// published checkpoint; 0: no monitor.
+    pub monitor_interval_secs: u64,
 }
 
 impl SnapshotConfig {

@@ -1,5 +1,6 @@
 //! Integrity primitives: the canonical event hash (v1), HMAC signatures,
-//! and (for snapshots) RFC 6962 Merkle trees and signed checkpoints.
+//! and (for snapshots) the record digest (leaf v2), RFC 6962 Merkle trees,
+//! tlog tiles and signed checkpoints.
 //!
 //! Everything here is pure: bytes in, bytes out, no I/O, so it can be
 //! unit-tested against the known-answer vectors in

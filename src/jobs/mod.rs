@@ -10,6 +10,7 @@
 
 pub mod dev_key;
 pub mod export;
+pub mod log_monitor;
 pub mod merkle_stream;
 pub mod published;
 pub mod snapshot;

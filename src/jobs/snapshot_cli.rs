@@ -103,17 +103,17 @@ pub async fn snapshot(
 /// store.
 pub async fn verify(
     config: &Config,
-    only: Option<i64>,
+    scope: verify::Scope,
     json: bool,
     trusted: Option<&Path>,
 ) -> anyhow::Result<bool> {
     let verifier = snapshot::load_verifier(&config.snapshot)?;
     let mut client = connect(config).await?;
-    let mut report = verify::verify(
+    let mut report = verify::verify_scope(
         &mut client,
         &verifier,
         &config.snapshot.origin,
-        only,
+        scope,
         config.snapshot.page_size,
     )
     .await?;
@@ -180,6 +180,45 @@ pub async fn prove(config: &Config, event: &str) -> anyhow::Result<String> {
     let proof = verify::prove(&mut client, event, config.snapshot.page_size).await?;
     if let Ok(v) = snapshot::load_verifier(&config.snapshot) {
         verify::verify_proof(&proof, &v, &config.snapshot.origin).map_err(|e| {
+            anyhow::anyhow!("the proof just built does not verify ({e}): run `audit-worker verify`")
+        })?;
+    }
+    Ok(serde_json::to_string_pretty(&proof)?)
+}
+
+/// `prove-consistency`: the consistency proof between two checkpoints,
+/// from tiles, checked against the verifier key before it is printed.
+pub async fn prove_consistency(
+    config: &Config,
+    old_size: u64,
+    new_size: Option<u64>,
+) -> anyhow::Result<String> {
+    let client = connect(config).await?;
+    let proof = crate::jobs::tile_store::consistency(&client, old_size, new_size).await?;
+    if let Ok(v) = snapshot::load_verifier(&config.snapshot) {
+        let open = |note: &str| crate::integrity::checkpoint::open_note(note, &v);
+        let (old, new) = (
+            open(&proof.old_checkpoint).map_err(|e| anyhow::anyhow!("{e}"))?,
+            open(&proof.new_checkpoint).map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+        let nodes: Vec<[u8; 32]> = proof
+            .proof
+            .iter()
+            .map(|h| {
+                hex::decode(h)
+                    .ok()
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(|| anyhow::anyhow!("a proof node is not 32 bytes"))?;
+        crate::integrity::merkle::verify_consistency(
+            old.size(),
+            new.size(),
+            old.root(),
+            new.root(),
+            &nodes,
+        )
+        .map_err(|e| {
             anyhow::anyhow!("the proof just built does not verify ({e}): run `audit-worker verify`")
         })?;
     }

@@ -249,3 +249,68 @@ pub async fn tile_bytes(
         }
     }
 }
+
+/// A consistency proof between two checkpoints of the log, from tiles.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsistencyProof {
+    pub format: String,
+    pub old_size: u64,
+    pub new_size: u64,
+    /// The signed checkpoints of both sizes.
+    pub old_checkpoint: String,
+    pub new_checkpoint: String,
+    /// RFC 9162 consistency proof, hex nodes in order.
+    pub proof: Vec<String>,
+}
+
+/// The consistency proof from the checkpoint of `old_size` to the one of
+/// `new_size` (default: the latest), computed from O(log n) tiles.
+pub async fn consistency(
+    client: &impl GenericClient,
+    old_size: u64,
+    new_size: Option<u64>,
+) -> Result<ConsistencyProof, SnapshotError> {
+    let note_of = |size: i64| async move {
+        client
+            .query_opt(
+                "SELECT checkpoint_note FROM snapshots WHERE tree_size = $1 ORDER BY id LIMIT 1",
+                &[&size],
+            )
+            .await
+            .map(|r| r.map(|r| r.get::<_, String>(0)))
+    };
+    let new_size = match new_size {
+        Some(n) => n,
+        None => client
+            .query_one("SELECT tree_size FROM snapshot_log_head", &[])
+            .await?
+            .get::<_, i64>(0) as u64,
+    };
+    let missing = |size: u64| {
+        SnapshotError::BadRequest(format!(
+            "no checkpoint has tree size {size}: give the sizes of published checkpoints"
+        ))
+    };
+    let old_note = note_of(old_size as i64)
+        .await?
+        .ok_or_else(|| missing(old_size))?;
+    let new_note = note_of(new_size as i64)
+        .await?
+        .ok_or_else(|| missing(new_size))?;
+    let ranges = merkle::consistency_proof_ranges(old_size, new_size)
+        .map_err(|e| SnapshotError::BadRequest(e.to_string()))?;
+    let nodes = range_hashes(client, &ranges).await?.ok_or_else(|| {
+        SnapshotError::Integrity(
+            "the stored tiles do not reach this size: run a snapshot (it tiles the log)".into(),
+        )
+    })?;
+    Ok(ConsistencyProof {
+        format: "audit-worker.consistency-proof.v1".into(),
+        old_size,
+        new_size,
+        old_checkpoint: old_note,
+        new_checkpoint: new_note,
+        proof: nodes.iter().map(hex::encode).collect(),
+    })
+}

@@ -215,6 +215,19 @@ fn row_finding(kind: FindingKind, r: &Row, detail: String) -> Finding {
     }
 }
 
+/// Which leaves `verify` re-checks (the checkpoint chain is always
+/// checked whole: it is one row per snapshot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every leaf.
+    All,
+    /// The leaves one snapshot appended.
+    Snapshot(i64),
+    /// The leaves appended after the checkpoint of this size (incremental
+    /// verification: proportional to what was appended since).
+    Since(u64),
+}
+
 /// Verifies the whole log (`only = None`) or one snapshot: every
 /// checkpoint's signature and origin, the chain of sizes and consistency
 /// proofs, and every sealed row against the ledger and the signed roots.
@@ -225,6 +238,37 @@ pub async fn verify(
     only: Option<i64>,
     page: i32,
 ) -> Result<VerifyReport, SnapshotError> {
+    let scope = only.map_or(Scope::All, Scope::Snapshot);
+    verify_scope(client, verifier, origin, scope, page).await
+}
+
+/// The tree state after snapshot `p`, from its stored frontier, trusted
+/// only because it reproduces the signed root (a different frontier with
+/// the same root would be a SHA-256 second preimage).
+fn builder_after(p: &StoredSnapshot) -> Option<TreeBuilder> {
+    let frontier: Option<Vec<Hash>> = p.frontier.iter().map(|h| hash_from_bytes(h)).collect();
+    let b = frontier.and_then(|f| TreeBuilder::from_frontier(p.tree_size as u64, f).ok())?;
+    match &p.signed {
+        Some(cp) if b.root() == *cp.root() => Some(b),
+        _ => None,
+    }
+}
+
+/// [`verify`] over a [`Scope`]; `Scope::Since(n)` checks the leaves from
+/// `n` on against the checkpoints after the one of size `n`, whose
+/// consistency with it is part of the chain.
+pub async fn verify_scope(
+    client: &mut tokio_postgres::Client,
+    verifier: &NoteVerifier,
+    origin: &str,
+    scope: Scope,
+    page: i32,
+) -> Result<VerifyReport, SnapshotError> {
+    let (only, since) = match scope {
+        Scope::All => (None, 0),
+        Scope::Snapshot(id) => (Some(id), 0),
+        Scope::Since(n) => (None, n),
+    };
     let mut report = VerifyReport::default();
     // One consistent view of the whole database for the whole check.
     let tx = client
@@ -319,6 +363,26 @@ pub async fn verify(
 
     // 2. The leaves: which range, and the tree state before it.
     let (start, end, mut ledger_tree, scope): (u64, u64, TreeBuilder, Vec<usize>) = match only {
+        None if since > 0 => {
+            let Some(pos) = snapshots.iter().rposition(|s| s.tree_size as u64 == since) else {
+                return Err(SnapshotError::BadRequest(format!(
+                    "no checkpoint has tree size {since}: --since takes the size of a published checkpoint"
+                )));
+            };
+            let Some(builder) = builder_after(&snapshots[pos]) else {
+                report.checkpoint(
+                    snapshots[pos].id,
+                    "stored frontier does not reproduce the signed root: verify the whole log",
+                );
+                return Ok(report);
+            };
+            (
+                since,
+                last_size.max(0) as u64,
+                builder,
+                (pos + 1..snapshots.len()).collect(),
+            )
+        }
         None => (
             0,
             last_size.max(0) as u64,
@@ -332,16 +396,9 @@ pub async fn verify(
                 TreeBuilder::new()
             } else {
                 let p = &snapshots[pos - 1];
-                let frontier: Option<Vec<Hash>> =
-                    p.frontier.iter().map(|h| hash_from_bytes(h)).collect();
-                let b =
-                    frontier.and_then(|f| TreeBuilder::from_frontier(p.tree_size as u64, f).ok());
-                // The frontier is unsigned; it is trusted only because it
-                // reproduces the signed root (a different frontier with the
-                // same root would be a SHA-256 second preimage).
-                match (b, &p.signed) {
-                    (Some(b), Some(cp)) if b.root() == *cp.root() => b,
-                    _ => {
+                match builder_after(p) {
+                    Some(b) => b,
+                    None => {
                         report.checkpoint(p.id, "stored frontier does not reproduce the signed root: verify the whole log");
                         return Ok(report);
                     }

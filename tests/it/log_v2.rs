@@ -531,6 +531,28 @@ async fn a_log_sealed_with_v1_leaves_keeps_verifying_and_continues_with_v2_leave
         assert!(e.contains(why), "{why}: {e}");
     }
 
+    // The consistency proof between the v1 and the v2 checkpoint comes
+    // from tiles (the v1 part was tiled by the v2 snapshot) and verifies.
+    let cons = audit_worker::jobs::tile_store::consistency(&client, 12, None)
+        .await
+        .unwrap();
+    assert_eq!((cons.old_size, cons.new_size), (12, 30));
+    let old = audit_worker::integrity::checkpoint::open_note(&cons.old_checkpoint, &key).unwrap();
+    let new = audit_worker::integrity::checkpoint::open_note(&cons.new_checkpoint, &key).unwrap();
+    let nodes: Vec<[u8; 32]> = cons
+        .proof
+        .iter()
+        .map(|h| hex::decode(h).unwrap().try_into().unwrap())
+        .collect();
+    audit_worker::integrity::merkle::verify_consistency(12, 30, old.root(), new.root(), &nodes)
+        .unwrap();
+    assert_eq!(new.root().to_vec(), hex::decode(&v2.root_hex).unwrap());
+    assert!(
+        audit_worker::jobs::tile_store::consistency(&client, 13, None)
+            .await
+            .is_err()
+    );
+
     // A change to the hashed fields of a v1 event and to any column of a v2
     // event are both named.
     s.tamper(&format!(
@@ -803,6 +825,59 @@ async fn an_independent_tlog_tiles_reader_follows_the_log_over_http() {
         assert_eq!(get(missing.into()).await.0, 404, "{missing}");
     }
     worker.stop().await;
+
+    // Incremental verification: only what was appended since the older
+    // checkpoint is re-checked.
+    let c = s.config();
+    let (mut client, conn) = audit_worker::db::pg_config(&c)
+        .unwrap()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let key = audit_worker::integrity::checkpoint::NoteVerifier::parse(&s.verifier).unwrap();
+    let since = verify::verify_scope(&mut client, &key, ORIGIN, verify::Scope::Since(300), 1000)
+        .await
+        .unwrap();
+    assert!(since.ok(), "{:?}", since.findings);
+    assert_eq!(since.leaves_checked, 400);
+    assert!(
+        verify::verify_scope(&mut client, &key, ORIGIN, verify::Scope::Since(299), 1000)
+            .await
+            .is_err()
+    );
+    s.tamper("UPDATE audit_log SET details = '{}' WHERE idempotency_key IN ('evt-5', 'evt-500')")
+        .await;
+    let since = verify::verify_scope(&mut client, &key, ORIGIN, verify::Scope::Since(300), 1000)
+        .await
+        .unwrap();
+    assert_eq!(
+        events_of(&since, FindingKind::Altered),
+        BTreeSet::from(["evt-500".to_string()])
+    );
+    assert_eq!(
+        events_of(&s.verify().await, FindingKind::Altered),
+        BTreeSet::from(["evt-5".to_string(), "evt-500".to_string()])
+    );
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_audit-worker"));
+    cmd.args(["verify", "--since", "300"]);
+    for (k, v) in s.env.env_vars() {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .env("AUDIT_WORKER__SNAPSHOT__ORIGIN", ORIGIN)
+        .env("AUDIT_WORKER__SNAPSHOT__VERIFIER_KEY", &s.verifier)
+        .env(
+            "AUDIT_WORKER__STORAGE__URL",
+            s.storage.path().display().to_string(),
+        )
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(stdout.contains("ALTERED event evt-500"), "{stdout}");
+    assert!(!stdout.contains("evt-5 "), "{stdout}");
+    assert!(stdout.contains("400 leaves checked"), "{stdout}");
     s.env.cleanup().await;
 }
 
@@ -833,6 +908,25 @@ async fn truncating_the_log_and_resetting_its_head_fails_verify_against_the_publ
             .as_str()
         );
     }
+
+    // The monitor of a running worker sees the log extend its last
+    // published checkpoint.
+    let mut c = s.worker_config();
+    c.snapshot.enabled = false;
+    c.snapshot.verifier_key = s.verifier.clone();
+    c.snapshot.monitor_interval_secs = 1;
+    c.alerts.stream = format!("test:{}:alerts", s.env.name);
+    let alerts_stream = c.alerts.stream.clone();
+    let worker = InProcessWorker::start(c);
+    let port = s.env.http_port;
+    wait_until(
+        Duration::from_secs(30),
+        "the monitor to report 1",
+        || async {
+            metric(port, "audit_worker_log_extends_published_checkpoint").await == Some(1.0)
+        },
+    )
+    .await;
 
     // A superuser removes the newest snapshot with its ledger entries,
     // rows, salts and tiles, and resets the head: the database is
@@ -876,6 +970,41 @@ async fn truncating_the_log_and_resetting_its_head_fails_verify_against_the_publ
         .unwrap();
     let db_only = s.verify().await;
     assert!(db_only.ok(), "{:?}", db_only.findings);
+
+    // The monitor notices: the gauge drops to 0 and one security alert is
+    // raised, naming what is missing.
+    wait_until(
+        Duration::from_secs(30),
+        "the monitor to report 0",
+        || async {
+            metric(port, "audit_worker_log_extends_published_checkpoint").await == Some(0.0)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        metric(
+            port,
+            "audit_worker_security_alerts_total{rule=\"log_truncated\"}"
+        )
+        .await,
+        Some(1.0),
+        "one alert, not one per round"
+    );
+    let mut conn = s.env.redis_conn().await;
+    let entries: redis::Value = redis::cmd("XRANGE")
+        .arg(&alerts_stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let entries = audit_worker::source::stream::parse_entries(&entries);
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].field("rule").unwrap(), b"log_truncated");
+    let message = String::from_utf8_lossy(entries[0].field("message").unwrap()).to_string();
+    assert!(message.contains("truncated or rolled back"), "{message}");
+    worker.stop().await;
 
     // Against the last published checkpoint it fails, naming what is gone.
     let c = s.config();
@@ -997,4 +1126,16 @@ async fn an_event_arriving_after_its_period_was_sealed_is_sealed_next_and_listed
         .collect();
     assert_eq!(late, vec![("evt-late", second.snapshot_id)]);
     s.env.cleanup().await;
+}
+
+/// A metric's value from the worker's /metrics (`name` with its labels).
+async fn metric(port: u16, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
