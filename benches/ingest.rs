@@ -52,6 +52,17 @@ fn event(i: usize) -> String {
     .to_string()
 }
 
+/// CPU time (user + system) a process has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = stat.rsplit_once(") ")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on Linux.
+    Some(ticks / 100.0)
+}
+
 fn vm_hwm_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -83,6 +94,12 @@ async fn main() {
     let schema_worker = format!("{tag}_worker");
     let schema_copy = format!("{tag}_copy");
 
+    // A worker has run against this database before: the schema and the
+    // accepted window's partitions exist, as on any restart in production.
+    let bin =
+        std::env::var("AUDIT_WORKER_BIN").unwrap_or_else(|_| "target/release/audit-worker".into());
+    warm_up(&bin, &tag, &pg, &schema_worker).await;
+
     // Pre-fill the stream.
     let client = redis::Client::open(REDIS).unwrap();
     let mut rc = client.get_multiplexed_async_connection().await.unwrap();
@@ -91,8 +108,6 @@ async fn main() {
     eprintln!("pre-filled {n} entries in {:.1?}", started.elapsed());
 
     // The worker, as a separate release process.
-    let bin =
-        std::env::var("AUDIT_WORKER_BIN").unwrap_or_else(|_| "target/release/audit-worker".into());
     // BENCH_WORKERS worker processes share the stream in one consumer group.
     let workers: usize = std::env::var("BENCH_WORKERS")
         .ok()
@@ -142,8 +157,10 @@ async fn main() {
     }
     let total = started.elapsed();
     let steady = first_row.map(|t| t.elapsed()).unwrap_or(total);
+    let mut cpu_secs = 0.0;
     for child in &mut children {
         peak_kib = peak_kib.max(vm_hwm_kib(child.id()).unwrap_or(0));
+        cpu_secs += cpu_seconds(child.id()).unwrap_or(0.0);
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(child.id().to_string())
@@ -206,6 +223,10 @@ async fn main() {
     println!(
         "worker peak RSS (largest process): {:.1} MiB",
         peak_kib as f64 / 1024.0
+    );
+    println!(
+        "worker CPU (all processes, user + system): {cpu_secs:.2} s = {:.1} µs per event",
+        cpu_secs * 1e6 / n as f64
     );
 
     let _ = pg
@@ -366,6 +387,7 @@ async fn latency() {
         None => {
             let tag = format!("latmax_{}", std::process::id());
             let (stream, schema) = (format!("bench:{tag}:events"), format!("{tag}_worker"));
+            warm_up(&bin, &tag, &pg, &schema).await;
             prefill(&mut rc, &stream, n).await;
             let started = Instant::now();
             let (mut child, _) = spawn_worker(&bin, &tag, &schema, &stream, None);
@@ -383,6 +405,7 @@ async fn latency() {
         let rate = max_rate * share;
         let tag = format!("lat{}_{}", (share * 100.0) as u32, std::process::id());
         let (stream, schema) = (format!("bench:{tag}:events"), format!("{tag}_worker"));
+        warm_up(&bin, &tag, &pg, &schema).await;
         let (mut child, port) = spawn_worker(&bin, &tag, &schema, &stream, None);
         let metrics_url = format!("http://127.0.0.1:{port}/metrics");
         let ready = Instant::now();
@@ -433,6 +456,45 @@ async fn latency() {
         stop(&mut child);
         cleanup(&pg, &mut rc, &schema, &stream).await;
     }
+}
+
+/// Runs a worker once against `schema` on an empty stream and stops it
+/// when it is ready and its partitions stop changing, so the measured run
+/// starts on a database that a worker already set up (migrations, the
+/// accepted window's monthly partitions), as any restart in production.
+async fn warm_up(bin: &str, tag: &str, pg: &tokio_postgres::Client, schema: &str) {
+    let (mut child, port) = spawn_worker(bin, tag, schema, &format!("bench:{tag}:warm-up"), None);
+    let started = Instant::now();
+    while reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "worker not ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let partitions = || async {
+        pg.query_one(
+            &format!("SELECT count(*) FROM pg_inherits WHERE inhparent = '\"{schema}\".audit_log'::regclass"),
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(0)
+    };
+    let mut last = -1;
+    loop {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let now = partitions().await;
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    stop(&mut child);
 }
 
 /// Waits until `schema` holds `n` rows (20 minutes at most).

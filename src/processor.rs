@@ -222,17 +222,56 @@ impl Processor {
     /// Decides what happens to one delivery, waiting as long as it takes
     /// for a decision that is durable (or for shutdown).
     pub async fn process(&self, d: Delivery) -> Disposition {
+        let started = self.begin(d).await;
+        self.finish(started).await
+    }
+
+    /// The first half of [`Processor::process`]: checks and validates the
+    /// delivery and hands an event to the sink, without waiting for its
+    /// write. A source with many deliveries begins them all, then finishes
+    /// them in order, so their rows share database batches without a task
+    /// or future per event.
+    pub async fn begin(&self, d: Delivery) -> Started {
         let this = &*self.inner;
         if let Some(rejection) = precheck(&d, this.policy.max_event_bytes) {
-            return dead_letter(d, rejection);
+            return Started(Step::Decided(dead_letter(d, rejection)));
         }
         if d.data.is_none() {
             let rejection = Rejection::new(RejectReason::InvalidEvent, "message has no data field");
-            return dead_letter(d, rejection);
+            return Started(Step::Decided(dead_letter(d, rejection)));
         }
-        match JobKind::from_name(&d.name) {
-            JobKind::AuditEvent => self.store(d).await,
-            kind => self.accept_job(kind, d).await,
+        let kind = JobKind::from_name(&d.name);
+        if kind != JobKind::AuditEvent {
+            return Started(Step::Job(kind, d));
+        }
+        let data = d.data.as_deref().unwrap_or_default();
+        let record = match decode_record(&d.name, data, &d.identity, &this.policy) {
+            Ok(record) => record,
+            Err(rejection) => return Started(Step::Decided(dead_letter(d, rejection))),
+        };
+        let key = record.key();
+        let span = crate::tracing_ctx::event_span(d.source.label(), d.trace.as_ref());
+        let alert = this
+            .alerts
+            .wants(&record.event)
+            .then(|| AlertInput::from_event(&record.event, &record.source));
+        let pending = this.sink.submit(record).await;
+        Started(Step::Storing(Box::new(Storing {
+            d,
+            pending,
+            key,
+            span,
+            alert,
+        })))
+    }
+
+    /// The second half of [`Processor::process`]: waits for what
+    /// [`Processor::begin`] started to become a durable decision.
+    pub async fn finish(&self, started: Started) -> Disposition {
+        match started.0 {
+            Step::Decided(disposition) => disposition,
+            Step::Job(kind, d) => self.accept_job(kind, d).await,
+            Step::Storing(storing) => self.stored(*storing).await,
         }
     }
 
@@ -272,61 +311,50 @@ impl Processor {
         }
     }
 
-    /// Validates an audit event and writes it, waiting out database
-    /// outages.
-    async fn store(&self, d: Delivery) -> Disposition {
+    /// Waits for an event's write, writing it again in place while the
+    /// database is unavailable (when the delivery waits out outages).
+    async fn stored(&self, mut s: Storing) -> Disposition {
         let this = &*self.inner;
-        let data = d.data.as_deref().unwrap_or_default();
-        let mut record = match decode_record(&d.name, data, &d.identity, &this.policy) {
-            Ok(record) => record,
-            Err(rejection) => return dead_letter(d, rejection),
-        };
-        // Identity and hash, kept for the answer (the sink consumes the record).
-        let key = record.key();
-        let span = crate::tracing_ctx::event_span(d.source.label(), d.trace.as_ref());
-        let alert = this
-            .alerts
-            .wants(&record.event)
-            .then(|| AlertInput::from_event(&record.event, &record.source));
         loop {
-            let stored = match this.sink.submit(record).await.wait().await {
+            let stored = match s.pending.wait().await {
                 StoreOutcome::Inserted => Stored::Inserted,
                 StoreOutcome::Duplicate => Stored::Duplicate,
                 StoreOutcome::Conflict { stored_hash } => {
-                    return dead_letter(d, key.conflict(&stored_hash));
+                    return dead_letter(s.d, s.key.conflict(&stored_hash));
                 }
-                StoreOutcome::Rejected(rejection) => return dead_letter(d, rejection),
+                StoreOutcome::Rejected(rejection) => return dead_letter(s.d, rejection),
                 StoreOutcome::Unavailable(cause) => {
                     // Not the event's fault: wait until the database takes
                     // writes again and write it again, in place (or let the
                     // protocol retry it).
-                    if !d.wait_out_outages || !self.wait_for_database().await {
+                    if !s.d.wait_out_outages || !self.wait_for_database().await {
                         return Disposition::Retry { cause };
                     }
                     // Validation is pure and passed once; it is repeated
                     // only to rebuild the record the sink consumed.
-                    record = match decode_record(&d.name, data, &d.identity, &this.policy) {
-                        Ok(record) => record,
-                        Err(rejection) => return dead_letter(d, rejection),
-                    };
+                    let data = s.d.data.as_deref().unwrap_or_default();
+                    match decode_record(&s.d.name, data, &s.d.identity, &this.policy) {
+                        Ok(record) => s.pending = this.sink.submit(record).await,
+                        Err(rejection) => return dead_letter(s.d, rejection),
+                    }
                     continue;
                 }
             };
-            if let Some(span) = &span {
+            if let Some(span) = &s.span {
                 span.record("outcome", stored.label());
             }
             if stored == Stored::Inserted {
-                if let Some(ms) = d.enqueued_ms {
-                    this.metrics.observe_end_to_end(d.source.label(), ms);
+                if let Some(ms) = s.d.enqueued_ms {
+                    this.metrics.observe_end_to_end(s.d.source.label(), ms);
                 }
-                if let Some(input) = alert {
+                if let Some(input) = s.alert {
                     this.alerts.offer(input);
                 }
             }
             return Disposition::Stored {
                 stored,
-                idempotency_key: key.idempotency_key,
-                hash: key.hash,
+                idempotency_key: s.key.idempotency_key,
+                hash: s.key.hash,
             };
         }
     }
@@ -383,6 +411,29 @@ impl Processor {
             .with_label_values(&[reason.code()])
             .inc_by(n);
     }
+}
+
+/// A delivery that [`Processor::begin`] has started; [`Processor::finish`]
+/// turns it into its disposition.
+pub struct Started(Step);
+
+enum Step {
+    /// Decided without waiting (a dead letter found by the checks).
+    Decided(Disposition),
+    /// A job request, for its handler.
+    Job(JobKind, Delivery),
+    /// An event handed to the sink (boxed: the largest step by far).
+    Storing(Box<Storing>),
+}
+
+/// An event whose write is under way, with what its outcome needs.
+struct Storing {
+    d: Delivery,
+    pending: crate::sink::PendingOutcome,
+    /// Identity and hash, kept for the answer (the sink took the record).
+    key: crate::sink::RecordKey,
+    span: Option<tracing::Span>,
+    alert: Option<AlertInput>,
 }
 
 /// The dead letter of a delivery: its original bytes, name and identity.

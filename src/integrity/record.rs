@@ -178,6 +178,27 @@ pub fn salts_to_json(salts: &Salts) -> Value {
     )
 }
 
+/// The same JSON as [`salts_to_json`], as text, written directly: this
+/// runs for every ingested event, where building a `Value` and hex-encoding
+/// char by char cost about a tenth of the worker's CPU (perf profile).
+pub fn salts_json_text(salts: &Salts) -> String {
+    let mut out = String::with_capacity(2 + salts.len() * (SALT_LEN * 2 + 40));
+    out.push('{');
+    for (i, (path, salt)) in salts.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&Value::String(path.clone()).to_string());
+        out.push_str(":\"");
+        let mut hex = [0u8; SALT_LEN * 2];
+        hex::encode_to_slice(salt, &mut hex).expect("buffer is twice the salt");
+        out.push_str(std::str::from_utf8(&hex).expect("hex digits are ASCII"));
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
 /// Reads stored salts back; names the path of a malformed one.
 pub fn salts_from_json(v: Option<&Value>) -> Result<Salts, String> {
     let Some(v) = v else {
@@ -301,6 +322,15 @@ pub fn record_digest(r: &StoredRecord, salts: &Salts) -> Result<[u8; 32], String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn salts_as_text_are_the_same_json_as_salts_as_values() {
+        let salts = new_salts(&["principalId", "sessionContext.ipAddress", "details.\"odd\""]);
+        let text: Value = serde_json::from_str(&salts_json_text(&salts)).unwrap();
+        assert_eq!(text, salts_to_json(&salts));
+        assert_eq!(salts_from_json(Some(&text)).unwrap(), salts);
+        assert_eq!(salts_json_text(&Salts::new()), "{}");
+    }
     use crate::integrity::merkle::leaf_hash;
     use serde_json::json;
 

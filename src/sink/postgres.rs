@@ -30,7 +30,7 @@ use tokio_postgres::types::Json;
 
 use super::{AuditRecord, CircuitBreaker, SinkHandle, StoreOutcome, StoreRequest};
 use crate::event::{RejectReason, Rejection};
-use crate::integrity::record::{new_salts, salts_to_json, PersonalFields};
+use crate::integrity::record::{new_salts, salts_json_text, PersonalFields};
 use crate::partitions::{month_start, Partitions};
 use crate::retry::Backoff;
 use crate::telemetry::Metrics;
@@ -513,7 +513,7 @@ WITH input AS (
         $7::text[], $8::text[], $9::text[], $10::text[],
         $11::text[], $12::text[], $13::bool[], $14::text[], $15::text[],
         $16::text[], $17::text[], $18::text[], $19::text[],
-        $20::text[], $21::jsonb[], $22::jsonb[], $23::text[], $24::jsonb[])
+        $20::text[], $21::jsonb[], $22::jsonb[], $23::text[], $24::text[])
         WITH ORDINALITY AS i(idempotency_key, event_id, event_time, timestamp_raw, action, status,
             principal_id, organization_id, target_resource_type, target_resource_id,
             outcome_description, hash, hash_provided, signature, signature_algorithm,
@@ -536,7 +536,7 @@ WITH input AS (
     RETURNING idempotency_key, event_time, hash
 ), salted AS (
     INSERT INTO audit_salts (idempotency_key, event_time, salts)
-    SELECT DISTINCT ON (i.idempotency_key, i.event_time) i.idempotency_key, i.event_time, i.salts
+    SELECT DISTINCT ON (i.idempotency_key, i.event_time) i.idempotency_key, i.event_time, i.salts::jsonb
       FROM inserted r JOIN input i USING (idempotency_key, event_time)
      WHERE i.salts IS NOT NULL
      ORDER BY i.idempotency_key, i.event_time, i.n
@@ -586,7 +586,7 @@ async fn insert_rows(
             e.session_context.as_ref(),
             e.details.as_ref(),
         );
-        (!paths.is_empty()).then(|| Json(salts_to_json(&new_salts(&paths))))
+        (!paths.is_empty()).then(|| salts_json_text(&new_salts(&paths)))
     });
     let returned = client
         .query(

@@ -72,9 +72,17 @@ async fn decide_and_acknowledge(s: &Shared, entries: Vec<StreamEntry>, arrival: 
         ids.push(entry.id.clone());
         deliveries.push(delivery(s, entry, attempts));
     }
+    // Every event goes to the sink before any outcome is awaited, so the
+    // batch's rows share database batches.
     let processor = &s.processor;
-    let dispositions =
-        futures::future::join_all(deliveries.into_iter().map(|d| processor.process(d))).await;
+    let mut started = Vec::with_capacity(deliveries.len());
+    for d in deliveries {
+        started.push(processor.begin(d).await);
+    }
+    let mut dispositions = Vec::with_capacity(started.len());
+    for step in started {
+        dispositions.push(processor.finish(step).await);
+    }
 
     let mut pipe = redis::pipe();
     pipe.atomic();
