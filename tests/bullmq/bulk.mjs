@@ -8,7 +8,9 @@ const count = Number(process.env.COUNT ?? 5000);
 // Keep every event for the observer: 4 events per job (added, waiting,
 // active, completed) must not be trimmed before QueueEvents reads them.
 const queue = new Queue(env.queue, queueOptions({ streams: { events: { maxLen: count * 10 } } }));
-const events = new QueueEvents(env.queue, queueOptions());
+// From the start of this queue's (fresh) event stream: a QueueEvents that
+// started reading at '$' could miss a job that finished before its first read.
+const events = new QueueEvents(env.queue, queueOptions({ lastEventId: '0-0' }));
 await events.waitUntilReady();
 await queue.waitUntilReady();
 

@@ -104,18 +104,22 @@ if (scenario === 'wrong-hash') {
 }
 
 const queue = new Queue(env.queue, queueOptions());
-const events = new QueueEvents(env.queue, queueOptions());
+// From the start of this queue's (fresh) event stream: a QueueEvents that
+// started reading at '$' could miss a job that finished before its first read.
+const events = new QueueEvents(env.queue, queueOptions({ lastEventId: '0-0' }));
 await events.waitUntilReady();
 await queue.waitUntilReady();
 
 const finished = new Map();
+// Filled once the jobs are added; events may arrive before that.
+let ids = new Set();
 let resolveDone;
 const done = new Promise((r) => (resolveDone = r));
 const seen = { completed: 0, failed: 0 };
 const record = (kind) => ({ jobId }) => {
   seen[kind] += 1;
   finished.set(jobId, kind);
-  if ([...ids].every((id) => finished.has(id))) resolveDone();
+  if (ids.size > 0 && [...ids].every((id) => finished.has(id))) resolveDone();
 };
 events.on('completed', record('completed'));
 events.on('failed', record('failed'));
@@ -125,7 +129,7 @@ if (rawData) {
   await queue.pause();
 }
 const added = await queue.addBulk(jobs.map(({ name, data, opts }) => ({ name, data, opts })));
-const ids = new Set(added.map((j) => j.id));
+ids = new Set(added.map((j) => j.id));
 // The data each job holds in Redis when workers may take it.
 const stored = new Map();
 const client = new IORedis(env.redisUrl);

@@ -10,7 +10,9 @@ import { env, emit, queueOptions, plainEvent, deadline } from './lib.mjs';
 const count = Number(process.env.COUNT ?? 10);
 const plain = Number(process.env.PLAIN ?? 3);
 const queue = new Queue(env.queue, queueOptions());
-const events = new QueueEvents(env.queue, queueOptions());
+// From the start of this queue's (fresh) event stream: a QueueEvents that
+// started reading at '$' could miss a job that finished before its first read.
+const events = new QueueEvents(env.queue, queueOptions({ lastEventId: '0-0' }));
 await events.waitUntilReady();
 await queue.waitUntilReady();
 

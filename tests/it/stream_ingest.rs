@@ -397,6 +397,9 @@ async fn a_database_refusing_writes_defers_events_instead_of_dead_lettering_them
     let mut config = env.config();
     config.sink.retry_max_attempts = 2;
     config.sink.retry_base_ms = 50;
+    // The events wait in the worker for the breaker (retry in place): a
+    // short recovery lets the half-open probe come well within the wait.
+    config.sink.breaker_recovery_secs = 2;
     config.stream.claim_idle_ms = 500;
     let worker = InProcessWorker::start(config);
     env.wait_for_schema().await;

@@ -37,8 +37,8 @@ pub fn excused_key(stream: &str) -> String {
     format!("{stream}:excused")
 }
 
-/// Handles one read batch in its own span; releases the batch's ids from
-/// the in-flight set when done.
+/// Handles one read batch in its own span; its ids are held in the
+/// in-flight set (kept fresh against XAUTOCLAIM) until it is done.
 pub(super) async fn handle_batch(
     s: Arc<Shared>,
     entries: Vec<StreamEntry>,
@@ -47,11 +47,13 @@ pub(super) async fn handle_batch(
 ) {
     use tracing::Instrument;
     let span = crate::tracing_ctx::batch_span("stream", &s.stream.key, entries.len());
-    let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+    let held = s
+        .in_flight
+        .hold(entries.iter().map(|e| e.id.clone()).collect());
     decide_and_acknowledge(&s, entries, arrival)
         .instrument(span)
         .await;
-    s.in_flight.release(ids.iter().map(String::as_str));
+    s.in_flight.release(held);
     drop(slot);
 }
 

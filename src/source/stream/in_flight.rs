@@ -11,7 +11,8 @@
 //! in-flight ids with `XCLAIM ... 0 ... JUSTID`, which resets their idle
 //! time and, with JUSTID, does not raise their delivery count.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,31 +21,44 @@ use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::Metrics;
 
-/// The ids in flight on this consumer.
+/// The ids in flight on this consumer, by read batch: a batch registers
+/// its id list once and releases it once, so the hot path pays nothing per
+/// entry.
 #[derive(Default)]
 pub struct InFlight {
-    ids: Mutex<HashSet<String>>,
+    batches: Mutex<HashMap<u64, Arc<[String]>>>,
+    next: AtomicU64,
 }
 
+/// A batch's registration; [`InFlight::release`] takes it back.
+pub struct Held(u64);
+
 impl InFlight {
-    /// Marks ids as held (when they are read).
-    pub fn hold<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
-        let mut held = self.ids.lock().expect("in-flight set poisoned");
-        held.extend(ids.into_iter().map(str::to_owned));
+    /// Marks a batch's ids as held (when they are read).
+    pub fn hold(&self, ids: Arc<[String]>) -> Held {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.batches
+            .lock()
+            .expect("in-flight set poisoned")
+            .insert(n, ids);
+        Held(n)
     }
 
-    /// Forgets ids (acknowledged, or left for redelivery).
-    pub fn release<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
-        let mut held = self.ids.lock().expect("in-flight set poisoned");
-        for id in ids {
-            held.remove(id);
-        }
+    /// Forgets a batch's ids (acknowledged, or left for redelivery).
+    pub fn release(&self, held: Held) {
+        self.batches
+            .lock()
+            .expect("in-flight set poisoned")
+            .remove(&held.0);
     }
 
     /// The ids held now.
     pub fn snapshot(&self) -> Vec<String> {
-        let held = self.ids.lock().expect("in-flight set poisoned");
-        held.iter().cloned().collect()
+        let batches = self.batches.lock().expect("in-flight set poisoned");
+        batches
+            .values()
+            .flat_map(|ids| ids.iter().cloned())
+            .collect()
     }
 }
 
@@ -100,12 +114,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn held_ids_are_listed_until_released() {
+    fn held_ids_are_listed_until_their_batch_is_released() {
         let f = InFlight::default();
-        f.hold(["1-0", "2-0", "3-0"]);
-        f.release(["2-0"]);
-        let mut ids = f.snapshot();
-        ids.sort();
-        assert_eq!(ids, vec!["1-0".to_string(), "3-0".to_string()]);
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Arc<[String]>>();
+        let a = f.hold(ids(&["1-0", "2-0"]));
+        let _b = f.hold(ids(&["3-0"]));
+        f.release(a);
+        assert_eq!(f.snapshot(), vec!["3-0".to_string()]);
     }
 }

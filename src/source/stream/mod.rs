@@ -111,7 +111,6 @@ impl StreamSource {
         let mut own_pending_cursor = Some("0".to_string());
         let mut next_claim = tokio::time::Instant::now();
         let spawn = |tasks: &mut JoinSet<()>, entries: Vec<StreamEntry>, arrival, permit| {
-            s.in_flight.hold(entries.iter().map(|e| e.id.as_str()));
             tasks.spawn(handle_batch(s.clone(), entries, arrival, permit));
         };
 
@@ -249,7 +248,6 @@ impl StreamSource {
                     if entries.first().is_some_and(|e| self.too_large_to_hold(e)) {
                         // Dead-lettered before anything more is read, so at
                         // most one oversized entry is ever in the worker.
-                        s.in_flight.hold(entries.iter().map(|e| e.id.as_str()));
                         handle_batch(s.clone(), entries, Arrival::Fresh, permit).await;
                         continue;
                     }
