@@ -147,8 +147,9 @@ async fn ingest_stores_a_fresh_salt_per_personal_field_in_the_same_write_as_the_
         json!({"eventId": "nullip", "timestamp": ts(0), "action": "a", "status": "success",
                        "principalId": "u", "sessionContext": {"ipAddress": null}}),
     );
-    // The same event twice (a producer retry): one row, one salts row.
-    events.push(event(7));
+    // The same event twice (a producer retry): one row, one salts row. (A
+    // copy, not event(7) again: its timestamp comes from the clock.)
+    events.push(events[7].clone());
     env.add_events(&events).await;
     wait_until(Duration::from_secs(60), "events stored", || async {
         env.row_count().await == 52
