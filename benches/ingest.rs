@@ -408,18 +408,7 @@ async fn latency() {
         warm_up(&bin, &tag, &pg, &schema).await;
         let (mut child, port) = spawn_worker(&bin, &tag, &schema, &stream, None);
         let metrics_url = format!("http://127.0.0.1:{port}/metrics");
-        let ready = Instant::now();
-        while reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-            .await
-            .map(|r| r.status() != 200)
-            .unwrap_or(true)
-        {
-            assert!(
-                ready.elapsed() < Duration::from_secs(60),
-                "worker not ready"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_ready(port).await;
         // One event every 1/rate s, sent in 1 ms ticks.
         let total = (rate * seconds) as usize;
         let started = Instant::now();
@@ -464,18 +453,7 @@ async fn latency() {
 /// accepted window's monthly partitions), as any restart in production.
 async fn warm_up(bin: &str, tag: &str, pg: &tokio_postgres::Client, schema: &str) {
     let (mut child, port) = spawn_worker(bin, tag, schema, &format!("bench:{tag}:warm-up"), None);
-    let started = Instant::now();
-    while reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "worker not ready"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ready(port).await;
     let partitions = || async {
         pg.query_one(
             &format!("SELECT count(*) FROM pg_inherits WHERE inhparent = '\"{schema}\".audit_log'::regclass"),
@@ -495,6 +473,22 @@ async fn warm_up(bin: &str, tag: &str, pg: &tokio_postgres::Client, schema: &str
         last = now;
     }
     stop(&mut child);
+}
+
+/// Waits until the worker on `port` answers `/readyz` 200 (2 minutes at most).
+async fn wait_ready(port: u16) {
+    let started = Instant::now();
+    while reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "worker not ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Waits until `schema` holds `n` rows (20 minutes at most).
