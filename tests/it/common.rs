@@ -278,15 +278,25 @@ impl TestEnv {
             )
         };
         // DDL on audit_log can meet the worker's own catalog updates (a
-        // partition being attached): PostgreSQL then reports "tuple
-        // concurrently updated", and trying again is the remedy.
+        // partition being attached, by the background upkeep right after
+        // start): PostgreSQL then reports "tuple concurrently updated", or a
+        // deadlock (dropping the trigger locks it before the table; attaching
+        // a partition reads it after locking the table) and cancels one
+        // side. Trying again is the remedy (the worker retries its side).
         for attempt in 1.. {
             match self.pg.batch_execute(&sql).await {
                 Ok(()) => break,
-                Err(e) if attempt < 10 && e.to_string().contains("concurrently updated") => {
+                Err(e)
+                    if attempt < 30
+                        && e.as_db_error().is_some_and(|d| {
+                            d.message().contains("concurrently updated")
+                                || d.code()
+                                    == &tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED
+                        }) =>
+                {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Err(e) => panic!("toggle refused writes: {e}"),
+                Err(e) => panic!("toggle refused writes: {e:?}"),
             }
         }
     }
