@@ -519,3 +519,79 @@ async fn a_month_whose_partition_cannot_be_created_defers_only_its_own_rows() {
     worker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_and_health_connections_carry_a_statement_timeout_and_general_ones_do_not() {
+    use audit_worker::db::{build_pool, PoolRole};
+    let env = TestEnv::new("pool_roles").await;
+    let mut config = env.config();
+    config.database.statement_timeout_ms = 12_345;
+    let show = |role| {
+        let config = config.clone();
+        async move {
+            let pool = build_pool(&config, role).unwrap();
+            let client = pool.get().await.unwrap();
+            let timeout: String = client
+                .query_one("SHOW statement_timeout", &[])
+                .await
+                .unwrap()
+                .get(0);
+            let search_path: String = client
+                .query_one("SHOW search_path", &[])
+                .await
+                .unwrap()
+                .get(0);
+            (timeout, search_path, pool.status().max_size)
+        }
+    };
+    let (timeout, path, size) = show(PoolRole::Sink).await;
+    assert_eq!(timeout, "12345ms");
+    assert!(path.contains(&env.schema), "{path}");
+    assert_eq!(size, config.sink.writers);
+    let (timeout, _, size) = show(PoolRole::Health).await;
+    assert_eq!(timeout, "2s");
+    assert_eq!(size, 1);
+    let (timeout, _, size) = show(PoolRole::General).await;
+    assert_eq!(timeout, "0", "verify and exports may run long");
+    assert_eq!(size, config.database.pool_size);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_new_events_sharing_an_event_id_in_one_batch_store_the_first_and_dead_letter_the_second(
+) {
+    let env = TestEnv::new("idem_batch").await;
+    let timestamp = ts(30);
+    let first = json!({"eventId": "evt-twice", "timestamp": timestamp,
+                       "action": "record.read", "status": "success"});
+    let second = json!({"eventId": "evt-twice", "timestamp": timestamp,
+                        "action": "record.update", "status": "success"});
+    // Both queued before the worker starts: one read, one batch.
+    env.add_events(&[first.clone(), second.clone()]).await;
+    let worker = InProcessWorker::start(env.config());
+    env.wait_for_schema().await;
+    wait_for_stream_events(&env, "dead_lettered", 1.0).await;
+    wait_for_stream_events(&env, "inserted", 1.0).await;
+
+    let rows = env
+        .pg
+        .query(
+            "SELECT hash FROM audit_log WHERE event_id = 'evt-twice'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].get::<_, String>(0),
+        hash_of(&first),
+        "the first one"
+    );
+    let letters = env.dlq_entries().await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["reason"], b"idempotency_conflict");
+    assert_eq!(letters[0]["data"], second.to_string().into_bytes());
+    assert_eq!(stream_events(&env, "duplicate").await, 0.0);
+    worker.stop().await;
+    env.cleanup().await;
+}
