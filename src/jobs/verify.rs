@@ -533,15 +533,9 @@ pub async fn verify_scope(
             }
             let row_leaf = match record_from_row(&entry, 8) {
                 None => {
-                    report.findings.push(Finding {
-                        kind: FindingKind::Deleted,
-                        event: Some(l_key),
-                        row_id: Some(l_row),
-                        event_time: Some(l_time),
-                        leaf_index: Some(i),
-                        snapshot_id: Some(l_snapshot),
-                        detail: "sealed event's row is missing".into(),
-                    });
+                    report
+                        .findings
+                        .push(row_missing(l_key, l_row, l_time, i, l_snapshot));
                     zero
                 }
                 Some((rec, salts)) => {
@@ -606,15 +600,9 @@ pub async fn verify_scope(
         }
         match primary.map(|n| &at_leaf[n]) {
             None => {
-                report.findings.push(Finding {
-                    kind: FindingKind::Deleted,
-                    event: Some(l_key),
-                    row_id: Some(l_row),
-                    event_time: Some(l_time),
-                    leaf_index: Some(i),
-                    snapshot_id: Some(l_snapshot),
-                    detail: "sealed event's row is missing".into(),
-                });
+                report
+                    .findings
+                    .push(row_missing(l_key, l_row, l_time, i, l_snapshot));
                 row_tree.push(zero);
             }
             Some(r) => {
@@ -1056,4 +1044,23 @@ pub fn verify_proof(
     )
     .map_err(|e| format!("inclusion proof does not verify: {e}"))?;
     Ok(cp)
+}
+
+/// The finding for a ledger entry whose audit row is gone.
+fn row_missing(
+    key: String,
+    row_id: i64,
+    event_time: DateTime<Utc>,
+    leaf_index: i64,
+    snapshot_id: i64,
+) -> Finding {
+    Finding {
+        kind: FindingKind::Deleted,
+        event: Some(key),
+        row_id: Some(row_id),
+        event_time: Some(event_time),
+        leaf_index: Some(leaf_index),
+        snapshot_id: Some(snapshot_id),
+        detail: "sealed event's row is missing".into(),
+    }
 }
