@@ -20,8 +20,7 @@ pub const RECORD_COLUMNS: &str = "a.idempotency_key, a.event_id, a.event_time, a
 pub const RECORD_COLUMN_COUNT: usize = 26;
 
 /// The join that brings an `audit_log a` row's salts.
-pub const SALTS_JOIN: &str = "LEFT JOIN audit_salts s \
-     ON s.idempotency_key = a.idempotency_key AND s.event_time = a.event_time";
+pub const SALTS_JOIN: &str = "LEFT JOIN audit_salts s ON s.audit_id = a.id";
 
 /// The record whose columns start at `at`, or `None` when the row is
 /// missing (a LEFT JOIN found nothing), with its stored salts.

@@ -362,19 +362,13 @@ impl BatchWriter {
                 .with_label_values(&[label])
                 .observe(started.elapsed().as_secs_f64());
             match result {
-                Ok(mut inserted) => {
-                    // A returned row is this record's only if it carries this
-                    // record's hash: two records of one batch may share a key.
+                Ok(inserted) => {
                     let mut unreturned = Vec::new();
-                    for &i in &part {
-                        let r = &records[i];
-                        let key = (r.idempotency_key.clone(), r.event.event_time);
-                        match inserted.get(&key) {
-                            Some(hash) if hash.eq_ignore_ascii_case(&r.event.hash) => {
-                                inserted.remove(&key);
-                                outcomes[i] = Some(StoreOutcome::Inserted);
-                            }
-                            _ => unreturned.push(i),
+                    for (&i, inserted) in part.iter().zip(inserted) {
+                        if inserted {
+                            outcomes[i] = Some(StoreOutcome::Inserted);
+                        } else {
+                            unreturned.push(i);
                         }
                     }
                     if !unreturned.is_empty() {
@@ -504,11 +498,14 @@ fn is_missing_partition(e: &tokio_postgres::Error) -> bool {
 
 /// One statement per batch: the rows, and (for the rows that were new) the
 /// salts of their personal fields, so a row never exists without its salts.
-/// When a batch holds one key twice, the first occurrence is the row
-/// inserted and the one whose salts are kept.
+/// Each input row takes its `id` from the sequence before the INSERT, so the
+/// rows the INSERT returns are matched to their input (and their salts) by
+/// that number: the statement returns the ordinal (1-based) of every input
+/// row it inserted. When a batch holds one key twice, the first occurrence
+/// is inserted and the later one returns nothing.
 const INSERT_SQL: &str = "\
 WITH input AS (
-    SELECT * FROM UNNEST(
+    SELECT i.*, nextval('audit_log_id_seq') AS id FROM UNNEST(
         $1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
         $7::text[], $8::text[], $9::text[], $10::text[],
         $11::text[], $12::text[], $13::bool[], $14::text[], $15::text[],
@@ -521,36 +518,36 @@ WITH input AS (
             retention_policy, session_context, details, source, salts, n)
 ), inserted AS (
     INSERT INTO audit_log (
-        idempotency_key, event_id, event_time, timestamp_raw, action, status,
+        id, idempotency_key, event_id, event_time, timestamp_raw, action, status,
         principal_id, organization_id, target_resource_type, target_resource_id,
         outcome_description, hash, hash_provided, signature, signature_algorithm,
         signature_key_id, event_version, correlation_id, data_classification,
         retention_policy, session_context, details, source)
-    SELECT idempotency_key, event_id, event_time, timestamp_raw, action, status,
+    SELECT id, idempotency_key, event_id, event_time, timestamp_raw, action, status,
         principal_id, organization_id, target_resource_type, target_resource_id,
         outcome_description, hash, hash_provided, signature, signature_algorithm,
         signature_key_id, event_version, correlation_id, data_classification,
         retention_policy, session_context, details, source
       FROM input ORDER BY n
     ON CONFLICT (idempotency_key, event_time) DO NOTHING
-    RETURNING idempotency_key, event_time, hash
+    RETURNING id
 ), salted AS (
-    INSERT INTO audit_salts (idempotency_key, event_time, salts)
-    SELECT DISTINCT ON (i.idempotency_key, i.event_time) i.idempotency_key, i.event_time, i.salts::jsonb
-      FROM inserted r JOIN input i USING (idempotency_key, event_time)
+    INSERT INTO audit_salts (audit_id, salts)
+    SELECT i.id, i.salts::jsonb
+      FROM inserted r JOIN input i USING (id)
      WHERE i.salts IS NOT NULL
-     ORDER BY i.idempotency_key, i.event_time, i.n
 )
-SELECT idempotency_key, event_time, hash FROM inserted";
+SELECT i.n FROM inserted r JOIN input i USING (id)";
 
-/// Inserts the rows `idx` of `records` in one statement and returns the
-/// (key, time) pairs that were new, with the hash stored for each.
+/// Inserts the rows `idx` of `records` in one statement and returns, for
+/// each of `idx` in order, whether it was inserted (false: its key existed
+/// already, or an earlier row of the same statement had it).
 async fn insert_rows(
     client: &deadpool_postgres::Client,
     records: &[AuditRecord],
     idx: &[usize],
     personal: &PersonalFields,
-) -> Result<HashMap<(String, DateTime<Utc>), String>, tokio_postgres::Error> {
+) -> Result<Vec<bool>, tokio_postgres::Error> {
     let rows: Vec<&AuditRecord> = idx.iter().map(|&i| &records[i]).collect();
     fn col<'a, T>(rows: &[&'a AuditRecord], f: impl Fn(&'a AuditRecord) -> T) -> Vec<T> {
         rows.iter().map(|r| f(r)).collect()
@@ -619,15 +616,12 @@ async fn insert_rows(
             ],
         )
         .await?;
-    Ok(returned
-        .into_iter()
-        .map(|row| {
-            (
-                (row.get::<_, String>(0), row.get::<_, DateTime<Utc>>(1)),
-                row.get::<_, String>(2),
-            )
-        })
-        .collect())
+    let mut inserted = vec![false; idx.len()];
+    for row in returned {
+        let n: i64 = row.get(0);
+        inserted[(n - 1) as usize] = true;
+    }
+    Ok(inserted)
 }
 
 #[cfg(test)]

@@ -161,7 +161,7 @@ async fn ingest_stores_a_fresh_salt_per_personal_field_in_the_same_write_as_the_
         .pg
         .query(
             "SELECT a.idempotency_key, s.salts FROM audit_log a
-               LEFT JOIN audit_salts s USING (idempotency_key, event_time)
+               LEFT JOIN audit_salts s ON s.audit_id = a.id
               ORDER BY a.idempotency_key",
             &[],
         )
@@ -213,7 +213,7 @@ async fn ingest_stores_a_fresh_salt_per_personal_field_in_the_same_write_as_the_
     let leaked: i64 = env
         .pg
         .query_one(
-            "SELECT count(*) FROM audit_log a JOIN audit_salts s USING (idempotency_key, event_time)
+            "SELECT count(*) FROM audit_log a JOIN audit_salts s ON s.audit_id = a.id
               WHERE a::text LIKE '%' || (s.salts->>'principalId') || '%'",
             &[],
         )
@@ -308,23 +308,23 @@ async fn verify_names_the_event_for_a_change_to_any_stored_column_or_salt_of_a_s
     // changed, removed) and the leaf number claimed by a row.
     let n = matrix.len();
     s.tamper(&format!(
-        "UPDATE audit_log SET idempotency_key = 'forged-key' WHERE idempotency_key = 'evt-{n}';
-         UPDATE audit_salts SET idempotency_key = 'forged-key' WHERE idempotency_key = 'evt-{n}'"
+        "UPDATE audit_log SET idempotency_key = 'forged-key' WHERE idempotency_key = 'evt-{n}'"
     ))
     .await;
     s.tamper(&format!(
         "UPDATE audit_salts SET salts = jsonb_set(salts, '{{principalId}}', to_jsonb(repeat('0', 64)))
-          WHERE idempotency_key = 'evt-{}'",
+          WHERE audit_id = (SELECT id FROM audit_log WHERE idempotency_key = 'evt-{}')",
         n + 1
     ))
     .await;
     s.tamper(&format!(
-        "DELETE FROM audit_salts WHERE idempotency_key = 'evt-{}'",
+        "DELETE FROM audit_salts WHERE audit_id = (SELECT id FROM audit_log WHERE idempotency_key = 'evt-{}')",
         n + 2
     ))
     .await;
     s.tamper(&format!(
-        "UPDATE audit_salts SET salts = salts - 'details.email' WHERE idempotency_key = 'evt-{}'",
+        "UPDATE audit_salts SET salts = salts - 'details.email'
+          WHERE audit_id = (SELECT id FROM audit_log WHERE idempotency_key = 'evt-{}')",
         n + 3
     ))
     .await;
@@ -946,7 +946,7 @@ async fn truncating_the_log_and_resetting_its_head_fails_verify_against_the_publ
         .pg
         .batch_execute(&format!(
             "DELETE FROM audit_salts s USING seal_ledger l
-              WHERE l.snapshot_id = {id} AND s.idempotency_key = l.idempotency_key AND s.event_time = l.event_time;
+              WHERE l.snapshot_id = {id} AND s.audit_id = l.row_id;
              DELETE FROM audit_log a USING seal_ledger l
               WHERE l.snapshot_id = {id} AND a.id = l.row_id AND a.event_time = l.event_time;
              DELETE FROM seal_ledger WHERE snapshot_id = {id};

@@ -59,8 +59,7 @@ pub const SELECT_LIST: &str = "id, event_time, timestamp_raw, event_id, action, 
     retention_policy, session_context::text, details::text, hash, hash_algorithm, \
     signature, signature_algorithm, signature_key_id, ingested_at, \
     idempotency_key, to_jsonb(hash_provided)::text, source, \
-    (SELECT s.salts::text FROM audit_salts s \
-      WHERE s.idempotency_key = audit_log.idempotency_key AND s.event_time = audit_log.event_time), \
+    (SELECT s.salts::text FROM audit_salts s WHERE s.audit_id = audit_log.id), \
     (SELECT to_jsonb(l.leaf_index)::text FROM seal_ledger l \
       WHERE l.event_time = audit_log.event_time AND l.row_id = audit_log.id), \
     (SELECT to_jsonb(l.leaf_version)::text FROM seal_ledger l \
