@@ -52,10 +52,12 @@ pub struct Checkpoints {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct CheckpointParams {
-    /// Snapshots per page (default api.default_page_size, at most api.max_page_size).
-    #[param(minimum = 1)]
+    /// Snapshots per page (default api.default_page_size; more than
+    /// api.max_page_size is reduced to it).
+    #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<u32>,
     /// `nextCursor` of the previous page.
+    #[param(pattern = "^[0-9]{1,18}$")]
     pub cursor: Option<String>,
 }
 

@@ -85,12 +85,15 @@ pub struct ExportFilters {
     pub principal_ids: Option<Vec<String>>,
     /// Only this organisation; must lie in the key's scope (403 otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 1000)]
     pub organization_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Vec<EventStatus>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 1000)]
     pub target_resource_type: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 1000)]
     pub target_resource_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_classification: Option<Vec<DataClassification>>,
@@ -162,11 +165,19 @@ pub struct ExportList {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct PageParams {
-    /// Items per page (default api.default_page_size, at most api.max_page_size).
-    #[param(minimum = 1)]
+    /// Items per page (default api.default_page_size; more than
+    /// api.max_page_size is reduced to it).
+    #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<u32>,
-    /// `nextCursor` of the previous page.
+    /// `nextCursor` of the previous page (a job id).
+    #[param(pattern = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
     pub cursor: Option<String>,
+}
+
+/// Whether `s` has the form of a job id (a UUID as the jobs are given):
+/// anything else names no job, and never reaches the database.
+fn job_id_form(s: &str) -> bool {
+    s.len() == 36 && uuid::Uuid::try_parse(s).is_ok() && !s.bytes().any(|b| b.is_ascii_uppercase())
 }
 
 const VIEW_COLUMNS: &str = "id, status, requester_id, filters, format, compression, \
@@ -226,6 +237,9 @@ fn db_error(e: tokio_postgres::Error) -> Problem {
 /// The job if the caller may see it (404 otherwise, the same answer as for
 /// an unknown id).
 async fn visible_job(state: &ApiState, caller: &Caller, id: &str) -> Result<ExportJob, Problem> {
+    if !job_id_form(id) {
+        return Err(Problem::not_found("export"));
+    }
     let client = client(state).await?;
     let row = client
         .query_opt(
@@ -272,7 +286,7 @@ async fn create_export(
     caller.require(Permission::Export)?;
     let request = body
         .to_request(&caller.0.requester_id())
-        .map_err(|m| Problem::invalid(m))?;
+        .map_err(Problem::invalid)?;
     let scope = caller.scope().to_db();
     crate::jobs::export::check_scope(&request, scope.as_deref()).map_err(|m| {
         Problem::forbidden(format!(
@@ -333,6 +347,11 @@ async fn list_exports(
 ) -> Result<axum::Json<ExportList>, Problem> {
     caller.require(Permission::Export)?;
     let limit = state.pages.limit(page.limit)?;
+    if page.cursor.as_deref().is_some_and(|c| !job_id_form(c)) {
+        return Err(Problem::invalid(
+            "cursor is not one this API returned: pass nextCursor unchanged",
+        ));
+    }
     let client = client(&state).await?;
     let rows = client
         .query(

@@ -49,6 +49,10 @@ pub struct ApiState {
     pub pages: Pages,
 }
 
+/// The largest `?limit=` a request may send (the OpenAPI maximum): up to
+/// it, values above `api.max_page_size` are reduced to that; above it, 422.
+pub const LIMIT_CAP: u32 = 10_000;
+
 /// Page sizes of list endpoints (`api.default_page_size`, `max_page_size`).
 #[derive(Debug, Clone, Copy)]
 pub struct Pages {
@@ -57,15 +61,17 @@ pub struct Pages {
 }
 
 impl Pages {
-    /// The page size for a request's `?limit=` (422 when out of range).
+    /// The page size for a request's `?limit=`: the default when absent,
+    /// reduced to the maximum when above it, 422 when 0 or above
+    /// [`LIMIT_CAP`].
     pub fn limit(&self, asked: Option<u32>) -> Result<i64, Problem> {
         match asked {
             None => Ok(self.default as i64),
-            Some(n) if n >= 1 && n <= self.max => Ok(n as i64),
-            Some(n) => Err(Problem::invalid(format!(
-                "limit {n} is out of range: use 1 to {}",
+            Some(n) if n == 0 || n > LIMIT_CAP => Err(Problem::invalid(format!(
+                "limit must be between 1 and {LIMIT_CAP} (at most {} are returned)",
                 self.max
             ))),
+            Some(n) => Ok(n.min(self.max) as i64),
         }
     }
 }
@@ -240,6 +246,7 @@ mod tests {
         assert_eq!(p.limit(None).unwrap(), 50);
         assert_eq!(p.limit(Some(500)).unwrap(), 500);
         assert_eq!(p.limit(Some(0)).unwrap_err().status, 422);
-        assert_eq!(p.limit(Some(501)).unwrap_err().status, 422);
+        assert_eq!(p.limit(Some(5000)).unwrap(), 500);
+        assert_eq!(p.limit(Some(LIMIT_CAP + 1)).unwrap_err().status, 422);
     }
 }

@@ -102,6 +102,10 @@ async fn get_proof(
     ApiPath(event): ApiPath<String>,
 ) -> Result<axum::Json<EventProof>, Problem> {
     caller.require(Permission::Proof)?;
+    if event.is_empty() || event.contains('\0') {
+        // No stored event can have such a key (the ingest refuses them).
+        return Err(Problem::not_found("event"));
+    }
     let mut client = state
         .pool
         .get()

@@ -41,6 +41,12 @@ impl ApiConfig {
                 "api.max_body_bytes must be at least 1024".into(),
             ));
         }
+        if self.max_page_size > 10_000 {
+            return Err(ConfigError(
+                "api.max_page_size must be at most 10000 (the limit the OpenAPI document allows)"
+                    .into(),
+            ));
+        }
         if self.default_page_size == 0 || self.default_page_size > self.max_page_size {
             return Err(ConfigError(
                 "api.default_page_size must be between 1 and api.max_page_size".into(),
