@@ -856,3 +856,101 @@ async fn api_key_cli_creates_lists_and_revokes_and_bootstrap_file_keys_work() {
     );
     api.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_process_serves_the_api_on_its_own_port_and_scopes_queue_exports() {
+    let x = ExportEnv::new("api_process").await;
+    x.fill(100).await;
+    let api_port = free_port();
+    let config = x.config();
+    let pool = audit_worker::db::connect_pool(&config).await.unwrap();
+    let (_, admin) = {
+        let client = pool.get().await.unwrap();
+        let (k, t) = keys::create(
+            &**client,
+            "admin",
+            OrgScope::All,
+            BTreeSet::from([Permission::Admin]),
+        )
+        .await
+        .unwrap();
+        (k.id, t)
+    };
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_audit-worker"));
+    cmd.arg("run")
+        .envs(x.env_vars(1000, 500))
+        .env("AUDIT_WORKER__API__LISTEN", format!("127.0.0.1:{api_port}"))
+        .env("AUDIT_WORKER__EXPORT__QUEUE_ORGANIZATIONS", "[\"org-2\"]")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut worker = cmd.spawn().unwrap();
+    let base = format!("http://127.0.0.1:{api_port}");
+    let http = reqwest::Client::new();
+    wait_until(Duration::from_secs(30), "the API answers", || async {
+        http.get(format!("{base}/v1/openapi.json"))
+            .send()
+            .await
+            .is_ok()
+    })
+    .await;
+    let unauth = http.get(format!("{base}/v1/exports")).send().await.unwrap();
+    assert_eq!(unauth.status().as_u16(), 401);
+    // The API is not on the health port, and the health port not on the API's.
+    let (code, _) = http_status(x.env.http_port, "/healthz").await.unwrap();
+    assert_eq!(code, 200);
+    let on_health = reqwest::get(format!("http://127.0.0.1:{}/v1/exports", x.env.http_port))
+        .await
+        .unwrap();
+    assert_eq!(on_health.status().as_u16(), 404);
+    // A queue request without an organisation filter: the worker's
+    // export.queue_organizations bounds what it exports.
+    x.env
+        .add_entries(&[(
+            Some("export.audit"),
+            crate::export::request(
+                json!({"from": "2024-03-01", "to": "2024-04-01"}),
+                "ndjson",
+                "none",
+                "queue-user",
+            ),
+        )])
+        .await;
+    let mut job = Value::Null;
+    for _ in 0..300 {
+        let list: Value = http
+            .get(format!("{base}/v1/exports"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        job = list["items"].get(0).cloned().unwrap_or(Value::Null);
+        if job["status"] == "completed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["organizations"], json!(["org-2"]));
+    assert_eq!(job["requesterId"], "queue-user");
+    assert_eq!(job["rowCount"], 20);
+    let text = http
+        .get(format!("{base}{}", job["download"].as_str().unwrap()))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(text.lines().count(), 20);
+    assert!(
+        text.lines()
+            .all(|l| l.contains("\"organization_id\":\"org-2\"")),
+        "{text}"
+    );
+    terminate(&mut worker);
+    x.cleanup().await;
+}
