@@ -55,3 +55,69 @@ impl ApiConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(listen: &str, max_body: usize, default: u32, max: u32) -> ApiConfig {
+        ApiConfig {
+            listen: listen.into(),
+            keys_file: String::new(),
+            max_body_bytes: max_body,
+            default_page_size: default,
+            max_page_size: max,
+        }
+    }
+
+    #[test]
+    fn the_api_is_off_by_default_and_bad_settings_name_the_key() {
+        let off = api("", 65536, 50, 500);
+        assert!(!off.enabled());
+        assert!(off.validate().is_ok());
+        assert!(api("127.0.0.1:3002", 65536, 50, 500).enabled());
+        for (c, key) in [
+            (api("localhost", 65536, 50, 500), "api.listen"),
+            (api("", 10, 50, 500), "api.max_body_bytes"),
+            (api("", 65536, 0, 500), "api.default_page_size"),
+            (api("", 65536, 600, 500), "api.default_page_size"),
+            (api("", 65536, 50, 20_000), "api.max_page_size"),
+        ] {
+            assert!(c.validate().unwrap_err().0.contains(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn queue_organisations_and_the_api_port_are_checked_across_sections() {
+        use crate::config::Config;
+        let env = || figment::providers::Env::prefixed("AUDIT_WORKER_UNIT_TEST_UNSET__");
+        let dir = tempfile::tempdir().unwrap();
+        let load = |toml: &str| {
+            let f = dir.path().join("c.toml");
+            std::fs::write(&f, toml).unwrap();
+            Config::load_from(Some(&f), env())
+        };
+        let c = load("").unwrap();
+        assert_eq!(c.export.queue_scope(), None);
+        assert!(!c.api.enabled());
+        let c = load("[export]\nqueue_organizations = [\"org-a\", \"org-b\"]\n").unwrap();
+        assert_eq!(
+            c.export.queue_scope(),
+            Some(vec!["org-a".into(), "org-b".into()])
+        );
+        for (toml, key) in [
+            (
+                "[export]\nqueue_organizations = []\n",
+                "export.queue_organizations",
+            ),
+            (
+                "[export]\nqueue_organizations = [\"*\", \"a\"]\n",
+                "export.queue_organizations",
+            ),
+            ("[api]\nlisten = \"0.0.0.0:3001\"\n", "api.listen"),
+        ] {
+            let e = load(toml).unwrap_err().to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+        }
+    }
+}

@@ -243,3 +243,28 @@ impl ExportService {
         ]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_organisation_filter_outside_the_scope_is_refused_and_none_passes() {
+        let parse = |org: &str| {
+            ExportRequest::parse(
+                format!(r#"{{"exportFilters": {{"from": "2024-03-01", "to": "2024-04-01"{org}}}, "format": "csv", "requesterId": "u"}}"#)
+                    .as_bytes(),
+            )
+            .unwrap()
+        };
+        let scope = ["org-a".to_string(), "org-b".to_string()];
+        assert!(check_scope(&parse(""), Some(&scope)).is_ok());
+        assert!(check_scope(&parse(r#", "organizationId": "org-b""#), Some(&scope)).is_ok());
+        let e = check_scope(&parse(r#", "organizationId": "org-c""#), Some(&scope)).unwrap_err();
+        assert!(
+            e.contains("\"org-c\" is outside") && e.contains("org-a, org-b"),
+            "{e}"
+        );
+        assert!(check_scope(&parse(r#", "organizationId": "org-c""#), None).is_ok());
+    }
+}

@@ -529,3 +529,21 @@ pub async fn artifact(
         })
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scope_changes_the_dedup_hash_and_no_scope_keeps_the_old_one() {
+        let r = ExportRequest::parse(
+            br#"{"exportFilters": {"from": "2024-03-01", "to": "2024-04-01"}, "format": "csv", "requesterId": "u"}"#,
+        )
+        .unwrap();
+        assert_eq!(scoped_filter_hash(&r, None), r.filter_hash());
+        let ab = scoped_filter_hash(&r, Some(&["b".into(), "a".into(), "a".into()]));
+        assert_eq!(ab, scoped_filter_hash(&r, Some(&["a".into(), "b".into()])));
+        assert_ne!(ab, r.filter_hash());
+        assert_ne!(ab, scoped_filter_hash(&r, Some(&["a".into()])));
+    }
+}
