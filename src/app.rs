@@ -129,6 +129,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 pool.clone(),
                 exports.handler.clone(),
                 exports.downloads.clone(),
+                &metrics,
                 http_stop.clone(),
             )
             .await?,

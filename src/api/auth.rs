@@ -44,11 +44,13 @@ impl FromRequestParts<ApiState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, Problem> {
         let Some(header) = parts.headers.get(AUTHORIZATION) else {
+            state.metrics.auth_failed("missing");
             return Err(Problem::unauthorized(
                 "send an API key: Authorization: Bearer awk_... (`audit-worker api-key create` makes one)",
             ));
         };
         let invalid = || {
+            state.metrics.auth_failed("invalid");
             Problem::unauthorized(
                 "the API key is not valid (unknown, malformed or revoked): use a current key",
             )
@@ -74,7 +76,10 @@ impl FromRequestParts<ApiState> for Caller {
             Ok(Some(key)) if key.revoked_at.is_none() => Ok(Caller(key)),
             Ok(Some(key)) => {
                 tracing::info!(key = %key.id, "API request with a revoked key refused");
-                Err(invalid())
+                state.metrics.auth_failed("revoked");
+                Err(Problem::unauthorized(
+                    "the API key is not valid (unknown, malformed or revoked): use a current key",
+                ))
             }
             Ok(None) => Err(invalid()),
             Err(e) => Err(Problem::unavailable(&crate::db::root_cause(&e))),

@@ -15,6 +15,7 @@ pub mod checkpoints;
 pub mod cli;
 pub mod exports;
 pub mod keys;
+pub mod metrics;
 pub mod problem;
 pub mod proofs;
 
@@ -47,6 +48,8 @@ pub struct ApiState {
     pub downloads: Downloads,
     /// Page sizes of lists.
     pub pages: Pages,
+    /// Request and refused-credential counters.
+    pub metrics: metrics::ApiMetrics,
 }
 
 /// The largest `?limit=` a request may send (the OpenAPI maximum): up to
@@ -138,6 +141,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// The `/v1` router: the resources, `/v1/openapi.json`, the body limit
 /// and problem documents for every error.
 pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
+    let counters = state.metrics.clone();
     let (routes, doc) = resources().split_for_parts();
     let doc = Arc::new(doc);
     routes
@@ -150,6 +154,10 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         )
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(problem::ensure_problem))
+        .layer(axum::middleware::from_fn_with_state(
+            counters,
+            metrics::count,
+        ))
         .with_state(state)
 }
 
@@ -160,6 +168,7 @@ pub async fn serve(
     pool: deadpool_postgres::Pool,
     exports: Arc<ExportHandler>,
     downloads: Downloads,
+    worker_metrics: &crate::telemetry::Metrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let file_keys = load_file_keys(config)?;
@@ -172,6 +181,7 @@ pub async fn serve(
             default: config.api.default_page_size,
             max: config.api.max_page_size,
         },
+        metrics: metrics::ApiMetrics::register(worker_metrics),
     };
     let listen = config.api.listen.clone();
     let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {

@@ -32,6 +32,7 @@ struct ApiEnv {
     pool: deadpool_postgres::Pool,
     shutdown: CancellationToken,
     verifier: String,
+    metrics: audit_worker::telemetry::Metrics,
 }
 
 /// A response: status, content type, WWW-Authenticate, body.
@@ -82,13 +83,8 @@ impl ApiEnv {
             .await
             .unwrap();
         let shutdown = CancellationToken::new();
-        let exports = ExportService::new(
-            &config,
-            pool.clone(),
-            redis,
-            audit_worker::telemetry::Metrics::new(),
-        )
-        .unwrap();
+        let metrics = audit_worker::telemetry::Metrics::new();
+        let exports = ExportService::new(&config, pool.clone(), redis, metrics.clone()).unwrap();
         if executor {
             let _ = exports.spawn(&config.export, shutdown.clone());
         }
@@ -97,6 +93,7 @@ impl ApiEnv {
             pool.clone(),
             exports.handler.clone(),
             exports.downloads.clone(),
+            &metrics,
             shutdown.clone(),
         )
         .await
@@ -109,6 +106,7 @@ impl ApiEnv {
             pool,
             shutdown,
             verifier: signer.verifier().to_string(),
+            metrics,
         }
     }
 
@@ -514,6 +512,11 @@ async fn errors_are_problem_documents_including_the_routers_and_extractors() {
     api.send("GET", "/v1/nothing-here", Some(&key), None)
         .await
         .problem(404, "not-found");
+    assert!(api
+        .metrics
+        .render()
+        .lines()
+        .any(|l| l == "audit_worker_api_requests_total{operation=\"unmatched\",status=\"404\"} 1"));
     api.send("DELETE", "/v1/exports", Some(&key), None)
         .await
         .problem(405, "method-not-allowed");
