@@ -121,7 +121,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }),
         http_stop.clone(),
     )?;
-    // The compliance API, on its own listener, when api.listen is set.
+    // The compliance API, on its own listener, when api.listen is set. Its
+    // counters are registered either way, so /metrics always shows them.
+    let api_metrics = crate::api::metrics::ApiMetrics::register(&metrics);
     let api_task = if config.api.enabled() {
         Some(
             crate::api::serve(
@@ -129,7 +131,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 pool.clone(),
                 exports.handler.clone(),
                 exports.downloads.clone(),
-                &metrics,
+                api_metrics,
                 http_stop.clone(),
             )
             .await?,

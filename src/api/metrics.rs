@@ -43,13 +43,24 @@ impl ApiMetrics {
             &["reason"],
         )
         .expect("valid metric");
+        // Known label values start at 0, so rate() and alerts on refused
+        // requests work from the first scrape: every reason, and every
+        // operation's 401 (any request can get one).
         for reason in AUTH_FAILURE_REASONS {
             auth_failures.with_label_values(&[reason]);
         }
-        // A second registration (a second API in one process, as tests do)
-        // keeps the first's counters.
-        let _ = metrics.register(Box::new(requests.clone()));
-        let _ = metrics.register(Box::new(auth_failures.clone()));
+        for (path, item) in super::openapi().paths.paths {
+            for method in item_methods(&item) {
+                requests.with_label_values(&[format!("{method} {path}").as_str(), "401"]);
+            }
+        }
+        // Registered once per worker (app::run); a failure here means a
+        // second registration with the same registry, which would count
+        // into counters nobody renders: refuse it loudly in debug builds.
+        let registered = metrics
+            .register(Box::new(requests.clone()))
+            .and_then(|()| metrics.register(Box::new(auth_failures.clone())));
+        debug_assert!(registered.is_ok(), "API metrics registered twice");
         Self {
             requests,
             auth_failures,
@@ -60,6 +71,20 @@ impl ApiMetrics {
     pub fn auth_failed(&self, reason: &'static str) {
         self.auth_failures.with_label_values(&[reason]).inc();
     }
+}
+
+/// The HTTP methods an OpenAPI path item defines.
+fn item_methods(item: &utoipa::openapi::PathItem) -> Vec<&'static str> {
+    [
+        ("GET", item.get.is_some()),
+        ("POST", item.post.is_some()),
+        ("PUT", item.put.is_some()),
+        ("PATCH", item.patch.is_some()),
+        ("DELETE", item.delete.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(m, present)| present.then_some(m))
+    .collect()
 }
 
 /// The operation label of a request: `METHOD /route/{template}`, or

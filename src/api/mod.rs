@@ -168,7 +168,7 @@ pub async fn serve(
     pool: deadpool_postgres::Pool,
     exports: Arc<ExportHandler>,
     downloads: Downloads,
-    worker_metrics: &crate::telemetry::Metrics,
+    metrics: metrics::ApiMetrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let file_keys = load_file_keys(config)?;
@@ -181,7 +181,7 @@ pub async fn serve(
             default: config.api.default_page_size,
             max: config.api.max_page_size,
         },
-        metrics: metrics::ApiMetrics::register(worker_metrics),
+        metrics,
     };
     let listen = config.api.listen.clone();
     let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {

@@ -93,7 +93,7 @@ impl ApiEnv {
             pool.clone(),
             exports.handler.clone(),
             exports.downloads.clone(),
-            &metrics,
+            audit_worker::api::metrics::ApiMetrics::register(&metrics),
             shutdown.clone(),
         )
         .await
