@@ -27,3 +27,12 @@ ALTER TABLE export_jobs ADD COLUMN allowed_organizations text[];
 ALTER TABLE export_jobs DROP CONSTRAINT export_jobs_status_check;
 ALTER TABLE export_jobs ADD CONSTRAINT export_jobs_status_check
     CHECK (status IN ('queued', 'exporting', 'uploading', 'completed', 'failed', 'expired', 'cancelled'));
+
+-- The worker (writer group) looks keys up; only the schema's owner (the
+-- operator running `audit-worker api-key`) creates or revokes them, so
+-- whoever takes over the worker's credentials cannot mint a key.
+DO $$
+BEGIN
+    EXECUTE format('GRANT SELECT ON %I.api_keys TO audit_worker_writer', current_schema());
+END
+$$;

@@ -851,6 +851,27 @@ async fn api_key_cli_creates_lists_and_revokes_and_bootstrap_file_keys_work() {
     let again = cli(&["api-key", "revoke", &ada]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("api-key list"));
+    // The worker's database role reads keys but cannot mint or revoke them.
+    let privileges = api
+        .x
+        .env
+        .pg
+        .query_one(
+            "SELECT has_table_privilege('audit_worker_writer', 'api_keys', 'SELECT'), \
+                    has_table_privilege('audit_worker_writer', 'api_keys', 'INSERT'), \
+                    has_table_privilege('audit_worker_writer', 'api_keys', 'UPDATE'), \
+                    has_table_privilege('audit_worker_reader', 'api_keys', 'SELECT')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let privileges: (bool, bool, bool, bool) = (
+        privileges.get(0),
+        privileges.get(1),
+        privileges.get(2),
+        privileges.get(3),
+    );
+    assert_eq!(privileges, (true, false, false, false));
     let listed = String::from_utf8(cli(&["api-key", "list"]).stdout).unwrap();
     let line = listed.lines().find(|l| l.starts_with(&ada)).unwrap();
     assert!(
