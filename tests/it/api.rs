@@ -900,13 +900,15 @@ async fn the_worker_process_serves_the_api_on_its_own_port_and_scopes_queue_expo
         .unwrap();
         (k.id, t)
     };
+    let log = tempfile::NamedTempFile::new().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_audit-worker"));
     cmd.arg("run")
         .envs(x.env_vars(1000, 500))
         .env("AUDIT_WORKER__API__LISTEN", format!("127.0.0.1:{api_port}"))
         .env("AUDIT_WORKER__EXPORT__QUEUE_ORGANIZATIONS", "[\"org-2\"]")
+        .env("AUDIT_WORKER__LOG__LEVEL", "debug")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+        .stderr(log.reopen().unwrap());
     let mut worker = cmd.spawn().unwrap();
     let base = format!("http://127.0.0.1:{api_port}");
     let http = reqwest::Client::new();
