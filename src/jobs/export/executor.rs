@@ -267,7 +267,7 @@ impl Exporter {
             let client = self.pool.get().await?;
             match e {
                 ExportError::LeaseLost => {
-                    tracing::warn!(job = %job.id, "export lease lost; another worker continues it")
+                    tracing::warn!(job = %job.id, "export lease lost: the job was cancelled, or another worker continues it")
                 }
                 ExportError::Shutdown => {
                     record::release(&**client, job).await?;
