@@ -17,6 +17,22 @@ if ! command -v promtool >/dev/null 2>&1 || ! python3 -c 'import yaml' 2>/dev/nu
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus python3-yaml >/dev/null
 fi
 scripts/check-deploy.sh
+# schemathesis, pinned, in a virtual environment of its own (Debian's
+# python3 refuses system-wide pip installs): tests/it/api.rs runs it against
+# the live HTTP API and its generated OpenAPI document.
+SCHEMATHESIS_VERSION=4.32.5
+st_venv="${CARGO_TARGET_DIR:-$PWD/target}/pytools"
+if [ "$("$st_venv/bin/st" --version 2>/dev/null | awk '{print $NF}')" != "$SCHEMATHESIS_VERSION" ]; then
+  if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+  fi
+  rm -rf "$st_venv"
+  python3 -m venv "$st_venv"
+  "$st_venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+export SCHEMATHESIS="$st_venv/bin/st"
 if [ -f tests/bullmq/package.json ]; then
   if ! command -v npm >/dev/null 2>&1; then
     echo "test: installing nodejs and npm (BullMQ compatibility tests)" >&2

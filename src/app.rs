@@ -121,6 +121,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }),
         http_stop.clone(),
     )?;
+    // The compliance API, on its own listener, when api.listen is set. Its
+    // counters are registered either way, so /metrics always shows them.
+    let api_metrics = crate::api::metrics::ApiMetrics::register(&metrics);
+    let api_task = if config.api.enabled() {
+        Some(
+            crate::api::serve(
+                &config,
+                pool.clone(),
+                exports.handler.clone(),
+                exports.downloads.clone(),
+                api_metrics,
+                http_stop.clone(),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     let dlq_watch = tokio::spawn(watch_dead_letters(
         commands.clone(),
         queue,
@@ -205,6 +223,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     http_stop.cancel();
     let _ = http_task.await;
+    if let Some(task) = api_task {
+        let _ = task.await;
+    }
     tracing::info!("audit-worker stopped cleanly");
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! metrics and operations.
 
 pub mod alerts;
+pub mod api;
 pub mod app;
 pub mod config;
 pub mod db;

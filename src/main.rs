@@ -111,6 +111,11 @@ enum Command {
         /// The event's eventId (its idempotency key).
         event: String,
     },
+    /// Manage the keys of the HTTP API (create prints the token once).
+    ApiKey {
+        #[command(subcommand)]
+        command: audit_worker::api::cli::ApiKeyCommand,
+    },
     /// Check a `prove` output offline with only the verifier key.
     VerifyProof {
         /// The JSON printed by `prove`.
@@ -283,6 +288,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Dlq { command } => run_dlq(&config, command).await,
+            Command::ApiKey { command } => audit_worker::api::cli::run(&config, command).await,
             Command::Export { request, out } => {
                 export::cli::run_export(&config, &request, &out).await
             }

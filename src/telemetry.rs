@@ -394,6 +394,15 @@ impl Metrics {
             .observe(duration.as_secs_f64());
     }
 
+    /// Registers a collector of a component that keeps its own metrics
+    /// (the HTTP API), so they are rendered with the rest.
+    pub fn register(
+        &self,
+        c: Box<dyn prometheus::core::Collector>,
+    ) -> Result<(), prometheus::Error> {
+        self.registry.register(c)
+    }
+
     /// Renders the registry in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

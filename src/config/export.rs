@@ -27,6 +27,8 @@ pub struct ExportConfig {
     pub link_secret_file: String,
     pub link_ttl_secs: u64,
     pub public_base_url: String,
+    /// Organisations that queue-submitted requests may cover; `["*"]`: all.
+    pub queue_organizations: Vec<String>,
 }
 
 impl ExportConfig {
@@ -58,9 +60,23 @@ impl ExportConfig {
                 "must be at least 1",
             );
         }
+        if c.queue_organizations.is_empty()
+            || c.queue_organizations.iter().any(|o| o.trim().is_empty())
+            || (c.queue_organizations.len() > 1 && c.queue_organizations.iter().any(|o| o == "*"))
+        {
+            return bad(
+                "queue_organizations",
+                "must be [\"*\"] (every organisation) or a list of organisation ids",
+            );
+        }
         if c.notifications_key.is_empty() {
             return bad("notifications_key", "must not be empty");
         }
         Ok(())
+    }
+
+    /// The organisations queue requests may cover: `None` for all.
+    pub fn queue_scope(&self) -> Option<Vec<String>> {
+        (self.queue_organizations != ["*"]).then(|| self.queue_organizations.clone())
     }
 }

@@ -17,6 +17,7 @@ use figment::Figment;
 use serde::Deserialize;
 
 mod alerts;
+mod api;
 mod bullmq;
 mod database;
 mod dlq;
@@ -34,6 +35,7 @@ mod telemetry;
 mod validation;
 
 pub use alerts::{AlertsConfig, RuleConfig};
+pub use api::ApiConfig;
 pub use bullmq::BullmqConfig;
 pub use database::{DatabaseConfig, SSL_MODES};
 pub use dlq::DlqConfig;
@@ -80,6 +82,7 @@ pub struct Config {
     pub snapshot: SnapshotConfig,
     pub telemetry: TelemetryConfig,
     pub alerts: AlertsConfig,
+    pub api: ApiConfig,
 }
 
 impl Config {
@@ -160,6 +163,13 @@ impl Config {
         self.snapshot.validate()?;
         self.telemetry.validate().map_err(ConfigError)?;
         self.alerts.validate().map_err(ConfigError)?;
+        self.api.validate()?;
+        if self.api.enabled() && self.api.listen == self.http.listen {
+            return err(
+                "api.listen",
+                "must differ from http.listen (the API has a listener of its own)",
+            );
+        }
         let keys = self.integrity.hmac_key_entries()?;
         if self.validation.require_signature && keys.is_empty() {
             return err(

@@ -806,7 +806,7 @@ fn leaf_version_v1() -> i16 {
 
 /// An inclusion proof as `prove` prints it; everything an auditor needs
 /// with the verifier key (see README, "Verifying a proof offline").
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InclusionProof {
     pub format: String,
@@ -829,6 +829,7 @@ pub struct InclusionProof {
     /// their commitments): `verify-proof` recomputes the leaf from it, and
     /// the event, time and hash printed above must be the record's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub record: Option<serde_json::Value>,
     pub leaf_index: u64,
     /// The tree size of the checkpoint; it must equal the size in the note.

@@ -1,5 +1,6 @@
 //! Integration tests against real Redis and PostgreSQL.
 
+mod api;
 mod bullmq;
 mod common;
 mod dev_key;

@@ -140,7 +140,7 @@ pub async fn run_export(config: &Config, args: &RequestArgs, out: &PathBuf) -> a
     )?;
     let source = format!("cli:{}", uuid::Uuid::new_v4());
     let client = pool.get().await?;
-    let recorded = record::record_request(&**client, &request, &source, Origin::Cli, |id| {
+    let recorded = record::record_request(&**client, &request, &source, Origin::Cli, None, |id| {
         (format!(".audit-export-{id}.parts"), request.file_name(id))
     })
     .await?;
@@ -164,9 +164,14 @@ pub async fn run_export(config: &Config, args: &RequestArgs, out: &PathBuf) -> a
     let progress = Arc::new(AtomicU64::new(0));
     // Counting costs a scan of the range: only when someone watches.
     let bar = if std::io::stderr().is_terminal() {
-        let total = PageQuery::new(&job.filters, job.cutoff, job.cutoff_snapshot.as_deref())
-            .count(&client)
-            .await?;
+        let total = PageQuery::new(
+            &job.filters,
+            job.cutoff,
+            job.cutoff_snapshot.as_deref(),
+            job.allowed_organizations.as_deref(),
+        )
+        .count(&client)
+        .await?;
         let bar = indicatif::ProgressBar::new(total.max(0) as u64);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -254,12 +259,15 @@ pub async fn enqueue_export(config: &Config, args: &RequestArgs) -> anyhow::Resu
     let request = args.to_request()?;
     let pool = prepare_db(config).await?;
     let client = pool.get().await?;
+    super::check_scope(&request, config.export.queue_scope().as_deref())
+        .map_err(|m| anyhow::anyhow!("{m}: see export.queue_organizations"))?;
     let source = format!("cli-enqueue:{}", uuid::Uuid::new_v4());
     let recorded = record::record_request(
         &**client,
         &request,
         &source,
         Origin::Queue,
+        config.export.queue_scope().as_deref(),
         super::queue_layout(&request),
     )
     .await?;

@@ -61,6 +61,41 @@ pub async fn serve(
     if !signer.verify(id, expires, signature, Utc::now()) {
         return forbidden();
     }
+    match stream(d, id).await {
+        Ok(response) => response,
+        Err(DownloadError::NotFound) => plain(StatusCode::NOT_FOUND, "no such export\n"),
+        Err(DownloadError::NotCompleted) => {
+            plain(StatusCode::CONFLICT, "the export is not completed\n")
+        }
+        Err(DownloadError::Expired) => {
+            plain(StatusCode::GONE, "the export has expired and was removed\n")
+        }
+        Err(DownloadError::FileGone) => plain(StatusCode::GONE, "the export's file is gone\n"),
+        Err(DownloadError::Unavailable(e)) => {
+            tracing::warn!(error = %e, "export download: database or object storage unavailable");
+            plain(StatusCode::SERVICE_UNAVAILABLE, "try again later\n")
+        }
+    }
+}
+
+/// Why an artifact cannot be streamed.
+#[derive(Debug)]
+pub enum DownloadError {
+    /// No job has this id.
+    NotFound,
+    /// The job has not completed (yet, or ever).
+    NotCompleted,
+    /// The download window is over and the artifact was removed.
+    Expired,
+    /// The job completed but its file is missing from the store.
+    FileGone,
+    /// The database or the object store failed (the cause, for the log).
+    Unavailable(String),
+}
+
+/// Streams the artifact of completed job `id`, whoever has already
+/// checked the caller's right to it (a signed link, or an API key).
+pub async fn stream(d: &Downloads, id: &str) -> Result<Response, DownloadError> {
     let artifact = async {
         let client = d
             .pool
@@ -71,20 +106,14 @@ pub async fn serve(
             .await
             .map_err(|e| crate::db::root_cause(&e))
     }
-    .await;
-    let artifact = match artifact {
-        Ok(Some(a)) => a,
-        Ok(None) => return plain(StatusCode::NOT_FOUND, "no such export\n"),
-        Err(e) => {
-            tracing::warn!(error = %e, "export download: database unavailable");
-            return plain(StatusCode::SERVICE_UNAVAILABLE, "try again later\n");
-        }
-    };
+    .await
+    .map_err(DownloadError::Unavailable)?
+    .ok_or(DownloadError::NotFound)?;
     if artifact.status != "completed" {
-        return plain(StatusCode::CONFLICT, "the export is not completed\n");
+        return Err(DownloadError::NotCompleted);
     }
     if artifact.removed || artifact.expires_at.is_some_and(|e| e < Utc::now()) {
-        return plain(StatusCode::GONE, "the export has expired and was removed\n");
+        return Err(DownloadError::Expired);
     }
     let object = match d
         .storage
@@ -93,13 +122,8 @@ pub async fn serve(
         .await
     {
         Ok(o) => o,
-        Err(object_store::Error::NotFound { .. }) => {
-            return plain(StatusCode::GONE, "the export's file is gone\n")
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "export download: object storage unavailable");
-            return plain(StatusCode::SERVICE_UNAVAILABLE, "try again later\n");
-        }
+        Err(object_store::Error::NotFound { .. }) => return Err(DownloadError::FileGone),
+        Err(e) => return Err(DownloadError::Unavailable(e.to_string())),
     };
     let size = object.meta.size;
     let file_name = artifact
@@ -114,7 +138,7 @@ pub async fn serve(
         Compression::None => artifact.format.content_type(),
     };
     let body = Body::from_stream(object.into_stream().map_err(std::io::Error::other));
-    (
+    Ok((
         StatusCode::OK,
         [
             (header::CONTENT_TYPE, content_type.to_owned()),
@@ -127,5 +151,5 @@ pub async fn serve(
         ],
         body,
     )
-        .into_response()
+        .into_response())
 }

@@ -267,7 +267,7 @@ impl Exporter {
             let client = self.pool.get().await?;
             match e {
                 ExportError::LeaseLost => {
-                    tracing::warn!(job = %job.id, "export lease lost; another worker continues it")
+                    tracing::warn!(job = %job.id, "export lease lost: the job was cancelled, or another worker continues it")
                 }
                 ExportError::Shutdown => {
                     record::release(&**client, job).await?;
@@ -333,7 +333,12 @@ impl Exporter {
         progress: Option<&AtomicU64>,
     ) -> Result<(), ExportError> {
         let client = self.pool.get().await?;
-        let query = PageQuery::new(&job.filters, job.cutoff, job.cutoff_snapshot.as_deref());
+        let query = PageQuery::new(
+            &job.filters,
+            job.cutoff,
+            job.cutoff_snapshot.as_deref(),
+            job.allowed_organizations.as_deref(),
+        );
         let statement = client.prepare(&query.sql).await?;
         let mut key = job
             .last_key

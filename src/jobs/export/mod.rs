@@ -45,23 +45,75 @@ pub fn queue_layout(request: &ExportRequest) -> impl Fn(&str) -> (String, String
     }
 }
 
+/// Refuses a request whose `organizationId` filter names an organisation
+/// outside `allowed` (`None`: all allowed). Requests without that filter
+/// pass: the job's stored scope limits them instead.
+pub fn check_scope(request: &ExportRequest, allowed: Option<&[String]>) -> Result<(), String> {
+    match (allowed, &request.filters.organization_id) {
+        (Some(allowed), Some(org)) if !allowed.iter().any(|a| a == org) => Err(format!(
+            "exportFilters.organizationId {org:?} is outside the organisations this requester may export ({})",
+            allowed.join(", ")
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Accepts `export.audit` requests: validates them and records the job.
 pub struct ExportHandler {
     pool: deadpool_postgres::Pool,
     wake: Arc<Notify>,
+    /// Organisations queue requests may cover (`export.queue_organizations`;
+    /// `None`: all).
+    queue_scope: Option<Vec<String>>,
 }
 
 impl ExportHandler {
     /// A handler recording into `pool`, waking `wake` (the executor) on
-    /// every new job.
+    /// every new job. Queue requests may cover every organisation until
+    /// [`ExportHandler::with_queue_scope`] says otherwise.
     pub fn new(pool: deadpool_postgres::Pool, wake: Arc<Notify>) -> Self {
-        Self { pool, wake }
+        Self {
+            pool,
+            wake,
+            queue_scope: None,
+        }
     }
 
-    /// Records a request; the JSON answer is `{"jobId", "status",
+    /// Limits queue requests to these organisations (`None`: all).
+    pub fn with_queue_scope(mut self, scope: Option<Vec<String>>) -> Self {
+        self.queue_scope = scope;
+        self
+    }
+
+    /// Records a queue request; the JSON answer is `{"jobId", "status",
     /// "deduplicated"}`.
     pub async fn record(&self, data: &[u8], source: &str) -> Result<serde_json::Value, JobError> {
         let request = ExportRequest::parse(data).map_err(JobError::Rejected)?;
+        check_scope(&request, self.queue_scope.as_deref()).map_err(|m| {
+            JobError::Rejected(crate::dlq::Rejection::new(
+                crate::dlq::RejectReason::InvalidExportRequest,
+                format!("{m}: see export.queue_organizations"),
+            ))
+        })?;
+        let recorded = self
+            .record_scoped(&request, source, self.queue_scope.as_deref())
+            .await?;
+        Ok(serde_json::json!({
+            "jobId": recorded.id,
+            "status": recorded.status,
+            "deduplicated": !recorded.created,
+        }))
+    }
+
+    /// Records a validated request with its organisation scope (`None`:
+    /// all) and wakes the executor when a job was created. The HTTP API
+    /// records through here with the key's scope.
+    pub async fn record_scoped(
+        &self,
+        request: &ExportRequest,
+        source: &str,
+        allowed: Option<&[String]>,
+    ) -> Result<record::Recorded, JobError> {
         let client = self
             .pool
             .get()
@@ -69,10 +121,11 @@ impl ExportHandler {
             .map_err(|e| JobError::Transient(crate::db::pool_error_cause(&e)))?;
         let recorded = record::record_request(
             &**client,
-            &request,
+            request,
             source,
             Origin::Queue,
-            queue_layout(&request),
+            allowed,
+            queue_layout(request),
         )
         .await
         .map_err(|e| JobError::Transient(crate::db::root_cause(&e)))?;
@@ -80,11 +133,7 @@ impl ExportHandler {
             tracing::info!(job = %recorded.id, %source, requester = %request.requester_id, "export job recorded");
             self.wake.notify_one();
         }
-        Ok(serde_json::json!({
-            "jobId": recorded.id,
-            "status": recorded.status,
-            "deduplicated": !recorded.created,
-        }))
+        Ok(recorded)
     }
 }
 
@@ -159,7 +208,10 @@ impl ExportService {
             tracing::warn!("export.link_secret is not set: export notifications carry no download link and downloads are refused");
         }
         Ok(Self {
-            handler: Arc::new(ExportHandler::new(pool.clone(), wake)),
+            handler: Arc::new(
+                ExportHandler::new(pool.clone(), wake)
+                    .with_queue_scope(config.export.queue_scope()),
+            ),
             downloads: download::Downloads {
                 pool,
                 storage,
@@ -189,5 +241,30 @@ impl ExportService {
                 shutdown,
             )),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_organisation_filter_outside_the_scope_is_refused_and_none_passes() {
+        let parse = |org: &str| {
+            ExportRequest::parse(
+                format!(r#"{{"exportFilters": {{"from": "2024-03-01", "to": "2024-04-01"{org}}}, "format": "csv", "requesterId": "u"}}"#)
+                    .as_bytes(),
+            )
+            .unwrap()
+        };
+        let scope = ["org-a".to_string(), "org-b".to_string()];
+        assert!(check_scope(&parse(""), Some(&scope)).is_ok());
+        assert!(check_scope(&parse(r#", "organizationId": "org-b""#), Some(&scope)).is_ok());
+        let e = check_scope(&parse(r#", "organizationId": "org-c""#), Some(&scope)).unwrap_err();
+        assert!(
+            e.contains("\"org-c\" is outside") && e.contains("org-a, org-b"),
+            "{e}"
+        );
+        assert!(check_scope(&parse(r#", "organizationId": "org-c""#), None).is_ok());
     }
 }

@@ -49,9 +49,18 @@ impl PageQuery {
     /// (`snapshot` None) keep the `ingested_at <= cutoff` rule they began
     /// with.
     ///
+    /// `allowed` is the job's organisation scope (`None`: all): rows of
+    /// any other organisation (or of none) are never selected, whatever
+    /// the filters say.
+    ///
     /// Parameters: `$1, $2` the key to start after, `$3` the page size,
     /// then the filters.
-    pub fn new(filters: &Filters, cutoff: DateTime<Utc>, snapshot: Option<&str>) -> Self {
+    pub fn new(
+        filters: &Filters,
+        cutoff: DateTime<Utc>,
+        snapshot: Option<&str>,
+        allowed: Option<&[String]>,
+    ) -> Self {
         let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
         let mut clauses = Vec::new();
         let mut push = |clause: &str, p: Box<dyn ToSql + Sync + Send>| {
@@ -79,6 +88,9 @@ impl PageQuery {
         }
         if let Some(org) = &filters.organization_id {
             push("organization_id = ?", Box::new(org.clone()));
+        }
+        if let Some(allowed) = allowed {
+            push("organization_id = ANY(?)", Box::new(allowed.to_vec()));
         }
         if !filters.status.is_empty() {
             push("status = ANY(?)", Box::new(list(&filters.status)));

@@ -40,19 +40,50 @@ pub struct Recorded {
     pub created: bool,
 }
 
+/// The deduplication hash of a request recorded with an organisation
+/// scope: the request's filter hash when it may cover every organisation
+/// (as before scopes existed), else that hash bound to the sorted scope, so
+/// the same filters under a different scope are a different export.
+pub fn scoped_filter_hash(request: &ExportRequest, allowed: Option<&[String]>) -> String {
+    use sha2::{Digest, Sha256};
+    let hash = request.filter_hash();
+    match allowed {
+        None => hash,
+        Some(orgs) => {
+            let mut orgs = orgs.to_vec();
+            orgs.sort();
+            orgs.dedup();
+            let scope = serde_json::to_string(&orgs).unwrap_or_default();
+            hex::encode(Sha256::digest(
+                format!("{hash}|organizations:{scope}").as_bytes(),
+            ))
+        }
+    }
+}
+
 /// Records a request, idempotently: the same `source` returns its job, and
 /// an identical in-progress request (same requester and filter hash)
 /// returns the existing job instead of creating another. The decision is
 /// made by the database's unique indexes, so concurrent requests race safely.
+///
+/// `allowed` is the organisation scope stored with the job (`None`: all):
+/// the executor never exports a row of an organisation outside it.
 pub async fn record_request(
     client: &impl GenericClient,
     request: &ExportRequest,
     source: &str,
     origin: Origin,
+    allowed: Option<&[String]>,
     layout: impl Fn(&str) -> (String, String),
 ) -> Result<Recorded, tokio_postgres::Error> {
     let filters = serde_json::to_value(&request.filters).unwrap_or_default();
-    let hash = request.filter_hash();
+    let hash = scoped_filter_hash(request, allowed);
+    let allowed: Option<Vec<String>> = allowed.map(|a| {
+        let mut a = a.to_vec();
+        a.sort();
+        a.dedup();
+        a
+    });
     // A completed job may vacate the in-progress slot between the INSERT
     // and the SELECTs below; then inserting again succeeds. After a few
     // rounds the last INSERT goes without ON CONFLICT, so whatever keeps
@@ -71,8 +102,8 @@ pub async fn record_request(
             .query_opt(
                 &format!(
                     "INSERT INTO export_jobs (id, source, origin, requester_id, filters, filter_hash, \
-                     format, compression, parts_prefix, artifact_key) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) {on_conflict} RETURNING status"
+                     format, compression, parts_prefix, artifact_key, allowed_organizations) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) {on_conflict} RETURNING status"
                 ),
                 &[
                     &id,
@@ -85,6 +116,7 @@ pub async fn record_request(
                     &request.compression.as_str(),
                     &parts_prefix,
                     &artifact_key,
+                    &allowed,
                 ],
             )
             .await?;
@@ -154,14 +186,18 @@ pub struct Job {
     /// This attempt's lease token (`leased_by`).
     pub lease: String,
     /// The identity of the request that created the job (`stream:...`,
-    /// `bullmq:...`, `cli:...`).
+    /// `bullmq:...`, `cli:...`, `api:...`).
     pub source: String,
+    /// The organisations the export may contain (`None`: all): added to
+    /// the query whatever the filters say.
+    pub allowed_organizations: Option<Vec<String>>,
 }
 
 /// The columns [`Job::from_row`] reads.
 const JOB_COLUMNS: &str = "id, requester_id, filters, format, compression, status, cutoff, \
     parts_prefix, artifact_key, attempts, parts_done, rows_done, last_event_time, last_id, \
-    row_count, size_bytes, sha256, completed_at, expires_at, leased_by, source, cutoff_snapshot::text";
+    row_count, size_bytes, sha256, completed_at, expires_at, leased_by, source, cutoff_snapshot::text, \
+    allowed_organizations";
 
 impl Job {
     fn from_row(row: &tokio_postgres::Row) -> Result<Self, String> {
@@ -195,6 +231,7 @@ impl Job {
             lease: row.get::<_, Option<String>>(19).unwrap_or_default(),
             source: row.get(20),
             cutoff_snapshot: row.get(21),
+            allowed_organizations: row.get(22),
         })
     }
 }
@@ -491,4 +528,22 @@ pub async fn artifact(
             removed: r.get(6),
         })
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scope_changes_the_dedup_hash_and_no_scope_keeps_the_old_one() {
+        let r = ExportRequest::parse(
+            br#"{"exportFilters": {"from": "2024-03-01", "to": "2024-04-01"}, "format": "csv", "requesterId": "u"}"#,
+        )
+        .unwrap();
+        assert_eq!(scoped_filter_hash(&r, None), r.filter_hash());
+        let ab = scoped_filter_hash(&r, Some(&["b".into(), "a".into(), "a".into()]));
+        assert_eq!(ab, scoped_filter_hash(&r, Some(&["a".into(), "b".into()])));
+        assert_ne!(ab, r.filter_hash());
+        assert_ne!(ab, scoped_filter_hash(&r, Some(&["a".into()])));
+    }
 }

@@ -135,7 +135,7 @@ pub async fn sweep_once(
     let with_parts = tx
         .query(
             "SELECT id, parts_prefix, origin FROM export_jobs \
-             WHERE status IN ('failed', 'expired') AND parts_removed_at IS NULL",
+             WHERE status IN ('failed', 'expired', 'cancelled') AND parts_removed_at IS NULL",
             &[],
         )
         .await?;
