@@ -22,7 +22,7 @@ use crate::dlq::RejectReason;
 /// Job kinds that export job metrics (label `kind`); pre-registered so the
 /// series exist (at 0) before the first job, as dashboards and alert rules
 /// expect.
-pub const JOB_KINDS: [&str; 2] = ["export", "snapshot"];
+pub const JOB_KINDS: [&str; 3] = ["export", "snapshot", "report"];
 
 /// Redis operations counted in `audit_worker_redis_errors_total`
 /// (pre-registered at 0; other sources may add their own).

@@ -25,6 +25,7 @@ mod http;
 mod integrity;
 mod log;
 mod redis;
+mod report;
 mod secret;
 mod sink;
 mod snapshot;
@@ -42,6 +43,7 @@ pub use http::HttpConfig;
 pub use integrity::IntegrityConfig;
 pub use log::LogConfig;
 pub use redis::RedisConfig;
+pub use report::ReportConfig;
 pub use secret::{read_secret_file, Secret};
 pub use sink::SinkConfig;
 pub use snapshot::SnapshotConfig;
@@ -77,6 +79,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub log: LogConfig,
     pub export: ExportConfig,
+    pub report: ReportConfig,
     pub snapshot: SnapshotConfig,
     pub telemetry: TelemetryConfig,
     pub alerts: AlertsConfig,
@@ -157,6 +160,7 @@ impl Config {
         self.http.validate()?;
         self.log.validate()?;
         self.export.validate().map_err(ConfigError)?;
+        self.report.validate().map_err(ConfigError)?;
         self.snapshot.validate()?;
         self.telemetry.validate().map_err(ConfigError)?;
         self.alerts.validate().map_err(ConfigError)?;
