@@ -17,6 +17,13 @@ if ! command -v promtool >/dev/null 2>&1 || ! python3 -c 'import yaml' 2>/dev/nu
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus python3-yaml >/dev/null
 fi
 scripts/check-deploy.sh
+# Headless Chromium: the compliance report tests open the HTML reports in a
+# real browser (screenshot, DOM, console). Debian's package, no download.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "test: installing chromium (report HTML tests)" >&2
+  if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+fi
 if [ -f tests/bullmq/package.json ]; then
   if ! command -v npm >/dev/null 2>&1; then
     echo "test: installing nodejs and npm (BullMQ compatibility tests)" >&2

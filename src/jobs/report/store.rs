@@ -300,8 +300,8 @@ pub async fn complete(
         .execute(
             &format!(
                 "UPDATE report_jobs SET status = 'completed', artifacts = $3, manifest_key = $4, \
-                 manifest_sha256 = $5, rows_scanned = $6, completed_at = $7, \
-                 expires_at = $7 + make_interval(secs => $8), last_error = NULL \
+                 manifest_sha256 = $5, rows_scanned = $6, completed_at = $7::timestamptz, \
+                 expires_at = $7::timestamptz + make_interval(secs => $8), last_error = NULL \
                  WHERE {GUARD} AND status = 'running'"
             ),
             &[
