@@ -35,7 +35,7 @@ cargo build --release --quiet --bin audit-worker
 "$BIN" migrate >/dev/null
 
 echo "filling $ROWS rows ..."
-psql -q "$DB_URL" <<SQL
+psql -q -v ON_ERROR_STOP=1 "$DB_URL" <<SQL
 SET search_path = $SCHEMA;
 SELECT audit_log_ensure_partition('2024-03-01');
 INSERT INTO audit_log (event_time, timestamp_raw, idempotency_key, event_id, action, status,
@@ -44,7 +44,7 @@ INSERT INTO audit_log (event_time, timestamp_raw, idempotency_key, event_id, act
 SELECT t, to_char(t AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'), 'k-' || g, 'e-' || g,
   CASE WHEN g % 500 = 0 THEN 'emergency.access' ELSE 'record.read.' || (g % 7) END,
   (ARRAY['attempt','success','failure'])[g % 3 + 1],
-  'user-' || ((g * 7919) % 5000), 'org-' || (g % 5), 'Patient', 'p-' || (g % 20000),
+  'user-' || ((g::bigint * 7919) % 5000), 'org-' || (g % 5), 'Patient', 'p-' || (g % 20000),
   'read chart ' || g, md5(g::text) || md5(g::text), true,
   (ARRAY['PHI','INTERNAL','PHI','CONFIDENTIAL'])[g % 4 + 1],
   (ARRAY['7y','10y'])[g % 2 + 1], 'bench'

@@ -48,10 +48,10 @@ pub struct QueueInfo {
     pub alert_window: Duration,
 }
 
-/// The router: liveness, readiness, health detail, metrics,
-/// `/exports/{id}/download` and `/reports/{id}/{format}` (signed links) and
-/// the verifiable log,
-/// read-only, in the C2SP tlog-tiles layout under `/log/`.
+/// The router: liveness, readiness, health detail, metrics, signed
+/// download links (`/exports/{id}/download`, `/reports/{id}/{format}`) and
+/// the verifiable log, read-only, in the C2SP tlog-tiles layout under
+/// `/log/`.
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))

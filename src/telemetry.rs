@@ -376,7 +376,7 @@ impl Metrics {
 
     /// Records a finished job: its status (`completed` or `failed`), the
     /// rows it processed, the bytes it wrote and how long it ran. For job
-    /// executors (export, snapshot).
+    /// executors (export, snapshot, report).
     pub fn job_finished(
         &self,
         kind: &str,

@@ -508,6 +508,69 @@ mod tests {
     }
 
     #[test]
+    fn a_gdpr_page_has_its_sections_escapes_recipients_and_loads_nothing() {
+        use super::super::compute::{GdprAggregator, Recipient, ReportRow};
+        let mut g = GdprAggregator::new(10, 10);
+        g.add(&ReportRow {
+            id: 1,
+            event_time: chrono::Utc::now(),
+            event_id: None,
+            action: "<script>x</script>".into(),
+            status: "success".into(),
+            principal_id: None,
+            organization_id: None,
+            target_resource_type: None,
+            target_resource_id: None,
+            data_classification: Some("PHI".into()),
+            retention_policy: None,
+        });
+        let report = g.finish(
+            vec![Recipient {
+                channel: "export".into(),
+                job_id: "j".into(),
+                requester_id: "\"><iframe>".into(),
+                what: "csv".into(),
+                rows: Some(3),
+                at: "t".into(),
+            }],
+            false,
+        );
+        let request = ReportRequest::parse(
+            br#"{"kind":"gdpr-processing","from":"2024-03-01","to":"2024-04-01","requesterId":"r<1>"}"#,
+        )
+        .unwrap();
+        let doc = ReportDocument::new(
+            "job-1",
+            &request,
+            chrono::Utc::now(),
+            1,
+            ReportBody::Gdpr(Box::new(report)),
+        );
+        let page = html(&doc);
+        for h in [
+            "<h1>GDPR record of processing activities</h1>",
+            "<h2>Processing activities</h2>",
+            "<h2>Data categories</h2>",
+            "<h2>Recipients</h2>",
+            "<h2>Retention policies</h2>",
+            "<h2>Erasures</h2>",
+        ] {
+            assert!(page.contains(h), "{h}");
+        }
+        assert!(page.contains("&lt;script&gt;x&lt;/script&gt;"));
+        assert!(page.contains("&quot;&gt;&lt;iframe&gt;"));
+        assert!(page.contains("r&lt;1&gt;"));
+        assert!(!page.contains("<script") && !page.contains("<iframe"));
+        // The only URL is the SVG namespace, which loads nothing.
+        let rest = page.replace("http://www.w3.org/2000/svg", "");
+        assert!(!rest.contains("http:") && !rest.contains("https:") && !rest.contains("url("));
+        assert!(!page.contains("src=") && !page.contains("href="));
+        let json = serde_json::to_value(&doc).unwrap();
+        assert_eq!(json["report"]["erasures"]["count"], 0);
+        assert_eq!(json["requesterId"], "r<1>");
+    }
+
+    #[test]
     fn a_bar_chart_is_svg_with_escaped_labels() {
         let svg = bar_chart("t<1>", &[("<b>x".into(), 3), ("y".into(), 5)]);
         assert!(svg.starts_with("<svg"), "{svg}");
