@@ -782,3 +782,125 @@ async fn report_cli_writes_html_that_headless_chromium_renders_without_console_e
     assert!(!dom.contains("<img"), "no element injected");
     x.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn integrity_report_names_tampered_events_and_hides_other_organisations_problems() {
+    let x = ReportEnv::new("report_tamper").await;
+    x.seed().await;
+    let c = x.config();
+    let pool = audit_worker::db::connect_pool(&c).await.unwrap();
+    let signer = audit_worker::jobs::snapshot::load_signer(&c.snapshot)
+        .unwrap()
+        .unwrap();
+    let storage = audit_worker::storage::open(&c.storage).unwrap();
+    let snapshotter = audit_worker::jobs::snapshot::Snapshotter::new(
+        &c,
+        pool.clone(),
+        signer,
+        storage.clone(),
+        None,
+    );
+    snapshotter
+        .snapshot_now("test:seal", None, TO.parse().unwrap())
+        .await
+        .unwrap();
+    // A superuser rewrites one sealed event of each organisation.
+    x.env
+        .pg
+        .batch_execute(
+            "ALTER TABLE audit_log DISABLE TRIGGER audit_log_immutable; \
+             UPDATE audit_log SET outcome_description = 'edited' WHERE idempotency_key IN ('rep-2', 'rep-3'); \
+             ALTER TABLE audit_log ENABLE TRIGGER audit_log_immutable;",
+        )
+        .await
+        .unwrap();
+    // The entry point an HTTP handler uses: create_job, then an executor.
+    let reporter = audit_worker::jobs::report::reporter(
+        &c,
+        pool.clone(),
+        storage,
+        None,
+        std::sync::Arc::new(tokio::sync::Notify::new()),
+    )
+    .unwrap();
+    let mut results = Vec::new();
+    for (requester, scope) in [("auditor-all", None), ("auditor-a", Some(vec!["org-a"]))] {
+        let mut body = json!({"kind": "integrity", "from": FROM, "to": TO, "requesterId": requester, "formats": ["json", "csv"]});
+        if let Some(s) = &scope {
+            body["allowedOrganizations"] = json!(s);
+        }
+        let request =
+            audit_worker::jobs::report::ReportRequest::parse(body.to_string().as_bytes()).unwrap();
+        let client = pool.get().await.unwrap();
+        let created = audit_worker::jobs::report::create_job(
+            &**client,
+            &request,
+            &format!("api:{requester}"),
+            "reports",
+        )
+        .await
+        .unwrap();
+        assert!(created.created);
+        let again = audit_worker::jobs::report::create_job(
+            &**client,
+            &request,
+            &format!("api:{requester}"),
+            "reports",
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (again.id.as_str(), again.created),
+            (created.id.as_str(), false)
+        );
+        let job =
+            audit_worker::jobs::report::store::claim_job(&**client, &created.id, "test-lease", 60)
+                .await
+                .unwrap()
+                .unwrap();
+        drop(client);
+        let outcome = reporter
+            .run_claimed(job, None, tokio_util::sync::CancellationToken::new())
+            .await;
+        assert_eq!(outcome, None);
+        let row = x.wait_done(&created.id).await;
+        let artifacts: Value = row.get(3);
+        let doc: Value =
+            serde_json::from_slice(&x.file(artifacts["json"]["key"].as_str().unwrap())).unwrap();
+        let csv = String::from_utf8(x.file(artifacts["csv"]["key"].as_str().unwrap())).unwrap();
+        results.push((doc["report"].clone(), csv));
+    }
+    let named = |r: &Value| -> Vec<String> {
+        let mut v: Vec<String> = r["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}:{}",
+                    p["kind"].as_str().unwrap(),
+                    p["event"].as_str().unwrap_or("")
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let (all, all_csv) = &results[0];
+    assert_eq!(all["ok"], false);
+    // The two rows, and the root they no longer reproduce.
+    assert_eq!(
+        named(all),
+        ["altered:rep-2", "altered:rep-3", "checkpoint:"],
+        "{all}"
+    );
+    assert_eq!(all["problemsOutsideScope"], 0);
+    assert!(all_csv.contains("rep-2") && all_csv.contains("rep-3"));
+    let (scoped, scoped_csv) = &results[1];
+    assert_eq!(scoped["ok"], false);
+    assert_eq!(named(scoped), ["altered:rep-2", "checkpoint:"], "{scoped}");
+    assert_eq!(scoped["problemsOutsideScope"], 1);
+    assert_eq!(scoped["eventsInPeriod"], 200);
+    assert!(scoped_csv.contains("rep-2") && !scoped_csv.contains("rep-3"));
+    x.cleanup().await;
+}
