@@ -922,3 +922,51 @@ async fn keep_lease(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_created_event_passes_the_workers_own_validation_and_names_every_digest() {
+        let request = ReportRequest::parse(
+            br#"{"kind":"hipaa-audit-trail","organizationId":"org-1","from":"2024-03-01","to":"2024-04-01","requesterId":"officer"}"#,
+        )
+        .unwrap();
+        let now = DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).unwrap();
+        let job = ReportJob {
+            id: "job-1".into(),
+            request,
+            status: "completed".into(),
+            artifact_prefix: "reports/job-1".into(),
+            attempts: 1,
+            last_error: None,
+            artifacts: Some(json!({"csv": {"sha256": "aa"}, "html": {"sha256": "bb"}})),
+            manifest_key: Some("reports/job-1/m.json".into()),
+            manifest_sha256: Some("cc".into()),
+            rows_scanned: Some(3),
+            created_at: now,
+            completed_at: Some(now),
+            expires_at: None,
+            notified: false,
+            lease: "l".into(),
+            source: "stream:s:1-0".into(),
+        };
+        let event = created_event(&job, &HmacKeyRing::default());
+        let decoded = crate::event::decode_event(
+            event.to_string().as_bytes(),
+            &crate::event::ValidationPolicy::default(),
+            Utc::now(),
+        )
+        .expect("a valid event");
+        assert_eq!(decoded.action, "audit.report.created");
+        assert_eq!(event["eventId"], "report-created-job-1");
+        assert_eq!(event["organizationId"], "org-1");
+        let outcome = event["outcomeDescription"].as_str().unwrap();
+        for needle in ["manifest sha256 cc", "csv sha256 aa", "html sha256 bb"] {
+            assert!(outcome.contains(needle), "{outcome}");
+        }
+        // The same job gives the same event: a repeat is a duplicate.
+        assert_eq!(event, created_event(&job, &HmacKeyRing::default()));
+    }
+}
