@@ -33,6 +33,13 @@ if [ "$("$st_venv/bin/st" --version 2>/dev/null | awk '{print $NF}')" != "$SCHEM
   "$st_venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 export SCHEMATHESIS="$st_venv/bin/st"
+# Headless Chromium: the compliance report tests open the HTML reports in a
+# real browser (screenshot, DOM, console). Debian's package, no download.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "test: installing chromium (report HTML tests)" >&2
+  if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+fi
 if [ -f tests/bullmq/package.json ]; then
   if ! command -v npm >/dev/null 2>&1; then
     echo "test: installing nodejs and npm (BullMQ compatibility tests)" >&2

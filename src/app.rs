@@ -105,6 +105,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         metrics.clone(),
     )?;
 
+    let reports = crate::jobs::report::ReportService::new(
+        &config,
+        pool.clone(),
+        commands.clone(),
+        metrics.clone(),
+    )?;
+
     let http_stop = CancellationToken::new();
     // The start-up endpoints hand the port over to the full ones.
     starting_stop.cancel();
@@ -162,12 +169,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown.clone(),
     );
 
-    // Job kinds register their handlers here (export, snapshot).
+    // Job kinds register their handlers here (export, snapshot, report).
     let mut job_handlers = JobHandlers {
         export: Some(exports.handler.clone()),
+        report: Some(reports.handler.clone()),
         ..JobHandlers::default()
     };
     let export_tasks = exports.spawn(&config.export, shutdown.clone());
+    let report_task = reports.spawn(&config, shutdown.clone());
     let snapshot_task = match snapshot_executor(&config, &pool, &commands, &metrics)? {
         Some(snapshotter) => {
             job_handlers.snapshot = Some(snapshotter.clone());
@@ -207,6 +216,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!("sources stopped; flushing the sink");
     sink.finish().await;
     for task in export_tasks {
+        let _ = task.await;
+    }
+    if let Some(task) = report_task {
         let _ = task.await;
     }
     if let Some(task) = alert_task {

@@ -48,9 +48,10 @@ pub struct QueueInfo {
     pub alert_window: Duration,
 }
 
-/// The router: liveness, readiness, health detail, metrics,
-/// `/exports/{id}/download` (signed export links) and the verifiable log,
-/// read-only, in the C2SP tlog-tiles layout under `/log/`.
+/// The router: liveness, readiness, health detail, metrics, signed
+/// download links (`/exports/{id}/download`, `/reports/{id}/{format}`) and
+/// the verifiable log, read-only, in the C2SP tlog-tiles layout under
+/// `/log/`.
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
@@ -61,6 +62,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/health/queue", get(health_queue))
         .route("/health/circuit-breaker", get(health_breaker))
         .route("/exports/{id}/download", get(export_download))
+        .route("/reports/{id}/{format}", get(report_download))
         .route("/log/checkpoint", get(log_checkpoint))
         .route("/log/tile/{*path}", get(log_tile))
         .layer(axum::middleware::from_fn(refuse_request_bodies))
@@ -395,6 +397,15 @@ async fn export_download(
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
     crate::jobs::export::download::serve(state.exports.as_ref(), &id, &query).await
+}
+
+/// Streams a report's file for a valid signed link (403 otherwise).
+async fn report_download(
+    State(state): State<HttpState>,
+    Path((id, format)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    crate::jobs::report::download::serve(state.exports.as_ref(), &id, &format, &query).await
 }
 
 /// The latest signed checkpoint (C2SP signed note), 404 before the first.

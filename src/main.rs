@@ -38,6 +38,16 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
+    /// Run a compliance report now (HIPAA audit trail, GDPR processing
+    /// record, integrity) and write its JSON, CSV and HTML files.
+    Report {
+        #[command(flatten)]
+        request: audit_worker::jobs::report::cli::ReportArgs,
+        /// Directory the files and manifest are written to (default: the
+        /// configured object storage, under report.prefix).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Print a signed download link for a completed export.
     ExportLink {
         /// The export job id.
@@ -291,6 +301,9 @@ fn main() -> ExitCode {
             Command::ApiKey { command } => audit_worker::api::cli::run(&config, command).await,
             Command::Export { request, out } => {
                 export::cli::run_export(&config, &request, &out).await
+            }
+            Command::Report { request, out } => {
+                audit_worker::jobs::report::cli::run_report(&config, &request, out.as_ref()).await
             }
             Command::ExportLink { id, ttl } => {
                 export::cli::export_link(&config, &id, ttl.as_deref()).await

@@ -43,6 +43,8 @@ pub enum JobKind {
     Export,
     /// `audit.snapshot`.
     Snapshot,
+    /// `report.compliance`.
+    Report,
 }
 
 /// The default job name.
@@ -54,6 +56,7 @@ impl JobKind {
         match name {
             "export.audit" => Self::Export,
             "audit.snapshot" => Self::Snapshot,
+            "report.compliance" => Self::Report,
             _ => Self::AuditEvent,
         }
     }
@@ -64,6 +67,7 @@ impl JobKind {
             Self::AuditEvent => "event",
             Self::Export => "export",
             Self::Snapshot => "snapshot",
+            Self::Report => "report",
         }
     }
 }
@@ -484,7 +488,7 @@ mod tests {
     #[test]
     fn export_and_snapshot_kinds_are_not_stored_as_events() {
         let p = ValidationPolicy::default();
-        for name in ["export.audit", "audit.snapshot"] {
+        for name in ["export.audit", "audit.snapshot", "report.compliance"] {
             let err = decode_record(name, b"{}", "stream:s:1-0", &p).unwrap_err();
             assert_eq!(err.reason, RejectReason::UnknownKind);
         }

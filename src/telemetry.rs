@@ -22,7 +22,7 @@ use crate::dlq::RejectReason;
 /// Job kinds that export job metrics (label `kind`); pre-registered so the
 /// series exist (at 0) before the first job, as dashboards and alert rules
 /// expect.
-pub const JOB_KINDS: [&str; 2] = ["export", "snapshot"];
+pub const JOB_KINDS: [&str; 3] = ["export", "snapshot", "report"];
 
 /// Redis operations counted in `audit_worker_redis_errors_total`
 /// (pre-registered at 0; other sources may add their own).
@@ -376,7 +376,7 @@ impl Metrics {
 
     /// Records a finished job: its status (`completed` or `failed`), the
     /// rows it processed, the bytes it wrote and how long it ran. For job
-    /// executors (export, snapshot).
+    /// executors (export, snapshot, report).
     pub fn job_finished(
         &self,
         kind: &str,

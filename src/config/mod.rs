@@ -26,6 +26,7 @@ mod http;
 mod integrity;
 mod log;
 mod redis;
+mod report;
 mod secret;
 mod sink;
 mod snapshot;
@@ -44,6 +45,7 @@ pub use http::HttpConfig;
 pub use integrity::IntegrityConfig;
 pub use log::LogConfig;
 pub use redis::RedisConfig;
+pub use report::ReportConfig;
 pub use secret::{read_secret_file, Secret};
 pub use sink::SinkConfig;
 pub use snapshot::SnapshotConfig;
@@ -79,6 +81,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub log: LogConfig,
     pub export: ExportConfig,
+    pub report: ReportConfig,
     pub snapshot: SnapshotConfig,
     pub telemetry: TelemetryConfig,
     pub alerts: AlertsConfig,
@@ -160,6 +163,7 @@ impl Config {
         self.http.validate()?;
         self.log.validate()?;
         self.export.validate().map_err(ConfigError)?;
+        self.report.validate().map_err(ConfigError)?;
         self.snapshot.validate()?;
         self.telemetry.validate().map_err(ConfigError)?;
         self.alerts.validate().map_err(ConfigError)?;

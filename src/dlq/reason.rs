@@ -48,6 +48,9 @@ pub enum RejectReason {
     /// An `export.audit` request is malformed (unknown format or filter
     /// key, `from` after `to`, ...).
     InvalidExportRequest,
+    /// A `report.compliance` request is malformed (unknown report kind or
+    /// format, `from` after `to`, an organisation outside the allowed ones).
+    InvalidReportRequest,
 }
 
 impl RejectReason {
@@ -72,11 +75,12 @@ impl RejectReason {
             Self::UnknownKind => "unknown_kind",
             Self::DuplicateKey => "duplicate_key",
             Self::InvalidExportRequest => "invalid_export_request",
+            Self::InvalidReportRequest => "invalid_report_request",
         }
     }
 
     /// Every reason, for documentation and for pre-registering metric labels.
-    pub const ALL: [RejectReason; 18] = [
+    pub const ALL: [RejectReason; 19] = [
         Self::InvalidJson,
         Self::InvalidEvent,
         Self::StringTooLong,
@@ -94,6 +98,7 @@ impl RejectReason {
         Self::UnknownKind,
         Self::DuplicateKey,
         Self::InvalidExportRequest,
+        Self::InvalidReportRequest,
         Self::IdempotencyConflict,
     ];
 }

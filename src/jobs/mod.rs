@@ -1,4 +1,5 @@
-//! Job kinds other than audit events (`export.audit`, `audit.snapshot`).
+//! Job kinds other than audit events (`export.audit`, `audit.snapshot`,
+//! `report.compliance`).
 //!
 //! A queue message for a job is only a request: the source hands its bytes
 //! to the kind's [`JobHandler`], which validates it and records the job
@@ -13,6 +14,7 @@ pub mod export;
 pub mod log_monitor;
 pub mod merkle_stream;
 pub mod published;
+pub mod report;
 pub mod snapshot;
 pub mod snapshot_cli;
 pub mod stored_record;
@@ -52,6 +54,7 @@ pub trait JobHandler: Send + Sync {
 pub struct JobHandlers {
     pub export: Option<Arc<dyn JobHandler>>,
     pub snapshot: Option<Arc<dyn JobHandler>>,
+    pub report: Option<Arc<dyn JobHandler>>,
 }
 
 impl JobHandlers {
@@ -67,6 +70,7 @@ impl JobHandlers {
         let handler = match kind {
             JobKind::Export => self.export.as_ref(),
             JobKind::Snapshot => self.snapshot.as_ref(),
+            JobKind::Report => self.report.as_ref(),
             JobKind::AuditEvent => None,
         };
         match handler {

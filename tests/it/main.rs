@@ -14,6 +14,7 @@ mod ops;
 mod outage;
 mod pg_tls;
 mod process;
+mod report;
 mod roles;
 mod scale;
 mod secrets;

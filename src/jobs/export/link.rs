@@ -55,10 +55,17 @@ impl LinkSigner {
 
     /// The path and query of a download link.
     pub fn link(&self, id: &str, expires: DateTime<Utc>) -> String {
+        self.link_at(&format!("/exports/{id}/download"), id, expires)
+    }
+
+    /// The path and query of a link to `path`, signed over `signed_id`
+    /// (exports sign their job id; other artifacts sign an id with a `/`
+    /// in it, which no export id has, so one never opens the other).
+    pub fn link_at(&self, path: &str, signed_id: &str, expires: DateTime<Utc>) -> String {
         let expires = expires.timestamp();
         format!(
-            "/exports/{id}/download?expires={expires}&signature={}",
-            self.sign(id, expires)
+            "{path}?expires={expires}&signature={}",
+            self.sign(signed_id, expires)
         )
     }
 
@@ -84,6 +91,21 @@ pub async fn download_link(
     key: &str,
     expires: DateTime<Utc>,
 ) -> Result<Option<String>, object_store::Error> {
+    let path = format!("/exports/{id}/download");
+    download_link_at(storage, signer, base_url, &path, id, key, expires).await
+}
+
+/// [`download_link`] for any artifact: `path` is the worker's route to it
+/// and `signed_id` what its signature covers (see [`LinkSigner::link_at`]).
+pub async fn download_link_at(
+    storage: &Storage,
+    signer: Option<&LinkSigner>,
+    base_url: &str,
+    path: &str,
+    signed_id: &str,
+    key: &str,
+    expires: DateTime<Utc>,
+) -> Result<Option<String>, object_store::Error> {
     if let Some(s3) = &storage.s3 {
         // SigV4 presigned URLs live at most 7 days.
         let ttl = (expires - Utc::now())
@@ -95,7 +117,13 @@ pub async fn download_link(
             .await?;
         return Ok(Some(url.to_string()));
     }
-    Ok(signer.map(|s| format!("{}{}", base_url.trim_end_matches('/'), s.link(id, expires))))
+    Ok(signer.map(|s| {
+        format!(
+            "{}{}",
+            base_url.trim_end_matches('/'),
+            s.link_at(path, signed_id, expires)
+        )
+    }))
 }
 
 #[cfg(test)]
