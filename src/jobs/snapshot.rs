@@ -40,7 +40,7 @@ use crate::event::{RejectReason, Rejection};
 use crate::integrity::checkpoint::{Checkpoint, CheckpointSigner, Ed25519NoteSigner, NoteVerifier};
 use crate::integrity::merkle::{self, Hash, TreeBuilder};
 use crate::integrity::record::LEAF_VERSION_V2;
-use crate::jobs::merkle_stream::{consistency_plan, hash_from_bytes, PagedRows, RangeHasher};
+use crate::jobs::merkle_stream::{consistency_plan, hash_from_bytes, PagedRows};
 use crate::jobs::stored_record::{record_from_row, stored_digest, RECORD_COLUMNS, SALTS_JOIN};
 use crate::jobs::{JobError, JobHandler};
 use crate::outage::OutageLog;
@@ -480,54 +480,38 @@ impl Snapshotter {
             .await?
             .get(0);
         let base = prev_size as i64;
+        // The tiles follow the ledger in the same transaction: brought up
+        // to the previous size first (a log sealed before tiles existed),
+        // then extended with each new leaf as it is appended.
+        crate::jobs::tile_store::extend_tiles(&tx, prev_size, self.settings.page_size).await?;
+        let mut tiles =
+            crate::jobs::tile_store::TileAppender::open(&tx, prev_size, self.settings.page_size)
+                .await?;
         let appended = self
-            .append_to_ledger(&tx, from, to, base, snapshot_id)
+            .append_to_ledger(&tx, from, to, base, snapshot_id, &mut tree, &mut tiles)
             .await?;
         let new_size = prev_size + appended;
+        let tiled = tiles.finish(&tx).await?;
+        if tiled != new_size || tree.size() != new_size {
+            return Err(SnapshotError::Integrity(format!(
+                "appended {appended} leaves to a log of {prev_size}, but the tiles cover {tiled} and the tree {}",
+                tree.size()
+            )));
+        }
 
-        // Extend the tree with the new leaves and compute the consistency
-        // proof's new-side nodes in the same pass.
+        // The consistency proof's new-side nodes, from the tiles just written.
         let plan = consistency_plan(prev_size, new_size, &prev_frontier)
             .map_err(SnapshotError::Integrity)?;
-        let mut hasher = RangeHasher::new(
-            plan.iter()
-                .filter(|(_, h)| h.is_none())
-                .map(|(r, _)| r.clone())
-                .collect(),
-        );
-        {
-            let mut leaves = PagedRows::open(
-                &tx,
-                "SELECT leaf_index, leaf FROM seal_ledger WHERE leaf_index >= $1 ORDER BY leaf_index",
-                &[&base],
-                self.settings.page_size,
-            )
-            .await?;
-            let mut expected = prev_size;
-            while let Some(row) = leaves.next().await? {
-                let index: i64 = row.get(0);
-                let leaf = hash_from_bytes(row.get::<_, &[u8]>(1)).ok_or_else(|| {
-                    SnapshotError::Integrity(format!("ledger leaf {index} is not 32 bytes"))
-                })?;
-                if index as u64 != expected {
-                    return Err(SnapshotError::Integrity(format!(
-                        "ledger leaf {expected} is missing (found {index})"
-                    )));
-                }
-                let lh = merkle::leaf_hash(&leaf);
-                tree.push(lh);
-                hasher.feed(expected, &lh);
-                expected += 1;
-            }
-            if expected != new_size {
-                return Err(SnapshotError::Integrity(format!(
-                    "ledger holds {expected} leaves, expected {new_size}"
-                )));
-            }
-        }
-        let mut computed = hasher
-            .finish()
-            .ok_or_else(|| SnapshotError::Integrity("a consistency node was not computed".into()))?
+        let wanted: Vec<_> = plan
+            .iter()
+            .filter(|(_, h)| h.is_none())
+            .map(|(r, _)| r.clone())
+            .collect();
+        let mut computed = crate::jobs::tile_store::range_hashes(&*tx, &wanted)
+            .await?
+            .ok_or_else(|| {
+                SnapshotError::Integrity("the tiles do not hold a consistency node".into())
+            })?
             .into_iter();
         let proof: Vec<Vec<u8>> = plan
             .iter()
@@ -537,8 +521,6 @@ impl Snapshotter {
                 SnapshotError::Integrity("a consistency node was not computed".into())
             })?;
         let root = tree.root();
-        // The tiles follow the ledger in the same transaction.
-        crate::jobs::tile_store::extend_tiles(&tx, new_size, self.settings.page_size).await?;
 
         let checkpoint = Checkpoint::new(self.origin.clone(), new_size, root)
             .map_err(|e| SnapshotError::Signing(e.to_string()))?;
@@ -626,7 +608,9 @@ impl Snapshotter {
     /// Appends the range's unsealed events (rows without a ledger entry) to
     /// the ledger in (event_time, id) order, numbered from `base`, each
     /// with its record digest (leaf v2) computed from the row and its
-    /// salts. Reads audit_log, never writes it. Returns how many.
+    /// salts, and extends the tree and the tiles with each leaf as it goes
+    /// (nothing is read back). Reads audit_log, never writes it. Returns
+    /// how many.
     async fn append_to_ledger(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
@@ -634,6 +618,8 @@ impl Snapshotter {
         to: DateTime<Utc>,
         base: i64,
         snapshot_id: i64,
+        tree: &mut TreeBuilder,
+        tiles: &mut crate::jobs::tile_store::TileAppender,
     ) -> Result<u64, SnapshotError> {
         // Rows are immutable (trigger), so nothing needs locking: the head
         // lock serializes sealers, and a row committed after this read is a
@@ -668,6 +654,9 @@ impl Snapshotter {
                     rec.event_time.to_rfc3339()
                 ))
             })?;
+            let leaf_hash = merkle::leaf_hash(&digest);
+            tree.push(leaf_hash);
+            tiles.push(tx, leaf_hash).await?;
             let late = sealed.contains(rec.event_time).then_some(rec.ingested_at);
             batch.push(
                 next,

@@ -47,25 +47,7 @@ pub async fn extend_tiles(
     if covered >= size {
         return Ok(());
     }
-    // The partial tile of each level at `covered`.
-    let mut partial: BTreeMap<u32, (u64, Vec<Hash>)> = BTreeMap::new();
-    let mut level = 0u32;
-    while level * TILE_HEIGHT < 64 && (covered >> (level * TILE_HEIGHT)) > 0 {
-        let nodes = covered >> (level * TILE_HEIGHT);
-        if nodes % TILE_WIDTH != 0 {
-            let idx = nodes / TILE_WIDTH;
-            let row = tx
-                .query_opt(
-                    "SELECT hashes FROM log_tiles WHERE level = $1 AND idx = $2",
-                    &[&(level as i16), &(idx as i64)],
-                )
-                .await?;
-            if let Some(r) = row {
-                partial.insert(level, (idx, split_hashes(r.get::<_, &[u8]>(0))));
-            }
-        }
-        level += 1;
-    }
+    let mut tiles = TileAppender::open(tx, covered, page).await?;
     let mut leaves = PagedRows::open(
         tx,
         "SELECT leaf_index, leaf FROM seal_ledger WHERE leaf_index >= $1 AND leaf_index < $2
@@ -74,62 +56,137 @@ pub async fn extend_tiles(
         page,
     )
     .await?;
-    let chunk = (page.max(256) as usize).next_multiple_of(256);
-    let mut at = covered;
-    let mut batch: Vec<Hash> = Vec::with_capacity(chunk);
-    loop {
-        let row = leaves.next().await?;
-        if let Some(r) = &row {
-            let i = r.get::<_, i64>(0) as u64;
-            if i != at + batch.len() as u64 {
-                return Err(SnapshotError::Integrity(format!(
-                    "ledger leaf {} is missing (found {i})",
-                    at + batch.len() as u64
-                )));
-            }
-            let leaf = hash_from_bytes(r.get::<_, &[u8]>(1)).ok_or_else(|| {
-                SnapshotError::Integrity(format!("ledger leaf {i} is not 32 bytes"))
-            })?;
-            batch.push(merkle::leaf_hash(&leaf));
+    while let Some(r) = leaves.next().await? {
+        let i = r.get::<_, i64>(0) as u64;
+        if i != tiles.size() {
+            return Err(SnapshotError::Integrity(format!(
+                "ledger leaf {} is missing (found {i})",
+                tiles.size()
+            )));
         }
-        if batch.len() >= chunk || (row.is_none() && !batch.is_empty()) {
-            let tiles = tiles_to_write(at, &batch, &|l, i| {
-                partial
-                    .get(&l)
-                    .filter(|(idx, _)| *idx == i)
-                    .map(|(_, h)| h.clone())
-            })
-            .map_err(SnapshotError::Integrity)?;
-            let levels: Vec<i16> = tiles.iter().map(|t| t.level as i16).collect();
-            let idxs: Vec<i64> = tiles.iter().map(|t| t.index as i64).collect();
-            let blobs: Vec<Vec<u8>> = tiles.iter().map(|t| t.hashes.concat()).collect();
-            tx.execute(
-                "INSERT INTO log_tiles (level, idx, hashes)
-                 SELECT * FROM UNNEST($1::smallint[], $2::bigint[], $3::bytea[])
-                 ON CONFLICT (level, idx) DO UPDATE SET hashes = EXCLUDED.hashes",
-                &[&levels, &idxs, &blobs],
-            )
-            .await?;
-            for t in tiles {
-                if (t.hashes.len() as u64) < TILE_WIDTH {
-                    partial.insert(t.level, (t.index, t.hashes));
-                } else {
-                    partial.remove(&t.level);
-                }
-            }
-            at += batch.len() as u64;
-            batch.clear();
-        }
-        if row.is_none() {
-            break;
-        }
+        let leaf = hash_from_bytes(r.get::<_, &[u8]>(1))
+            .ok_or_else(|| SnapshotError::Integrity(format!("ledger leaf {i} is not 32 bytes")))?;
+        tiles.push(tx, merkle::leaf_hash(&leaf)).await?;
     }
+    let at = tiles.finish(tx).await?;
     if at != size {
         return Err(SnapshotError::Integrity(format!(
             "ledger holds {at} leaves, expected {size}"
         )));
     }
     Ok(())
+}
+
+/// Tiles being extended leaf by leaf inside a sealing transaction: the
+/// sealer pushes each new leaf hash as it appends the leaf to the ledger,
+/// so the tiles never need the new leaves read back. Holds at most one
+/// chunk of leaf hashes and the partial tile of each level (flat memory).
+pub struct TileAppender {
+    /// Leaves written to `log_tiles` so far.
+    at: u64,
+    /// The partial (not yet full) tile of each level at `at`.
+    partial: BTreeMap<u32, (u64, Vec<Hash>)>,
+    /// Leaf hashes pushed but not yet written.
+    batch: Vec<Hash>,
+    chunk: usize,
+}
+
+impl TileAppender {
+    /// Starts at `covered`, which must be what the stored tiles cover
+    /// ([`tiles_size`]); writes every `page` leaves (rounded up to a whole
+    /// tile width).
+    pub async fn open(
+        tx: &tokio_postgres::Transaction<'_>,
+        covered: u64,
+        page: i32,
+    ) -> Result<Self, SnapshotError> {
+        let mut partial = BTreeMap::new();
+        let mut level = 0u32;
+        while level * TILE_HEIGHT < 64 && (covered >> (level * TILE_HEIGHT)) > 0 {
+            let nodes = covered >> (level * TILE_HEIGHT);
+            if nodes % TILE_WIDTH != 0 {
+                let idx = nodes / TILE_WIDTH;
+                let row = tx
+                    .query_opt(
+                        "SELECT hashes FROM log_tiles WHERE level = $1 AND idx = $2",
+                        &[&(level as i16), &(idx as i64)],
+                    )
+                    .await?;
+                if let Some(r) = row {
+                    partial.insert(level, (idx, split_hashes(r.get::<_, &[u8]>(0))));
+                }
+            }
+            level += 1;
+        }
+        let chunk = (page.max(256) as usize).next_multiple_of(TILE_WIDTH as usize);
+        Ok(Self {
+            at: covered,
+            partial,
+            batch: Vec::with_capacity(chunk),
+            chunk,
+        })
+    }
+
+    /// The leaves pushed so far, counted from the start of the log.
+    pub fn size(&self) -> u64 {
+        self.at + self.batch.len() as u64
+    }
+
+    /// Appends the next leaf hash (`leaf_hash(leaf data)`).
+    pub async fn push(
+        &mut self,
+        tx: &tokio_postgres::Transaction<'_>,
+        leaf_hash: Hash,
+    ) -> Result<(), SnapshotError> {
+        self.batch.push(leaf_hash);
+        if self.batch.len() >= self.chunk {
+            self.flush(tx).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is left; returns the size the tiles now cover.
+    pub async fn finish(
+        mut self,
+        tx: &tokio_postgres::Transaction<'_>,
+    ) -> Result<u64, SnapshotError> {
+        self.flush(tx).await?;
+        Ok(self.at)
+    }
+
+    async fn flush(&mut self, tx: &tokio_postgres::Transaction<'_>) -> Result<(), SnapshotError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let partial = &self.partial;
+        let tiles = tiles_to_write(self.at, &self.batch, &|l, i| {
+            partial
+                .get(&l)
+                .filter(|(idx, _)| *idx == i)
+                .map(|(_, h)| h.clone())
+        })
+        .map_err(SnapshotError::Integrity)?;
+        let levels: Vec<i16> = tiles.iter().map(|t| t.level as i16).collect();
+        let idxs: Vec<i64> = tiles.iter().map(|t| t.index as i64).collect();
+        let blobs: Vec<Vec<u8>> = tiles.iter().map(|t| t.hashes.concat()).collect();
+        tx.execute(
+            "INSERT INTO log_tiles (level, idx, hashes)
+             SELECT * FROM UNNEST($1::smallint[], $2::bigint[], $3::bytea[])
+             ON CONFLICT (level, idx) DO UPDATE SET hashes = EXCLUDED.hashes",
+            &[&levels, &idxs, &blobs],
+        )
+        .await?;
+        for t in tiles {
+            if (t.hashes.len() as u64) < TILE_WIDTH {
+                self.partial.insert(t.level, (t.index, t.hashes));
+            } else {
+                self.partial.remove(&t.level);
+            }
+        }
+        self.at += self.batch.len() as u64;
+        self.batch.clear();
+        Ok(())
+    }
 }
 
 /// `MTH(D[r])` for each range, from the stored tiles (one query for all
