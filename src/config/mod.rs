@@ -37,7 +37,7 @@ pub use alerts::{AlertsConfig, RuleConfig};
 pub use bullmq::BullmqConfig;
 pub use database::{DatabaseConfig, SSL_MODES};
 pub use dlq::DlqConfig;
-pub use export::ExportConfig;
+pub use export::{ExportConfig, OcsfClassRule, OcsfConfig};
 pub use http::HttpConfig;
 pub use integrity::IntegrityConfig;
 pub use log::LogConfig;
