@@ -212,7 +212,8 @@ impl Mapping {
     }
 }
 
-/// The column index of `name` in [`COLUMNS`].
+/// The column index of `name` in [`COLUMNS`] (for constants: a name
+/// that is not a column fails the build).
 const fn col(name: &str) -> usize {
     let mut i = 0;
     while i < COLUMNS.len() {
@@ -239,26 +240,37 @@ const fn const_eq(a: &str, b: &str) -> bool {
     true
 }
 
+// Column indexes, checked at compile time (a wrong name does not build).
+const ACTION: usize = col("action");
+const STATUS: usize = col("status");
+const PRINCIPAL_ID: usize = col("principal_id");
+const SESSION_CONTEXT: usize = col("session_context");
+const EVENT_ID: usize = col("event_id");
+const CORRELATION_ID: usize = col("correlation_id");
+const TIMESTAMP: usize = col("timestamp");
+const OUTCOME_DESCRIPTION: usize = col("outcome_description");
+const TARGET_RESOURCE_TYPE: usize = col("target_resource_type");
+const TARGET_RESOURCE_ID: usize = col("target_resource_id");
+const EVENT_TIME: usize = col("event_time");
+const INGESTED_AT: usize = col("ingested_at");
+
 /// The columns that become OCSF attributes; all others go to `unmapped`.
 const MAPPED: [usize; 7] = [
-    col("event_time"),
-    col("timestamp"),
-    col("event_id"),
-    col("status"),
-    col("principal_id"),
-    col("outcome_description"),
-    col("correlation_id"),
+    EVENT_TIME,
+    TIMESTAMP,
+    EVENT_ID,
+    STATUS,
+    PRINCIPAL_ID,
+    OUTCOME_DESCRIPTION,
+    CORRELATION_ID,
 ];
 
-fn text<'a>(row: &ExportRow<'a>, name: &str) -> Option<&'a str> {
-    match row.cells[col_dyn(name)] {
+/// The text of a text or JSON cell.
+fn text<'a>(row: &ExportRow<'a>, i: usize) -> Option<&'a str> {
+    match row.cells[i] {
         Cell::Text(v) | Cell::Json(v) => v,
         _ => None,
     }
-}
-
-fn col_dyn(name: &str) -> usize {
-    COLUMNS.iter().position(|c| *c == name).unwrap_or(0)
 }
 
 fn millis(t: &DateTime<Utc>) -> i64 {
@@ -294,32 +306,32 @@ fn cell_value(cell: &Cell<'_>) -> Value {
 /// - `unmapped`: every other export column under its name (`id`,
 ///   `organization_id`, `details`, `session_context`, `hash`, ...).
 pub fn event(mapping: &Mapping, row: &ExportRow<'_>) -> Value {
-    let action = text(row, "action").unwrap_or("");
+    let action = text(row, ACTION).unwrap_or("");
     let class = mapping.classes.class_of(action);
     let (activity_id, activity_name) = activity(class, action);
     let (category_uid, category_name) = class.category();
     let type_uid = u64::from(class.uid()) * 100 + u64::from(activity_id);
-    let time = match row.cells[col("event_time")] {
+    let time = match row.cells[EVENT_TIME] {
         Cell::Time(t) => millis(&t),
         _ => 0,
     };
-    let logged_time = match row.cells[col("ingested_at")] {
+    let logged_time = match row.cells[INGESTED_AT] {
         Cell::Time(t) => Some(millis(&t)),
         _ => None,
     };
-    let status = text(row, "status").unwrap_or("");
+    let status = text(row, STATUS).unwrap_or("");
     let (status_id, status_name) = match status {
         "success" => (1, "Success".to_owned()),
         "failure" => (2, "Failure".to_owned()),
         other => (99, other.to_owned()),
     };
-    let principal = text(row, "principal_id");
+    let principal = text(row, PRINCIPAL_ID);
     let actor_user = match principal {
         Some(p) => json!({"uid": p}),
         None => json!({"name": "unknown", "type_id": 0, "type": "Unknown"}),
     };
     let session: Option<Value> =
-        text(row, "session_context").and_then(|s| serde_json::from_str(s).ok());
+        text(row, SESSION_CONTEXT).and_then(|s| serde_json::from_str(s).ok());
     let ip = session
         .as_ref()
         .and_then(|s| s.get("ipAddress"))
@@ -334,13 +346,13 @@ pub fn event(mapping: &Mapping, row: &ExportRow<'_>) -> Value {
         "product".into(),
         json!({"name": mapping.product_name, "vendor_name": mapping.vendor_name}),
     );
-    if let Some(uid) = text(row, "event_id") {
+    if let Some(uid) = text(row, EVENT_ID) {
         metadata.insert("uid".into(), json!(uid));
     }
-    if let Some(c) = text(row, "correlation_id") {
+    if let Some(c) = text(row, CORRELATION_ID) {
         metadata.insert("correlation_uid".into(), json!(c));
     }
-    if let Some(t) = text(row, "timestamp") {
+    if let Some(t) = text(row, TIMESTAMP) {
         metadata.insert("original_time".into(), json!(t));
     }
     if let Some(t) = logged_time {
@@ -369,7 +381,7 @@ pub fn event(mapping: &Mapping, row: &ExportRow<'_>) -> Value {
     e.insert("time".into(), json!(time));
     e.insert("status_id".into(), json!(status_id));
     e.insert("status".into(), json!(status_name));
-    if let Some(m) = text(row, "outcome_description") {
+    if let Some(m) = text(row, OUTCOME_DESCRIPTION) {
         e.insert("message".into(), json!(m));
     }
     e.insert("metadata".into(), Value::Object(metadata));
@@ -379,8 +391,8 @@ pub fn event(mapping: &Mapping, row: &ExportRow<'_>) -> Value {
         Class::ApiActivity => {
             e.insert("api".into(), json!({"operation": action}));
             let (rt, rid) = (
-                text(row, "target_resource_type"),
-                text(row, "target_resource_id"),
+                text(row, TARGET_RESOURCE_TYPE),
+                text(row, TARGET_RESOURCE_ID),
             );
             if rt.is_some() || rid.is_some() {
                 let mut r = Map::new();
@@ -398,7 +410,7 @@ pub fn event(mapping: &Mapping, row: &ExportRow<'_>) -> Value {
             e.insert("service".into(), json!({"name": mapping.product_name}));
         }
         Class::AccountChange => {
-            let target = match text(row, "target_resource_id") {
+            let target = match text(row, TARGET_RESOURCE_ID) {
                 Some(t) => json!({"uid": t}),
                 None => actor_user_value(principal),
             };
