@@ -12,7 +12,9 @@
 //! - **uploading**: the header member, the parts in order and the trailer
 //!   member are streamed into the artifact (a multipart upload), hashing
 //!   and counting as they pass; a manifest is written beside it. Re-running
-//!   this step after a crash rewrites the same bytes.
+//!   this step after a crash rewrites the same bytes. (Parquet: each part
+//!   is a whole Parquet file, and the artifact is composed from their row
+//!   groups under one footer; see [`super::parquet`].)
 //! - **completed**: parts are deleted, the export is audited and the
 //!   requester notified; only then is the job marked notified.
 //!
