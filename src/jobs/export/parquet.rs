@@ -237,6 +237,9 @@ pub fn writer_properties(row_group_rows: u64) -> WriterPropertiesPtr {
     )
 }
 
+/// Rows turned into OCSF events at once when writing `parquet-ocsf`.
+pub const OCSF_CHUNK: usize = 500;
+
 /// Writes one part: a complete Parquet file, fed page by page; the bytes
 /// of finished row groups are taken out as they appear.
 pub struct PartWriter {
@@ -263,12 +266,22 @@ impl PartWriter {
     }
 
     /// Adds rows; a row group is written out each time one fills up.
+    /// OCSF events are built [`OCSF_CHUNK`] rows at a time: as JSON values
+    /// they are many times the size of the row.
     pub fn write_rows(&mut self, rows: &[ExportRow<'_>]) -> std::io::Result<()> {
-        let batch = match self.schema {
-            ParquetSchema::Columns => columns_batch(rows)?,
-            ParquetSchema::Ocsf => ocsf_batch(&self.mapping, rows)?,
-        };
-        self.writer.write(&batch).map_err(to_io)
+        match self.schema {
+            ParquetSchema::Columns => {
+                let batch = columns_batch(rows)?;
+                self.writer.write(&batch).map_err(to_io)
+            }
+            ParquetSchema::Ocsf => {
+                for chunk in rows.chunks(OCSF_CHUNK) {
+                    let batch = ocsf_batch(&self.mapping, chunk)?;
+                    self.writer.write(&batch).map_err(to_io)?;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Takes the file bytes written so far (to upload them).
