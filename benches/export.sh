@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Export benchmark: rows/s of `audit-worker export` writing
 # ROWS rows to gzip CSV, beside PostgreSQL's own `COPY (same query) TO
-# STDOUT` over the same rows in the same run, and the export's peak RSS.
+# STDOUT` over the same rows in the same run, and the export's peak RSS;
+# then the same rows as Parquet (export columns, and OCSF), with their
+# rows/s and peak RSS (PARQUET=0 skips those).
 #
 # Usage: benches/export.sh            (ROWS=1000000 by default)
 # Needs: PostgreSQL and Redis as in scripts/services.sh, psql, gzip,
@@ -14,7 +16,8 @@ ROWS=${ROWS:-1000000}
 DB_URL=${BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/audit_worker_test}
 SCHEMA=bench_export_$$
 OUT=$(mktemp -d)
-BIN=target/release/audit-worker
+BIN=${CARGO_TARGET_DIR:-target}/release/audit-worker
+PARQUET=${PARQUET:-1}
 
 export AUDIT_WORKER__DATABASE__URL=$DB_URL
 export AUDIT_WORKER__DATABASE__SCHEMA=$SCHEMA
@@ -83,3 +86,21 @@ echo "COPY TO STDOUT | gzip -6:           $copy_gz ($(stat -c %s "$OUT/copy.csv.
 echo "audit-worker export (csv.gz):       $export_rate"
 echo "export peak RSS:                    $((rss_kib / 1024)) MiB ($rss_kib KiB)"
 cat "$OUT/summary.txt"
+
+if [ "$PARQUET" = 1 ]; then
+  for schema in columns ocsf; do
+    echo
+    echo "audit-worker export --format parquet --parquet-schema $schema ..."
+    s=$(now)
+    /usr/bin/time -v "$BIN" export --format parquet --parquet-schema "$schema" \
+      --from 2024-03-01 --to 2024-04-01 --out "$OUT/parquet-$schema" >"$OUT/pq-summary.txt" 2>"$OUT/pq-time.txt"
+    e=$(now)
+    pq_rss=$(awk -F: '/Maximum resident set size/ { gsub(/ /, "", $2); print $2 }' "$OUT/pq-time.txt")
+    file=$(ls "$OUT/parquet-$schema"/*.parquet)
+    echo "audit-worker export (parquet, $schema): $(rate "$s" "$e") ($(stat -c %s "$file") bytes)"
+    echo "export peak RSS:                    $((pq_rss / 1024)) MiB ($pq_rss KiB)"
+    if python3 -c 'import pyarrow' 2>/dev/null; then
+      python3 -c 'import sys, pyarrow.parquet as pq; m = pq.ParquetFile(sys.argv[1]).metadata; print(f"pyarrow reads {m.num_rows} rows in {m.num_row_groups} row groups")' "$file"
+    fi
+  done
+fi

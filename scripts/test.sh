@@ -9,10 +9,10 @@ command -v cargo >/dev/null 2>&1 || { echo "test: cargo not found: install the R
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 scripts/services.sh
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 # promtool (tests check /metrics and the alert rules with it) and PyYAML
 # (deploy file check).
 if ! command -v promtool >/dev/null 2>&1 || ! python3 -c 'import yaml' 2>/dev/null; then
-  as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus python3-yaml >/dev/null
 fi
@@ -39,6 +39,21 @@ if ! command -v chromium >/dev/null 2>&1; then
   echo "test: installing chromium (report HTML tests)" >&2
   if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
   $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+fi
+# pyarrow, pinned: the independent Parquet reader of the export format
+# tests (tests/parquet_reader.py). pip comes from apt when missing;
+# Debian's python3 is "externally managed" (PEP 668), so pip needs
+# --break-system-packages there (older pips do not know the flag), and a
+# user that is not root installs into its user site.
+PYARROW_VERSION=26.0.1
+if ! python3 -c "import sys, pyarrow; sys.exit(pyarrow.__version__ != '$PYARROW_VERSION')" 2>/dev/null; then
+  echo "test: installing pyarrow $PYARROW_VERSION (export format tests)" >&2
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  fi
+  pip_install() { PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check "$@" "pyarrow==$PYARROW_VERSION"; }
+  pip_install --break-system-packages 2>/dev/null || pip_install 2>/dev/null || pip_install --user --break-system-packages
 fi
 if [ -f tests/bullmq/package.json ]; then
   if ! command -v npm >/dev/null 2>&1; then

@@ -39,6 +39,19 @@ pub enum ExportFormat {
     Csv,
     Ndjson,
     Json,
+    /// OCSF events, one JSON object per line.
+    Ocsf,
+    /// Apache Parquet (compression must be left out or `none`).
+    Parquet,
+}
+
+/// What a parquet export holds: the export columns (default) or OCSF
+/// events flattened into dotted columns.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ParquetSchema {
+    Columns,
+    Ocsf,
 }
 
 /// Compression of the export file (default gzip).
@@ -108,6 +121,9 @@ pub struct CreateExport {
     pub format: ExportFormat,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<ExportCompression>,
+    /// Format `parquet` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parquet_schema: Option<ParquetSchema>,
 }
 
 impl CreateExport {
@@ -459,6 +475,7 @@ async fn cancel_export(
             (Vec<u8> = "text/csv; charset=utf-8"),
             (Vec<u8> = "application/x-ndjson"),
             (Vec<u8> = "application/json"),
+            (Vec<u8> = "application/vnd.apache.parquet"),
         )),
         (status = 401, description = "No valid API key", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Permission missing", body = Problem, content_type = "application/problem+json"),

@@ -29,6 +29,33 @@ pub struct ExportConfig {
     pub public_base_url: String,
     /// Organisations that queue-submitted requests may cover; `["*"]`: all.
     pub queue_organizations: Vec<String>,
+    /// Rows per Parquet row group (bounds the memory of a parquet export).
+    pub parquet_row_group_rows: u64,
+    pub ocsf: OcsfConfig,
+}
+
+/// `[export.ocsf]`: how audit rows become OCSF events (the `ocsf` format
+/// and `parquet` with `parquetSchema: "ocsf"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OcsfConfig {
+    /// `metadata.product.name` of every event.
+    pub product_name: String,
+    /// `metadata.product.vendor_name` of every event.
+    pub vendor_name: String,
+    /// The class of actions no rule matches.
+    pub default_class_uid: u32,
+    /// Ordered action-pattern rules; the first match decides the class.
+    pub class_map: Vec<OcsfClassRule>,
+}
+
+/// One `export.ocsf.class_map` rule: actions matching `pattern` become
+/// events of OCSF class `class_uid`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OcsfClassRule {
+    pub pattern: String,
+    pub class_uid: u32,
 }
 
 impl ExportConfig {
@@ -67,6 +94,30 @@ impl ExportConfig {
             return bad(
                 "queue_organizations",
                 "must be [\"*\"] (every organisation) or a list of organisation ids",
+            );
+        }
+        if c.parquet_row_group_rows == 0 {
+            return bad("parquet_row_group_rows", "must be at least 1");
+        }
+        if c.ocsf.product_name.is_empty() || c.ocsf.vendor_name.is_empty() {
+            return bad(
+                "ocsf.product_name / ocsf.vendor_name",
+                "must not be empty (they name the source in every OCSF event)",
+            );
+        }
+        let supported = [3001, 3002, 6003];
+        for (i, r) in c.ocsf.class_map.iter().enumerate() {
+            if r.pattern.is_empty() || !supported.contains(&r.class_uid) {
+                return Err(format!(
+                    "export.ocsf.class_map[{i}] (pattern {:?}, class_uid {}) is invalid: the pattern must not be empty and class_uid must be 3001 (Account Change), 3002 (Authentication) or 6003 (API Activity)",
+                    r.pattern, r.class_uid
+                ));
+            }
+        }
+        if !supported.contains(&c.ocsf.default_class_uid) {
+            return bad(
+                "ocsf.default_class_uid",
+                "must be 3001 (Account Change), 3002 (Authentication) or 6003 (API Activity)",
             );
         }
         if c.notifications_key.is_empty() {

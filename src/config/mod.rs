@@ -40,7 +40,7 @@ pub use api::ApiConfig;
 pub use bullmq::BullmqConfig;
 pub use database::{DatabaseConfig, SSL_MODES};
 pub use dlq::DlqConfig;
-pub use export::ExportConfig;
+pub use export::{ExportConfig, OcsfClassRule, OcsfConfig};
 pub use http::HttpConfig;
 pub use integrity::IntegrityConfig;
 pub use log::LogConfig;
@@ -292,6 +292,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("sink.batch_size"), "{e}");
+    }
+
+    #[test]
+    fn the_ocsf_class_table_is_read_from_a_file_and_bad_rules_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("ocsf.toml");
+        std::fs::write(
+            &good,
+            "[export]\nparquet_row_group_rows = 1000\n[export.ocsf]\nclass_map = [{ pattern = \"sso.*\", class_uid = 3002 }]\n",
+        )
+        .unwrap();
+        let c = Config::load_from(Some(&good), env(&[])).unwrap();
+        assert_eq!(c.export.parquet_row_group_rows, 1000);
+        assert_eq!(c.export.ocsf.class_map.len(), 1);
+        assert_eq!(c.export.ocsf.class_map[0].pattern, "sso.*");
+        assert_eq!(c.export.ocsf.default_class_uid, 6003);
+
+        for (toml, needle) in [
+            (
+                "[export.ocsf]\nclass_map = [{ pattern = \"x\", class_uid = 4001 }]\n",
+                "export.ocsf.class_map[0] (pattern \"x\", class_uid 4001) is invalid",
+            ),
+            (
+                "[export.ocsf]\nclass_map = [{ pattern = \"\", class_uid = 3001 }]\n",
+                "the pattern must not be empty",
+            ),
+            (
+                "[export.ocsf]\ndefault_class_uid = 1\n",
+                "export.ocsf.default_class_uid",
+            ),
+            (
+                "[export]\nparquet_row_group_rows = 0\n",
+                "export.parquet_row_group_rows",
+            ),
+        ] {
+            let bad = dir.path().join("bad.toml");
+            std::fs::write(&bad, toml).unwrap();
+            let e = Config::load_from(Some(&bad), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{toml}: {e}");
+        }
     }
 
     #[test]

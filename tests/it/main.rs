@@ -7,6 +7,7 @@ mod dev_key;
 mod dlq_replay;
 mod event_path;
 mod export;
+mod export_formats;
 mod faults;
 mod hostile;
 mod log_v2;

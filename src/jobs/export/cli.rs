@@ -25,12 +25,15 @@ use crate::db;
 /// payload apply: see the README's "Exports" section).
 #[derive(clap::Args, Debug, Clone)]
 pub struct RequestArgs {
-    /// csv, ndjson or json.
+    /// csv, ndjson, json, ocsf or parquet.
     #[arg(long, default_value = "csv")]
     pub format: String,
-    /// gzip, zstd or none.
-    #[arg(long, default_value = "gzip")]
-    pub compression: String,
+    /// gzip, zstd or none (default: gzip; parquet: none, the only choice).
+    #[arg(long)]
+    pub compression: Option<String>,
+    /// parquet only: columns (the export columns, default) or ocsf.
+    #[arg(long)]
+    pub parquet_schema: Option<String>,
     /// Start of the time range (inclusive), RFC 3339 or YYYY-MM-DD.
     #[arg(long)]
     pub from: String,
@@ -93,12 +96,17 @@ impl RequestArgs {
                 std::env::var("USER").unwrap_or_else(|_| "unknown".into())
             )
         });
-        let payload = json!({
+        let mut payload = json!({
             "exportFilters": filters,
             "format": self.format,
-            "compression": self.compression,
             "requesterId": requester,
         });
+        if let Some(c) = &self.compression {
+            payload["compression"] = json!(c);
+        }
+        if let Some(s) = &self.parquet_schema {
+            payload["parquetSchema"] = json!(s);
+        }
         ExportRequest::parse(payload.to_string().as_bytes())
             .map_err(|r| anyhow::anyhow!("{}: fix the options and run again", r.message))
     }

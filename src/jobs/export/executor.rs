@@ -12,7 +12,9 @@
 //! - **uploading**: the header member, the parts in order and the trailer
 //!   member are streamed into the artifact (a multipart upload), hashing
 //!   and counting as they pass; a manifest is written beside it. Re-running
-//!   this step after a crash rewrites the same bytes.
+//!   this step after a crash rewrites the same bytes. (Parquet: each part
+//!   is a whole Parquet file, and the artifact is composed from their row
+//!   groups under one footer; see [`super::parquet`].)
 //! - **completed**: parts are deleted, the export is audited and the
 //!   requester notified; only then is the job marked notified.
 //!
@@ -31,9 +33,11 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::format::{self, Encoder, ExportRow, Levels};
+use super::format::{self, ExportRow, Levels, PartEncoder};
 use super::link::{self, LinkSigner};
 use super::notify::{CompletedExport, Notice, NoticeFields, Notifier};
+use super::ocsf::Mapping;
+use super::parquet as pq;
 use super::query::{Key, PageQuery};
 use super::record::{self, Job};
 use crate::config::ExportConfig;
@@ -94,12 +98,17 @@ pub struct Settings {
     pub levels: Levels,
     pub download_expiry_secs: u64,
     pub public_base_url: String,
+    /// Rows per Parquet row group.
+    pub parquet_row_group_rows: u64,
+    /// How rows become OCSF events (`ocsf`, `parquet-ocsf`).
+    pub ocsf: Arc<Mapping>,
 }
 
 impl Settings {
-    /// Reads the settings from the configuration.
-    pub fn from_config(c: &ExportConfig) -> Self {
-        Self {
+    /// Reads the settings from the configuration; the error says which
+    /// `[export.ocsf]` rule is wrong.
+    pub fn from_config(c: &ExportConfig) -> Result<Self, String> {
+        Ok(Self {
             part_rows: c.part_rows,
             page_rows: c.page_rows,
             concurrency: c.concurrency,
@@ -113,7 +122,9 @@ impl Settings {
             },
             download_expiry_secs: c.download_expiry_secs,
             public_base_url: c.public_base_url.clone(),
-        }
+            parquet_row_group_rows: c.parquet_row_group_rows,
+            ocsf: Arc::new(Mapping::from_config(&c.ocsf)?),
+        })
     }
 }
 
@@ -382,7 +393,13 @@ impl Exporter {
         progress: Option<&AtomicU64>,
     ) -> Result<(u64, Key), ExportError> {
         let path = part_path(&job.parts_prefix, part);
-        let mut encoder = Some(Encoder::new(job.compression, self.settings.levels)?);
+        let mut encoder = Some(PartEncoder::new(
+            job.format,
+            job.compression,
+            self.settings.levels,
+            self.settings.ocsf.clone(),
+            self.settings.parquet_row_group_rows,
+        )?);
         let mut upload: Option<WriteMultipart> = None;
         let mut in_part = 0u64;
         let mut last = after;
@@ -398,7 +415,6 @@ impl Exporter {
                     break;
                 }
                 let first_index = job.rows_done as u64 + in_part;
-                let format = job.format;
                 let mut enc = encoder
                     .take()
                     .ok_or_else(|| ExportError::Io("encoder lost".into()))?;
@@ -409,10 +425,8 @@ impl Exporter {
                     for r in &rows {
                         exported.push(ExportRow::from_pg(r).map_err(std::io::Error::other)?);
                     }
-                    let mut raw = Vec::with_capacity(rows.len() * 512);
-                    format::write_rows(format, &exported, first_index, &mut raw)?;
-                    enc.write_all(&raw)?;
-                    let out = enc.take_output();
+                    enc.write_rows(&exported, first_index)?;
+                    let out = enc.take_output()?;
                     let last_row = rows
                         .last()
                         .ok_or_else(|| std::io::Error::other("empty page"))?;
@@ -475,9 +489,20 @@ impl Exporter {
         Ok(WriteMultipart::new_with_chunk_size(upload, UPLOAD_CHUNK))
     }
 
-    /// Streams header, parts and trailer into the artifact, computing its
-    /// SHA-256 and size; writes the manifest; records completion.
+    /// Streams header, parts and trailer into the artifact (parquet: the
+    /// parts' row groups under one footer), computing its SHA-256 and size;
+    /// writes the manifest; records completion.
     async fn compose(&self, job: &mut Job) -> Result<(), ExportError> {
+        let (size, sha256) = if job.format.is_parquet() {
+            self.compose_parquet(job).await?
+        } else {
+            self.compose_text(job).await?
+        };
+        self.completed(job, size, sha256).await
+    }
+
+    /// Concatenates header, parts and trailer (each an independent member).
+    async fn compose_text(&self, job: &Job) -> Result<(u64, String), ExportError> {
         let levels = self.settings.levels;
         let header = format::compress_whole(&format::header(job.format), job.compression, levels)?;
         let trailer = format::compress_whole(format::trailer(job.format), job.compression, levels)?;
@@ -515,7 +540,100 @@ impl Exporter {
             return Err(e);
         }
         w.finish().await?;
-        let sha256 = hex::encode(hasher.finalize());
+        Ok((size, hex::encode(hasher.finalize())))
+    }
+
+    /// Copies the row groups of every part, in order, into one Parquet
+    /// file: one row group's bytes in memory at a time (fetched by range),
+    /// no decoding. An export without parts gets a file with no rows.
+    async fn compose_parquet(&self, job: &Job) -> Result<(u64, String), ExportError> {
+        let path = Path::from(job.artifact_key.as_str());
+        let mut w = self.start_upload(&path).await?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        let mut emit = |w: &mut WriteMultipart, bytes: Vec<u8>| {
+            hasher.update(&bytes);
+            size += bytes.len() as u64;
+            w.write(&bytes);
+        };
+        let result: Result<(), ExportError> = async {
+            if job.parts_done == 0 {
+                let schema = if job.format == super::request::Format::Parquet {
+                    pq::ParquetSchema::Columns
+                } else {
+                    pq::ParquetSchema::Ocsf
+                };
+                emit(&mut w, pq::empty_file(schema)?);
+                return Ok(());
+            }
+            let mut merger: Option<pq::Merger> = None;
+            for n in 1..=job.parts_done {
+                let part = part_path(&job.parts_prefix, n);
+                let meta = self.part_metadata(&part).await?;
+                let m = match merger.as_mut() {
+                    Some(m) => m,
+                    None => merger.insert(pq::Merger::new(&meta)?),
+                };
+                for rg in meta.row_groups() {
+                    let (start, len) = pq::row_group_range(rg);
+                    let bytes = self
+                        .storage
+                        .store
+                        .get_range(&part, start..start + len)
+                        .await?;
+                    m.append_row_group(rg, start, bytes)?;
+                    emit(&mut w, m.take_output()?);
+                    w.wait_for_capacity(UPLOAD_CONCURRENCY).await?;
+                }
+            }
+            if let Some(m) = merger {
+                emit(&mut w, m.finish()?);
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = w.abort().await;
+            return Err(e);
+        }
+        w.finish().await?;
+        Ok((size, hex::encode(hasher.finalize())))
+    }
+
+    /// Reads a Parquet part's footer metadata (two range reads).
+    async fn part_metadata(
+        &self,
+        part: &Path,
+    ) -> Result<parquet::file::metadata::ParquetMetaData, ExportError> {
+        let len = self.storage.store.head(part).await?.size;
+        let tail_len = pq::FOOTER_TAIL as u64;
+        if len < tail_len + 4 {
+            return Err(ExportError::Io(format!(
+                "export part {part} is too short to be a Parquet file"
+            )));
+        }
+        let tail = self
+            .storage
+            .store
+            .get_range(part, len - tail_len..len)
+            .await?;
+        let meta_len = pq::metadata_len(&tail)? as u64;
+        if meta_len + tail_len > len {
+            return Err(ExportError::Io(format!(
+                "export part {part} has a corrupt Parquet footer"
+            )));
+        }
+        let footer = self
+            .storage
+            .store
+            .get_range(part, len - tail_len - meta_len..len - tail_len)
+            .await?;
+        Ok(pq::decode_metadata(&footer)?)
+    }
+
+    /// Records the composed artifact: completion in the database, then
+    /// the manifest beside it.
+    async fn completed(&self, job: &mut Job, size: u64, sha256: String) -> Result<(), ExportError> {
         let client = self.pool.get().await?;
         let Some((completed_at, expires_at)) = record::complete(
             &**client,
@@ -534,12 +652,19 @@ impl Exporter {
             .next()
             .unwrap_or_default()
             .to_owned();
-        let manifest = json!({
+        let columns: Vec<&str> = match job.format {
+            super::request::Format::Ocsf => Vec::new(),
+            super::request::Format::ParquetOcsf => {
+                pq::OCSF_COLUMNS.iter().map(|(n, _)| *n).collect()
+            }
+            _ => format::COLUMNS.to_vec(),
+        };
+        let mut manifest = json!({
             "jobId": job.id,
             "file": file_name,
             "format": job.format.as_str(),
             "compression": job.compression.as_str(),
-            "columns": format::COLUMNS,
+            "columns": columns,
             "rows": job.rows_done,
             "sizeBytes": size,
             "sha256": sha256,
@@ -548,6 +673,12 @@ impl Exporter {
             "rowsIngestedUpTo": job.cutoff.to_rfc3339_opts(SecondsFormat::Micros, true),
             "exportedAt": completed_at.to_rfc3339_opts(SecondsFormat::Millis, true),
         });
+        if matches!(
+            job.format,
+            super::request::Format::Ocsf | super::request::Format::ParquetOcsf
+        ) {
+            manifest["ocsfVersion"] = json!(super::ocsf::OCSF_VERSION);
+        }
         let bytes = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
         self.storage
             .store

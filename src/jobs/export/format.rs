@@ -1,5 +1,6 @@
-//! Turning rows into file bytes: the fixed column set, the three formats
-//! and the compressors.
+//! Turning rows into file bytes: the fixed column set, the text formats
+//! (csv, ndjson, json, ocsf), the compressors, and [`PartEncoder`], which
+//! also covers parquet.
 //!
 //! Output must be a pure function of the rows and their position: a resumed
 //! export re-creates parts byte for byte. Hence no timestamps in gzip
@@ -7,11 +8,14 @@
 //! global index rather than by what was written before.
 
 use std::io::Write;
+use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use flate2::write::GzEncoder;
 use flate2::GzBuilder;
 
+use super::ocsf::Mapping;
+use super::parquet::{ParquetSchema, PartWriter};
 use super::request::{Compression, Format};
 
 /// The exported columns, in order. The README documents them; changing
@@ -149,8 +153,9 @@ pub fn header(format: Format) -> Vec<u8> {
             let _ = w.write_record(COLUMNS);
             w.into_inner().unwrap_or_default()
         }
-        Format::Ndjson => Vec::new(),
         Format::Json => b"[\n".to_vec(),
+        // Parquet parts are whole files; the artifact is composed apart.
+        Format::Ndjson | Format::Ocsf | Format::Parquet | Format::ParquetOcsf => Vec::new(),
     }
 }
 
@@ -171,7 +176,9 @@ fn csv_writer<W: Write>(w: W) -> csv::Writer<W> {
         .from_writer(w)
 }
 
-/// Appends `rows` (whose first has global index `first_index`) to `out`.
+/// Appends `rows` (whose first has global index `first_index`) to `out`,
+/// for the csv, ndjson and json formats (ocsf and parquet need the OCSF
+/// mapping or a Parquet writer: see [`PartEncoder`]).
 pub fn write_rows(
     format: Format,
     rows: &[ExportRow<'_>],
@@ -211,8 +218,93 @@ pub fn write_rows(
                 }
             }
         }
+        Format::Ocsf | Format::Parquet | Format::ParquetOcsf => {
+            return Err(std::io::Error::other(format!(
+                "format {} is not written by format::write_rows",
+                format.as_str()
+            )))
+        }
     }
     Ok(())
+}
+
+/// Turns the rows of one part into the part's bytes, for any format: the
+/// text formats as one compressed member (through an [`Encoder`]), parquet
+/// as one complete Parquet file.
+pub enum PartEncoder {
+    Text {
+        format: Format,
+        mapping: Arc<Mapping>,
+        encoder: Encoder,
+    },
+    Parquet(Box<PartWriter>),
+}
+
+impl PartEncoder {
+    /// Starts a part.
+    pub fn new(
+        format: Format,
+        compression: Compression,
+        levels: Levels,
+        mapping: Arc<Mapping>,
+        parquet_row_group_rows: u64,
+    ) -> std::io::Result<Self> {
+        Ok(match format {
+            Format::Parquet | Format::ParquetOcsf => {
+                let schema = if format == Format::Parquet {
+                    ParquetSchema::Columns
+                } else {
+                    ParquetSchema::Ocsf
+                };
+                Self::Parquet(Box::new(PartWriter::new(
+                    schema,
+                    mapping,
+                    parquet_row_group_rows,
+                )?))
+            }
+            _ => Self::Text {
+                format,
+                mapping,
+                encoder: Encoder::new(compression, levels)?,
+            },
+        })
+    }
+
+    /// Adds rows (the first has global index `first_index`).
+    pub fn write_rows(&mut self, rows: &[ExportRow<'_>], first_index: u64) -> std::io::Result<()> {
+        match self {
+            Self::Text {
+                format,
+                mapping,
+                encoder,
+            } => {
+                let mut raw = Vec::with_capacity(rows.len() * 512);
+                if *format == Format::Ocsf {
+                    super::ocsf::write_rows(mapping, rows, &mut raw)?;
+                } else {
+                    write_rows(*format, rows, first_index, &mut raw)?;
+                }
+                encoder.write_all(&raw)
+            }
+            Self::Parquet(w) => w.write_rows(rows),
+        }
+    }
+
+    /// Takes the bytes produced so far (to upload them).
+    pub fn take_output(&mut self) -> std::io::Result<Vec<u8>> {
+        match self {
+            Self::Text { encoder, .. } => Ok(encoder.take_output()),
+            Self::Parquet(w) => w.take_output(),
+        }
+    }
+
+    /// Ends the part and returns its remaining bytes.
+    pub fn finish(self) -> std::io::Result<Vec<u8>> {
+        match self {
+            Self::Text { encoder, .. } => encoder.finish(),
+            Self::Parquet(w) => w.finish(),
+        }
+    }
 }
 
 fn write_json_object(row: &ExportRow<'_>, out: &mut Vec<u8>) -> std::io::Result<()> {

@@ -13,6 +13,8 @@ pub mod executor;
 pub mod format;
 pub mod link;
 pub mod notify;
+pub mod ocsf;
+pub mod parquet;
 pub mod query;
 pub mod record;
 pub mod request;
@@ -164,7 +166,7 @@ pub fn exporter(
     Ok(Exporter {
         pool,
         storage,
-        settings: Settings::from_config(&config.export),
+        settings: Settings::from_config(&config.export).map_err(anyhow::Error::msg)?,
         notifier: redis.map(|redis| Notifier {
             redis,
             notifications_key: config.export.notifications_key.clone(),

@@ -27,27 +27,60 @@ pub enum Format {
     Ndjson,
     /// One JSON array of objects.
     Json,
+    /// One OCSF event (JSON) per line.
+    Ocsf,
+    /// Apache Parquet with the export columns (`parquetSchema: "columns"`).
+    Parquet,
+    /// Apache Parquet with the OCSF events flattened into columns
+    /// (`parquetSchema: "ocsf"`).
+    ParquetOcsf,
 }
 
 impl Format {
-    /// The name used in requests, the database and file names.
+    /// The name stored in the database and written in manifests and
+    /// notifications (`parquet-ocsf` for parquet with the OCSF schema).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Csv => "csv",
             Self::Ndjson => "ndjson",
             Self::Json => "json",
+            Self::Ocsf => "ocsf",
+            Self::Parquet => "parquet",
+            Self::ParquetOcsf => "parquet-ocsf",
         }
     }
 
-    /// Parses a format name; the error says which ones exist.
+    /// Parses a format name (a stored name: `parquet-ocsf` is accepted
+    /// too); the error says which ones exist.
     pub fn parse(s: &str) -> Result<Self, String> {
         match s {
             "csv" => Ok(Self::Csv),
             "ndjson" => Ok(Self::Ndjson),
             "json" => Ok(Self::Json),
+            "ocsf" => Ok(Self::Ocsf),
+            "parquet" => Ok(Self::Parquet),
+            "parquet-ocsf" => Ok(Self::ParquetOcsf),
             other => Err(format!(
-                "unknown format {other:?}: use \"csv\", \"ndjson\" or \"json\""
+                "unknown format {other:?}: use \"csv\", \"ndjson\", \"json\", \"ocsf\" or \"parquet\""
             )),
+        }
+    }
+
+    /// Whether this is a Parquet format: each part is a complete Parquet
+    /// file and the artifact is composed by copying their row groups, and
+    /// outer compression does not apply (Parquet compresses inside).
+    pub fn is_parquet(self) -> bool {
+        matches!(self, Self::Parquet | Self::ParquetOcsf)
+    }
+
+    /// The file name extension (without the compression suffix).
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Csv => "csv",
+            Self::Ndjson => "ndjson",
+            Self::Json => "json",
+            Self::Ocsf => "ocsf.ndjson",
+            Self::Parquet | Self::ParquetOcsf => "parquet",
         }
     }
 
@@ -55,8 +88,9 @@ impl Format {
     pub fn content_type(self) -> &'static str {
         match self {
             Self::Csv => "text/csv; charset=utf-8",
-            Self::Ndjson => "application/x-ndjson",
+            Self::Ndjson | Self::Ocsf => "application/x-ndjson",
             Self::Json => "application/json",
+            Self::Parquet | Self::ParquetOcsf => "application/vnd.apache.parquet",
         }
     }
 }
@@ -164,6 +198,9 @@ struct WireRequest {
     format: String,
     #[serde(default)]
     compression: Option<String>,
+    /// Parquet only: "columns" (default) or "ocsf".
+    #[serde(default)]
+    parquet_schema: Option<String>,
     requester_id: String,
 }
 
@@ -235,10 +272,41 @@ impl ExportRequest {
                 "export request is not valid: {e} (expected {{\"exportFilters\": {{\"from\", \"to\", ...}}, \"format\", \"compression\", \"requesterId\"}})"
             ))
         })?;
-        let format = Format::parse(&wire.format).map_err(reject)?;
-        let compression = match wire.compression.as_deref() {
-            None => Compression::Gzip,
-            Some(c) => Compression::parse(c).map_err(reject)?,
+        let mut format = match wire.format.as_str() {
+            // A stored name, not a request one: parquetSchema says it.
+            "parquet-ocsf" => Err(reject(
+                "unknown format \"parquet-ocsf\": use \"format\": \"parquet\" with \"parquetSchema\": \"ocsf\"",
+            )),
+            f => Format::parse(f).map_err(reject),
+        }?;
+        match (wire.parquet_schema.as_deref(), format) {
+            (None | Some("columns"), _) if format.is_parquet() => {}
+            (Some("ocsf"), Format::Parquet) => format = Format::ParquetOcsf,
+            (Some(other), Format::Parquet) => {
+                return Err(reject(format!(
+                    "unknown parquetSchema {other:?}: use \"columns\" (the export columns, the default) or \"ocsf\" (OCSF events)"
+                )))
+            }
+            (Some(_), _) => {
+                return Err(reject(format!(
+                    "parquetSchema applies to format \"parquet\" only: remove it for format {:?}",
+                    format.as_str()
+                )))
+            }
+            (None, _) => {}
+        }
+        let compression = match (wire.compression.as_deref(), format.is_parquet()) {
+            (None, false) => Compression::Gzip,
+            // Parquet compresses its column pages itself (snappy); gzip or
+            // zstd around the file would hide its footer from readers.
+            (None | Some("none"), true) => Compression::None,
+            (Some(c), true) => {
+                Compression::parse(c).map_err(reject)?;
+                return Err(reject(format!(
+                    "compression {c:?} does not apply to format \"parquet\": Parquet compresses inside the file (snappy); leave compression out or set it to \"none\""
+                )));
+            }
+            (Some(c), false) => Compression::parse(c).map_err(reject)?,
         };
         let requester_id = wire.requester_id.trim().to_owned();
         check_value("requesterId", &requester_id)?;
@@ -276,7 +344,7 @@ impl ExportRequest {
     }
 
     /// The artifact's file name:
-    /// `audit-export-<from>-<to>-<job id>.<format>[.gz|.zst]`, with only
+    /// `audit-export-<from>-<to>-<job id>.<extension>[.gz|.zst]`, with only
     /// `[A-Za-z0-9._-]` kept (anything else becomes `_`).
     pub fn file_name(&self, job_id: &str) -> String {
         let stamp = |t: &DateTime<Utc>| t.format("%Y%m%dT%H%M%SZ").to_string();
@@ -285,7 +353,7 @@ impl ExportRequest {
             stamp(&self.filters.from),
             stamp(&self.filters.to),
             job_id,
-            self.format.as_str(),
+            self.format.extension(),
             self.compression.suffix()
         ))
     }
@@ -496,6 +564,67 @@ mod tests {
             assert!(e.message.contains(expected), "{payload}: {}", e.message);
         }
         assert!(ExportRequest::parse(b"\xff\xfe").is_err());
+    }
+
+    #[test]
+    fn parquet_takes_a_schema_and_refuses_outer_compression() {
+        let with = |extra: serde_json::Value| {
+            let mut v = base();
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            parse(v)
+        };
+        let p = with(json!({"format": "parquet"})).unwrap();
+        assert_eq!(
+            (p.format, p.compression),
+            (Format::Parquet, Compression::None)
+        );
+        assert_eq!(
+            p.file_name("abc"),
+            "audit-export-20240301T000000Z-20240401T000000Z-abc.parquet"
+        );
+        let p =
+            with(json!({"format": "parquet", "parquetSchema": "columns", "compression": "none"}))
+                .unwrap();
+        assert_eq!(p.format, Format::Parquet);
+        let o = with(json!({"format": "parquet", "parquetSchema": "ocsf"})).unwrap();
+        assert_eq!(o.format, Format::ParquetOcsf);
+        assert_eq!(o.format.as_str(), "parquet-ocsf");
+        assert_ne!(o.filter_hash(), p.filter_hash());
+        assert_eq!(Format::parse("parquet-ocsf"), Ok(Format::ParquetOcsf));
+        let n = with(json!({"format": "ocsf"})).unwrap();
+        assert_eq!((n.format, n.compression), (Format::Ocsf, Compression::Gzip));
+        assert!(n.file_name("abc").ends_with("-abc.ocsf.ndjson.gz"));
+        for (extra, needle) in [
+            (
+                json!({"format": "parquet", "compression": "gzip"}),
+                "does not apply to format \"parquet\"",
+            ),
+            (
+                json!({"format": "parquet", "compression": "zstd"}),
+                "set it to \"none\"",
+            ),
+            (
+                json!({"format": "parquet", "compression": "rar"}),
+                "unknown compression",
+            ),
+            (
+                json!({"format": "parquet", "parquetSchema": "nested"}),
+                "unknown parquetSchema",
+            ),
+            (
+                json!({"format": "csv", "parquetSchema": "ocsf"}),
+                "applies to format \"parquet\" only",
+            ),
+            (
+                json!({"format": "parquet-ocsf"}),
+                "\"parquetSchema\": \"ocsf\"",
+            ),
+        ] {
+            let e = with(extra.clone()).unwrap_err();
+            assert!(e.message.contains(needle), "{extra}: {}", e.message);
+        }
     }
 
     #[test]
