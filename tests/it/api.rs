@@ -753,6 +753,15 @@ async fn a_report_by_an_org_scoped_key_holds_only_its_organisation_and_duplicate
         .json();
     assert_eq!(page["items"][0]["id"], id);
     assert_eq!(page["nextCursor"], Value::Null);
+    // Counted by route template: two created, one duplicate.
+    let metrics = api.metrics.render();
+    for line in [
+        "audit_worker_api_requests_total{operation=\"POST /v1/reports\",status=\"201\"} 2",
+        "audit_worker_api_requests_total{operation=\"POST /v1/reports\",status=\"409\"} 1",
+        "audit_worker_api_requests_total{operation=\"GET /v1/reports/{id}/download/{format}\",status=\"200\"} 2",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} missing");
+    }
     api.stop().await;
 }
 
