@@ -137,6 +137,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 &config,
                 pool.clone(),
                 exports.handler.clone(),
+                reports.handler.clone(),
                 exports.downloads.clone(),
                 api_metrics,
                 http_stop.clone(),

@@ -42,7 +42,7 @@ pub const TOKEN_PREFIX: &str = "awk_";
 pub enum Permission {
     /// Create, read, cancel and download exports.
     Export,
-    /// Compliance reports.
+    /// Create, read and download compliance reports.
     Report,
     /// Inclusion proofs and checkpoints of the verifiable log.
     Proof,

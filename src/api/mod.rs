@@ -1,7 +1,8 @@
 //! The compliance HTTP API, `/v1` (README, "HTTP API"), on its own listener
 //! (`api.listen`), apart from the operators' health and metrics port.
 //!
-//! One module per resource ([`exports`], [`proofs`], [`checkpoints`]), each
+//! One module per resource ([`exports`], [`reports`], [`proofs`],
+//! [`checkpoints`]), each
 //! with a `routes()` that returns its handlers with their OpenAPI
 //! descriptions; [`router`] merges them, so adding a resource is a new
 //! module and one `.merge(...)` line. The OpenAPI document
@@ -18,6 +19,7 @@ pub mod keys;
 pub mod metrics;
 pub mod problem;
 pub mod proofs;
+pub mod reports;
 
 use std::sync::Arc;
 
@@ -33,6 +35,7 @@ use utoipa_axum::router::OpenApiRouter;
 use crate::config::Config;
 use crate::jobs::export::download::Downloads;
 use crate::jobs::export::ExportHandler;
+use crate::jobs::report::ReportHandler;
 use problem::Problem;
 
 /// What the handlers share.
@@ -44,7 +47,9 @@ pub struct ApiState {
     pub file_keys: Arc<Vec<keys::FileKey>>,
     /// Records export jobs (and wakes the executor).
     pub exports: Arc<ExportHandler>,
-    /// Streams artifacts.
+    /// Records report jobs (and wakes the report executor).
+    pub reports: Arc<ReportHandler>,
+    /// Streams artifacts (exports' and reports').
     pub downloads: Downloads,
     /// Page sizes of lists.
     pub pages: Pages,
@@ -98,7 +103,7 @@ pub fn load_file_keys(config: &Config) -> anyhow::Result<Vec<keys::FileKey>> {
 #[openapi(
     info(
         title = "audit-worker compliance API",
-        description = "Exports of the audit log, inclusion proofs and checkpoints of its verifiable log. Every request needs an API key (Authorization: Bearer awk_...). Errors are RFC 9457 problem documents (application/problem+json) with type URIs urn:audit-worker:problem:<slug>. A resource of an organisation outside the key's scope answers 404, exactly as one that does not exist."
+        description = "Exports of the audit log, compliance reports, inclusion proofs and checkpoints of its verifiable log. Every request needs an API key (Authorization: Bearer awk_...). Errors are RFC 9457 problem documents (application/problem+json) with type URIs urn:audit-worker:problem:<slug>. A resource of an organisation outside the key's scope answers 404, exactly as one that does not exist."
     ),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
@@ -129,6 +134,7 @@ impl utoipa::Modify for BearerAuth {
 fn resources() -> OpenApiRouter<ApiState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(exports::routes())
+        .merge(reports::routes())
         .merge(proofs::routes())
         .merge(checkpoints::routes())
 }
@@ -167,6 +173,7 @@ pub async fn serve(
     config: &Config,
     pool: deadpool_postgres::Pool,
     exports: Arc<ExportHandler>,
+    reports: Arc<ReportHandler>,
     downloads: Downloads,
     metrics: metrics::ApiMetrics,
     shutdown: CancellationToken,
@@ -176,6 +183,7 @@ pub async fn serve(
         pool,
         file_keys: Arc::new(file_keys),
         exports,
+        reports,
         downloads,
         pages: Pages {
             default: config.api.default_page_size,
@@ -231,6 +239,10 @@ mod tests {
             ("/v1/exports/{id}", "get"),
             ("/v1/exports/{id}/cancel", "post"),
             ("/v1/exports/{id}/download", "get"),
+            ("/v1/reports", "post"),
+            ("/v1/reports", "get"),
+            ("/v1/reports/{id}", "get"),
+            ("/v1/reports/{id}/download/{format}", "get"),
             ("/v1/proofs/{event}", "get"),
             ("/v1/checkpoints", "get"),
         ] {
@@ -239,6 +251,18 @@ mod tests {
                 "{method} {path} missing"
             );
         }
+        // A report's JSON file is a JSON document, its CSV and HTML text.
+        let files = &doc["paths"]["/v1/reports/{id}/download/{format}"]["get"]["responses"]["200"]
+            ["content"];
+        assert!(
+            files["application/json"]["schema"]["type"].is_null(),
+            "{files}"
+        );
+        assert_eq!(files["text/csv; charset=utf-8"]["schema"]["type"], "string");
+        assert_eq!(
+            files["text/html; charset=utf-8"]["schema"]["type"],
+            "string"
+        );
         assert_eq!(
             doc["components"]["securitySchemes"]["bearer"]["scheme"],
             "bearer"

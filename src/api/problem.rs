@@ -30,6 +30,8 @@ pub enum Kind {
     Conflict,
     /// 409: an identical export is already in progress.
     DuplicateExport,
+    /// 409: an identical report is already in progress.
+    DuplicateReport,
     /// 409: the event is stored but not sealed into the log yet.
     NotSealed,
     /// 410: the export's file has expired and was removed.
@@ -56,6 +58,7 @@ impl Kind {
             Self::MethodNotAllowed => "method-not-allowed",
             Self::Conflict => "conflict",
             Self::DuplicateExport => "duplicate-export",
+            Self::DuplicateReport => "duplicate-report",
             Self::NotSealed => "not-sealed",
             Self::Gone => "gone",
             Self::PayloadTooLarge => "payload-too-large",
@@ -75,6 +78,7 @@ impl Kind {
             Self::MethodNotAllowed => "Method not allowed",
             Self::Conflict => "Conflict with the resource's state",
             Self::DuplicateExport => "An identical export is in progress",
+            Self::DuplicateReport => "An identical report is in progress",
             Self::NotSealed => "Event not sealed yet",
             Self::Gone => "Gone",
             Self::PayloadTooLarge => "Request body too large",
@@ -105,7 +109,7 @@ impl Kind {
 }
 
 /// A problem document (RFC 9457), with an optional `jobId` extension
-/// member (the existing job of a duplicate export).
+/// member (the existing job of a duplicate export or report).
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[schema(as = Problem)]
 pub struct Problem {
@@ -116,7 +120,7 @@ pub struct Problem {
     pub status: u16,
     /// What went wrong and what to do about it.
     pub detail: String,
-    /// The existing export job (duplicate-export only).
+    /// The existing job (duplicate-export and duplicate-report only).
     #[serde(rename = "jobId", skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
 }

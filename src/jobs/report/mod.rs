@@ -81,6 +81,26 @@ impl ReportHandler {
         Self { pool, wake, prefix }
     }
 
+    /// Records an already validated request (the HTTP API's, whose
+    /// requester and scope come from the key) and wakes the executor when
+    /// it is new.
+    pub async fn create(
+        &self,
+        request: &ReportRequest,
+        source: &str,
+    ) -> Result<Created, CreateError> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| CreateError::Db(crate::db::pool_error_cause(&e)))?;
+        let created = create_job(&**client, request, source, &self.prefix).await?;
+        if created.created {
+            self.wake.notify_one();
+        }
+        Ok(created)
+    }
+
     /// Records a request; answers `{"jobId", "status", "deduplicated"}`.
     pub async fn record(&self, data: &[u8], source: &str) -> Result<serde_json::Value, JobError> {
         let request = ReportRequest::parse(data).map_err(JobError::Rejected)?;

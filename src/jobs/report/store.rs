@@ -384,3 +384,58 @@ pub async fn release(
         .await?;
     Ok(())
 }
+
+/// SQL condition: the organisations a job may contain (the one asked for,
+/// else the requester's allowed ones; NULL: all) lie within the scope in
+/// parameter `$n` (NULL: every job). What an API key may see.
+fn visible(n: usize) -> String {
+    format!(
+        "(${n}::text[] IS NULL OR coalesce(CASE WHEN organization_id IS NOT NULL \
+           THEN ARRAY[organization_id] END, allowed_orgs) <@ ${n}::text[])"
+    )
+}
+
+/// Looks a job up by id if its organisations lie within `scope` (`None`:
+/// all); `None` otherwise, exactly as for an unknown id.
+pub async fn get_visible(
+    client: &impl GenericClient,
+    id: &str,
+    scope: &Option<Vec<String>>,
+) -> Result<Option<ReportJob>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT {COLUMNS} FROM report_jobs WHERE id = $1 AND {}",
+                visible(2)
+            ),
+            &[&id, scope],
+        )
+        .await?;
+    Ok(row.and_then(|r| ReportJob::from_row(&r).ok()))
+}
+
+/// Up to `limit` jobs within `scope`, newest first, after the job
+/// `cursor` (the last id of the previous page).
+pub async fn list_visible(
+    client: &impl GenericClient,
+    scope: &Option<Vec<String>>,
+    cursor: &Option<String>,
+    limit: i64,
+) -> Result<Vec<ReportJob>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {COLUMNS} FROM report_jobs WHERE {} \
+                   AND ($2::text IS NULL OR (created_at, id) < \
+                        (SELECT created_at, id FROM report_jobs WHERE id = $2)) \
+                 ORDER BY created_at DESC, id DESC LIMIT $3",
+                visible(1)
+            ),
+            &[scope, cursor, &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| ReportJob::from_row(r).ok())
+        .collect())
+}
