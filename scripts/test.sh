@@ -24,7 +24,6 @@ SCHEMATHESIS_VERSION=4.32.5
 st_venv="${CARGO_TARGET_DIR:-$PWD/target}/pytools"
 if [ "$("$st_venv/bin/st" --version 2>/dev/null | awk '{print $NF}')" != "$SCHEMATHESIS_VERSION" ]; then
   if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
-    as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
   fi
@@ -40,21 +39,25 @@ if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
   $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
 fi
-# pyarrow, pinned: the independent Parquet reader of the export format
-# tests (tests/parquet_reader.py). pip comes from apt when missing;
-# Debian's python3 is "externally managed" (PEP 668), so pip needs
+# Python packages of the independent checkers, pinned: pyarrow reads the
+# Parquet exports back (tests/parquet_reader.py), cryptography checks the
+# Ed25519 signatures in scripts/verify_log.py. pip comes from apt when
+# missing; Debian's python3 is "externally managed" (PEP 668), so pip needs
 # --break-system-packages there (older pips do not know the flag), and a
 # user that is not root installs into its user site.
-PYARROW_VERSION=26.0.1
-if ! python3 -c "import sys, pyarrow; sys.exit(pyarrow.__version__ != '$PYARROW_VERSION')" 2>/dev/null; then
-  echo "test: installing pyarrow $PYARROW_VERSION (export format tests)" >&2
+py_require() { # <module = package> <version> <what for>
+  if python3 -c "import sys, $1; sys.exit($1.__version__ != '$2')" 2>/dev/null; then return; fi
+  echo "test: installing $1 $2 ($3)" >&2
   if ! python3 -m pip --version >/dev/null 2>&1; then
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
   fi
-  pip_install() { PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check "$@" "pyarrow==$PYARROW_VERSION"; }
-  pip_install --break-system-packages 2>/dev/null || pip_install 2>/dev/null || pip_install --user --break-system-packages
-fi
+  pip_install() { PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check "$@"; }
+  pip_install --break-system-packages "$1==$2" 2>/dev/null || pip_install "$1==$2" 2>/dev/null \
+    || pip_install --user --break-system-packages "$1==$2"
+}
+py_require pyarrow 26.0.1 "export format tests"
+py_require cryptography 48.0.0 "the independent log verifier"
 if [ -f tests/bullmq/package.json ]; then
   if ! command -v npm >/dev/null 2>&1; then
     echo "test: installing nodejs and npm (BullMQ compatibility tests)" >&2
