@@ -488,7 +488,17 @@ impl Snapshotter {
             crate::jobs::tile_store::TileAppender::open(&tx, prev_size, self.settings.page_size)
                 .await?;
         let appended = self
-            .append_to_ledger(&tx, from, to, base, snapshot_id, &mut tree, &mut tiles)
+            .append_to_ledger(
+                &tx,
+                from,
+                to,
+                base,
+                snapshot_id,
+                &mut LogTail {
+                    tree: &mut tree,
+                    tiles: &mut tiles,
+                },
+            )
             .await?;
         let new_size = prev_size + appended;
         let tiled = tiles.finish(&tx).await?;
@@ -618,8 +628,7 @@ impl Snapshotter {
         to: DateTime<Utc>,
         base: i64,
         snapshot_id: i64,
-        tree: &mut TreeBuilder,
-        tiles: &mut crate::jobs::tile_store::TileAppender,
+        tail: &mut LogTail<'_>,
     ) -> Result<u64, SnapshotError> {
         // Rows are immutable (trigger), so nothing needs locking: the head
         // lock serializes sealers, and a row committed after this read is a
@@ -655,8 +664,8 @@ impl Snapshotter {
                 ))
             })?;
             let leaf_hash = merkle::leaf_hash(&digest);
-            tree.push(leaf_hash);
-            tiles.push(tx, leaf_hash).await?;
+            tail.tree.push(leaf_hash);
+            tail.tiles.push(tx, leaf_hash).await?;
             let late = sealed.contains(rec.event_time).then_some(rec.ingested_at);
             batch.push(
                 next,
@@ -938,6 +947,13 @@ impl SealedRanges {
             .iter()
             .any(|(f, to)| f.is_none_or(|f| f <= t) && t < *to)
     }
+}
+
+/// What grows with each leaf a sealing transaction appends: the tree (for
+/// the new root) and the stored tiles (for proofs).
+struct LogTail<'a> {
+    tree: &'a mut TreeBuilder,
+    tiles: &'a mut crate::jobs::tile_store::TileAppender,
 }
 
 /// Ledger entries waiting to be inserted, as columns (one multi-row
