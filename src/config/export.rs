@@ -87,14 +87,8 @@ impl ExportConfig {
                 "must be at least 1",
             );
         }
-        if c.queue_organizations.is_empty()
-            || c.queue_organizations.iter().any(|o| o.trim().is_empty())
-            || (c.queue_organizations.len() > 1 && c.queue_organizations.iter().any(|o| o == "*"))
-        {
-            return bad(
-                "queue_organizations",
-                "must be [\"*\"] (every organisation) or a list of organisation ids",
-            );
+        if let Err(why) = super::queue_scope::check(&c.queue_organizations) {
+            return bad("queue_organizations", why);
         }
         if c.parquet_row_group_rows == 0 {
             return bad("parquet_row_group_rows", "must be at least 1");
@@ -128,6 +122,6 @@ impl ExportConfig {
 
     /// The organisations queue requests may cover: `None` for all.
     pub fn queue_scope(&self) -> Option<Vec<String>> {
-        (self.queue_organizations != ["*"]).then(|| self.queue_organizations.clone())
+        super::queue_scope::scope(&self.queue_organizations)
     }
 }

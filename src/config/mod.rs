@@ -25,6 +25,7 @@ mod export;
 mod http;
 mod integrity;
 mod log;
+pub mod queue_scope;
 mod redis;
 mod report;
 mod secret;

@@ -21,6 +21,9 @@ pub struct ReportConfig {
     pub retry_delay_secs: u64,
     pub download_expiry_secs: u64,
     pub prefix: String,
+    /// Organisations that queue-submitted report requests may cover;
+    /// `["*"]`: all.
+    pub queue_organizations: Vec<String>,
 }
 
 impl ReportConfig {
@@ -53,6 +56,14 @@ impl ReportConfig {
                 "must be a relative object key prefix such as \"reports\"",
             );
         }
+        if let Err(why) = super::queue_scope::check(&self.queue_organizations) {
+            return bad("queue_organizations", why);
+        }
         Ok(())
+    }
+
+    /// The organisations queue requests may cover: `None` for all.
+    pub fn queue_scope(&self) -> Option<Vec<String>> {
+        super::queue_scope::scope(&self.queue_organizations)
     }
 }

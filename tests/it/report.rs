@@ -904,3 +904,68 @@ async fn integrity_report_names_tampered_events_and_hides_other_organisations_pr
     assert!(scoped_csv.contains("rep-2") && !scoped_csv.contains("rep-3"));
     x.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_report_requests_are_limited_to_report_queue_organizations() {
+    let x = ReportEnv::new("report_queue_scope").await;
+    x.seed().await;
+    let mut c = x.config();
+    c.report.queue_organizations = vec!["org-a".into()];
+    let worker = InProcessWorker::start(c);
+    x.env.wait_for_schema().await;
+    x.env
+        .add_entries(&[
+            // No scope of its own: limited to org-a by the setting.
+            (
+                Some("report.compliance"),
+                request("hipaa-audit-trail", "queue-officer", json!({})),
+            ),
+            // Names an organisation outside the setting: dead-lettered.
+            (
+                Some("report.compliance"),
+                request(
+                    "hipaa-audit-trail",
+                    "queue-officer-b",
+                    json!({"organizationId": "org-b"}),
+                ),
+            ),
+        ])
+        .await;
+
+    let job = x.job_of("queue-officer").await;
+    let row = x.wait_done(&job).await;
+    let files = check_artifacts(&x, &job, &row).await;
+    check_hipaa(&x, &files, Some(vec!["org-a".into()])).await;
+    for (format, bytes) in &files {
+        assert!(
+            !String::from_utf8_lossy(bytes).contains("org-b"),
+            "{format} mentions org-b"
+        );
+    }
+
+    wait_until(
+        Duration::from_secs(30),
+        "the out-of-scope queue request dead-lettered naming the setting",
+        || async {
+            x.env.dlq_entries().await.iter().any(|e| {
+                e.get("reason").map(|r| r.as_slice()) == Some(b"invalid_report_request".as_slice())
+                    && e.values()
+                        .any(|v| String::from_utf8_lossy(v).contains("report.queue_organizations"))
+            })
+        },
+    )
+    .await;
+    let n: i64 = x
+        .env
+        .pg
+        .query_one(
+            "SELECT count(*) FROM report_jobs WHERE requester_id = 'queue-officer-b'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "no job for the out-of-scope request");
+    worker.stop().await;
+    x.cleanup().await;
+}

@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::dlq::Rejection;
+use crate::dlq::{RejectReason, Rejection};
 use crate::jobs::{JobError, JobHandler};
 use crate::storage::Storage;
 use executor::{Announcer, Reporter, Settings};
@@ -73,12 +73,26 @@ pub struct ReportHandler {
     pool: deadpool_postgres::Pool,
     wake: Arc<Notify>,
     prefix: String,
+    /// Organisations queue requests may cover (`report.queue_organizations`;
+    /// `None`: all).
+    queue_scope: Option<Vec<String>>,
 }
 
 impl ReportHandler {
     /// A handler recording into `pool`, waking `wake` (the executor).
     pub fn new(pool: deadpool_postgres::Pool, wake: Arc<Notify>, prefix: String) -> Self {
-        Self { pool, wake, prefix }
+        Self {
+            pool,
+            wake,
+            prefix,
+            queue_scope: None,
+        }
+    }
+
+    /// Limits queue requests to these organisations (`None`: all).
+    pub fn with_queue_scope(mut self, scope: Option<Vec<String>>) -> Self {
+        self.queue_scope = scope;
+        self
     }
 
     /// Records an already validated request (the HTTP API's, whose
@@ -103,7 +117,12 @@ impl ReportHandler {
 
     /// Records a request; answers `{"jobId", "status", "deduplicated"}`.
     pub async fn record(&self, data: &[u8], source: &str) -> Result<serde_json::Value, JobError> {
-        let request = ReportRequest::parse(data).map_err(JobError::Rejected)?;
+        let mut request = ReportRequest::parse(data).map_err(JobError::Rejected)?;
+        if let Some(scope) = &self.queue_scope {
+            limit_to_queue_scope(&mut request, scope).map_err(|message| {
+                JobError::Rejected(Rejection::new(RejectReason::InvalidReportRequest, message))
+            })?;
+        }
         let client = self
             .pool
             .get()
@@ -124,6 +143,27 @@ impl ReportHandler {
             "deduplicated": !created.created,
         }))
     }
+}
+
+/// Narrows a queue request to `report.queue_organizations`: its allowed
+/// organisations become the scope (or the part of its own
+/// `allowedOrganizations` inside it); an organisation outside the scope is
+/// an error naming the setting.
+fn limit_to_queue_scope(request: &mut ReportRequest, scope: &[String]) -> Result<(), String> {
+    let allowed: std::collections::BTreeSet<String> = match request.allowed_orgs.take() {
+        None => scope.iter().cloned().collect(),
+        Some(own) => own.into_iter().filter(|o| scope.contains(o)).collect(),
+    };
+    if allowed.is_empty() {
+        return Err(
+            "allowedOrganizations lies wholly outside report.queue_organizations: queue requests may cover only those"
+                .into(),
+        );
+    }
+    request.allowed_orgs = Some(allowed);
+    request
+        .check_scope()
+        .map_err(|r| format!("{}: see report.queue_organizations", r.message))
 }
 
 impl JobHandler for ReportHandler {
@@ -184,7 +224,10 @@ impl ReportService {
         let mut reporter = reporter(config, pool.clone(), storage, Some(redis), wake.clone())?;
         reporter.metrics = Some(metrics);
         Ok(Self {
-            handler: Arc::new(ReportHandler::new(pool, wake, config.report.prefix.clone())),
+            handler: Arc::new(
+                ReportHandler::new(pool, wake, config.report.prefix.clone())
+                    .with_queue_scope(config.report.queue_scope()),
+            ),
             reporter: Arc::new(reporter),
         })
     }
