@@ -323,7 +323,7 @@ pub fn digest_of_object(record: &Value) -> Result<[u8; 32], String> {
 /// JCS's), and only `sessionContext` / `details` canonicalised generically.
 /// It produces exactly the bytes of [`encode_v2`] (the plain
 /// build-a-`Value`-then-canonicalise form, kept as the reference and for
-/// proofs, which print the record object), about five times faster; unit
+/// proofs, which print the record object) without its allocations; unit
 /// tests and a property test hold the two together.
 pub fn record_digest(r: &StoredRecord, salts: &Salts) -> Result<[u8; 32], String> {
     let mut w = HashingWriter(Sha256::new());
