@@ -192,8 +192,36 @@ pub struct PageParams {
 
 /// Whether `s` has the form of a job id (a UUID as the jobs are given):
 /// anything else names no job, and never reaches the database.
-fn job_id_form(s: &str) -> bool {
+pub(super) fn job_id_form(s: &str) -> bool {
     s.len() == 36 && uuid::Uuid::try_parse(s).is_ok() && !s.bytes().any(|b| b.is_ascii_uppercase())
+}
+
+impl PageParams {
+    /// Refuses a cursor this API cannot have returned (not a job id).
+    pub(super) fn check_cursor(&self) -> Result<(), Problem> {
+        if self.cursor.as_deref().is_some_and(|c| !job_id_form(c)) {
+            return Err(Problem::invalid(
+                "cursor is not one this API returned: pass nextCursor unchanged",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Cuts jobs fetched with `limit + 1` rows to one page; the next cursor is
+/// the last job's id when more remain.
+pub(super) fn page_of<T>(
+    mut items: Vec<T>,
+    limit: i64,
+    id: impl Fn(&T) -> String,
+) -> (Vec<T>, Option<String>) {
+    if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        let next = items.last().map(id);
+        (items, next)
+    } else {
+        (items, None)
+    }
 }
 
 const VIEW_COLUMNS: &str = "id, status, requester_id, filters, format, compression, \
@@ -363,11 +391,7 @@ async fn list_exports(
 ) -> Result<axum::Json<ExportList>, Problem> {
     caller.require(Permission::Export)?;
     let limit = state.pages.limit(page.limit)?;
-    if page.cursor.as_deref().is_some_and(|c| !job_id_form(c)) {
-        return Err(Problem::invalid(
-            "cursor is not one this API returned: pass nextCursor unchanged",
-        ));
-    }
+    page.check_cursor()?;
     let client = client(&state).await?;
     let rows = client
         .query(
@@ -382,13 +406,9 @@ async fn list_exports(
         )
         .await
         .map_err(db_error)?;
-    let mut items: Vec<ExportJob> = rows.iter().map(view).collect();
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(|j| j.id.clone())
-    } else {
-        None
-    };
+    let (items, next_cursor) = page_of(rows.iter().map(view).collect(), limit, |j: &ExportJob| {
+        j.id.clone()
+    });
     Ok(axum::Json(ExportList { items, next_cursor }))
 }
 

@@ -21,7 +21,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::Caller;
-use super::exports::PageParams;
+use super::exports::{job_id_form, page_of, PageParams};
 use super::keys::{OrgScope, Permission};
 use super::problem::{Kind, Problem};
 use super::{ApiJson, ApiPath, ApiQuery, ApiState};
@@ -174,12 +174,6 @@ pub struct ReportList {
     pub items: Vec<ReportJobView>,
     /// Pass as `cursor` for the next page; null on the last page.
     pub next_cursor: Option<String>,
-}
-
-/// Whether `s` has the form of a job id (a UUID as the jobs are given):
-/// anything else names no job, and never reaches the database.
-fn job_id_form(s: &str) -> bool {
-    s.len() == 36 && uuid::Uuid::try_parse(s).is_ok() && !s.bytes().any(|b| b.is_ascii_uppercase())
 }
 
 /// The API view of a stored job.
@@ -344,22 +338,16 @@ async fn list_reports(
 ) -> Result<axum::Json<ReportList>, Problem> {
     caller.require(Permission::Report)?;
     let limit = state.pages.limit(page.limit)?;
-    if page.cursor.as_deref().is_some_and(|c| !job_id_form(c)) {
-        return Err(Problem::invalid(
-            "cursor is not one this API returned: pass nextCursor unchanged",
-        ));
-    }
+    page.check_cursor()?;
     let client = client(&state).await?;
     let jobs = store::list_visible(&**client, &caller.scope().to_db(), &page.cursor, limit + 1)
         .await
         .map_err(db_error)?;
-    let mut items: Vec<ReportJobView> = jobs.iter().map(view).collect();
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(|j| j.id.clone())
-    } else {
-        None
-    };
+    let (items, next_cursor) = page_of(
+        jobs.iter().map(view).collect(),
+        limit,
+        |j: &ReportJobView| j.id.clone(),
+    );
     Ok(axum::Json(ReportList { items, next_cursor }))
 }
 
