@@ -18,8 +18,14 @@
 //!   `BENCH_EVENTS`, default 100,000 here, drained by one worker), or given
 //!   as `BENCH_MAX_RATE`; each paced phase lasts `BENCH_SECONDS` (15).
 //!
+//! - `BENCH_MODE=sharded`: events per second from a pre-filled sharded
+//!   stream on a three-master Redis Cluster (brought up on loopback by
+//!   `scripts/redis-topology.sh`) to committed rows, with `BENCH_SHARDS`
+//!   shards (1) and `BENCH_WORKERS` worker processes; events go to the
+//!   shard of their organisation (`shards::shard_for`).
+//!
 //! `BENCH_WORKERS` sets the number of worker processes sharing the stream
-//! in the ingest mode (1).
+//! in the ingest and sharded modes (1).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -79,6 +85,7 @@ async fn main() {
     match std::env::var("BENCH_MODE").as_deref() {
         Ok("drain") => return drain().await,
         Ok("latency") => return latency().await,
+        Ok("sharded") => return sharded().await,
         _ => {}
     }
     let n: usize = std::env::var("BENCH_EVENTS")
@@ -123,6 +130,7 @@ async fn main() {
                 &schema_worker,
                 &stream,
                 Some(format!("{tag}-{w}")),
+                &[],
             )
             .0
         })
@@ -287,7 +295,7 @@ async fn drain() {
 
     let bin =
         std::env::var("AUDIT_WORKER_BIN").unwrap_or_else(|_| "target/release/audit-worker".into());
-    let (mut child, port) = spawn_worker(&bin, &tag, &schema, &stream, None);
+    let (mut child, port) = spawn_worker(&bin, &tag, &schema, &stream, None, &[]);
     // Wait for the breaker to open (default settings: 5 failed attempts).
     let breaker_url = format!("http://127.0.0.1:{port}/health/circuit-breaker");
     let opened = Instant::now();
@@ -390,7 +398,7 @@ async fn latency() {
             warm_up(&bin, &tag, &pg, &schema).await;
             prefill(&mut rc, &stream, n).await;
             let started = Instant::now();
-            let (mut child, _) = spawn_worker(&bin, &tag, &schema, &stream, None);
+            let (mut child, _) = spawn_worker(&bin, &tag, &schema, &stream, None, &[]);
             wait_for_rows(&pg, &schema, n, started).await;
             let rate = n as f64 / started.elapsed().as_secs_f64();
             stop(&mut child);
@@ -406,7 +414,7 @@ async fn latency() {
         let tag = format!("lat{}_{}", (share * 100.0) as u32, std::process::id());
         let (stream, schema) = (format!("bench:{tag}:events"), format!("{tag}_worker"));
         warm_up(&bin, &tag, &pg, &schema).await;
-        let (mut child, port) = spawn_worker(&bin, &tag, &schema, &stream, None);
+        let (mut child, port) = spawn_worker(&bin, &tag, &schema, &stream, None, &[]);
         let metrics_url = format!("http://127.0.0.1:{port}/metrics");
         wait_ready(port).await;
         // One event every 1/rate s, sent in 1 ms ticks.
@@ -452,7 +460,8 @@ async fn latency() {
 /// starts on a database that a worker already set up (migrations, the
 /// accepted window's monthly partitions), as any restart in production.
 async fn warm_up(bin: &str, tag: &str, pg: &tokio_postgres::Client, schema: &str) {
-    let (mut child, port) = spawn_worker(bin, tag, schema, &format!("bench:{tag}:warm-up"), None);
+    let (mut child, port) =
+        spawn_worker(bin, tag, schema, &format!("bench:{tag}:warm-up"), None, &[]);
     wait_ready(port).await;
     let partitions = || async {
         pg.query_one(
@@ -588,6 +597,7 @@ fn spawn_worker(
     schema: &str,
     stream: &str,
     consumer: Option<String>,
+    extra: &[(&str, String)],
 ) -> (std::process::Child, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -607,8 +617,115 @@ fn spawn_worker(
     if let Some(consumer) = consumer {
         cmd.env("AUDIT_WORKER__STREAM__CONSUMER", consumer);
     }
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
     let child = cmd.spawn().unwrap_or_else(|e| {
         panic!("cannot start {bin} ({e}): build it with cargo build --release")
     });
     (child, port)
+}
+
+/// Ingest from a sharded stream on a Redis Cluster: `BENCH_SHARDS` shards,
+/// `BENCH_WORKERS` processes, from their start to the last committed row.
+async fn sharded() {
+    let env_num = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let n = env_num("BENCH_EVENTS", 100_000);
+    let shards = env_num("BENCH_SHARDS", 1).max(1) as u32;
+    let workers = env_num("BENCH_WORKERS", 1).max(1);
+    let tag = format!("bench_{}", std::process::id());
+    let (pg, conn) = tokio_postgres::connect(DB, NoTls)
+        .await
+        .expect("PostgreSQL up: run scripts/services.sh");
+    tokio::spawn(conn);
+    let schema = format!("{tag}_sharded");
+    let bin =
+        std::env::var("AUDIT_WORKER_BIN").unwrap_or_else(|_| "target/release/audit-worker".into());
+    warm_up(&bin, &tag, &pg, &schema).await;
+
+    // A three-master cluster on loopback, in a directory of its own.
+    let base = 40_000 + (std::process::id() % 5_000) as u16;
+    let dir = std::env::temp_dir().join(format!("audit-worker-bench-cluster-{tag}"));
+    let topology = |args: &[&str]| {
+        let ok = Command::new("scripts/redis-topology.sh")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "scripts/redis-topology.sh {args:?} failed");
+    };
+    let dir_s = dir.to_string_lossy().to_string();
+    topology(&["cluster", &dir_s, &base.to_string()]);
+    let nodes: Vec<String> = (0..3).map(|i| format!("127.0.0.1:{}", base + i)).collect();
+    let client = redis::cluster::ClusterClient::new(
+        nodes
+            .iter()
+            .map(|n| format!("redis://{n}"))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let mut rc = client.get_async_connection().await.unwrap();
+    let stream = format!("bench:{tag}:events");
+    let started = Instant::now();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(2_000) {
+        let mut pipes: Vec<redis::Pipeline> = (0..shards).map(|_| redis::pipe()).collect();
+        for &i in chunk {
+            let shard = audit_worker::shards::shard_for(&format!("org-{}", i % 50), shards);
+            pipes[shard as usize]
+                .cmd("XADD")
+                .arg(audit_worker::shards::tagged_key(&stream, shard))
+                .arg("*")
+                .arg("data")
+                .arg(event(i))
+                .ignore();
+        }
+        for pipe in &pipes {
+            let _: () = pipe.query_async(&mut rc).await.unwrap();
+        }
+    }
+    eprintln!(
+        "pre-filled {n} entries in {shards} shard(s) in {:.1?}",
+        started.elapsed()
+    );
+
+    let extra = [
+        (
+            "AUDIT_WORKER__REDIS__CLUSTER_NODES",
+            format!("[\"{}\"]", nodes.join("\",\"")),
+        ),
+        ("AUDIT_WORKER__STREAM__SHARDS", shards.to_string()),
+        ("AUDIT_WORKER__BULLMQ__ENABLED", "false".to_string()),
+    ];
+    let started = Instant::now();
+    let mut children: Vec<std::process::Child> = (0..workers)
+        .map(|w| {
+            spawn_worker(
+                &bin,
+                &tag,
+                &schema,
+                &stream,
+                Some(format!("{tag}-{w}")),
+                &extra,
+            )
+            .0
+        })
+        .collect();
+    wait_for_rows(&pg, &schema, n, started).await;
+    let total = started.elapsed();
+    for child in &mut children {
+        stop(child);
+    }
+    println!(
+        "sharded: {n} events, {shards} shard(s), {workers} worker process(es): {:.2} s from start to last row = {:.0} events/s",
+        total.as_secs_f64(),
+        n as f64 / total.as_secs_f64()
+    );
+    topology(&["down", &dir_s]);
+    let _ = pg
+        .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .await;
 }

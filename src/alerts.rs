@@ -25,7 +25,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::source::RedisConn;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -306,7 +306,7 @@ impl AlertTap {
 /// task ends once every tap clone is dropped and the queue is drained.
 pub fn spawn(
     config: &AlertsConfig,
-    redis: ConnectionManager,
+    redis: RedisConn,
     metrics: Metrics,
 ) -> (AlertTap, Option<JoinHandle<()>>) {
     if !config.enabled || config.rules.is_empty() {
@@ -339,7 +339,7 @@ pub fn spawn(
 async fn evaluate(
     mut rx: mpsc::Receiver<AlertInput>,
     mut detector: Detector,
-    redis: ConnectionManager,
+    redis: RedisConn,
     stream: String,
     max_len: u64,
     metrics: Metrics,
@@ -369,7 +369,7 @@ async fn evaluate(
 
 /// XADDs alerts (one pipeline, retried a few times), then counts them.
 async fn publish(
-    redis: &ConnectionManager,
+    redis: &RedisConn,
     stream: &str,
     max_len: u64,
     alerts: &[Alert],

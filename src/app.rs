@@ -49,7 +49,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let Some(Connected {
         pool,
         partitions,
-        redis_client: client,
+        redis_target,
         commands,
     }) = (match startup::connect_when_available(&config, &status, &shutdown).await {
         Ok(connected) => connected,
@@ -92,9 +92,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown.clone(),
     );
     let queue = QueueInfo {
-        stream_key: config.stream.key.clone(),
+        shards: crate::shards::shard_keys(&config),
         group: config.stream.group.clone(),
-        dlq_key: config.dlq.key.clone(),
         alert_threshold: config.dlq.alert_threshold,
         alert_window: Duration::from_secs(config.dlq.alert_window_secs),
     };
@@ -196,8 +195,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     let mut sources = tokio::task::JoinSet::new();
     if config.stream.enabled {
-        let stream =
-            StreamSource::new(&config, client.clone(), commands.clone(), processor.clone());
+        let stream = StreamSource::new(
+            &config,
+            redis_target.clone(),
+            commands.clone(),
+            processor.clone(),
+        );
         sources.spawn(stream.run());
     }
     if config.bullmq.enabled {
@@ -258,7 +261,7 @@ struct QueueGauges {
 /// threshold within the window (once per crossing, not on every check), so
 /// a flood of rejected events is noticed even without dashboards.
 async fn watch_dead_letters(
-    redis: redis::aio::ConnectionManager,
+    redis: crate::source::RedisConn,
     queue: QueueInfo,
     gauges: QueueGauges,
     shutdown: CancellationToken,
@@ -267,28 +270,35 @@ async fn watch_dead_letters(
     loop {
         let mut conn = redis.clone();
         if let Ok(stats) = http::queue_stats(&mut conn, &queue).await {
-            let labels = ["stream", queue.stream_key.as_str()];
-            let lag = stats.lag.or(gauges
-                .delete_acked
-                .then(|| stats.stream_length.saturating_sub(stats.pending)));
-            gauges
-                .metrics
-                .queue_pending
-                .with_label_values(&labels)
-                .set(stats.pending as i64);
-            if let Some(lag) = lag {
+            // One gauge per shard stream (the stream itself when unsharded).
+            for shard in stats
+                .shards
+                .iter()
+                .chain(stats.shards.is_empty().then_some(&stats))
+            {
+                let labels = ["stream", shard.stream.as_str()];
+                let lag = shard.lag.or(gauges
+                    .delete_acked
+                    .then(|| shard.stream_length.saturating_sub(shard.pending)));
                 gauges
                     .metrics
-                    .queue_lag
+                    .queue_pending
                     .with_label_values(&labels)
-                    .set(lag as i64);
+                    .set(shard.pending as i64);
+                if let Some(lag) = lag {
+                    gauges
+                        .metrics
+                        .queue_lag
+                        .with_label_values(&labels)
+                        .set(lag as i64);
+                }
             }
             let over = stats.recent_dead_letters >= queue.alert_threshold;
             if over && !alerting {
                 tracing::warn!(
                     recent = stats.recent_dead_letters,
                     window_secs = queue.alert_window.as_secs(),
-                    dlq = %queue.dlq_key,
+                    dlq = %queue.shards.iter().map(|s| s.dlq.as_str()).collect::<Vec<_>>().join(","),
                     "dead letters reached the alert threshold: inspect them with `audit-worker dlq list`"
                 );
             } else if !over && alerting {
@@ -308,7 +318,7 @@ async fn watch_dead_letters(
 fn snapshot_executor(
     config: &Config,
     pool: &deadpool_postgres::Pool,
-    redis: &redis::aio::ConnectionManager,
+    redis: &crate::source::RedisConn,
     metrics: &Metrics,
 ) -> anyhow::Result<Option<Arc<Snapshotter>>> {
     if !config.snapshot.enabled {

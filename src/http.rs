@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 
 use std::collections::HashMap;
 
+use crate::source::RedisConn;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use deadpool_postgres::Pool;
-use redis::aio::ConnectionManager;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +26,7 @@ use crate::telemetry::Metrics;
 #[derive(Clone)]
 pub struct HttpState {
     pub metrics: Metrics,
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     /// The sink's pool: `/health/database` shows its state (how busy the
     /// ingest connections are); no health check takes one of them.
     pub pool: Pool,
@@ -41,9 +41,9 @@ pub struct HttpState {
 /// The stream and dead-letter keys `/health/queue` reports on.
 #[derive(Debug, Clone)]
 pub struct QueueInfo {
-    pub stream_key: String,
+    /// Every shard's stream and dead-letter keys (one when not sharded).
+    pub shards: Vec<crate::shards::ShardKeys>,
     pub group: String,
-    pub dlq_key: String,
     pub alert_threshold: u64,
     pub alert_window: Duration,
 }
@@ -145,7 +145,7 @@ async fn readyz(State(state): State<HttpState>) -> Response {
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Pings Redis; returns (ok, detail).
-pub async fn check_redis(conn: &ConnectionManager) -> (bool, serde_json::Value) {
+pub async fn check_redis(conn: &RedisConn) -> (bool, serde_json::Value) {
     let started = Instant::now();
     let mut conn = conn.clone();
     let result = tokio::time::timeout(
@@ -292,12 +292,47 @@ pub struct QueueStats {
     pub recent_dead_letters: u64,
     pub alert_threshold: u64,
     pub alert_window_secs: u64,
+    /// Each shard's figures when the stream is sharded (the fields above
+    /// are then their sums, `lag` only when every shard reports it).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<QueueStats>,
 }
 
-/// Reads the queue statistics from Redis.
-pub async fn queue_stats(
-    conn: &mut ConnectionManager,
+/// Reads the queue statistics from Redis: the one stream's, or with
+/// shards every shard's and their sums.
+pub async fn queue_stats(conn: &mut RedisConn, q: &QueueInfo) -> redis::RedisResult<QueueStats> {
+    let mut per_shard = Vec::with_capacity(q.shards.len());
+    for shard in &q.shards {
+        per_shard.push(shard_stats(conn, q, shard).await?);
+    }
+    if per_shard.len() == 1 {
+        return Ok(per_shard.remove(0));
+    }
+    let sum = |f: fn(&QueueStats) -> u64| per_shard.iter().map(f).sum::<u64>();
+    Ok(QueueStats {
+        stream: q
+            .shards
+            .iter()
+            .map(|s| s.stream.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+        stream_length: sum(|s| s.stream_length),
+        pending: sum(|s| s.pending),
+        lag: per_shard.iter().map(|s| s.lag).sum(),
+        dead_letters: sum(|s| s.dead_letters),
+        recent_dead_letters: sum(|s| s.recent_dead_letters),
+        alert_threshold: q.alert_threshold,
+        alert_window_secs: q.alert_window.as_secs(),
+        shards: per_shard,
+    })
+}
+
+/// One shard's statistics. Its stream and dead letters share a hash tag,
+/// so on a cluster the pipeline goes to one node.
+async fn shard_stats(
+    conn: &mut RedisConn,
     q: &QueueInfo,
+    shard: &crate::shards::ShardKeys,
 ) -> redis::RedisResult<QueueStats> {
     let window_start = chrono::Utc::now().timestamp_millis() - q.alert_window.as_millis() as i64;
     let (stream_length, dead_letters, pending, groups, recent): (
@@ -308,17 +343,17 @@ pub async fn queue_stats(
         redis::Value,
     ) = redis::pipe()
         .cmd("XLEN")
-        .arg(&q.stream_key)
+        .arg(&shard.stream)
         .cmd("XLEN")
-        .arg(&q.dlq_key)
+        .arg(&shard.dlq)
         .cmd("XPENDING")
-        .arg(&q.stream_key)
+        .arg(&shard.stream)
         .arg(&q.group)
         .cmd("XINFO")
         .arg("GROUPS")
-        .arg(&q.stream_key)
+        .arg(&shard.stream)
         .cmd("XRANGE")
-        .arg(&q.dlq_key)
+        .arg(&shard.dlq)
         .arg(format!("{}-0", window_start.max(0)))
         .arg("+")
         .arg("COUNT")
@@ -351,7 +386,7 @@ pub async fn queue_stats(
         _ => 0,
     };
     Ok(QueueStats {
-        stream: q.stream_key.clone(),
+        stream: shard.stream.clone(),
         stream_length,
         pending,
         lag: group_field(&groups, &q.group, "lag"),
@@ -359,6 +394,7 @@ pub async fn queue_stats(
         recent_dead_letters: recent,
         alert_threshold: q.alert_threshold,
         alert_window_secs: q.alert_window.as_secs(),
+        shards: Vec::new(),
     })
 }
 

@@ -24,6 +24,7 @@ pub mod processor;
 #[cfg(test)]
 mod properties;
 pub mod retry;
+pub mod shards;
 pub mod shutdown;
 pub mod sink;
 pub mod source;

@@ -180,56 +180,66 @@ enum DlqCommand {
     },
 }
 
-/// The `dlq` subcommands.
+/// The `dlq` subcommands, on every shard's dead letters in turn (a shard's
+/// dead letters replay onto that shard's stream).
 async fn run_dlq(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
     use audit_worker::dlq::{self, DeadLetterFilter};
-    let client = audit_worker::source::redis_client(&config.redis)?;
-    let mut conn = audit_worker::source::command_connection(&client, &config.redis).await?;
-    let key = &config.dlq.key;
-    match command {
-        DlqCommand::List { reason, limit } => {
-            let filter = DeadLetterFilter { reason, id: None };
-            let letters = dlq::list(&mut conn, key, &filter, limit).await?;
-            for l in &letters {
+    let (_, mut conn) = audit_worker::source::RedisTarget::connect(&config.redis).await?;
+    if let DlqCommand::Replay { reason, id, all } = &command {
+        if reason.is_none() && id.is_none() && !all {
+            anyhow::bail!("say what to replay: --reason R, --id ID, or --all");
+        }
+    }
+    for shard in audit_worker::shards::shard_keys(config) {
+        let key = &shard.dlq;
+        match &command {
+            DlqCommand::List { reason, limit } => {
+                let filter = DeadLetterFilter {
+                    reason: reason.clone(),
+                    id: None,
+                };
+                let letters = dlq::list(&mut conn, key, &filter, *limit).await?;
+                for l in &letters {
+                    println!(
+                        "{}  {}  {:<22} {}\n    {}\n    {}",
+                        l.id,
+                        l.failed_at,
+                        l.reason,
+                        l.source,
+                        l.error
+                            .chars()
+                            .flat_map(char::escape_default)
+                            .collect::<String>(),
+                        l.excerpt(120)
+                    );
+                }
+                println!("{} dead letter(s) shown from {key}", letters.len());
+            }
+            DlqCommand::Replay { reason, id, .. } => {
+                let filter = DeadLetterFilter {
+                    reason: reason.clone(),
+                    id: id.clone(),
+                };
+                let replayed = dlq::replay(&mut conn, key, &shard.stream, &filter).await?;
+                for (letter, new_id) in &replayed {
+                    println!(
+                        "{} ({}) -> {} {}",
+                        letter.id, letter.reason, shard.stream, new_id
+                    );
+                }
                 println!(
-                    "{}  {}  {:<22} {}\n    {}\n    {}",
-                    l.id,
-                    l.failed_at,
-                    l.reason,
-                    l.source,
-                    l.error
-                        .chars()
-                        .flat_map(char::escape_default)
-                        .collect::<String>(),
-                    l.excerpt(120)
+                    "{} dead letter(s) replayed onto {}",
+                    replayed.len(),
+                    shard.stream
                 );
             }
-            println!("{} dead letter(s) shown from {key}", letters.len());
-        }
-        DlqCommand::Replay { reason, id, all } => {
-            if reason.is_none() && id.is_none() && !all {
-                anyhow::bail!("say what to replay: --reason R, --id ID, or --all");
-            }
-            let filter = DeadLetterFilter { reason, id };
-            let replayed = dlq::replay(&mut conn, key, &config.stream.key, &filter).await?;
-            for (letter, new_id) in &replayed {
+            DlqCommand::Purge { older_than } => {
+                let removed = dlq::purge_older_than(&mut conn, key, *older_than).await?;
                 println!(
-                    "{} ({}) -> {} {}",
-                    letter.id, letter.reason, config.stream.key, new_id
+                    "{removed} dead letter(s) older than {} removed from {key}",
+                    humantime::format_duration(*older_than)
                 );
             }
-            println!(
-                "{} dead letter(s) replayed onto {}",
-                replayed.len(),
-                config.stream.key
-            );
-        }
-        DlqCommand::Purge { older_than } => {
-            let removed = dlq::purge_older_than(&mut conn, key, older_than).await?;
-            println!(
-                "{removed} dead letter(s) older than {} removed from {key}",
-                humantime::format_duration(older_than)
-            );
         }
     }
     Ok(())

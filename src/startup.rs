@@ -12,13 +12,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::source::{RedisConn, RedisTarget};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use deadpool_postgres::Pool;
-use redis::aio::ConnectionManager;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -211,8 +211,8 @@ impl HttpPort {
 pub struct Connected {
     pub pool: Pool,
     pub partitions: Arc<Partitions>,
-    pub redis_client: redis::Client,
-    pub commands: ConnectionManager,
+    pub redis_target: RedisTarget,
+    pub commands: RedisConn,
 }
 
 /// Connects to PostgreSQL (migrating when `database.migrate_on_start`,
@@ -229,7 +229,7 @@ pub async fn connect_when_available(
     let mut db_log = OutageLog::new("PostgreSQL not available at start");
     let mut redis_log = OutageLog::new("Redis not available at start");
     let mut database: Option<(Pool, Arc<Partitions>)> = None;
-    let mut redis: Option<(redis::Client, ConnectionManager)> = None;
+    let mut redis: Option<(RedisTarget, RedisConn)> = None;
     let mut attempt = 0u32;
     loop {
         if database.is_none() {
@@ -277,13 +277,13 @@ pub async fn connect_when_available(
             _ = shutdown.cancelled() => return Ok(None),
         }
     }
-    let (Some((pool, partitions)), Some((redis_client, commands))) = (database, redis) else {
+    let (Some((pool, partitions)), Some((redis_target, commands))) = (database, redis) else {
         return Ok(None);
     };
     Ok(Some(Connected {
         pool,
         partitions,
-        redis_client,
+        redis_target,
         commands,
     }))
 }
@@ -306,35 +306,13 @@ async fn connect_database(config: &Config) -> Result<(Pool, Arc<Partitions>), St
     Ok((pool, partitions))
 }
 
-/// One attempt at Redis: a PING on a fresh connection (the connection
-/// manager would keep retrying by itself, hiding the outage), then the
-/// shared command connection.
-async fn connect_redis(config: &Config) -> Result<(redis::Client, ConnectionManager), String> {
-    let client = crate::source::redis_client(&config.redis).map_err(|e| e.to_string())?;
-    let timeout = Duration::from_secs(config.redis.connect_timeout_secs.max(1));
-    let unreachable = |cause: String| {
-        crate::source::RedisSetupError::Unreachable {
-            target: crate::source::describe_target(&client),
-            cause,
-        }
-        .to_string()
-    };
-    let probe = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout));
-    let mut conn = client
-        .get_multiplexed_async_connection_with_config(&probe)
+/// One attempt at Redis: finds it (through the sentinels or the cluster's
+/// seed nodes when so configured) and PINGs it on a fresh connection
+/// before opening the shared command connection.
+async fn connect_redis(config: &Config) -> Result<(RedisTarget, RedisConn), String> {
+    RedisTarget::connect(&config.redis)
         .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    redis::cmd("PING")
-        .query_async::<String>(&mut conn)
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    drop(conn);
-    let commands = crate::source::command_connection(&client, &config.redis)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok((client, commands))
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

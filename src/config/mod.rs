@@ -26,7 +26,7 @@ mod http;
 mod integrity;
 mod log;
 pub mod queue_scope;
-mod redis;
+pub mod redis;
 mod report;
 mod secret;
 mod sink;
@@ -45,7 +45,7 @@ pub use export::{ExportConfig, OcsfClassRule, OcsfConfig};
 pub use http::HttpConfig;
 pub use integrity::IntegrityConfig;
 pub use log::LogConfig;
-pub use redis::RedisConfig;
+pub use redis::{RedisConfig, RedisTopology};
 pub use report::ReportConfig;
 pub use secret::{read_secret_file, Secret};
 pub use sink::SinkConfig;
@@ -142,6 +142,12 @@ impl Config {
         self.stream.validate()?;
         if self.dlq.key.is_empty() || self.dlq.key == self.stream.key {
             return err("dlq.key", "must be set and differ from stream.key");
+        }
+        if self.bullmq.enabled && self.redis.topology() != RedisTopology::Single {
+            return err(
+                "bullmq.enabled",
+                "is true but redis.sentinels or redis.cluster_nodes is set: the BullMQ library connects to one Redis URL and cannot follow a Sentinel failover or a cluster; set bullmq.enabled = false (AUDIT_WORKER__BULLMQ__ENABLED=false) and have producers use the stream",
+            );
         }
         if self.bullmq.enabled {
             self.bullmq.validate()?;

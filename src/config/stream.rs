@@ -4,6 +4,10 @@ use serde::Deserialize;
 
 use super::ConfigError;
 
+/// The most shards `stream.shards` accepts: each shard is one reader task
+/// with its own blocking connection in every worker.
+pub const MAX_SHARDS: u32 = 256;
+
 /// `[stream]`: the Redis Streams source.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -19,6 +23,9 @@ pub struct StreamConfig {
     pub max_in_flight_batches: usize,
     pub delete_acked: bool,
     pub max_deliveries: u64,
+    /// Number of stream shards (`<key>:{0}` .. `<key>:{N-1}`); 1 keeps the
+    /// single stream `key` (outside a cluster).
+    pub shards: u32,
 }
 
 impl StreamConfig {
@@ -38,6 +45,12 @@ impl StreamConfig {
             return err(
                 "stream.block_ms",
                 "must be at least 1 (0 would block forever)",
+            );
+        }
+        if !(1..=MAX_SHARDS).contains(&self.shards) {
+            return err(
+                "stream.shards",
+                &format!("must be between 1 and {MAX_SHARDS}"),
             );
         }
         if self.max_deliveries == 0 {

@@ -69,7 +69,7 @@ impl DeadLetterFilter {
 /// Reads dead letters page by page (the DLQ can be large), keeping those the
 /// filter matches, up to `limit`.
 pub async fn list(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::source::RedisConn,
     dlq_key: &str,
     filter: &DeadLetterFilter,
     limit: usize,
@@ -146,7 +146,7 @@ pub fn replay_pipeline(
 /// the removal from the DLQ happen in one MULTI/EXEC, so a letter is never
 /// lost between the two, nor replayed twice by a repeated command.
 pub async fn replay(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::source::RedisConn,
     dlq_key: &str,
     stream_key: &str,
     filter: &DeadLetterFilter,
@@ -169,7 +169,7 @@ pub async fn replay(
 /// Removes dead letters older than `age` (by their DLQ entry time); returns
 /// how many were removed.
 pub async fn purge_older_than(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::source::RedisConn,
     dlq_key: &str,
     age: std::time::Duration,
 ) -> redis::RedisResult<u64> {

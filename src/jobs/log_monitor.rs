@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::source::RedisConn;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -20,7 +20,7 @@ pub const RULE: &str = "log_truncated";
 pub fn spawn(
     config: &Config,
     pool: deadpool_postgres::Pool,
-    redis: ConnectionManager,
+    redis: RedisConn,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> Option<tokio::task::JoinHandle<()>> {

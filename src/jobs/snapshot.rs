@@ -224,7 +224,7 @@ pub struct Snapshotter {
     origin: String,
     settings: SnapshotConfig,
     storage: Storage,
-    redis: Option<redis::aio::ConnectionManager>,
+    redis: Option<crate::source::RedisConn>,
     stream_key: String,
     owner: String,
     /// Where finished jobs are counted (the worker's registry; the CLI
@@ -240,7 +240,7 @@ impl Snapshotter {
         pool: deadpool_postgres::Pool,
         signer: SharedSigner,
         storage: Storage,
-        redis: Option<redis::aio::ConnectionManager>,
+        redis: Option<crate::source::RedisConn>,
     ) -> Self {
         Self {
             pool,
@@ -249,7 +249,7 @@ impl Snapshotter {
             settings: config.snapshot.clone(),
             storage,
             redis,
-            stream_key: config.stream.key.clone(),
+            stream_key: crate::shards::own_events_key(config),
             owner: config.consumer_name(),
             metrics: None,
         }

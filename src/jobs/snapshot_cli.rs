@@ -80,12 +80,10 @@ pub async fn snapshot(
     let storage = crate::storage::open(&config.storage)?;
     // Redis is only needed for the audit.snapshot.created event; without it
     // the snapshot stays `sealed` and a running worker publishes it.
-    let redis = match crate::source::redis_client(&config.redis) {
-        Ok(c) => crate::source::command_connection(&c, &config.redis)
-            .await
-            .ok(),
-        Err(_) => None,
-    };
+    let redis = crate::source::RedisTarget::connect(&config.redis)
+        .await
+        .ok()
+        .map(|(_, conn)| conn);
     let snapshotter = Snapshotter::new(config, pool, signer, storage, redis);
     let source = format!(
         "cli:{}:{}",

@@ -5,11 +5,14 @@
 //! acknowledgement).
 
 pub mod bullmq;
+pub mod connection;
 pub mod stream;
+
+pub use connection::{RedisConn, RedisTarget};
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client};
 
 use crate::config::RedisConfig;
@@ -51,21 +54,17 @@ pub fn describe_target(client: &Client) -> String {
     client.get_connection_info().addr().to_string()
 }
 
-/// The shared command connection: reconnects by itself after a drop (the
-/// first command after a drop still fails, so callers retry idempotent
-/// commands).
+/// The shared command connection to one server: reconnects by itself
+/// after a drop (the first command after a drop still fails, so callers
+/// retry idempotent commands). [`RedisTarget::connect`] opens it for
+/// every deployment.
 pub async fn command_connection(
     client: &Client,
     config: &RedisConfig,
-) -> Result<ConnectionManager, RedisSetupError> {
-    let cfg = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(config.connect_timeout_secs)))
-        .set_response_timeout(Some(Duration::from_secs(config.response_timeout_secs)))
-        .set_number_of_retries(6)
-        .set_max_delay(Duration::from_secs(5));
-    client
-        .get_connection_manager_with_config(cfg)
+) -> Result<RedisConn, RedisSetupError> {
+    connection::manager(client, config)
         .await
+        .map(RedisConn::Single)
         .map_err(|e| RedisSetupError::Unreachable {
             target: describe_target(client),
             cause: e.to_string(),

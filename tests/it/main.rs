@@ -15,6 +15,7 @@ mod ops;
 mod outage;
 mod pg_tls;
 mod process;
+mod redis_ha;
 mod report;
 mod roles;
 mod scale;

@@ -256,9 +256,8 @@ pub async fn run_export(config: &Config, args: &RequestArgs, out: &PathBuf) -> a
     Ok(())
 }
 
-async fn connect_redis(config: &Config) -> anyhow::Result<redis::aio::ConnectionManager> {
-    let client = crate::source::redis_client(&config.redis)?;
-    Ok(crate::source::command_connection(&client, &config.redis).await?)
+async fn connect_redis(config: &Config) -> anyhow::Result<crate::source::RedisConn> {
+    Ok(crate::source::RedisTarget::connect(&config.redis).await?.1)
 }
 
 /// `audit-worker enqueue export ...`: records a job for the workers'

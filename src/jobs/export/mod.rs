@@ -22,8 +22,8 @@ pub mod sweep;
 
 use std::sync::Arc;
 
+use crate::source::RedisConn;
 use futures::future::BoxFuture;
-use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -160,7 +160,7 @@ pub fn exporter(
     config: &Config,
     pool: deadpool_postgres::Pool,
     storage: Storage,
-    redis: Option<ConnectionManager>,
+    redis: Option<RedisConn>,
     wake: Arc<Notify>,
 ) -> anyhow::Result<Exporter> {
     Ok(Exporter {
@@ -170,7 +170,7 @@ pub fn exporter(
         notifier: redis.map(|redis| Notifier {
             redis,
             notifications_key: config.export.notifications_key.clone(),
-            events_key: config.stream.key.clone(),
+            events_key: crate::shards::own_events_key(config),
             hmac: crate::policy::hmac_key_ring(&config.integrity).unwrap_or_default(),
         }),
         links: link_signer(config)?,
@@ -192,7 +192,7 @@ impl ExportService {
     pub fn new(
         config: &Config,
         pool: deadpool_postgres::Pool,
-        redis: ConnectionManager,
+        redis: RedisConn,
         metrics: crate::telemetry::Metrics,
     ) -> anyhow::Result<Self> {
         let storage = crate::storage::open(&config.storage)?;

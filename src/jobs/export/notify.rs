@@ -12,8 +12,8 @@
 //! and `timestamp` come from the job (id, completion time), so a repeat
 //! after a crash is absorbed by the idempotency key instead of stored twice.
 
+use crate::source::RedisConn;
 use chrono::{DateTime, SecondsFormat, Utc};
-use redis::aio::ConnectionManager;
 use serde_json::json;
 
 use crate::integrity::{canonical_hash_v1, HashedFields, HmacKeyRing};
@@ -42,7 +42,7 @@ impl Notice {
 /// Writes notifications and the export's audit event to Redis.
 #[derive(Clone)]
 pub struct Notifier {
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub notifications_key: String,
     pub events_key: String,
     pub hmac: HmacKeyRing,

@@ -214,7 +214,6 @@ pub async fn run_report(
     Ok(())
 }
 
-async fn connect_redis(config: &Config) -> anyhow::Result<redis::aio::ConnectionManager> {
-    let client = crate::source::redis_client(&config.redis)?;
-    Ok(crate::source::command_connection(&client, &config.redis).await?)
+async fn connect_redis(config: &Config) -> anyhow::Result<crate::source::RedisConn> {
+    Ok(crate::source::RedisTarget::connect(&config.redis).await?.1)
 }

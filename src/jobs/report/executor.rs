@@ -19,10 +19,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::source::RedisConn;
 use chrono::{DateTime, SecondsFormat, Utc};
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
-use redis::aio::ConnectionManager;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
@@ -93,7 +93,7 @@ impl Settings {
 /// Where the audit event and notifications go.
 #[derive(Clone)]
 pub struct Announcer {
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub events_key: String,
     pub notifications_key: String,
     pub hmac: HmacKeyRing,

@@ -25,8 +25,8 @@ pub mod store;
 
 use std::sync::Arc;
 
+use crate::source::RedisConn;
 use futures::future::BoxFuture;
-use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -182,7 +182,7 @@ pub fn reporter(
     config: &Config,
     pool: deadpool_postgres::Pool,
     storage: Storage,
-    redis: Option<ConnectionManager>,
+    redis: Option<RedisConn>,
     wake: Arc<Notify>,
 ) -> anyhow::Result<Reporter> {
     let settings =
@@ -193,7 +193,7 @@ pub fn reporter(
         settings,
         announcer: redis.map(|redis| Announcer {
             redis,
-            events_key: config.stream.key.clone(),
+            events_key: crate::shards::own_events_key(config),
             notifications_key: config.export.notifications_key.clone(),
             hmac: crate::policy::hmac_key_ring(&config.integrity).unwrap_or_default(),
         }),
@@ -216,7 +216,7 @@ impl ReportService {
     pub fn new(
         config: &Config,
         pool: deadpool_postgres::Pool,
-        redis: ConnectionManager,
+        redis: RedisConn,
         metrics: crate::telemetry::Metrics,
     ) -> anyhow::Result<Self> {
         let storage = crate::storage::open(&config.storage)?;

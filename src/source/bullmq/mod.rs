@@ -51,9 +51,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::source::RedisConn;
 use bullmq::worker::WorkerEvent;
 use bullmq::{Job, QueueKeys, Worker, WorkerOptions};
-use redis::aio::ConnectionManager;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -72,7 +72,7 @@ pub(crate) struct Shared {
     processor: Processor,
     /// Our own Redis connection, for dead letters (never BullMQ's keys,
     /// except the one read by [`job_data`]).
-    commands: ConnectionManager,
+    commands: RedisConn,
     outage_retry_delay: Duration,
     /// [`JOB_DATA_LUA`], loaded once per connection (EVALSHA).
     job_data: redis::Script,
@@ -87,14 +87,14 @@ pub struct BullmqSource {
     settings: BullmqConfig,
     redis_url: Secret,
     consumer: String,
-    commands: ConnectionManager,
+    commands: RedisConn,
     processor: Processor,
     dlq_key: String,
 }
 
 impl BullmqSource {
     /// Prepares the source (no I/O until `run`).
-    pub fn new(config: &Config, commands: ConnectionManager, processor: Processor) -> Self {
+    pub fn new(config: &Config, commands: RedisConn, processor: Processor) -> Self {
         Self {
             settings: config.bullmq.clone(),
             redis_url: config.redis.url.clone(),

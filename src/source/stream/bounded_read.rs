@@ -2,7 +2,7 @@
 //! dead-letters, acknowledges and deletes oversized entries inside Redis,
 //! so they never reach the worker's memory (see `read_bounded.lua`).
 
-use redis::aio::ConnectionManager;
+use crate::source::RedisConn;
 use redis::Value;
 
 use super::reply::{bytes_of, entries_from, stream_id_less, StreamEntry};
@@ -99,7 +99,7 @@ pub struct BoundedReadArgs<'a> {
 /// into our own pending entries) without blocking.
 pub async fn read_bounded(
     script: &redis::Script,
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     args: &BoundedReadArgs<'_>,
     start: &str,
 ) -> redis::RedisResult<BoundedRead> {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::source::RedisConn;
 use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::Metrics;
@@ -78,7 +78,7 @@ const CHUNK: usize = 1000;
 /// finished: batches still finishing after shutdown must not be claimed).
 pub async fn keep_fresh(
     in_flight: Arc<InFlight>,
-    mut conn: ConnectionManager,
+    mut conn: RedisConn,
     refresh: Refresh,
     metrics: Metrics,
     stop: CancellationToken,

@@ -1,4 +1,11 @@
-//! The Redis Streams source: producers `XADD audit:events`.
+//! The Redis Streams source: producers `XADD audit:events` (or, sharded,
+//! `audit:events:{0}` .. `{N-1}`; see [`crate::shards`]).
+//!
+//! Each shard has its own reader (a blocking XREADGROUP spans one key's
+//! slot only on a cluster) with its own consumer group, dead-letter
+//! stream, blocking connection and `max_in_flight_batches`; they share the
+//! command connection and the processor. The rest of this comment is one
+//! shard's reader.
 //!
 //! Reads through the consumer group `audit-workers`: first its own pending
 //! entries (left by a previous run of this consumer), then new entries
@@ -22,8 +29,7 @@ pub mod reply;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, MultiplexedConnection};
-use redis::{Client, Value};
+use redis::Value;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -31,6 +37,7 @@ use crate::config::{Config, RedisConfig, StreamConfig};
 use crate::dlq::RejectReason;
 use crate::message::{SourceKind, MAX_SIDE_FIELD_BYTES};
 use crate::processor::Processor;
+use crate::source::{RedisConn, RedisTarget};
 
 use batch::{handle_batch, Arrival};
 use bounded_read::{read_bounded, BoundedRead, BoundedReadArgs, BOUNDED_READ_LUA};
@@ -43,47 +50,76 @@ pub(crate) struct Shared {
     dlq_key: String,
     consumer: String,
     processor: Processor,
-    commands: ConnectionManager,
+    commands: RedisConn,
     /// [`BOUNDED_READ_LUA`], loaded once per connection (EVALSHA).
     bounded_read: redis::Script,
     /// Ids read and not yet acknowledged, refreshed against XAUTOCLAIM.
     in_flight: Arc<InFlight>,
 }
 
-/// The stream source; `run` consumes until shutdown.
+/// The stream source: one reader per shard; `run` consumes until shutdown.
 pub struct StreamSource {
+    shards: Vec<ShardReader>,
+}
+
+/// One shard's reader: its keys and its own blocking connection.
+struct ShardReader {
     shared: Arc<Shared>,
-    client: Client,
+    target: RedisTarget,
     redis: RedisConfig,
 }
 
 impl StreamSource {
-    /// Prepares the source (no I/O until `run`).
+    /// Prepares a reader for every shard (no I/O until `run`).
     pub fn new(
         config: &Config,
-        client: Client,
-        commands: ConnectionManager,
+        target: RedisTarget,
+        commands: RedisConn,
         processor: Processor,
     ) -> Self {
-        Self {
-            shared: Arc::new(Shared {
-                stream: config.stream.clone(),
-                dlq_key: config.dlq.key.clone(),
-                consumer: config.consumer_name(),
-                processor,
-                commands,
-                bounded_read: redis::Script::new(BOUNDED_READ_LUA),
-                in_flight: Arc::default(),
-            }),
-            client,
-            redis: config.redis.clone(),
-        }
+        let consumer = config.consumer_name();
+        let shards = crate::shards::shard_keys(config)
+            .into_iter()
+            .map(|keys| ShardReader {
+                shared: Arc::new(Shared {
+                    stream: StreamConfig {
+                        key: keys.stream,
+                        ..config.stream.clone()
+                    },
+                    dlq_key: keys.dlq,
+                    consumer: consumer.clone(),
+                    processor: processor.clone(),
+                    commands: commands.clone(),
+                    bounded_read: redis::Script::new(BOUNDED_READ_LUA),
+                    in_flight: Arc::default(),
+                }),
+                target: target.clone(),
+                redis: config.redis.clone(),
+            })
+            .collect();
+        Self { shards }
     }
 
+    /// Runs every shard's reader until shutdown, and returns when all have
+    /// finished their batches in flight.
+    pub async fn run(self) {
+        let mut readers = JoinSet::new();
+        for shard in self.shards {
+            readers.spawn(shard.run());
+        }
+        while let Some(r) = readers.join_next().await {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "a stream shard reader failed");
+            }
+        }
+    }
+}
+
+impl ShardReader {
     /// Consumes until shutdown, then waits for the batches in flight to be
     /// written and acknowledged. Redis errors are logged and retried with
     /// backoff; they never end the loop.
-    pub async fn run(self) {
+    async fn run(self) {
         let s = &self.shared;
         let shutdown = s.processor.shutdown().clone();
         tracing::info!(stream = %s.stream.key, group = %s.stream.group, consumer = %s.consumer, "stream source starting");
@@ -103,7 +139,7 @@ impl StreamSource {
         let slots = Arc::new(Semaphore::new(s.stream.max_in_flight_batches));
         let mut tasks = JoinSet::new();
         let block = Duration::from_millis(s.stream.block_ms);
-        let mut reader: Option<MultiplexedConnection> = None;
+        let mut reader: Option<RedisConn> = None;
         let mut failures: u32 = 0;
         let mut group_ready = false;
         // Our own pending entries (a previous run of this consumer died
@@ -211,7 +247,7 @@ impl StreamSource {
             }
             let conn = match reader.as_mut() {
                 Some(c) => c,
-                None => match super::blocking_connection(&self.client, &self.redis, block).await {
+                None => match self.target.blocking(&self.redis, block).await {
                     Ok(c) => reader.insert(c),
                     Err(e) => {
                         failures += 1;

@@ -1,0 +1,473 @@
+//! Redis high availability: the worker binary against a Sentinel-monitored
+//! primary with two replicas (the primary dies by SIGKILL mid-stream), and
+//! against a three-master Redis Cluster with a sharded stream read by three
+//! worker processes. Each test brings its own servers up on free loopback
+//! ports with `scripts/redis-topology.sh` and takes them down when it ends,
+//! failed or not.
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use audit_worker::shards::{shard_for, tagged_key};
+use redis::aio::ConnectionLike;
+use redis::cluster::ClusterClient;
+use redis::sentinel::{SentinelClient, SentinelServerType};
+
+use crate::common::*;
+use crate::ops::{parse_metrics, sample_sum, scrape};
+
+/// Servers started by `scripts/redis-topology.sh` in a directory of their
+/// own; dropped (even by a failing test): killed, and the directory gone.
+struct Topology {
+    dir: PathBuf,
+    base: u16,
+}
+
+impl Topology {
+    /// `kind` is `sentinel` (ports base..base+5) or `cluster` (base..base+2
+    /// and their cluster bus ports, base+10000..).
+    fn start(kind: &str, name: &str) -> Self {
+        let span = if kind == "sentinel" { 6 } else { 3 };
+        let base = free_port_range(span, kind == "cluster");
+        let dir = std::env::temp_dir().join(format!("audit-worker-{kind}-{name}"));
+        let topology = Self { dir, base };
+        let status = Command::new(script())
+            .arg(kind)
+            .arg(&topology.dir)
+            .arg(base.to_string())
+            .status()
+            .expect("scripts/redis-topology.sh runs");
+        assert!(status.success(), "{kind} topology did not come up");
+        topology
+    }
+
+    /// `127.0.0.1:<base+i>`.
+    fn node(&self, i: u16) -> String {
+        format!("127.0.0.1:{}", self.base + i)
+    }
+
+    /// The pid of the server on `base+i`.
+    fn pid(&self, i: u16) -> u32 {
+        std::fs::read_to_string(self.dir.join(format!("redis-{}.pid", self.base + i)))
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid")
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _ = Command::new(script()).arg("down").arg(&self.dir).status();
+    }
+}
+
+/// Worker processes that die with the test: SIGKILLed when dropped
+/// (a failing test), after a graceful stop when it passes.
+struct Workers(Vec<(u16, Child)>);
+
+impl Workers {
+    /// SIGTERM to each, then wait: the graceful stop of a passing test.
+    fn stop(mut self) {
+        for (_, child) in &mut self.0 {
+            terminate(child);
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/redis-topology.sh")
+}
+
+/// A run of `span` consecutive free loopback ports (and, for a cluster,
+/// the bus ports 10000 above them), at a random place so parallel tests
+/// rarely meet.
+fn free_port_range(span: u16, with_bus: bool) -> u16 {
+    let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+    for _ in 0..200 {
+        let base = 20_000 + (rand::random::<u16>() % 25_000);
+        if (0..span).all(|i| free(base + i) && (!with_bus || free(base + 10_000 + i))) {
+            return base;
+        }
+    }
+    panic!("no free run of {span} loopback ports");
+}
+
+/// Rows a worker process reports as inserted, from its /metrics.
+async fn inserted_by(port: u16) -> f64 {
+    let text = scrape(port).await.expect("worker /metrics");
+    sample_sum(
+        &parse_metrics(&text),
+        "audit_worker_events_total",
+        &[("source", "stream"), ("outcome", "inserted")],
+    )
+}
+
+async fn wait_ready(port: u16) {
+    wait_until(Duration::from_secs(60), "worker ready", || async {
+        reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+}
+
+/// `XPENDING` count and the group's `lag` of one stream.
+async fn pending_and_lag(
+    conn: &mut impl ConnectionLike,
+    stream: &str,
+    group: &str,
+) -> (i64, Option<i64>) {
+    let pending: redis::Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .query_async(conn)
+        .await
+        .unwrap();
+    let pending = match pending {
+        redis::Value::Array(items) => match items.first() {
+            Some(redis::Value::Int(n)) => *n,
+            _ => -1,
+        },
+        _ => -1,
+    };
+    let groups: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .unwrap();
+    let lag = groups
+        .iter()
+        .find(
+            |g| matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n == group.as_bytes()),
+        )
+        .and_then(|g| match g.get("lag") {
+            Some(redis::Value::Int(n)) => Some(*n),
+            _ => None,
+        });
+    (pending, lag)
+}
+
+/// The sentinels' client for the test's master ("audit").
+fn sentinel_client(t: &Topology) -> SentinelClient {
+    SentinelClient::build(
+        (3..6).map(|i| format!("redis://{}", t.node(i))).collect(),
+        "audit".to_string(),
+        None,
+        SentinelServerType::Master,
+    )
+    .unwrap()
+}
+
+/// Writes `events` to the current master in chunks, each confirmed on a
+/// replica with WAIT before the next; a chunk that fails (the master died)
+/// or is not confirmed is written again to whichever master the sentinels
+/// name next. Its events carry event ids, so a chunk stored twice is one
+/// set of rows. Returns the index of the first event of the first chunk
+/// that had to be written again (the first one after the failover).
+async fn produce_through_sentinel(
+    mut sentinel: SentinelClient,
+    stream: String,
+    total: usize,
+) -> Option<usize> {
+    let mut conn = sentinel
+        .async_get_client()
+        .await
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut first_rewritten = None;
+    let chunk_size = 500;
+    for start in (0..total).step_by(chunk_size) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut pipe = redis::pipe();
+            for i in start..(start + chunk_size).min(total) {
+                pipe.cmd("XADD")
+                    .arg(&stream)
+                    .arg("*")
+                    .arg("data")
+                    .arg(event(i).to_string())
+                    .ignore();
+            }
+            pipe.cmd("WAIT").arg(1).arg(2000);
+            let confirmed: redis::RedisResult<(i64,)> = pipe.query_async(&mut conn).await;
+            if matches!(confirmed, Ok((n,)) if n >= 1) {
+                break;
+            }
+            first_rewritten.get_or_insert(start);
+            assert!(
+                Instant::now() < deadline,
+                "no master accepted writes for 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Ok(client) = sentinel.async_get_client().await {
+                if let Ok(c) = client.get_multiplexed_async_connection().await {
+                    conn = c;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first_rewritten
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_after_sigkill_of_the_primary_loses_and_duplicates_nothing() {
+    let env = TestEnv::new("sentinel").await;
+    let topology = Topology::start("sentinel", &env.name);
+    let total = 50_000usize;
+    let sentinels = format!(
+        "[\"{}\",\"{}\",\"{}\"]",
+        topology.node(3),
+        topology.node(4),
+        topology.node(5)
+    );
+    let worker = spawn_worker_with(
+        &env,
+        &[
+            ("AUDIT_WORKER__REDIS__SENTINELS", sentinels),
+            ("AUDIT_WORKER__REDIS__MASTER_NAME", "audit".into()),
+            ("AUDIT_WORKER__REDIS__RESPONSE_TIMEOUT_SECS", "2".into()),
+            ("AUDIT_WORKER__REDIS__CONNECT_TIMEOUT_SECS", "1".into()),
+            ("AUDIT_WORKER__BULLMQ__ENABLED", "false".into()),
+            ("AUDIT_WORKER__STREAM__CLAIM_IDLE_MS", "2000".into()),
+        ],
+    );
+    let worker = Workers(vec![(env.http_port, worker)]);
+    wait_ready(env.http_port).await;
+
+    let producer = tokio::spawn(produce_through_sentinel(
+        sentinel_client(&topology),
+        env.stream.clone(),
+        total,
+    ));
+    wait_until(
+        Duration::from_secs(300),
+        "a third of the events stored",
+        || async { env.row_count().await >= (total / 3) as i64 },
+    )
+    .await;
+    let primary = topology.pid(0);
+    let killed_at = Instant::now();
+    let status = Command::new("kill")
+        .arg("-KILL")
+        .arg(primary.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "SIGKILL of the primary");
+
+    let first_after = producer
+        .await
+        .unwrap()
+        .expect("the producer met the dead primary and wrote to the new one");
+    // The first commit of an event written to the promoted replica.
+    let rewritten: Vec<String> = (first_after..first_after + 500)
+        .map(|i| format!("evt-{i}"))
+        .collect();
+    wait_until(
+        Duration::from_secs(120),
+        "an event written after the failover stored",
+        || async {
+            env.pg
+                .query_one(
+                    "SELECT count(*) FROM audit_log WHERE event_id = ANY($1)",
+                    &[&rewritten],
+                )
+                .await
+                .map(|r| r.get::<_, i64>(0) > 0)
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    let failover_to_commit = killed_at.elapsed();
+
+    let mut sentinel = sentinel_client(&topology);
+    let master = sentinel.async_get_client().await.unwrap();
+    let master_addr = master.get_connection_info().addr().to_string();
+    assert_ne!(
+        master_addr,
+        topology.node(0),
+        "the sentinels promoted a replica"
+    );
+    let mut conn = master.get_multiplexed_async_connection().await.unwrap();
+    let env_ref = &env;
+    wait_until(
+        Duration::from_secs(300),
+        "every event stored and acknowledged on the new master",
+        || {
+            let mut conn = conn.clone();
+            async move {
+                let (pending, lag) =
+                    pending_and_lag(&mut conn, &env_ref.stream, &env_ref.group).await;
+                env_ref.row_count().await == total as i64 && pending == 0 && lag == Some(0)
+            }
+        },
+    )
+    .await;
+
+    let (rows, distinct) = env.count_and_distinct().await;
+    assert_eq!((rows, distinct), (total as i64, total as i64));
+    let dead: usize = redis::cmd("XLEN")
+        .arg(&env.dlq)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(dead, 0, "a failover dead-letters nothing");
+    assert_eq!(inserted_by(env.http_port).await, total as f64);
+    eprintln!(
+        "sentinel: primary killed; {master_addr} promoted; first commit of an event written after the failover {:.1} s after the kill",
+        failover_to_commit.as_secs_f64()
+    );
+    worker.stop();
+    drop(topology);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_with_four_shards_and_three_workers_stores_every_event_once_and_drains_every_shard()
+{
+    let env = TestEnv::new("cluster").await;
+    let topology = Topology::start("cluster", &env.name);
+    let (shards, total) = (4u32, 100_000usize);
+    let nodes = format!(
+        "[\"{}\",\"{}\",\"{}\"]",
+        topology.node(0),
+        topology.node(1),
+        topology.node(2)
+    );
+    let workers: Vec<(u16, Child)> = (0..3)
+        .map(|i| {
+            let port = free_port();
+            let child = spawn_worker_with(
+                &env,
+                &[
+                    ("AUDIT_WORKER__REDIS__CLUSTER_NODES", nodes.clone()),
+                    ("AUDIT_WORKER__STREAM__SHARDS", shards.to_string()),
+                    ("AUDIT_WORKER__BULLMQ__ENABLED", "false".into()),
+                    ("AUDIT_WORKER__STREAM__CONSUMER", format!("replica-{i}")),
+                    ("AUDIT_WORKER__HTTP__LISTEN", format!("127.0.0.1:{port}")),
+                    ("AUDIT_WORKER__DATABASE__POOL_SIZE", "4".into()),
+                    (
+                        "AUDIT_WORKER__TELEMETRY__QUEUE_STATS_INTERVAL_SECS",
+                        "1".into(),
+                    ),
+                ],
+            );
+            (port, child)
+        })
+        .collect();
+    let workers = Workers(workers);
+    for (port, _) in &workers.0 {
+        wait_ready(*port).await;
+    }
+
+    // Producers choose the shard by organisation.
+    let client = ClusterClient::new(
+        (0..3)
+            .map(|i| format!("redis://{}", topology.node(i)))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let mut conn = client.get_async_connection().await.unwrap();
+    let mut per_shard = vec![0usize; shards as usize];
+    for chunk in (0..total).collect::<Vec<_>>().chunks(2000) {
+        // One pipeline per shard: a pipeline goes to one slot's node.
+        let mut pipes: Vec<redis::Pipeline> = (0..shards).map(|_| redis::pipe()).collect();
+        for &i in chunk {
+            let e = event(i);
+            let shard = shard_for(e["organizationId"].as_str().unwrap(), shards);
+            per_shard[shard as usize] += 1;
+            pipes[shard as usize]
+                .cmd("XADD")
+                .arg(tagged_key(&env.stream, shard))
+                .arg("*")
+                .arg("data")
+                .arg(e.to_string())
+                .ignore();
+        }
+        for pipe in &pipes {
+            let _: () = pipe.query_async(&mut conn).await.unwrap();
+        }
+    }
+    assert!(
+        per_shard.iter().all(|&n| n > 0),
+        "every shard got events: {per_shard:?}"
+    );
+
+    let shard_keys: Vec<String> = (0..shards).map(|k| tagged_key(&env.stream, k)).collect();
+    wait_until(
+        Duration::from_secs(600),
+        "every event stored and every shard drained",
+        || async {
+            if env.row_count().await != total as i64 {
+                return false;
+            }
+            let mut conn = client.get_async_connection().await.unwrap();
+            for key in &shard_keys {
+                if pending_and_lag(&mut conn, key, &env.group).await != (0, Some(0)) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+
+    let (rows, distinct) = env.count_and_distinct().await;
+    assert_eq!((rows, distinct), (total as i64, total as i64));
+    for k in 0..shards {
+        let dead: usize = redis::cmd("XLEN")
+            .arg(tagged_key(&env.dlq, k))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(dead, 0, "shard {k} dead-lettered nothing");
+    }
+    // Every worker took part, and each reports every shard's gauges,
+    // drained.
+    let mut stored = 0.0;
+    for (port, _) in &workers.0 {
+        let n = inserted_by(*port).await;
+        assert!(n > 0.0, "the worker on {port} stored nothing");
+        stored += n;
+        wait_until(
+            Duration::from_secs(10),
+            "every shard's lag gauge at 0",
+            || {
+                let (port, shard_keys) = (*port, shard_keys.clone());
+                async move {
+                    let Some(text) = scrape(port).await else {
+                        return false;
+                    };
+                    // Read as text: the metrics parser stops a label value at
+                    // the first `}`, and shard keys hold braces.
+                    shard_keys.iter().all(|k| {
+                        let series = format!(
+                            "audit_worker_queue_lag_messages{{queue=\"{k}\",source=\"stream\"}} "
+                        );
+                        text.lines()
+                            .any(|l| l.strip_prefix(&series).is_some_and(|v| v.trim() == "0"))
+                    })
+                }
+            },
+        )
+        .await;
+    }
+    assert_eq!(stored, total as f64, "each event inserted by one worker");
+    workers.stop();
+    drop(topology);
+    env.cleanup().await;
+}
