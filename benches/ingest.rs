@@ -93,10 +93,7 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
     let tag = format!("bench_{}", std::process::id());
-    let (pg, conn) = tokio_postgres::connect(DB, NoTls)
-        .await
-        .expect("PostgreSQL up: run scripts/services.sh");
-    tokio::spawn(conn);
+    let pg = connect_db().await;
     let stream = format!("bench:{tag}:events");
     let schema_worker = format!("{tag}_worker");
     let schema_copy = format!("{tag}_copy");
@@ -245,6 +242,15 @@ async fn main() {
     let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&stream).query_async(&mut rc).await;
 }
 
+/// The benchmark database's client (its connection runs in a task).
+async fn connect_db() -> tokio_postgres::Client {
+    let (pg, conn) = tokio_postgres::connect(DB, NoTls)
+        .await
+        .expect("PostgreSQL up: run scripts/services.sh");
+    tokio::spawn(conn);
+    pg
+}
+
 /// Fills `stream` with `n` events.
 async fn prefill(rc: &mut redis::aio::MultiplexedConnection, stream: &str, n: usize) {
     for chunk in (0..n).collect::<Vec<_>>().chunks(2_000) {
@@ -268,10 +274,7 @@ async fn drain() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
     let tag = format!("drain_{}", std::process::id());
-    let (pg, conn) = tokio_postgres::connect(DB, NoTls)
-        .await
-        .expect("PostgreSQL up: run scripts/services.sh");
-    tokio::spawn(conn);
+    let pg = connect_db().await;
     let stream = format!("bench:{tag}:events");
     let schema = format!("{tag}_worker");
     let mut config = audit_worker::config::Config::load_from(
@@ -379,10 +382,7 @@ async fn latency() {
     let seconds = env_num("BENCH_SECONDS", 15.0);
     let bin =
         std::env::var("AUDIT_WORKER_BIN").unwrap_or_else(|_| "target/release/audit-worker".into());
-    let (pg, conn) = tokio_postgres::connect(DB, NoTls)
-        .await
-        .expect("PostgreSQL up: run scripts/services.sh");
-    tokio::spawn(conn);
+    let pg = connect_db().await;
     let client = redis::Client::open(REDIS).unwrap();
     let mut rc = client.get_multiplexed_async_connection().await.unwrap();
 
@@ -639,10 +639,7 @@ async fn sharded() {
     let shards = env_num("BENCH_SHARDS", 1).max(1) as u32;
     let workers = env_num("BENCH_WORKERS", 1).max(1);
     let tag = format!("bench_{}", std::process::id());
-    let (pg, conn) = tokio_postgres::connect(DB, NoTls)
-        .await
-        .expect("PostgreSQL up: run scripts/services.sh");
-    tokio::spawn(conn);
+    let pg = connect_db().await;
     let schema = format!("{tag}_sharded");
     let bin =
         std::env::var("AUDIT_WORKER_BIN").unwrap_or_else(|_| "target/release/audit-worker".into());

@@ -112,7 +112,7 @@ down() {
     port=${port%.pid}
     # Only the server this topology started (its title names its port): a
     # pid left by a server killed earlier may belong to someone else now.
-    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "redis-server.*:$port"; then
+    if { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -q "redis-server.*:$port"; then
       kill -KILL "$pid" 2>/dev/null || true
     fi
   done

@@ -96,7 +96,7 @@ impl RedisTarget {
                     .async_get_client()
                     .await
                     .map_err(|e| unreachable(e.to_string()))?;
-                let manager = manager(&client, config)
+                let manager = manager(&client, config, Reconnect::Briefly)
                     .await
                     .map_err(|e| unreachable(e.to_string()))?;
                 let address = super::describe_target(&client);
@@ -183,7 +183,7 @@ impl SentinelMaster {
                 return;
             }
         };
-        match manager(&client, &self.config).await {
+        match manager(&client, &self.config, Reconnect::Briefly).await {
             Ok(conn) => {
                 let address = super::describe_target(&client);
                 let mut c = self.current.lock().expect("sentinel state lock");
@@ -284,16 +284,35 @@ async fn probe(client: &Client, config: &RedisConfig) -> Result<(), RedisSetupEr
     Ok(())
 }
 
+/// How hard a connection manager tries to reconnect before a command
+/// sees the error.
+#[derive(Clone, Copy)]
+pub(super) enum Reconnect {
+    /// One server: keep trying (six attempts, up to 5 s apart); it is the
+    /// only place Redis can come back.
+    Patiently,
+    /// A master named by Sentinel: give up quickly, so that the failure
+    /// reaches [`SentinelMaster::refresh`] and the worker asks the
+    /// sentinels for the promoted replica instead of waiting on the dead
+    /// master.
+    Briefly,
+}
+
 /// The self-reconnecting shared connection to one server.
 pub(super) async fn manager(
     client: &Client,
     config: &RedisConfig,
+    reconnect: Reconnect,
 ) -> RedisResult<ConnectionManager> {
+    let (retries, max_delay) = match reconnect {
+        Reconnect::Patiently => (6, Duration::from_secs(5)),
+        Reconnect::Briefly => (1, Duration::from_millis(200)),
+    };
     let cfg = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(config.connect_timeout_secs)))
         .set_response_timeout(Some(Duration::from_secs(config.response_timeout_secs)))
-        .set_number_of_retries(6)
-        .set_max_delay(Duration::from_secs(5));
+        .set_number_of_retries(retries)
+        .set_max_delay(max_delay);
     client.get_connection_manager_with_config(cfg).await
 }
 

@@ -62,7 +62,7 @@ pub async fn command_connection(
     client: &Client,
     config: &RedisConfig,
 ) -> Result<RedisConn, RedisSetupError> {
-    connection::manager(client, config)
+    connection::manager(client, config, connection::Reconnect::Patiently)
         .await
         .map(RedisConn::Single)
         .map_err(|e| RedisSetupError::Unreachable {
