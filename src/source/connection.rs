@@ -31,15 +31,16 @@ use super::RedisSetupError;
 use crate::config::redis::parse_host_port;
 use crate::config::{RedisConfig, RedisTopology};
 
-/// Where Redis is, and how to open connections to it.
+/// Where Redis is, and how to open connections to it. The clients are
+/// boxed: they are hundreds of bytes, the Sentinel variant a pointer.
 #[derive(Clone)]
 pub enum RedisTarget {
     /// One server (`redis.url`).
-    Single(Client),
+    Single(Box<Client>),
     /// The master the sentinels name (`redis.sentinels`).
     Sentinel(Arc<SentinelMaster>),
     /// A Redis Cluster (`redis.cluster_nodes`).
-    Cluster(ClusterClient),
+    Cluster(Box<ClusterClient>),
 }
 
 /// A connection to Redis of any deployment; implements
@@ -80,7 +81,7 @@ impl RedisTarget {
                 let client = super::redis_client(config)?;
                 probe(&client, config).await?;
                 let conn = super::command_connection(&client, config).await?;
-                Ok((Self::Single(client), conn))
+                Ok((Self::Single(Box::new(client)), conn))
             }
             RedisTopology::Sentinel => {
                 let unreachable = |cause: String| RedisSetupError::Unreachable {
@@ -111,20 +112,16 @@ impl RedisTarget {
             RedisTopology::Cluster => {
                 let client = cluster_client(config, Duration::ZERO)
                     .map_err(|e| RedisSetupError::BadUrl(e.to_string()))?;
-                let mut conn = client.get_async_connection().await.map_err(|e| {
-                    RedisSetupError::Unreachable {
-                        target: format!("cluster {}", config.cluster_nodes.join(",")),
-                        cause: e.to_string(),
-                    }
-                })?;
+                let unreachable = |e: RedisError| RedisSetupError::Unreachable {
+                    target: format!("cluster {}", config.cluster_nodes.join(",")),
+                    cause: e.to_string(),
+                };
+                let mut conn = client.get_async_connection().await.map_err(unreachable)?;
                 redis::cmd("PING")
                     .query_async::<String>(&mut conn)
                     .await
-                    .map_err(|e| RedisSetupError::Unreachable {
-                        target: format!("cluster {}", config.cluster_nodes.join(",")),
-                        cause: e.to_string(),
-                    })?;
-                Ok((Self::Cluster(client), RedisConn::Cluster(conn)))
+                    .map_err(unreachable)?;
+                Ok((Self::Cluster(Box::new(client)), RedisConn::Cluster(conn)))
             }
         }
     }
@@ -151,12 +148,6 @@ impl RedisTarget {
                 Ok(RedisConn::Cluster(client.get_async_connection().await?))
             }
         }
-    }
-
-    /// Whether keys must carry hash tags (a cluster routes multi-key
-    /// commands only within one slot).
-    pub fn is_cluster(&self) -> bool {
-        matches!(self, Self::Cluster(_))
     }
 }
 

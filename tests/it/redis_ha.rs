@@ -163,7 +163,7 @@ async fn pending_and_lag(
 fn sentinel_client(t: &Topology) -> SentinelClient {
     SentinelClient::build(
         (3..6).map(|i| format!("redis://{}", t.node(i))).collect(),
-        "audit".to_string(),
+        "audit",
         None,
         SentinelServerType::Master,
     )
@@ -505,5 +505,42 @@ async fn cluster_with_four_shards_and_three_workers_stores_every_event_once_and_
     assert_eq!(stored, total as f64, "each event inserted by one worker");
     workers.stop();
     drop(topology);
+    env.cleanup().await;
+}
+
+/// A promoted replica may lack the consumer group (created on the old
+/// master just before it died): the worker creates it again and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_group_missing_after_a_failover_is_created_again() {
+    let env = TestEnv::new("lostgroup").await;
+    let mut config = env.config();
+    config.bullmq.enabled = false;
+    let worker = InProcessWorker::start(config);
+    env.add_events(&(0..100).map(event).collect::<Vec<_>>())
+        .await;
+    wait_until(Duration::from_secs(60), "the first 100 rows", || async {
+        env.row_count().await == 100
+    })
+    .await;
+    let mut conn = env.redis_conn().await;
+    let destroyed: i64 = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(&env.stream)
+        .arg(&env.group)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(destroyed, 1, "the group existed");
+    env.add_events(&(100..200).map(event).collect::<Vec<_>>())
+        .await;
+    wait_until(
+        Duration::from_secs(60),
+        "the group created again and the next 100 rows stored",
+        || async { env.row_count().await == 200 && env.pending_count().await == 0 },
+    )
+    .await;
+    assert_eq!(env.count_and_distinct().await, (200, 200));
+    assert_eq!(env.dlq_len().await, 0);
+    worker.stop().await;
     env.cleanup().await;
 }
