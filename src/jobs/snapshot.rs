@@ -956,15 +956,15 @@ struct LogTail<'a> {
     tiles: &'a mut crate::jobs::tile_store::TileAppender,
 }
 
-/// Ledger entries waiting to be inserted, as columns (one multi-row
-/// INSERT per page).
+/// Ledger entries waiting to be written, as columns (one binary COPY per
+/// page).
 #[derive(Default)]
 struct LedgerBatch {
     leaf_index: Vec<i64>,
     event_time: Vec<DateTime<Utc>>,
     row_id: Vec<i64>,
     key: Vec<String>,
-    leaf: Vec<Vec<u8>>,
+    leaf: Vec<Hash>,
     late: Vec<Option<DateTime<Utc>>>,
 }
 
@@ -987,7 +987,7 @@ impl LedgerBatch {
         self.event_time.push(time);
         self.row_id.push(row);
         self.key.push(key);
-        self.leaf.push(leaf.to_vec());
+        self.leaf.push(leaf);
     }
 
     async fn flush(
@@ -998,24 +998,48 @@ impl LedgerBatch {
         if self.leaf_index.is_empty() {
             return Ok(());
         }
-        tx.execute(
-            "INSERT INTO seal_ledger (leaf_index, snapshot_id, event_time, row_id, idempotency_key, leaf,
-                                      leaf_version, late_arrival)
-             SELECT i, $1, t, r, k, l, $7, a
-               FROM UNNEST($2::bigint[], $3::timestamptz[], $4::bigint[], $5::text[], $6::bytea[],
-                           $8::timestamptz[]) AS u(i, t, r, k, l, a)",
+        // Binary COPY: the cheapest way in for a page of new rows (no
+        // statement to plan, no arrays to unpack). A page is one COPY, so
+        // the cursor reading the next page and the tile writes run between
+        // COPYs on the same connection.
+        use tokio_postgres::binary_copy::BinaryCopyInWriter;
+        use tokio_postgres::types::Type;
+        let sink = tx
+            .copy_in(
+                "COPY seal_ledger (leaf_index, snapshot_id, event_time, row_id, idempotency_key, leaf,
+                                   leaf_version, late_arrival) FROM STDIN (FORMAT binary)",
+            )
+            .await?;
+        let writer = BinaryCopyInWriter::new(
+            sink,
             &[
-                &snapshot_id,
-                &self.leaf_index,
-                &self.event_time,
-                &self.row_id,
-                &self.key,
-                &self.leaf,
-                &LEAF_VERSION_V2,
-                &self.late,
+                Type::INT8,
+                Type::INT8,
+                Type::TIMESTAMPTZ,
+                Type::INT8,
+                Type::TEXT,
+                Type::BYTEA,
+                Type::INT2,
+                Type::TIMESTAMPTZ,
             ],
-        )
-        .await?;
+        );
+        futures::pin_mut!(writer);
+        for n in 0..self.leaf_index.len() {
+            writer
+                .as_mut()
+                .write(&[
+                    &self.leaf_index[n],
+                    &snapshot_id,
+                    &self.event_time[n],
+                    &self.row_id[n],
+                    &self.key[n],
+                    &self.leaf[n].as_slice(),
+                    &LEAF_VERSION_V2,
+                    &self.late[n],
+                ])
+                .await?;
+        }
+        writer.finish().await?;
         *self = Self::default();
         Ok(())
     }

@@ -858,19 +858,20 @@ pub async fn prove(
         .start()
         .await?;
     // The ledger says which leaf sealed the event (rows sealed with leaf
-    // v1 also carry it; v2 rows do not).
-    // The key's entries are found through their own index first
-    // (MATERIALIZED): with `ORDER BY event_time LIMIT` on the ledger itself,
-    // the planner may walk the whole (event_time, row_id) index instead,
-    // which takes seconds on a large log whose statistics are not fresh.
+    // v1 also carry it; v2 rows do not). The key's rows are found through
+    // audit_log's key index first (MATERIALIZED), then their entries
+    // through the ledger's (event_time, row_id) index: the ledger has no
+    // key index (it would cost every sealed event), and with `ORDER BY
+    // event_time LIMIT` on the ledger itself the planner may walk the
+    // whole ledger index, which takes seconds on a large log whose
+    // statistics are not fresh.
     let sealed = tx
         .query(
             "WITH hits AS MATERIALIZED (
-                 SELECT row_id, event_time, leaf, leaf_index, snapshot_id, leaf_version
-                   FROM seal_ledger WHERE idempotency_key = $1 LIMIT 10)
+                 SELECT id, event_time, hash FROM audit_log WHERE idempotency_key = $1 LIMIT 10)
              SELECT l.row_id, l.event_time, l.leaf, l.leaf_index, l.snapshot_id, l.leaf_version, a.hash
-               FROM hits l
-               LEFT JOIN audit_log a ON a.event_time = l.event_time AND a.id = l.row_id
+               FROM hits a
+               JOIN seal_ledger l ON l.event_time = a.event_time AND l.row_id = a.id
               ORDER BY l.event_time",
             &[&event],
         )
