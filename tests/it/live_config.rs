@@ -334,7 +334,7 @@ async fn a_document_in_the_object_store_loads_reloads_and_falls_back_to_the_last
         use std::os::unix::fs::OpenOptionsExt;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
+            .create_new(true)
             .mode(0o600)
             .open(&keys)
             .unwrap();
