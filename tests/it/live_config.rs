@@ -69,21 +69,27 @@ async fn wait_ready(env: &TestEnv) {
     env.wait_for_schema().await;
 }
 
-/// `audit_worker_config_reload_total{result}` as the worker reports it.
-async fn reloads(env: &TestEnv, result: &str) -> u64 {
+/// The value of the sample `series` (name and labels as rendered) on
+/// the worker's `/metrics`, `None` when it is not exported.
+async fn metric(env: &TestEnv, series: &str) -> Option<f64> {
     let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", env.http_port))
         .await
         .unwrap()
         .text()
         .await
         .unwrap();
-    let prefix = format!("audit_worker_config_reload_total{{result=\"{result}\"}} ");
+    let prefix = format!("{series} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no {prefix} in /metrics:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// `audit_worker_config_reload_total{result}` as the worker reports it.
+async fn reloads(env: &TestEnv, result: &str) -> u64 {
+    let series = format!("audit_worker_config_reload_total{{result=\"{result}\"}}");
+    metric(env, &series)
+        .await
+        .unwrap_or_else(|| panic!("{series} is not exported")) as u64
 }
 
 /// The `config` object of `GET /health`.
@@ -401,5 +407,86 @@ async fn a_document_in_the_object_store_loads_reloads_and_falls_back_to_the_last
     let said = log_text(&log3);
     assert!(said.contains(&url), "{said}");
     assert!(said.contains("no last good local copy"), "{said}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_rules_and_sink_batching_apply_on_sighup() {
+    let env = TestEnv::new("live_rules").await;
+    let files = Files::new();
+    let config = files.path("worker.toml");
+    let log = files.path("worker.log");
+    let key = HmacKey::new("k1", "rules-secret");
+    // Batches of one row; no alert rule. The alert stream is this test's.
+    let alerts = format!("[alerts]\nstream = \"test:{}:alerts\"\n", env.name);
+    let first = document(
+        "k1=rules-secret",
+        &format!("{alerts}\n[sink]\nbatch_size = 1\n"),
+    );
+    std::fs::write(&config, &first).unwrap();
+    let mut child = start_worker(
+        &env,
+        config.to_str().unwrap(),
+        &files.path("cache.toml"),
+        &log,
+    );
+    wait_ready(&env).await;
+    env.add_events(&(0..20).map(|i| signed_event(i, &key)).collect::<Vec<_>>())
+        .await;
+    wait_until(Duration::from_secs(30), "20 rows", || async {
+        env.row_count().await == 20
+    })
+    .await;
+    let rule = "audit_worker_security_alerts_total{rule=\"phi_live\"}";
+    assert_eq!(metric(&env, rule).await, None, "no such rule yet");
+    assert_eq!(
+        metric(&env, "audit_worker_batch_size_bucket{le=\"1\"}").await,
+        metric(&env, "audit_worker_batch_size_count").await,
+        "batch_size = 1: every batch holds one row"
+    );
+
+    // A PHI rule, and big batches with a linger: both apply on SIGHUP.
+    let second = document(
+        "k1=rules-secret",
+        &format!(
+            "{alerts}\n[[alerts.rules]]\nkind = \"classified_access\"\nname = \"phi_live\"\nclassification = \"PHI\"\n\n[sink]\nbatch_size = 1000\nmax_wait_ms = 1500\n"
+        ),
+    );
+    std::fs::write(&config, &second).unwrap();
+    hangup(&child);
+    wait_until(Duration::from_secs(20), "rules applied", || async {
+        reloads(&env, "applied").await == 1
+    })
+    .await;
+    let batches_before = metric(&env, "audit_worker_batch_size_count").await.unwrap();
+    env.add_events(&(20..70).map(|i| signed_event(i, &key)).collect::<Vec<_>>())
+        .await;
+    wait_until(Duration::from_secs(30), "70 rows", || async {
+        env.row_count().await == 70
+    })
+    .await;
+    let batches = metric(&env, "audit_worker_batch_size_count").await.unwrap() - batches_before;
+    assert!(
+        (1.0..=5.0).contains(&batches),
+        "50 events lingered into a few big batches, not 50: {batches}"
+    );
+    wait_until(Duration::from_secs(20), "the new rule fired", || async {
+        metric(&env, rule).await.unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    let mut conn = env.redis_conn().await;
+    let raised: usize = redis::cmd("XLEN")
+        .arg(format!("test:{}:alerts", env.name))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(raised >= 1, "alerts written to the test's stream");
+
+    terminate(&mut child);
+    let _: () = redis::cmd("DEL")
+        .arg(format!("test:{}:alerts", env.name))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     env.cleanup().await;
 }
