@@ -318,3 +318,96 @@ fn prepare_next(
     let next = running.config.with_live_settings_of(&loaded)?;
     Applied::prepare(next, settings, version)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::live::source::StartConfig;
+
+    /// A reloader over the file `path`, started from its current content.
+    fn reloader_for(path: &std::path::Path) -> (Reloader, crate::live::LiveConfig) {
+        let start = StartConfig::load(Some(path.to_str().unwrap())).unwrap();
+        let applied = Applied::prepare(start.config, start.settings, start.version).unwrap();
+        let (tx, live) = crate::live::LiveConfig::new(applied);
+        (Reloader::new(start.source, tx, None), live)
+    }
+
+    #[test]
+    fn only_a_valid_changed_document_replaces_the_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.toml");
+        std::fs::write(&path, "[integrity]\nhmac_keys = \"k1=one\"\n").unwrap();
+        // The start configuration loads before the runtime, as in main.
+        let (reloader, live) = reloader_for(&path);
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(reload_cases(&path, reloader, live));
+    }
+
+    async fn reload_cases(
+        path: &std::path::Path,
+        mut reloader: Reloader,
+        live: crate::live::LiveConfig,
+    ) {
+        let started = live.current();
+        assert_eq!(started.policy.hmac_keys.ids(), vec!["k1"]);
+
+        assert_eq!(
+            reloader.reload(Trigger::Signal).await,
+            ReloadResult::Unchanged
+        );
+        assert_eq!(
+            reloader.reload(Trigger::Poll).await,
+            ReloadResult::Unchanged
+        );
+
+        std::fs::write(
+            path,
+            "[integrity]\nhmac_keys = \"k2=two,k1=one\"\n[sink]\nwriters = 3\n",
+        )
+        .unwrap();
+        assert_eq!(reloader.reload(Trigger::Poll).await, ReloadResult::Applied);
+        let applied = live.current();
+        assert_eq!(applied.policy.hmac_keys.ids(), vec!["k2", "k1"]);
+        assert_ne!(applied.version, started.version);
+        assert_eq!(
+            applied.config.sink.writers, started.config.sink.writers,
+            "restart-only"
+        );
+        assert_eq!(applied.pending_restart, vec!["sink.writers"]);
+
+        std::fs::write(
+            path,
+            "[integrity]\nhmac_keys = \"k3=three\"\n[sink]\nbatch_size = 0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            reloader.reload(Trigger::Signal).await,
+            ReloadResult::Rejected
+        );
+        assert_eq!(
+            live.current().version,
+            applied.version,
+            "the last good one stays"
+        );
+        assert_eq!(
+            reloader.reload(Trigger::Poll).await,
+            ReloadResult::Unchanged,
+            "refused once"
+        );
+        assert_eq!(
+            reloader.reload(Trigger::Signal).await,
+            ReloadResult::Rejected,
+            "SIGHUP checks again"
+        );
+
+        std::fs::remove_file(path).unwrap();
+        assert_eq!(
+            reloader.reload(Trigger::Signal).await,
+            ReloadResult::Unreadable
+        );
+        assert_eq!(live.current().policy.hmac_keys.ids(), vec!["k2", "k1"]);
+    }
+}
