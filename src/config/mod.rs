@@ -97,13 +97,14 @@ pub struct Config {
 }
 
 impl Config {
-    /// Loads defaults, then `file` if given, then the environment, and
-    /// validates the result.
-    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::load_from(file, Env::prefixed(ENV_PREFIX).split("__"))
+    /// The `AUDIT_WORKER__SECTION__KEY` overrides of the process
+    /// environment, merged over the document.
+    pub fn environment() -> Env {
+        Env::prefixed(ENV_PREFIX).split("__")
     }
 
-    /// Like [`Config::load`] with an explicit environment provider (tests).
+    /// Loads defaults, then `file` if given, then `env`, and validates the
+    /// result (tests; the worker loads through [`crate::live::source`]).
     pub fn load_from(file: Option<&Path>, env: Env) -> Result<Self, ConfigError> {
         let text = match file {
             None => None,

@@ -310,8 +310,7 @@ fn prepare_next(
     version: String,
 ) -> Result<Applied, crate::config::ConfigError> {
     let text = document_text(document, origin)?;
-    let env = figment::providers::Env::prefixed(crate::config::ENV_PREFIX).split("__");
-    let (loaded, settings) = Config::load_document(Some(text), origin, env)?;
+    let (loaded, settings) = Config::load_document(Some(text), origin, Config::environment())?;
     // Restart-only settings are checked too, so a document that could not
     // start the worker is refused now rather than at the next start.
     crate::startup::check_settings(&loaded).map_err(|e| crate::config::ConfigError(e.0))?;

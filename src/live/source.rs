@@ -120,7 +120,7 @@ impl StartConfig {
     /// copy is used; with neither, the error says what to do. Blocks (call
     /// before the async runtime starts).
     pub fn load(arg: Option<&str>) -> Result<Self, ConfigError> {
-        let env = || Env::prefixed(crate::config::ENV_PREFIX).split("__");
+        let env = Config::environment;
         let Some(arg) = arg else {
             let (config, settings) = Config::load_document(None, "", env())?;
             return Ok(Self {
