@@ -56,13 +56,21 @@ fn worker(env: &TestEnv, config: &str, cache: &Path, log: &Path) -> Command {
     cmd
 }
 
-fn hangup(child: &Child) {
+/// Sends SIGHUP and waits until `audit_worker_config_reload_total{result}`
+/// reaches `count`.
+async fn reload_by_signal(env: &TestEnv, child: &Child, result: &str, count: u64) {
     let status = Command::new("kill")
         .arg("-HUP")
         .arg(child.id().to_string())
         .status()
         .unwrap();
     assert!(status.success());
+    wait_until(
+        Duration::from_secs(20),
+        &format!("reload counted as {result} {count} time(s)"),
+        || async { reloads(env, result).await == count },
+    )
+    .await;
 }
 
 async fn wait_ready(env: &TestEnv) {
@@ -120,6 +128,16 @@ async fn stored_key_id(env: &TestEnv, i: usize) -> Option<String> {
         .get(0)
 }
 
+/// Waits until the test's DLQ holds `count` dead letters.
+async fn wait_for_dead_letters(env: &TestEnv, count: usize) {
+    wait_until(
+        Duration::from_secs(30),
+        &format!("{count} dead letter(s)"),
+        || async { env.dlq_len().await == count },
+    )
+    .await;
+}
+
 fn log_text(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -166,21 +184,12 @@ async fn sighup_rotates_the_hmac_key_old_key_ids_still_verify_and_invalid_edits_
     env.add_events(&[signed_event(1, &k1), signed_event(2, &k2)])
         .await;
     assert_eq!(stored_key_id(&env, 1).await.as_deref(), Some("k1"));
-    wait_until(
-        Duration::from_secs(30),
-        "k2 event dead-lettered",
-        || async { env.dlq_len().await == 1 },
-    )
-    .await;
+    wait_for_dead_letters(&env, 1).await;
 
     // Rotation: k2 signs from now on, k1 stays to verify older events.
     let rotated = document("k2=second-secret,k1=first-secret", "");
     std::fs::write(&config, &rotated).unwrap();
-    hangup(&child);
-    wait_until(Duration::from_secs(20), "rotation applied", || async {
-        reloads(&env, "applied").await == 1
-    })
-    .await;
+    reload_by_signal(&env, &child, "applied", 1).await;
     let health = health_config(&env).await;
     assert_eq!(health["version"], version_of(&rotated));
     assert!(
@@ -207,22 +216,13 @@ async fn sighup_rotates_the_hmac_key_old_key_ids_still_verify_and_invalid_edits_
         ),
     )
     .unwrap();
-    hangup(&child);
-    wait_until(Duration::from_secs(20), "invalid edit rejected", || async {
-        reloads(&env, "rejected").await == 1
-    })
-    .await;
+    reload_by_signal(&env, &child, "rejected", 1).await;
     assert_eq!(reloads(&env, "applied").await, 1, "nothing more applied");
     assert_eq!(health_config(&env).await["version"], version_of(&rotated));
     env.add_events(&[signed_event(5, &k1), signed_event(6, &k3)])
         .await;
     assert_eq!(stored_key_id(&env, 5).await.as_deref(), Some("k1"));
-    wait_until(
-        Duration::from_secs(30),
-        "k3 event dead-lettered",
-        || async { env.dlq_len().await == 2 },
-    )
-    .await;
+    wait_for_dead_letters(&env, 2).await;
     let logged = log_text(&log);
     assert!(logged.contains("configuration rejected"), "{logged}");
     assert!(
@@ -237,11 +237,7 @@ async fn sighup_rotates_the_hmac_key_old_key_ids_still_verify_and_invalid_edits_
         "[sink]\nwriters = 3\n",
     );
     std::fs::write(&config, &restart_only).unwrap();
-    hangup(&child);
-    wait_until(Duration::from_secs(20), "second edit applied", || async {
-        reloads(&env, "applied").await == 2
-    })
-    .await;
+    reload_by_signal(&env, &child, "applied", 2).await;
     let health = health_config(&env).await;
     assert_eq!(
         health["pending_restart"],
@@ -256,14 +252,11 @@ async fn sighup_rotates_the_hmac_key_old_key_ids_still_verify_and_invalid_edits_
         "{logged}"
     );
     // The same document again: nothing to apply.
-    hangup(&child);
-    wait_until(
-        Duration::from_secs(20),
-        "unchanged reload counted",
-        || async { reloads(&env, "unchanged").await == 1 },
-    )
-    .await;
-    assert!(!logged.contains("second-secret"), "no secret in the log");
+    reload_by_signal(&env, &child, "unchanged", 1).await;
+    let logged = log_text(&log);
+    for secret in ["first-secret", "second-secret", "third-secret"] {
+        assert!(!logged.contains(secret), "{secret} in the log:\n{logged}");
+    }
 
     terminate(&mut child);
     assert_eq!(env.row_count().await, 5);
@@ -373,13 +366,7 @@ async fn a_document_in_the_object_store_loads_reloads_and_falls_back_to_the_last
     // Rotation in the key file the document names: same document, new
     // key ring, applied on SIGHUP.
     std::fs::write(&keys, "k2=store-two\nk1=store-one\n").unwrap();
-    hangup(&child);
-    wait_until(
-        Duration::from_secs(20),
-        "key file rotation applied",
-        || async { reloads(&env, "applied").await == 1 },
-    )
-    .await;
+    reload_by_signal(&env, &child, "applied", 1).await;
     env.add_events(&[signed_event(2, &k2), signed_event(3, &k1)])
         .await;
     assert_eq!(stored_key_id(&env, 2).await.as_deref(), Some("k2"));
@@ -453,11 +440,7 @@ async fn alert_rules_and_sink_batching_apply_on_sighup() {
         ),
     );
     std::fs::write(&config, &second).unwrap();
-    hangup(&child);
-    wait_until(Duration::from_secs(20), "rules applied", || async {
-        reloads(&env, "applied").await == 1
-    })
-    .await;
+    reload_by_signal(&env, &child, "applied", 1).await;
     let batches_before = metric(&env, "audit_worker_batch_size_count").await.unwrap();
     env.add_events(&(20..70).map(|i| signed_event(i, &key)).collect::<Vec<_>>())
         .await;
