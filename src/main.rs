@@ -8,16 +8,21 @@ use clap::{Parser, Subcommand};
 use audit_worker::config::Config;
 use audit_worker::jobs::export;
 use audit_worker::jobs::snapshot_cli;
+use audit_worker::live::reloader::Reloader;
+use audit_worker::live::source::StartConfig;
+use audit_worker::live::{Applied, LiveConfig};
 use audit_worker::{app, db, telemetry};
 
 /// Stores audit events from Redis in PostgreSQL, exactly once, verifiably.
 #[derive(Parser)]
 #[command(name = "audit-worker", version, about)]
 struct Cli {
-    /// Configuration file overriding the built-in defaults
-    /// (environment variables AUDIT_WORKER__SECTION__KEY override both).
-    #[arg(long, global = true, value_name = "FILE")]
-    config: Option<PathBuf>,
+    /// Configuration document overriding the built-in defaults: a file, or
+    /// an object-store URL (s3://bucket/key, file:///dir/key). Environment
+    /// variables AUDIT_WORKER__SECTION__KEY override both. `run` re-reads
+    /// it on SIGHUP (README "Live configuration").
+    #[arg(long, global = true, value_name = "FILE|URL")]
+    config: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -247,13 +252,20 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut config = match Config::load(cli.config.as_deref()) {
+    let StartConfig {
+        source,
+        config,
+        settings,
+        version,
+        fell_back,
+    } = match StartConfig::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("audit-worker: {e}");
             return ExitCode::from(2);
         }
     };
+    let mut config = config;
     // Declared before the runtime so it is dropped after it: the last
     // spans are flushed once everything has stopped.
     let _telemetry = match telemetry::init_tracing(&config.log, &config.telemetry) {
@@ -263,6 +275,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(why) = &fell_back {
+        tracing::warn!("{why}");
+    }
+    let log_filter = _telemetry.log_filter();
     if matches!(cli.command, Command::Run | Command::Snapshot { .. }) {
         if let Err(e) = audit_worker::jobs::dev_key::apply(&mut config, cli.config.is_some()) {
             eprintln!("audit-worker: {e:#}");
@@ -281,7 +297,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Run => app::run(config, audit_worker::shutdown::on_signal()).await,
+            Command::Run => {
+                let applied = Applied::prepare(config, settings, version)
+                    .map_err(|e| app::ConfigurationError(e.to_string()))?;
+                let (tx, live) = LiveConfig::new(applied);
+                let reloader = Reloader::new(source, tx, log_filter);
+                app::run_live(live, Some(reloader), audit_worker::shutdown::on_signal()).await
+            }
             Command::Migrate => {
                 let applied = db::migrate(&config).await?;
                 if applied.is_empty() {

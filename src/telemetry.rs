@@ -16,6 +16,8 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use std::sync::Arc;
+
 use crate::config::LogConfig;
 use crate::dlq::RejectReason;
 
@@ -434,6 +436,15 @@ pub use crate::config::TelemetryConfig;
 #[must_use = "dropping the guard shuts the span exporter down"]
 pub struct TelemetryGuard {
     provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+    log_filter: Option<LogFilter>,
+}
+
+impl TelemetryGuard {
+    /// The handle that changes the log filter live (`None` when another
+    /// subscriber was installed first, e.g. in tests).
+    pub fn log_filter(&self) -> Option<LogFilter> {
+        self.log_filter.clone()
+    }
 }
 
 impl Drop for TelemetryGuard {
@@ -473,9 +484,11 @@ pub fn init_tracing(
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{EnvFilter, Layer};
+    let from_env = std::env::var_os(EnvFilter::DEFAULT_ENV).is_some();
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(filter);
     let json = match config.format.as_str() {
         "json" => true,
         "text" => false,
@@ -527,14 +540,47 @@ pub fn init_tracing(
         provider = Some(p);
         crate::tracing_ctx::set_export_enabled(true);
     }
-    let _ = tracing_subscriber::registry()
+    let installed = tracing_subscriber::registry()
         .with(layers)
         .with(filter)
-        .try_init();
+        .try_init()
+        .is_ok();
     if provider.is_some() {
         tracing::info!(endpoint = %telemetry.traces_url(), "exporting spans over OTLP/HTTP");
     }
-    Ok(TelemetryGuard { provider })
+    let log_filter = installed.then(|| LogFilter {
+        set: Arc::new(move |level: &str| {
+            if from_env {
+                tracing::warn!("log.level changed but RUST_LOG is set and overrides it: the filter stays as RUST_LOG says");
+                return;
+            }
+            match EnvFilter::try_new(level) {
+                Ok(filter) => match filter_handle.reload(filter) {
+                    Ok(()) => tracing::info!(level, "log level changed"),
+                    Err(e) => tracing::warn!(error = %e, "cannot change the log level"),
+                },
+                Err(e) => tracing::warn!(error = %e, "log.level is not a valid filter; unchanged"),
+            }
+        }),
+    });
+    Ok(TelemetryGuard {
+        provider,
+        log_filter,
+    })
+}
+
+/// Changes the log filter of the running process (`log.level` applies
+/// live); `RUST_LOG`, when set, keeps precedence.
+#[derive(Clone)]
+pub struct LogFilter {
+    set: Arc<dyn Fn(&str) + Send + Sync>,
+}
+
+impl LogFilter {
+    /// Replaces the filter with `level` (RUST_LOG syntax).
+    pub fn set(&self, level: &str) {
+        (self.set)(level)
+    }
 }
 
 #[cfg(test)]

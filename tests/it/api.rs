@@ -87,8 +87,10 @@ impl ApiEnv {
         let shutdown = CancellationToken::new();
         let metrics = audit_worker::telemetry::Metrics::new();
         let exports =
-            ExportService::new(&config, pool.clone(), redis.clone(), metrics.clone()).unwrap();
-        let reports = ReportService::new(&config, pool.clone(), redis, metrics.clone()).unwrap();
+            ExportService::new(&config, pool.clone(), redis.clone(), metrics.clone(), None)
+                .unwrap();
+        let reports =
+            ReportService::new(&config, pool.clone(), redis, metrics.clone(), None).unwrap();
         if executor {
             let _ = exports.spawn(&config.export, shutdown.clone());
             let _ = reports.spawn(&config, shutdown.clone());
@@ -631,8 +633,14 @@ async fn a_report_by_an_org_scoped_key_holds_only_its_organisation_and_duplicate
     let redis = audit_worker::source::command_connection(&client, &api.config.redis)
         .await
         .unwrap();
-    let reports =
-        ReportService::new(&api.config, api.pool.clone(), redis, api.metrics.clone()).unwrap();
+    let reports = ReportService::new(
+        &api.config,
+        api.pool.clone(),
+        redis,
+        api.metrics.clone(),
+        None,
+    )
+    .unwrap();
     let _ = reports.spawn(&api.config, api.shutdown.clone());
     let mut job = Value::Null;
     for _ in 0..300 {

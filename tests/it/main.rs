@@ -10,6 +10,7 @@ mod export;
 mod export_formats;
 mod faults;
 mod hostile;
+mod live_config;
 mod log_v2;
 mod ops;
 mod outage;

@@ -85,11 +85,34 @@ impl From<std::io::Error> for ExportError {
     }
 }
 
+/// How an export is cut: `[export]` limits that apply live (read from
+/// the configuration in force for each part).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartLimits {
+    /// Rows per part (each part is one compressed member or Parquet file).
+    pub part_rows: u64,
+    /// Rows per database page.
+    pub page_rows: u32,
+    /// Rows per Parquet row group.
+    pub parquet_row_group_rows: u64,
+}
+
+impl PartLimits {
+    /// The limits `[export]` sets.
+    pub fn from_config(c: &ExportConfig) -> Self {
+        Self {
+            part_rows: c.part_rows,
+            page_rows: c.page_rows,
+            parquet_row_group_rows: c.parquet_row_group_rows,
+        }
+    }
+}
+
 /// Executor settings, from `[export]`.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub part_rows: u64,
-    pub page_rows: u32,
+    /// The limits at start (see [`Exporter::part_limits`] for those in force).
+    pub limits: PartLimits,
     pub concurrency: usize,
     pub poll_interval: Duration,
     pub lease_secs: u64,
@@ -98,8 +121,6 @@ pub struct Settings {
     pub levels: Levels,
     pub download_expiry_secs: u64,
     pub public_base_url: String,
-    /// Rows per Parquet row group.
-    pub parquet_row_group_rows: u64,
     /// How rows become OCSF events (`ocsf`, `parquet-ocsf`).
     pub ocsf: Arc<Mapping>,
 }
@@ -109,8 +130,7 @@ impl Settings {
     /// `[export.ocsf]` rule is wrong.
     pub fn from_config(c: &ExportConfig) -> Result<Self, String> {
         Ok(Self {
-            part_rows: c.part_rows,
-            page_rows: c.page_rows,
+            limits: PartLimits::from_config(c),
             concurrency: c.concurrency,
             poll_interval: Duration::from_millis(c.poll_interval_ms),
             lease_secs: c.lease_secs,
@@ -122,7 +142,6 @@ impl Settings {
             },
             download_expiry_secs: c.download_expiry_secs,
             public_base_url: c.public_base_url.clone(),
-            parquet_row_group_rows: c.parquet_row_group_rows,
             ocsf: Arc::new(Mapping::from_config(&c.ocsf)?),
         })
     }
@@ -143,6 +162,9 @@ pub struct Exporter {
     /// Where finished jobs are counted (the worker's registry; `None` for
     /// a CLI export).
     pub metrics: Option<crate::telemetry::Metrics>,
+    /// The worker's configuration in force, whose part limits apply to
+    /// each new part (`None`: the limits in `settings`, e.g. a CLI export).
+    pub live: Option<crate::live::LiveConfig>,
 }
 
 /// The object key of part `n` of a job.
@@ -156,6 +178,14 @@ pub fn manifest_path(artifact_key: &str) -> Path {
 }
 
 impl Exporter {
+    /// The part limits in force now.
+    pub fn part_limits(&self) -> PartLimits {
+        match &self.live {
+            Some(live) => PartLimits::from_config(&live.current().config.export),
+            None => self.settings.limits,
+        }
+    }
+
     fn lease_token(&self) -> String {
         format!("{}/{}", self.worker_name, uuid::Uuid::new_v4())
     }
@@ -356,8 +386,17 @@ impl Exporter {
             .unwrap_or_else(|| PageQuery::start_key(&job.filters));
         loop {
             let part = job.parts_done + 1;
+            let limits = self.part_limits();
             let (rows, last) = self
-                .write_part(&client, &statement, &query, job, part, key, progress)
+                .write_part(
+                    &client,
+                    &statement,
+                    &query,
+                    job,
+                    (part, limits),
+                    key,
+                    progress,
+                )
                 .await?;
             if rows == 0 {
                 break;
@@ -368,7 +407,7 @@ impl Exporter {
             job.parts_done = part;
             job.rows_done += rows as i64;
             key = last;
-            if rows < self.settings.part_rows {
+            if rows < limits.part_rows {
                 break;
             }
         }
@@ -388,7 +427,7 @@ impl Exporter {
         statement: &tokio_postgres::Statement,
         query: &PageQuery,
         job: &Job,
-        part: i32,
+        (part, limits): (i32, PartLimits),
         after: Key,
         progress: Option<&AtomicU64>,
     ) -> Result<(u64, Key), ExportError> {
@@ -398,14 +437,14 @@ impl Exporter {
             job.compression,
             self.settings.levels,
             self.settings.ocsf.clone(),
-            self.settings.parquet_row_group_rows,
+            limits.parquet_row_group_rows,
         )?);
         let mut upload: Option<WriteMultipart> = None;
         let mut in_part = 0u64;
         let mut last = after;
         let result: Result<(), ExportError> = async {
             loop {
-                let limit = (self.settings.page_rows as u64).min(self.settings.part_rows - in_part);
+                let limit = (limits.page_rows as u64).min(limits.part_rows - in_part);
                 if limit == 0 {
                     break;
                 }

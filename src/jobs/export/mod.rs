@@ -177,6 +177,7 @@ pub fn exporter(
         worker_name: config.consumer_name(),
         wake,
         metrics: None,
+        live: None,
     })
 }
 
@@ -189,11 +190,13 @@ pub struct ExportService {
 
 impl ExportService {
     /// Opens storage and builds the handler, executor and download state.
+    /// With `live`, each new part is cut by the limits in force then.
     pub fn new(
         config: &Config,
         pool: deadpool_postgres::Pool,
         redis: ConnectionManager,
         metrics: crate::telemetry::Metrics,
+        live: Option<crate::live::LiveConfig>,
     ) -> anyhow::Result<Self> {
         let storage = crate::storage::open(&config.storage)?;
         let wake = Arc::new(Notify::new());
@@ -205,6 +208,7 @@ impl ExportService {
             wake.clone(),
         )?;
         exporter.metrics = Some(metrics);
+        exporter.live = live;
         let exporter = Arc::new(exporter);
         if exporter.links.is_none() && storage.s3.is_none() {
             tracing::warn!("export.link_secret is not set: export notifications carry no download link and downloads are refused");
