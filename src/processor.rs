@@ -45,6 +45,8 @@ pub enum JobKind {
     Snapshot,
     /// `report.compliance`.
     Report,
+    /// `gdpr.access`: a data subject's access request.
+    GdprAccess,
 }
 
 /// The default job name.
@@ -57,6 +59,7 @@ impl JobKind {
             "export.audit" => Self::Export,
             "audit.snapshot" => Self::Snapshot,
             "report.compliance" => Self::Report,
+            "gdpr.access" => Self::GdprAccess,
             _ => Self::AuditEvent,
         }
     }
@@ -68,6 +71,7 @@ impl JobKind {
             Self::Export => "export",
             Self::Snapshot => "snapshot",
             Self::Report => "report",
+            Self::GdprAccess => "gdpr_access",
         }
     }
 }

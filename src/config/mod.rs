@@ -22,12 +22,14 @@ mod bullmq;
 mod database;
 mod dlq;
 mod export;
+mod gdpr_access;
 mod http;
 mod integrity;
 mod log;
 pub mod queue_scope;
 mod redis;
 mod report;
+mod retention;
 mod secret;
 mod sink;
 mod snapshot;
@@ -42,11 +44,13 @@ pub use bullmq::BullmqConfig;
 pub use database::{DatabaseConfig, SSL_MODES};
 pub use dlq::DlqConfig;
 pub use export::{ExportConfig, OcsfClassRule, OcsfConfig};
+pub use gdpr_access::{subject_path_parts, GdprConfig};
 pub use http::HttpConfig;
 pub use integrity::IntegrityConfig;
 pub use log::LogConfig;
 pub use redis::RedisConfig;
 pub use report::ReportConfig;
+pub use retention::RetentionConfig;
 pub use secret::{read_secret_file, Secret};
 pub use sink::SinkConfig;
 pub use snapshot::SnapshotConfig;
@@ -87,6 +91,8 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub alerts: AlertsConfig,
     pub api: ApiConfig,
+    pub retention: RetentionConfig,
+    pub gdpr: GdprConfig,
 }
 
 impl Config {
@@ -169,6 +175,8 @@ impl Config {
         self.telemetry.validate().map_err(ConfigError)?;
         self.alerts.validate().map_err(ConfigError)?;
         self.api.validate()?;
+        self.retention.validate()?;
+        self.gdpr.validate()?;
         if self.api.enabled() && self.api.listen == self.http.listen {
             return err(
                 "api.listen",

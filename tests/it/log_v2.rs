@@ -14,18 +14,19 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-const ORIGIN: &str = "test.example/log-v2";
+pub const ORIGIN: &str = "test.example/log-v2";
 
-/// A test's log: its TestEnv and a signing key.
-struct LogEnv {
-    env: TestEnv,
-    key: String,
-    verifier: String,
-    storage: tempfile::TempDir,
+/// A test's log: its TestEnv and a signing key (also used by the
+/// retention and subject access tests).
+pub struct LogEnv {
+    pub env: TestEnv,
+    pub key: String,
+    pub verifier: String,
+    pub storage: tempfile::TempDir,
 }
 
 impl LogEnv {
-    async fn new(name: &str) -> Self {
+    pub async fn new(name: &str) -> Self {
         let env = TestEnv::new(name).await;
         let signer = Ed25519NoteSigner::generate(ORIGIN).unwrap();
         let s = Self {
@@ -40,14 +41,14 @@ impl LogEnv {
 
     /// The worker's configuration: no signing key, so it ingests only and
     /// the test decides when to seal.
-    fn worker_config(&self) -> Config {
+    pub fn worker_config(&self) -> Config {
         let mut c = self.env.config();
         c.snapshot.origin = ORIGIN.into();
         c.storage.url = self.storage.path().display().to_string();
         c
     }
 
-    fn config(&self) -> Config {
+    pub fn config(&self) -> Config {
         let mut c = self.worker_config();
         c.snapshot.signing_key = self.key.clone().into();
         c.snapshot.page_size = 5000;
@@ -55,7 +56,7 @@ impl LogEnv {
     }
 
     /// Stores `events` through a running worker.
-    async fn ingest(&self, events: &[Value], extra_config: impl FnOnce(&mut Config)) {
+    pub async fn ingest(&self, events: &[Value], extra_config: impl FnOnce(&mut Config)) {
         let mut c = self.worker_config();
         extra_config(&mut c);
         let before = self.env.row_count().await;
@@ -69,7 +70,7 @@ impl LogEnv {
         worker.stop().await;
     }
 
-    async fn seal(&self, tag: &str) -> SnapshotSummary {
+    pub async fn seal(&self, tag: &str) -> SnapshotSummary {
         let c = self.config();
         let pool = audit_worker::db::connect_pool(&c).await.unwrap();
         let signer = audit_worker::jobs::snapshot::load_signer(&c.snapshot)
@@ -82,7 +83,7 @@ impl LogEnv {
             .unwrap()
     }
 
-    async fn verify(&self) -> VerifyReport {
+    pub async fn verify(&self) -> VerifyReport {
         let c = self.config();
         let (mut client, conn) = audit_worker::db::pg_config(&c)
             .unwrap()
@@ -94,6 +95,28 @@ impl LogEnv {
         verify::verify(&mut client, &verifier, ORIGIN, None, 5000)
             .await
             .unwrap()
+    }
+
+    /// Runs scripts/verify_log.py (the independent verifier) with this
+    /// log's key and origin and `args`; asserts it succeeds and returns its
+    /// JSON summary.
+    pub fn verify_log_py(&self, args: &[&std::ffi::OsStr]) -> Value {
+        let out = std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/verify_log.py"
+            ))
+            .args(["--key", &self.verifier, "--origin", ORIGIN, "--json"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(&stdout).unwrap()
     }
 
     /// Runs `sql` as a superuser could: with the append-only triggers off.
@@ -1130,7 +1153,9 @@ async fn an_event_arriving_after_its_period_was_sealed_is_sealed_next_and_listed
 }
 
 /// A metric's value from the worker's /metrics (`name` with its labels).
-async fn metric(port: u16, name: &str) -> Option<f64> {
+/// The value of the sample `name` (with its labels, as printed) on the
+/// worker's /metrics.
+pub(crate) async fn metric(port: u16, name: &str) -> Option<f64> {
     let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
         .await
         .ok()?
