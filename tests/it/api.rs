@@ -851,30 +851,32 @@ async fn subject_access_through_the_api_needs_gdpr_stays_in_the_keys_organisatio
     let (_, exporter) = api.key("exports", &["*"], &[Permission::Export]).await;
     // user-7 acts in rows 7, 107, 207 (org-2); p-7 is a target elsewhere.
     let body = json!({"subjectId": "user-7", "compression": "none"});
-    api.send(
-        "POST",
-        "/v1/gdpr/access-requests",
-        Some(&exporter),
-        Some(&body),
-    )
-    .await
-    .problem(403, "forbidden");
-    api.send(
-        "POST",
-        "/v1/gdpr/access-requests",
-        Some(&dpo),
-        Some(&json!({"subjectId": "user-7", "organizationId": "org-1"})),
-    )
-    .await
-    .problem(403, "forbidden");
-    api.send(
-        "POST",
-        "/v1/gdpr/access-requests",
-        Some(&dpo),
-        Some(&json!({"subjectId": "", "format": "ndjson"})),
-    )
-    .await
-    .problem(422, "invalid-request");
+    // Without the gdpr permission, outside the key's organisations, or
+    // without a subject: refused.
+    for (token, refused, status, slug) in [
+        (&exporter, body.clone(), 403, "forbidden"),
+        (
+            &dpo,
+            json!({"subjectId": "user-7", "organizationId": "org-1"}),
+            403,
+            "forbidden",
+        ),
+        (
+            &dpo,
+            json!({"subjectId": "", "format": "ndjson"}),
+            422,
+            "invalid-request",
+        ),
+    ] {
+        api.send(
+            "POST",
+            "/v1/gdpr/access-requests",
+            Some(token),
+            Some(&refused),
+        )
+        .await
+        .problem(status, slug);
+    }
     let r = api
         .send("POST", "/v1/gdpr/access-requests", Some(&dpo), Some(&body))
         .await;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::bullmq::node_json;
 use crate::common::*;
 use crate::log_v2::{metric, LogEnv, ORIGIN};
 
@@ -127,19 +128,66 @@ async fn subject_access_exports_exactly_the_subjects_events_with_valid_proofs() 
         .add_entries(&[(Some("gdpr.access"), request.to_string().into_bytes())])
         .await;
     let completed = "SELECT artifact_key, filters FROM export_jobs
-                      WHERE filters ? 'subject' AND status = 'completed'";
+                      WHERE filters ? 'subject' AND status = 'completed' AND requester_id = 'dpo-1'";
     wait_until(
         Duration::from_secs(120),
         "the access request completed",
         || async { s.env.pg.query_opt(completed, &[]).await.unwrap().is_some() },
     )
     .await;
+    // The same kind through BullMQ (Node's own Queue.add), by another
+    // requester so it is a job of its own.
+    let dir = tempfile::tempdir().unwrap();
+    let jobs_file = dir.path().join("jobs.json");
+    let bullmq_request = json!({"subjectId": SUBJECT, "requesterId": "dpo-2", "format": "csv"});
+    std::fs::write(
+        &jobs_file,
+        json!([{"label": "access", "name": "gdpr.access", "json": bullmq_request.to_string()}])
+            .to_string(),
+    )
+    .unwrap();
+    let r = node_json(
+        &s.env,
+        "outcomes.mjs",
+        &[
+            ("SCENARIO", "hostile".into()),
+            ("HOSTILE_FILE", jobs_file.display().to_string()),
+        ],
+    )
+    .await;
+    assert_eq!(r["jobs"][0]["state"], "completed", "{r}");
+    let done = "SELECT count(*), min(row_count), max(row_count) FROM export_jobs
+                 WHERE filters ? 'subject' AND status = 'completed'";
+    wait_until(
+        Duration::from_secs(120),
+        "both access requests completed",
+        || async {
+            s.env
+                .pg
+                .query_one(done, &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 2
+        },
+    )
+    .await;
+    let counts = s.env.pg.query_one(done, &[]).await.unwrap();
+    assert_eq!(
+        (
+            counts.get::<_, Option<i64>>(1),
+            counts.get::<_, Option<i64>>(2)
+        ),
+        (Some(18), Some(18)),
+        "both requests exported the subject's 18 events"
+    );
     // Counted as its own job kind, accepted then completed.
     let port = s.env.http_port;
     for status in ["accepted", "completed"] {
+        // One request from each source.
         let name = format!("audit_worker_jobs_total{{kind=\"gdpr_access\",status=\"{status}\"}}");
         wait_until(Duration::from_secs(10), &name, || async {
-            metric(port, &name).await == Some(1.0)
+            metric(port, &name).await == Some(2.0)
         })
         .await;
     }
