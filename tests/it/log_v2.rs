@@ -97,6 +97,24 @@ impl LogEnv {
             .unwrap()
     }
 
+    /// Runs the worker binary with `args` against this log (its schema,
+    /// origin, signing key and object store).
+    pub fn worker_cli(&self, args: &[&std::ffi::OsStr]) -> std::process::Output {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_audit-worker"));
+        cmd.args(args);
+        for (k, v) in self.env.env_vars() {
+            cmd.env(k, v);
+        }
+        cmd.env("AUDIT_WORKER__SNAPSHOT__ORIGIN", ORIGIN)
+            .env("AUDIT_WORKER__SNAPSHOT__SIGNING_KEY", &self.key)
+            .env(
+                "AUDIT_WORKER__STORAGE__URL",
+                self.storage.path().display().to_string(),
+            )
+            .output()
+            .unwrap()
+    }
+
     /// Runs scripts/verify_log.py (the independent verifier) with this
     /// log's key and origin and `args`; asserts it succeeds and returns its
     /// JSON summary.
@@ -1075,19 +1093,9 @@ async fn truncating_the_log_and_resetting_its_head_fails_verify_against_the_publ
     // The command does the same by default, and accepts an older trusted
     // checkpoint that the log still extends.
     let cli = |extra: &[&str]| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_audit-worker"));
-        cmd.arg("verify").args(extra);
-        for (k, v) in s.env.env_vars() {
-            cmd.env(k, v);
-        }
-        cmd.env("AUDIT_WORKER__SNAPSHOT__ORIGIN", ORIGIN)
-            .env("AUDIT_WORKER__SNAPSHOT__SIGNING_KEY", &s.key)
-            .env(
-                "AUDIT_WORKER__STORAGE__URL",
-                s.storage.path().display().to_string(),
-            )
-            .output()
-            .unwrap()
+        let mut args: Vec<&std::ffi::OsStr> = vec!["verify".as_ref()];
+        args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+        s.worker_cli(&args)
     };
     let out = cli(&[]);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();

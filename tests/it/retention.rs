@@ -174,14 +174,12 @@ async fn retention_drops_only_expired_sealed_unheld_partitions_and_the_log_stays
     let dir = tempfile::tempdir().unwrap();
     let config_file = dir.path().join("retention.toml");
     std::fs::write(&config_file, "[retention]\npolicies = { short = 40 }\n").unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_audit-worker"));
-    cmd.arg("--config")
-        .arg(&config_file)
-        .args(["retention", "--dry-run"]);
-    for (k, v) in s.env.env_vars() {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
+    let out = s.worker_cli(&[
+        "--config".as_ref(),
+        config_file.as_os_str(),
+        "retention".as_ref(),
+        "--dry-run".as_ref(),
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -365,6 +363,21 @@ async fn retention_drops_only_expired_sealed_unheld_partitions_and_the_log_stays
     assert_eq!(
         report.pruned.iter().map(|p| p.leaves_checked).sum::<u64>(),
         5 + 1 + 6 + 6
+    );
+    // `audit-worker verify` says the same, against the published
+    // checkpoints.
+    let out = s.worker_cli(&["verify".as_ref()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("PRUNED partition audit_log_y2018m01 ")
+            && stdout.contains("dropped by retention at")
+            && stdout.contains(": 5 leaves (5 in this check)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("18 pruned by retention), 0 problems"),
+        "{stdout}"
     );
     // The remaining proofs still verify against the latest checkpoint.
     let mut proofs = Vec::new();
