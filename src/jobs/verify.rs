@@ -1136,14 +1136,28 @@ async fn proof_of_entry(
                 &[&entry.event_time, &entry.row_id],
             )
             .await?;
-        let (rec, salts) = row
-            .as_ref()
-            .and_then(|row| record_from_row(row, 0))
-            .ok_or_else(|| {
-                SnapshotError::Integrity(format!(
+        let Some((rec, salts)) = row.as_ref().and_then(|row| record_from_row(row, 0)) else {
+            // Dropped by retention with its partition, or deleted.
+            let pruned = tx
+                .query_opt(
+                    "SELECT partition, dropped_at FROM retention_prunes
+                      WHERE range_from <= $1 AND $1 < range_to AND $2 < tree_size
+                      ORDER BY dropped_at LIMIT 1",
+                    &[&entry.event_time, &(entry.leaf_index as i64)],
+                )
+                .await?;
+            return Err(match pruned {
+                Some(p) => SnapshotError::BadRequest(format!(
+                    "event {event:?} was removed by retention with partition {} at {}: its leaf stays \
+                     in the log as its record digest, but its record is gone, so it cannot be proven any more",
+                    p.get::<_, String>(0),
+                    p.get::<_, DateTime<Utc>>(1).to_rfc3339()
+                )),
+                None => SnapshotError::Integrity(format!(
                     "the sealed row of event {event:?} is missing: run `audit-worker verify`"
-                ))
-            })?;
+                )),
+            });
+        };
         let salts = salts_from_json(salts.as_ref()).map_err(SnapshotError::Integrity)?;
         Some(record_object(&rec, &salts).map_err(SnapshotError::Integrity)?)
     } else {
