@@ -190,10 +190,24 @@ pub async fn run_live(
         shutdown.clone(),
     );
 
+    // Dropping partitions past their retention, when enabled.
+    let retention = crate::jobs::retention::spawn(
+        &config.retention,
+        &config.database.schema,
+        pool.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    );
+
     // Job kinds register their handlers here (export, snapshot, report).
+    let access = Arc::new(crate::jobs::gdpr::access::AccessHandler::new(
+        exports.handler.clone(),
+        config.gdpr.subject_paths.clone(),
+    ));
     let mut job_handlers = JobHandlers {
         export: Some(exports.handler.clone()),
         report: Some(reports.handler.clone()),
+        gdpr_access: Some(access.clone()),
         ..JobHandlers::default()
     };
     let export_tasks = exports.spawn(&config.export, shutdown.clone());
@@ -255,6 +269,9 @@ pub async fn run_live(
         let _ = task.await;
     }
     if let Some(task) = reload_task {
+        let _ = task.await;
+    }
+    if let Some(task) = retention {
         let _ = task.await;
     }
     http_stop.cancel();

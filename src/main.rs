@@ -132,6 +132,22 @@ enum Command {
         command: audit_worker::api::cli::ApiKeyCommand,
     },
     /// Check a `prove` output offline with only the verifier key.
+    /// GDPR data subject rights.
+    Gdpr {
+        #[command(subcommand)]
+        command: GdprCommand,
+    },
+    /// Drop the monthly partitions whose every row is past its retention,
+    /// sealed and under no legal hold (one pass, now); with --dry-run, list
+    /// every partition's verdict and why it stays.
+    Retention {
+        /// Only list what would be dropped and why the rest stays.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     VerifyProof {
         /// The JSON printed by `prove`.
         proof: PathBuf,
@@ -146,6 +162,18 @@ enum Command {
 }
 
 /// What `enqueue` can queue.
+#[derive(Subcommand)]
+enum GdprCommand {
+    /// Subject access: export every stored event about a principal or
+    /// resource, with each event's inclusion proof, into --out DIR.
+    Access {
+        #[command(flatten)]
+        request: audit_worker::jobs::gdpr::access::AccessArgs,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
 #[derive(Subcommand)]
 enum EnqueueCommand {
     /// An export job (run by the workers; prints the job id).
@@ -378,6 +406,12 @@ fn main() -> ExitCode {
                     snapshot_cli::prove_consistency(&config, old_size, new_size).await?
                 );
                 Ok(())
+            }
+            Command::Gdpr {
+                command: GdprCommand::Access { request, out },
+            } => audit_worker::jobs::gdpr::access::run_cli(&config, &request, &out).await,
+            Command::Retention { dry_run, json } => {
+                audit_worker::jobs::retention::cli(&config, dry_run, json).await
             }
             Command::Prove { event } => {
                 println!("{}", snapshot_cli::prove(&config, &event).await?);

@@ -46,6 +46,8 @@ pub enum JobKind {
     Snapshot,
     /// `report.compliance`.
     Report,
+    /// `gdpr.access`: a data subject's access request.
+    GdprAccess,
 }
 
 /// The default job name.
@@ -58,6 +60,7 @@ impl JobKind {
             "export.audit" => Self::Export,
             "audit.snapshot" => Self::Snapshot,
             "report.compliance" => Self::Report,
+            "gdpr.access" => Self::GdprAccess,
             _ => Self::AuditEvent,
         }
     }
@@ -69,6 +72,7 @@ impl JobKind {
             Self::Export => "export",
             Self::Snapshot => "snapshot",
             Self::Report => "report",
+            Self::GdprAccess => "gdpr_access",
         }
     }
 }

@@ -24,7 +24,7 @@ use crate::dlq::RejectReason;
 /// Job kinds that export job metrics (label `kind`); pre-registered so the
 /// series exist (at 0) before the first job, as dashboards and alert rules
 /// expect.
-pub const JOB_KINDS: [&str; 3] = ["export", "snapshot", "report"];
+pub const JOB_KINDS: [&str; 4] = ["export", "snapshot", "report", "gdpr_access"];
 
 /// Redis operations counted in `audit_worker_redis_errors_total`
 /// (pre-registered at 0; other sources may add their own).
@@ -101,7 +101,22 @@ pub struct Metrics {
     /// 0 when it does not (truncated, rolled back or rewritten), -1 until
     /// known.
     pub log_extends_published: IntGauge,
+    /// Monthly partitions dropped by retention.
+    pub retention_dropped: IntCounter,
+    /// Partitions a retention pass kept, once per pass and reason
+    /// ([`RETENTION_REFUSALS`]).
+    pub retention_refused: IntCounterVec,
 }
+
+/// Why retention keeps a partition (the `reason` label of
+/// `audit_worker_retention_refused_partitions_total`).
+pub const RETENTION_REFUSALS: [&str; 5] = [
+    "month_open",
+    "retention",
+    "unknown_policy",
+    "unsealed",
+    "legal_hold",
+];
 
 impl Metrics {
     /// Creates and registers every metric.
@@ -269,6 +284,19 @@ impl Metrics {
             &["task", "result"],
         )
         .expect("valid metric");
+        let retention_dropped = IntCounter::new(
+            "audit_worker_retention_dropped_partitions_total",
+            "Monthly partitions of audit_log dropped by retention.",
+        )
+        .expect("valid metric");
+        let retention_refused = IntCounterVec::new(
+            Opts::new(
+                "audit_worker_retention_refused_partitions_total",
+                "Partitions a retention pass kept, per pass and reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         let stream_trimmed = IntCounter::new(
             "audit_worker_stream_trimmed_total",
             "Pending stream entries found deleted or trimmed before they were stored.",
@@ -297,6 +325,8 @@ impl Metrics {
             Box::new(alert_events_dropped.clone()),
             Box::new(periodic_runs.clone()),
             Box::new(log_extends_published.clone()),
+            Box::new(retention_dropped.clone()),
+            Box::new(retention_refused.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -326,6 +356,9 @@ impl Metrics {
         for op in REDIS_OPERATIONS {
             redis_errors.with_label_values(&[op]);
         }
+        for reason in RETENTION_REFUSALS {
+            retention_refused.with_label_values(&[reason]);
+        }
         for reason in ["queue_full", "tracking_full", "publish_failed"] {
             alert_events_dropped.with_label_values(&[reason]);
         }
@@ -353,6 +386,8 @@ impl Metrics {
             alert_events_dropped,
             periodic_runs,
             log_extends_published,
+            retention_dropped,
+            retention_refused,
         }
     }
 

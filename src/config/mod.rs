@@ -22,6 +22,7 @@ mod bullmq;
 mod database;
 mod dlq;
 mod export;
+mod gdpr_access;
 mod http;
 mod integrity;
 pub mod live;
@@ -30,6 +31,7 @@ pub mod queue_scope;
 mod redis;
 mod reload;
 mod report;
+mod retention;
 mod secret;
 mod sink;
 mod snapshot;
@@ -44,6 +46,7 @@ pub use bullmq::BullmqConfig;
 pub use database::{DatabaseConfig, SSL_MODES};
 pub use dlq::DlqConfig;
 pub use export::{ExportConfig, OcsfClassRule, OcsfConfig};
+pub use gdpr_access::{subject_path_parts, GdprConfig};
 pub use http::HttpConfig;
 pub use integrity::IntegrityConfig;
 pub use live::{Settings, SettingsDiff};
@@ -51,6 +54,7 @@ pub use log::LogConfig;
 pub use redis::RedisConfig;
 pub use reload::ReloadConfig;
 pub use report::ReportConfig;
+pub use retention::RetentionConfig;
 pub use secret::{read_secret_file, Secret};
 pub use sink::SinkConfig;
 pub use snapshot::SnapshotConfig;
@@ -94,6 +98,8 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub alerts: AlertsConfig,
     pub api: ApiConfig,
+    pub retention: RetentionConfig,
+    pub gdpr: GdprConfig,
 }
 
 impl Config {
@@ -214,6 +220,8 @@ impl Config {
         self.telemetry.validate().map_err(ConfigError)?;
         self.alerts.validate().map_err(ConfigError)?;
         self.api.validate()?;
+        self.retention.validate()?;
+        self.gdpr.validate()?;
         if self.api.enabled() && self.api.listen == self.http.listen {
             return err(
                 "api.listen",

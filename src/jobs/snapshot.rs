@@ -656,14 +656,7 @@ impl Snapshotter {
                 tail.tree.push(leaf_hash);
                 tail.tiles.push(tx, leaf_hash).await?;
                 let late = sealed.contains(row.event_time).then_some(row.ingested_at);
-                batch.push(
-                    next,
-                    row.event_time,
-                    row.row_id,
-                    row.key,
-                    row.digest,
-                    late,
-                );
+                batch.push(next, row.event_time, row.row_id, row.key, row.digest, late);
                 next += 1;
                 if batch.len() >= page {
                     batch.flush(tx, snapshot_id).await?;

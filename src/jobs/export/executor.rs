@@ -62,6 +62,9 @@ pub enum ExportError {
     Storage(String),
     #[error("formatting or compression error: {0}")]
     Io(String),
+    /// A subject access export's inclusion proofs could not be made.
+    #[error("cannot prove an exported event: {0}")]
+    Proof(String),
 }
 
 impl From<tokio_postgres::Error> for ExportError {
@@ -265,7 +268,14 @@ impl Exporter {
             lost.clone(),
         ));
         let started = std::time::Instant::now();
-        let span = crate::tracing_ctx::job_span("export", &job.id, &job.source);
+        // Subject access jobs are exports with a subject: counted and
+        // traced as their own kind.
+        let kind = if job.filters.subject.is_some() {
+            "gdpr_access"
+        } else {
+            "export"
+        };
+        let span = crate::tracing_ctx::job_span(kind, &job.id, &job.source);
         let result = if job.status != "completed" && job.attempts > self.settings.max_attempts {
             Err(ExportError::Io(format!(
                 "gave up after {} attempts",
@@ -285,14 +295,14 @@ impl Exporter {
                 if let Some(m) = &self.metrics {
                     let rows = done.row_count.unwrap_or(done.rows_done).max(0) as u64;
                     let bytes = done.size_bytes.unwrap_or_default().max(0) as u64;
-                    m.job_finished("export", true, rows, bytes, started.elapsed());
+                    m.job_finished(kind, true, rows, bytes, started.elapsed());
                 }
                 None
             }
             Err(e) => {
                 if self.after_error(&job, &e).await {
                     if let Some(m) = &self.metrics {
-                        m.job_finished("export", false, 0, 0, started.elapsed());
+                        m.job_finished(kind, false, 0, 0, started.elapsed());
                     }
                 }
                 Some(e)
@@ -673,6 +683,20 @@ impl Exporter {
     /// Records the composed artifact: completion in the database, then
     /// the manifest beside it.
     async fn completed(&self, job: &mut Job, size: u64, sha256: String) -> Result<(), ExportError> {
+        // A subject access export: every event's inclusion proof beside it,
+        // written before the job is marked completed (a failure retries).
+        let proofs = match &job.filters.subject {
+            Some(_) => Some(
+                crate::jobs::gdpr::access::write_proofs(
+                    &self.pool,
+                    &self.storage,
+                    job,
+                    self.part_limits().page_rows,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let client = self.pool.get().await?;
         let Some((completed_at, expires_at)) = record::complete(
             &**client,
@@ -717,6 +741,9 @@ impl Exporter {
             super::request::Format::Ocsf | super::request::Format::ParquetOcsf
         ) {
             manifest["ocsfVersion"] = json!(super::ocsf::OCSF_VERSION);
+        }
+        if let Some(proofs) = proofs {
+            manifest["inclusionProofs"] = json!(proofs);
         }
         let bytes = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
         self.storage

@@ -91,14 +91,27 @@ impl ExportHandler {
     /// "deduplicated"}`.
     pub async fn record(&self, data: &[u8], source: &str) -> Result<serde_json::Value, JobError> {
         let request = ExportRequest::parse(data).map_err(JobError::Rejected)?;
-        check_scope(&request, self.queue_scope.as_deref()).map_err(|m| {
-            JobError::Rejected(crate::dlq::Rejection::new(
-                crate::dlq::RejectReason::InvalidExportRequest,
-                format!("{m}: see export.queue_organizations"),
-            ))
+        self.record_queue_request(&request, source, |m| {
+            crate::dlq::Rejection::new(crate::dlq::RejectReason::InvalidExportRequest, m)
+        })
+        .await
+    }
+
+    /// Records a validated queue request (an export, or a job built on
+    /// exports such as `gdpr.access`) within `export.queue_organizations`;
+    /// a request outside it is refused with `reject`. The JSON answer is
+    /// `{"jobId", "status", "deduplicated"}`.
+    pub async fn record_queue_request(
+        &self,
+        request: &ExportRequest,
+        source: &str,
+        reject: impl Fn(String) -> crate::dlq::Rejection,
+    ) -> Result<serde_json::Value, JobError> {
+        check_scope(request, self.queue_scope.as_deref()).map_err(|m| {
+            JobError::Rejected(reject(format!("{m}: see export.queue_organizations")))
         })?;
         let recorded = self
-            .record_scoped(&request, source, self.queue_scope.as_deref())
+            .record_scoped(request, source, self.queue_scope.as_deref())
             .await?;
         Ok(serde_json::json!({
             "jobId": recorded.id,
