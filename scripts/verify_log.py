@@ -9,7 +9,7 @@ written here from their specifications. Needs Python 3 and the
 
     python3 scripts/verify_log.py --key '<name>+<keyid>+<base64 key>' \\
         [--checkpoint NOTE] [--origin ORIGIN] [--export EXPORT.ndjson[.gz]] \\
-        [--proofs PROOFS.json] [--json]
+        [--proofs PROOFS.json] [--require-proofs] [--json]
 
 --checkpoint  a signed checkpoint note (file); default: the checkpoint of
               the first proof.
@@ -23,6 +23,8 @@ written here from their specifications. Needs Python 3 and the
               one object per line. Each must verify against its signed
               checkpoint; when the export holds the event, the proof's leaf
               must equal the leaf recomputed from the exported record.
+--require-proofs  every sealed event of --export must have its proof in
+              --proofs (a subject access export and its .proofs.ndjson).
 
 Exit status 0 and "OK ..." when everything checks, 1 with one "FAILED ..."
 line per problem otherwise.
@@ -344,6 +346,11 @@ def main():
     ap.add_argument("--export")
     ap.add_argument("--proofs")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ap.add_argument(
+        "--require-proofs",
+        action="store_true",
+        help="every sealed event of --export must have a proof in --proofs (a subject access export)",
+    )
     args = ap.parse_args()
     problems = []
     try:
@@ -435,6 +442,13 @@ def main():
         except (Failure, KeyError, ValueError, TypeError) as e:
             problems.append(f"proof of event {event}: {e}")
 
+    # 3. With --require-proofs: no sealed exported event without its proof.
+    proven = {p.get("leafIndex") for p in proofs}
+    unproven = sorted(i for i in leaves if i not in proven)
+    if args.require_proofs:
+        for i in unproven:
+            problems.append(f"event {leaves[i][0]} (leaf {i}) has no proof in --proofs")
+
     summary = {
         "origin": origin,
         "size": size,
@@ -443,6 +457,7 @@ def main():
         "leavesRecomputed": len(leaves),
         "rootRecomputed": computed_root.hex() if computed_root else None,
         "proofsChecked": len(proofs),
+        "sealedWithoutProof": len(unproven),
         "problems": problems,
     }
     if args.json:

@@ -21,6 +21,11 @@
 //!
 //! Windows run on the worker's clock at evaluation, not on event
 //! timestamps, so replayed old events cannot hide in or fake a window.
+//!
+//! The rules apply live: the tap and the evaluator read them from the
+//! configuration in force. A changed rule set replaces the detector, so
+//! every window starts again from zero. `alerts.enabled` and the queue
+//! settings need a restart.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
@@ -30,6 +35,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::event::ValidEvent;
+use crate::live::LiveConfig;
 use crate::telemetry::Metrics;
 
 pub use crate::config::{AlertsConfig, RuleConfig};
@@ -276,7 +282,8 @@ pub struct AlertTap {
 #[derive(Clone)]
 struct TapInner {
     tx: mpsc::Sender<AlertInput>,
-    rules: std::sync::Arc<[RuleConfig]>,
+    /// The rules in force are `alerts.rules` of the live configuration.
+    live: LiveConfig,
     metrics: Metrics,
 }
 
@@ -285,7 +292,7 @@ impl AlertTap {
     pub fn wants(&self, event: &ValidEvent) -> bool {
         self.inner
             .as_ref()
-            .is_some_and(|i| Detector::wants(&i.rules, event))
+            .is_some_and(|i| Detector::wants(&i.live.current().config.alerts.rules, event))
     }
 
     /// Hands a stored event to the evaluator, or drops it (counted) when
@@ -302,50 +309,73 @@ impl AlertTap {
     }
 }
 
-/// Starts the evaluator task when alerts are enabled and rules exist. The
-/// task ends once every tap clone is dropped and the queue is drained.
+/// Starts the evaluator task when alerts are enabled (even without rules,
+/// so rules added by a reload take effect). The task ends once every tap
+/// clone is dropped and the queue is drained.
 pub fn spawn(
-    config: &AlertsConfig,
+    live: &LiveConfig,
     redis: RedisConn,
     metrics: Metrics,
 ) -> (AlertTap, Option<JoinHandle<()>>) {
-    if !config.enabled || config.rules.is_empty() {
+    let config = live.current().config.alerts.clone();
+    if !config.enabled {
         return (AlertTap::default(), None);
-    }
-    for rule in &config.rules {
-        metrics.security_alerts.with_label_values(&[rule.name()]);
     }
     let (tx, rx) = mpsc::channel(config.queue_capacity);
     let tap = AlertTap {
         inner: Some(TapInner {
             tx,
-            rules: config.rules.clone().into(),
+            live: live.clone(),
             metrics: metrics.clone(),
         }),
     };
-    let detector = Detector::new(&config.rules, config.max_tracked_principals);
     tracing::info!(rules = config.rules.len(), stream = %config.stream, "security alert rules loaded");
-    let task = tokio::spawn(evaluate(
-        rx,
-        detector,
-        redis,
-        config.stream.clone(),
-        config.stream_max_len,
-        metrics,
-    ));
+    let task = tokio::spawn(evaluate(rx, live.clone(), redis, metrics));
     (tap, Some(task))
+}
+
+/// The detector for the rules in force, rebuilt when they change.
+struct LiveDetector {
+    rules: Vec<RuleConfig>,
+    detector: Detector,
+}
+
+impl LiveDetector {
+    fn new(config: &AlertsConfig, metrics: &Metrics) -> Self {
+        for rule in &config.rules {
+            metrics.security_alerts.with_label_values(&[rule.name()]);
+        }
+        Self {
+            rules: config.rules.clone(),
+            detector: Detector::new(&config.rules, config.max_tracked_principals),
+        }
+    }
+
+    /// The detector for `config.rules`: this one while they are unchanged.
+    fn follow(&mut self, config: &AlertsConfig, metrics: &Metrics) -> &mut Detector {
+        if self.rules != config.rules {
+            *self = Self::new(config, metrics);
+            tracing::info!(
+                rules = config.rules.len(),
+                "security alert rules changed; windows start again"
+            );
+        }
+        &mut self.detector
+    }
 }
 
 async fn evaluate(
     mut rx: mpsc::Receiver<AlertInput>,
-    mut detector: Detector,
+    live: LiveConfig,
     redis: RedisConn,
-    stream: String,
-    max_len: u64,
     metrics: Metrics,
 ) {
     let mut inputs = Vec::with_capacity(256);
+    let mut detector = LiveDetector::new(&live.current().config.alerts, &metrics);
     while rx.recv_many(&mut inputs, 256).await > 0 {
+        let current = live.current();
+        let config = &current.config.alerts;
+        let detector = detector.follow(config, &metrics);
         let now = chrono::Utc::now();
         let evaluated = inputs.len() as u64;
         let mut alerts = Vec::new();
@@ -360,7 +390,15 @@ async fn evaluate(
                 .inc_by(untracked);
         }
         if !alerts.is_empty() {
-            publish(&redis, &stream, max_len, &alerts, now, &metrics).await;
+            publish(
+                &redis,
+                &config.stream,
+                config.stream_max_len,
+                &alerts,
+                now,
+                &metrics,
+            )
+            .await;
         }
         // Counted after publishing, so "evaluated" implies "alerts written".
         metrics.alert_events_evaluated.inc_by(evaluated);

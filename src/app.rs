@@ -12,6 +12,8 @@ use crate::db;
 use crate::http::{self, HttpState, QueueInfo};
 use crate::jobs::snapshot::{self, Snapshotter};
 use crate::jobs::JobHandlers;
+use crate::live::reloader::{ConfigMetrics, Reloader};
+use crate::live::LiveConfig;
 use crate::partitions::{PartitionWindow, Partitions};
 use crate::processor::Processor;
 use crate::sink::{PostgresSink, SinkSettings};
@@ -20,24 +22,39 @@ pub use crate::startup::ConfigurationError;
 use crate::startup::{self, Connected, HttpPort, StartupStatus};
 use crate::telemetry::Metrics;
 
-/// Runs the worker until `shutdown` fires (or a fatal start-up error).
+/// Runs the worker with a configuration that is never reloaded (tests and
+/// embedders; `audit-worker run` uses [`run_live`]).
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let live = LiveConfig::fixed(config).map_err(|e| ConfigurationError(e.to_string()))?;
+    run_live(live, None, shutdown).await
+}
+
+/// Runs the worker until `shutdown` fires (or a fatal start-up error),
+/// with the configuration `live` holds; `reloader`, when given, replaces
+/// it on SIGHUP and by poll (see [`crate::live`]).
 ///
 /// The HTTP port is served from the start; while PostgreSQL or Redis
 /// cannot be reached the worker waits for them (see [`crate::startup`])
 /// instead of exiting. Settings that can never work fail at once with a
 /// [`ConfigurationError`].
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run_live(
+    live: LiveConfig,
+    reloader: Option<Reloader>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let metrics = Metrics::new();
-    let policy = Arc::new(
-        crate::event::ValidationPolicy::from_config(&config.validation, &config.integrity)
-            .map_err(|e| ConfigurationError(e.to_string()))?,
-    );
+    let applied = live.current();
+    let config = applied.config.clone();
+    let policy = applied.policy.clone();
     if policy.hmac_keys.is_empty() {
         tracing::warn!("no HMAC keys configured: event signatures are stored but not verified (set integrity.hmac_keys)");
     } else {
         tracing::info!(keys = ?policy.hmac_keys.ids(), "HMAC keys loaded");
     }
-    startup::check_settings(&config)?;
+    tracing::info!(version = applied.short_version(), "configuration loaded");
+    let config_metrics = ConfigMetrics::register(&metrics, &applied);
+    let reload_task =
+        reloader.map(|r| tokio::spawn(r.with_metrics(config_metrics).run(shutdown.clone())));
 
     let port = HttpPort::bind(&config.http.listen)?;
     let starting_stop = CancellationToken::new();
@@ -88,6 +105,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             crate::integrity::record::PersonalFields::with_extra(&config.snapshot.personal_fields)
                 .map_err(|e| anyhow::anyhow!("snapshot.personal_fields: {e}"))?,
         ),
+        live.clone(),
         metrics.clone(),
         shutdown.clone(),
     );
@@ -102,6 +120,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         pool.clone(),
         commands.clone(),
         metrics.clone(),
+        Some(live.clone()),
     )?;
 
     let reports = crate::jobs::report::ReportService::new(
@@ -109,6 +128,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         pool.clone(),
         commands.clone(),
         metrics.clone(),
+        Some(live.clone()),
     )?;
 
     let http_stop = CancellationToken::new();
@@ -124,6 +144,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             breaker: sink.handle().breaker().clone(),
             queue: queue.clone(),
             exports: Some(exports.downloads.clone()),
+            config: live.clone(),
         }),
         http_stop.clone(),
     )?;
@@ -157,8 +178,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown.clone(),
     ));
     // Security alert rules, evaluated off the ingestion path.
-    let (alerts, alert_task) =
-        crate::alerts::spawn(&config.alerts, commands.clone(), metrics.clone());
+    let (alerts, alert_task) = crate::alerts::spawn(&live, commands.clone(), metrics.clone());
 
     // Truncation and rollback of the verifiable log, checked periodically.
     let log_monitor = crate::jobs::log_monitor::spawn(
@@ -169,10 +189,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown.clone(),
     );
 
+    // Dropping partitions past their retention, when enabled.
+    let retention = crate::jobs::retention::spawn(
+        &config.retention,
+        &config.database.schema,
+        pool.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    );
+
     // Job kinds register their handlers here (export, snapshot, report).
+    let access = Arc::new(crate::jobs::gdpr::access::AccessHandler::new(
+        exports.handler.clone(),
+        config.gdpr.subject_paths.clone(),
+    ));
     let mut job_handlers = JobHandlers {
         export: Some(exports.handler.clone()),
         report: Some(reports.handler.clone()),
+        gdpr_access: Some(access.clone()),
         ..JobHandlers::default()
     };
     let export_tasks = exports.spawn(&config.export, shutdown.clone());
@@ -185,7 +219,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         None => None,
     };
     let processor = Processor::new(
-        policy.clone(),
+        live.clone(),
         sink.handle(),
         job_handlers.clone(),
         metrics.clone(),
@@ -235,6 +269,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let _ = task.await;
     }
     if let Some(task) = log_monitor {
+        let _ = task.await;
+    }
+    if let Some(task) = reload_task {
+        let _ = task.await;
+    }
+    if let Some(task) = retention {
         let _ = task.await;
     }
     http_stop.cancel();

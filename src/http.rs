@@ -36,6 +36,8 @@ pub struct HttpState {
     pub queue: QueueInfo,
     /// Export downloads (`None`: the endpoint answers 403).
     pub exports: Option<crate::jobs::export::download::Downloads>,
+    /// The configuration in force (`/health` shows its version).
+    pub config: crate::live::LiveConfig,
 }
 
 /// The stream and dead-letter keys `/health/queue` reports on.
@@ -55,6 +57,7 @@ pub struct QueueInfo {
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/health", get(health))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/health/database", get(health_database))
@@ -117,6 +120,21 @@ pub async fn serve(
 /// Liveness: the process is up and serving.
 async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
+}
+
+/// The worker's own state: the configuration in force (version = SHA-256
+/// of the document, when it was loaded, and the restart-only settings the
+/// document changed since start, which wait for a restart).
+async fn health(State(state): State<HttpState>) -> impl IntoResponse {
+    let applied = state.config.current();
+    Json(json!({
+        "status": "healthy",
+        "config": {
+            "version": applied.version,
+            "loaded_at": applied.loaded_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "pending_restart": applied.pending_restart,
+        },
+    }))
 }
 
 /// Readiness: Redis and PostgreSQL both answer within two seconds and the

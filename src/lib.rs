@@ -15,6 +15,7 @@ pub mod http;
 pub mod integrity;
 pub mod jobs;
 pub mod lease;
+pub mod live;
 pub mod message;
 pub mod outage;
 pub mod partitions;

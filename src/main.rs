@@ -8,16 +8,21 @@ use clap::{Parser, Subcommand};
 use audit_worker::config::Config;
 use audit_worker::jobs::export;
 use audit_worker::jobs::snapshot_cli;
+use audit_worker::live::reloader::Reloader;
+use audit_worker::live::source::StartConfig;
+use audit_worker::live::{Applied, LiveConfig};
 use audit_worker::{app, db, telemetry};
 
 /// Stores audit events from Redis in PostgreSQL, exactly once, verifiably.
 #[derive(Parser)]
 #[command(name = "audit-worker", version, about)]
 struct Cli {
-    /// Configuration file overriding the built-in defaults
-    /// (environment variables AUDIT_WORKER__SECTION__KEY override both).
-    #[arg(long, global = true, value_name = "FILE")]
-    config: Option<PathBuf>,
+    /// Configuration document overriding the built-in defaults: a file, or
+    /// an object-store URL (s3://bucket/key, file:///dir/key). Environment
+    /// variables AUDIT_WORKER__SECTION__KEY override both. `run` re-reads
+    /// it on SIGHUP (README "Live configuration").
+    #[arg(long, global = true, value_name = "FILE|URL")]
+    config: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -127,6 +132,22 @@ enum Command {
         command: audit_worker::api::cli::ApiKeyCommand,
     },
     /// Check a `prove` output offline with only the verifier key.
+    /// GDPR data subject rights.
+    Gdpr {
+        #[command(subcommand)]
+        command: GdprCommand,
+    },
+    /// Drop the monthly partitions whose every row is past its retention,
+    /// sealed and under no legal hold (one pass, now); with --dry-run, list
+    /// every partition's verdict and why it stays.
+    Retention {
+        /// Only list what would be dropped and why the rest stays.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     VerifyProof {
         /// The JSON printed by `prove`.
         proof: PathBuf,
@@ -141,6 +162,18 @@ enum Command {
 }
 
 /// What `enqueue` can queue.
+#[derive(Subcommand)]
+enum GdprCommand {
+    /// Subject access: export every stored event about a principal or
+    /// resource, with each event's inclusion proof, into --out DIR.
+    Access {
+        #[command(flatten)]
+        request: audit_worker::jobs::gdpr::access::AccessArgs,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
 #[derive(Subcommand)]
 enum EnqueueCommand {
     /// An export job (run by the workers; prints the job id).
@@ -257,13 +290,20 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut config = match Config::load(cli.config.as_deref()) {
+    let StartConfig {
+        source,
+        config,
+        settings,
+        version,
+        fell_back,
+    } = match StartConfig::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("audit-worker: {e}");
             return ExitCode::from(2);
         }
     };
+    let mut config = config;
     // Declared before the runtime so it is dropped after it: the last
     // spans are flushed once everything has stopped.
     let _telemetry = match telemetry::init_tracing(&config.log, &config.telemetry) {
@@ -273,6 +313,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(why) = &fell_back {
+        tracing::warn!("{why}");
+    }
+    let log_filter = _telemetry.log_filter();
     if matches!(cli.command, Command::Run | Command::Snapshot { .. }) {
         if let Err(e) = audit_worker::jobs::dev_key::apply(&mut config, cli.config.is_some()) {
             eprintln!("audit-worker: {e:#}");
@@ -291,7 +335,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Run => app::run(config, audit_worker::shutdown::on_signal()).await,
+            Command::Run => {
+                let applied = Applied::prepare(config, settings, version)
+                    .map_err(|e| app::ConfigurationError(e.to_string()))?;
+                let (tx, live) = LiveConfig::new(applied);
+                let reloader = Reloader::new(source, tx, log_filter);
+                app::run_live(live, Some(reloader), audit_worker::shutdown::on_signal()).await
+            }
             Command::Migrate => {
                 let applied = db::migrate(&config).await?;
                 if applied.is_empty() {
@@ -366,6 +416,12 @@ fn main() -> ExitCode {
                     snapshot_cli::prove_consistency(&config, old_size, new_size).await?
                 );
                 Ok(())
+            }
+            Command::Gdpr {
+                command: GdprCommand::Access { request, out },
+            } => audit_worker::jobs::gdpr::access::run_cli(&config, &request, &out).await,
+            Command::Retention { dry_run, json } => {
+                audit_worker::jobs::retention::cli(&config, dry_run, json).await
             }
             Command::Prove { event } => {
                 println!("{}", snapshot_cli::prove(&config, &event).await?);

@@ -29,6 +29,7 @@ use crate::dlq::DeadLetter;
 use crate::dlq::{RejectReason, Rejection};
 use crate::event::{decode_event, ValidationPolicy};
 use crate::jobs::{JobError, JobHandlers};
+use crate::live::LiveConfig;
 use crate::message::{Delivery, Disposition, SourceKind, Stored, MAX_SIDE_FIELD_BYTES};
 use crate::retry::Backoff;
 use crate::sink::{AuditRecord, SinkHandle, StoreOutcome};
@@ -45,6 +46,8 @@ pub enum JobKind {
     Snapshot,
     /// `report.compliance`.
     Report,
+    /// `gdpr.access`: a data subject's access request.
+    GdprAccess,
 }
 
 /// The default job name.
@@ -57,6 +60,7 @@ impl JobKind {
             "export.audit" => Self::Export,
             "audit.snapshot" => Self::Snapshot,
             "report.compliance" => Self::Report,
+            "gdpr.access" => Self::GdprAccess,
             _ => Self::AuditEvent,
         }
     }
@@ -68,6 +72,7 @@ impl JobKind {
             Self::Export => "export",
             Self::Snapshot => "snapshot",
             Self::Report => "report",
+            Self::GdprAccess => "gdpr_access",
         }
     }
 }
@@ -134,7 +139,9 @@ pub struct Processor {
 }
 
 struct Inner {
-    policy: Arc<ValidationPolicy>,
+    /// The configuration in force: validation limits and HMAC key ring
+    /// are read from it per delivery, so a reload applies at once.
+    live: LiveConfig,
     sink: SinkHandle,
     jobs: JobHandlers,
     metrics: Metrics,
@@ -178,7 +185,7 @@ impl Processor {
     /// The processor for one worker: what it validates against, where
     /// events and job requests go, and what it counts.
     pub fn new(
-        policy: Arc<ValidationPolicy>,
+        live: LiveConfig,
         sink: SinkHandle,
         jobs: JobHandlers,
         metrics: Metrics,
@@ -191,7 +198,7 @@ impl Processor {
         ];
         Self {
             inner: Arc::new(Inner {
-                policy,
+                live,
                 sink,
                 jobs,
                 metrics,
@@ -207,10 +214,10 @@ impl Processor {
         &self.inner.sink
     }
 
-    /// The validation policy (sources need its byte limit for reads that
-    /// bound memory inside Redis).
-    pub fn policy(&self) -> &ValidationPolicy {
-        &self.inner.policy
+    /// The validation policy in force (sources need its byte limit for
+    /// reads that bound memory inside Redis).
+    pub fn policy(&self) -> Arc<ValidationPolicy> {
+        self.inner.live.current().policy.clone()
     }
 
     /// The metrics registry (sources count their own Redis errors).
@@ -237,7 +244,8 @@ impl Processor {
     /// or future per event.
     pub async fn begin(&self, d: Delivery) -> Started {
         let this = &*self.inner;
-        if let Some(rejection) = precheck(&d, this.policy.max_event_bytes) {
+        let policy = self.policy();
+        if let Some(rejection) = precheck(&d, policy.max_event_bytes) {
             return Started(Step::Decided(dead_letter(d, rejection)));
         }
         if d.data.is_none() {
@@ -249,7 +257,7 @@ impl Processor {
             return Started(Step::Job(kind, d));
         }
         let data = d.data.as_deref().unwrap_or_default();
-        let record = match decode_record(&d.name, data, &d.identity, &this.policy) {
+        let record = match decode_record(&d.name, data, &d.identity, &policy) {
             Ok(record) => record,
             Err(rejection) => return Started(Step::Decided(dead_letter(d, rejection))),
         };
@@ -337,7 +345,7 @@ impl Processor {
                     // Validation is pure and passed once; it is repeated
                     // only to rebuild the record the sink consumed.
                     let data = s.d.data.as_deref().unwrap_or_default();
-                    match decode_record(&s.d.name, data, &s.d.identity, &this.policy) {
+                    match decode_record(&s.d.name, data, &s.d.identity, &self.policy()) {
                         Ok(record) => s.pending = this.sink.submit(record).await,
                         Err(rejection) => return dead_letter(s.d, rejection),
                     }

@@ -16,13 +16,15 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use std::sync::Arc;
+
 use crate::config::LogConfig;
 use crate::dlq::RejectReason;
 
 /// Job kinds that export job metrics (label `kind`); pre-registered so the
 /// series exist (at 0) before the first job, as dashboards and alert rules
 /// expect.
-pub const JOB_KINDS: [&str; 3] = ["export", "snapshot", "report"];
+pub const JOB_KINDS: [&str; 4] = ["export", "snapshot", "report", "gdpr_access"];
 
 /// Redis operations counted in `audit_worker_redis_errors_total`
 /// (pre-registered at 0; other sources may add their own).
@@ -99,7 +101,22 @@ pub struct Metrics {
     /// 0 when it does not (truncated, rolled back or rewritten), -1 until
     /// known.
     pub log_extends_published: IntGauge,
+    /// Monthly partitions dropped by retention.
+    pub retention_dropped: IntCounter,
+    /// Partitions a retention pass kept, once per pass and reason
+    /// ([`RETENTION_REFUSALS`]).
+    pub retention_refused: IntCounterVec,
 }
+
+/// Why retention keeps a partition (the `reason` label of
+/// `audit_worker_retention_refused_partitions_total`).
+pub const RETENTION_REFUSALS: [&str; 5] = [
+    "month_open",
+    "retention",
+    "unknown_policy",
+    "unsealed",
+    "legal_hold",
+];
 
 impl Metrics {
     /// Creates and registers every metric.
@@ -267,6 +284,19 @@ impl Metrics {
             &["task", "result"],
         )
         .expect("valid metric");
+        let retention_dropped = IntCounter::new(
+            "audit_worker_retention_dropped_partitions_total",
+            "Monthly partitions of audit_log dropped by retention.",
+        )
+        .expect("valid metric");
+        let retention_refused = IntCounterVec::new(
+            Opts::new(
+                "audit_worker_retention_refused_partitions_total",
+                "Partitions a retention pass kept, per pass and reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         let stream_trimmed = IntCounter::new(
             "audit_worker_stream_trimmed_total",
             "Pending stream entries found deleted or trimmed before they were stored.",
@@ -295,6 +325,8 @@ impl Metrics {
             Box::new(alert_events_dropped.clone()),
             Box::new(periodic_runs.clone()),
             Box::new(log_extends_published.clone()),
+            Box::new(retention_dropped.clone()),
+            Box::new(retention_refused.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -324,6 +356,9 @@ impl Metrics {
         for op in REDIS_OPERATIONS {
             redis_errors.with_label_values(&[op]);
         }
+        for reason in RETENTION_REFUSALS {
+            retention_refused.with_label_values(&[reason]);
+        }
         for reason in ["queue_full", "tracking_full", "publish_failed"] {
             alert_events_dropped.with_label_values(&[reason]);
         }
@@ -351,6 +386,8 @@ impl Metrics {
             alert_events_dropped,
             periodic_runs,
             log_extends_published,
+            retention_dropped,
+            retention_refused,
         }
     }
 
@@ -434,6 +471,15 @@ pub use crate::config::TelemetryConfig;
 #[must_use = "dropping the guard shuts the span exporter down"]
 pub struct TelemetryGuard {
     provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+    log_filter: Option<LogFilter>,
+}
+
+impl TelemetryGuard {
+    /// The handle that changes the log filter live (`None` when another
+    /// subscriber was installed first, e.g. in tests).
+    pub fn log_filter(&self) -> Option<LogFilter> {
+        self.log_filter.clone()
+    }
 }
 
 impl Drop for TelemetryGuard {
@@ -473,9 +519,11 @@ pub fn init_tracing(
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{EnvFilter, Layer};
+    let from_env = std::env::var_os(EnvFilter::DEFAULT_ENV).is_some();
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(filter);
     let json = match config.format.as_str() {
         "json" => true,
         "text" => false,
@@ -527,14 +575,47 @@ pub fn init_tracing(
         provider = Some(p);
         crate::tracing_ctx::set_export_enabled(true);
     }
-    let _ = tracing_subscriber::registry()
+    let installed = tracing_subscriber::registry()
         .with(layers)
         .with(filter)
-        .try_init();
+        .try_init()
+        .is_ok();
     if provider.is_some() {
         tracing::info!(endpoint = %telemetry.traces_url(), "exporting spans over OTLP/HTTP");
     }
-    Ok(TelemetryGuard { provider })
+    let log_filter = installed.then(|| LogFilter {
+        set: Arc::new(move |level: &str| {
+            if from_env {
+                tracing::warn!("log.level changed but RUST_LOG is set and overrides it: the filter stays as RUST_LOG says");
+                return;
+            }
+            match EnvFilter::try_new(level) {
+                Ok(filter) => match filter_handle.reload(filter) {
+                    Ok(()) => tracing::info!(level, "log level changed"),
+                    Err(e) => tracing::warn!(error = %e, "cannot change the log level"),
+                },
+                Err(e) => tracing::warn!(error = %e, "log.level is not a valid filter; unchanged"),
+            }
+        }),
+    });
+    Ok(TelemetryGuard {
+        provider,
+        log_filter,
+    })
+}
+
+/// Changes the log filter of the running process (`log.level` applies
+/// live); `RUST_LOG`, when set, keeps precedence.
+#[derive(Clone)]
+pub struct LogFilter {
+    set: Arc<dyn Fn(&str) + Send + Sync>,
+}
+
+impl LogFilter {
+    /// Replaces the filter with `level` (RUST_LOG syntax).
+    pub fn set(&self, level: &str) {
+        (self.set)(level)
+    }
 }
 
 #[cfg(test)]

@@ -165,6 +165,10 @@ pub struct ExportJob {
     pub error: Option<String>,
     /// Where to download the artifact (completed jobs).
     pub download: Option<String>,
+    /// Where to download the inclusion proofs (completed subject access
+    /// requests only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proofs: Option<String>,
 }
 
 /// A page of export jobs, newest first.
@@ -238,13 +242,53 @@ fn visible(n: usize) -> String {
     )
 }
 
-fn view(row: &tokio_postgres::Row) -> ExportJob {
+/// Which export jobs an endpoint family serves: compliance exports
+/// (`/v1/exports`, `export` permission) or subject access requests
+/// (`/v1/gdpr/access-requests`, `gdpr` permission). Both are export jobs;
+/// a subject access job is one whose filters name a subject, and neither
+/// family sees the other's jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum JobFamily {
+    Export,
+    SubjectAccess,
+}
+
+impl JobFamily {
+    /// SQL condition on export_jobs selecting the family's jobs.
+    fn condition(self) -> &'static str {
+        match self {
+            Self::Export => "NOT (filters ? 'subject')",
+            Self::SubjectAccess => "filters ? 'subject'",
+        }
+    }
+
+    /// The family's collection path.
+    fn path(self) -> &'static str {
+        match self {
+            Self::Export => "/v1/exports",
+            Self::SubjectAccess => "/v1/gdpr/access-requests",
+        }
+    }
+
+    /// What one job is called in answers.
+    fn noun(self) -> &'static str {
+        match self {
+            Self::Export => "export",
+            Self::SubjectAccess => "access request",
+        }
+    }
+}
+
+fn view(row: &tokio_postgres::Row, family: JobFamily) -> ExportJob {
     let id: String = row.get(0);
     let status: String = row.get(1);
     let allowed: Option<Vec<String>> = row.get(6);
     let error: Option<String> = row.get(15);
+    let completed = status == "completed";
     ExportJob {
-        download: (status == "completed").then(|| format!("/v1/exports/{id}/download")),
+        download: completed.then(|| format!("{}/{id}/download", family.path())),
+        proofs: (completed && family == JobFamily::SubjectAccess)
+            .then(|| format!("{}/{id}/proofs", family.path())),
         error: matches!(status.as_str(), "failed" | "cancelled" | "expired")
             .then_some(error)
             .flatten(),
@@ -280,24 +324,155 @@ fn db_error(e: tokio_postgres::Error) -> Problem {
 
 /// The job if the caller may see it (404 otherwise, the same answer as for
 /// an unknown id).
-async fn visible_job(state: &ApiState, caller: &Caller, id: &str) -> Result<ExportJob, Problem> {
+async fn visible_job(
+    state: &ApiState,
+    caller: &Caller,
+    id: &str,
+    family: JobFamily,
+) -> Result<ExportJob, Problem> {
     if !job_id_form(id) {
-        return Err(Problem::not_found("export"));
+        return Err(Problem::not_found(family.noun()));
     }
     let client = client(state).await?;
     let row = client
         .query_opt(
             &format!(
-                "SELECT {VIEW_COLUMNS} FROM export_jobs WHERE id = $1 AND {}",
-                visible(2)
+                "SELECT {VIEW_COLUMNS} FROM export_jobs WHERE id = $1 AND {} AND {}",
+                visible(2),
+                family.condition()
             ),
             &[&id, &caller.scope().to_db()],
         )
         .await
         .map_err(db_error)?;
     row.as_ref()
-        .map(view)
-        .ok_or_else(|| Problem::not_found("export"))
+        .map(|r| view(r, family))
+        .ok_or_else(|| Problem::not_found(family.noun()))
+}
+
+/// Records `request` for `caller` (its scope stored with the job) and
+/// answers 201 with the job, or 409 with an identical job in progress.
+pub(super) async fn create_job(
+    state: &ApiState,
+    caller: &Caller,
+    request: &ExportRequest,
+    family: JobFamily,
+) -> Result<Response, Problem> {
+    let scope = caller.scope().to_db();
+    crate::jobs::export::check_scope(request, scope.as_deref()).map_err(|m| {
+        Problem::forbidden(format!(
+            "{}: ask for a key covering it, or drop the filter",
+            m.replace("exportFilters.", "")
+        ))
+    })?;
+    let source = format!("api:{}:{}", caller.0.id, uuid::Uuid::new_v4());
+    let recorded = match state
+        .exports
+        .record_scoped(request, &source, scope.as_deref())
+        .await
+    {
+        Ok(r) => r,
+        Err(JobError::Transient(e)) => return Err(Problem::unavailable(&e)),
+        Err(JobError::Rejected(r)) => return Err(Problem::invalid(r.message)),
+    };
+    if !recorded.created {
+        let mut p = Problem::new(
+            Kind::DuplicateExport,
+            StatusCode::CONFLICT,
+            format!(
+                "an identical {} of this key is already {} as job {}: follow that job instead",
+                family.noun(),
+                recorded.status,
+                recorded.id
+            ),
+        );
+        p.job_id = Some(recorded.id);
+        return Err(p);
+    }
+    tracing::info!(job = %recorded.id, key = %caller.0.id, kind = family.noun(), "export job created through the API");
+    let job = visible_job(state, caller, &recorded.id, family).await?;
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("{}/{}", family.path(), job.id))],
+        axum::Json(job),
+    )
+        .into_response())
+}
+
+/// A page of the family's jobs visible to `caller`, newest first.
+pub(super) async fn list_jobs(
+    state: &ApiState,
+    caller: &Caller,
+    page: &PageParams,
+    family: JobFamily,
+) -> Result<ExportList, Problem> {
+    let limit = state.pages.limit(page.limit)?;
+    page.check_cursor()?;
+    let client = client(state).await?;
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {VIEW_COLUMNS} FROM export_jobs WHERE {} AND {} \
+                   AND ($2::text IS NULL OR (created_at, id) < \
+                        (SELECT created_at, id FROM export_jobs WHERE id = $2)) \
+                 ORDER BY created_at DESC, id DESC LIMIT $3",
+                visible(1),
+                family.condition()
+            ),
+            &[&caller.scope().to_db(), &page.cursor, &(limit + 1)],
+        )
+        .await
+        .map_err(db_error)?;
+    let (items, next_cursor) = page_of(
+        rows.iter().map(|r| view(r, family)).collect(),
+        limit,
+        |j: &ExportJob| j.id.clone(),
+    );
+    Ok(ExportList { items, next_cursor })
+}
+
+/// One of the family's jobs, if `caller` may see it.
+pub(super) async fn get_job(
+    state: &ApiState,
+    caller: &Caller,
+    id: &str,
+    family: JobFamily,
+) -> Result<ExportJob, Problem> {
+    visible_job(state, caller, id, family).await
+}
+
+/// Streams a file of a completed job of the family that `caller` may see.
+pub(super) async fn download_job(
+    state: &ApiState,
+    caller: &Caller,
+    id: &str,
+    family: JobFamily,
+    file: download::JobFile,
+) -> Result<Response, Problem> {
+    let job = visible_job(state, caller, id, family).await?;
+    download::stream_file(&state.downloads, &job.id, file)
+        .await
+        .map_err(|e| match e {
+            DownloadError::NotFound => Problem::not_found(family.noun()),
+            DownloadError::NotCompleted => Problem::new(
+                Kind::Conflict,
+                StatusCode::CONFLICT,
+                format!(
+                    "the {} is {}: download it once its status is completed",
+                    family.noun(),
+                    job.status
+                ),
+            ),
+            DownloadError::Expired | DownloadError::FileGone => Problem::new(
+                Kind::Gone,
+                StatusCode::GONE,
+                format!(
+                    "the {}'s download window is over and its file was removed: create it again",
+                    family.noun()
+                ),
+            ),
+            DownloadError::Unavailable(e) => Problem::unavailable(&e),
+        })
 }
 
 /// Create an export job.
@@ -331,42 +506,7 @@ async fn create_export(
     let request = body
         .to_request(&caller.0.requester_id())
         .map_err(Problem::invalid)?;
-    let scope = caller.scope().to_db();
-    crate::jobs::export::check_scope(&request, scope.as_deref()).map_err(|m| {
-        Problem::forbidden(format!(
-            "{m}: ask for a key covering it, or drop the filter"
-        ))
-    })?;
-    let source = format!("api:{}:{}", caller.0.id, uuid::Uuid::new_v4());
-    let recorded = match state
-        .exports
-        .record_scoped(&request, &source, scope.as_deref())
-        .await
-    {
-        Ok(r) => r,
-        Err(JobError::Transient(e)) => return Err(Problem::unavailable(&e)),
-        Err(JobError::Rejected(r)) => return Err(Problem::invalid(r.message)),
-    };
-    if !recorded.created {
-        let mut p = Problem::new(
-            Kind::DuplicateExport,
-            StatusCode::CONFLICT,
-            format!(
-                "an identical export of this key is already {} as job {}: follow that job instead",
-                recorded.status, recorded.id
-            ),
-        );
-        p.job_id = Some(recorded.id);
-        return Err(p);
-    }
-    tracing::info!(job = %recorded.id, key = %caller.0.id, "export job created through the API");
-    let job = visible_job(&state, &caller, &recorded.id).await?;
-    Ok((
-        StatusCode::CREATED,
-        [(header::LOCATION, format!("/v1/exports/{}", job.id))],
-        axum::Json(job),
-    )
-        .into_response())
+    create_job(&state, &caller, &request, JobFamily::Export).await
 }
 
 /// List the export jobs visible to the key, newest first.
@@ -390,26 +530,9 @@ async fn list_exports(
     ApiQuery(page): ApiQuery<PageParams>,
 ) -> Result<axum::Json<ExportList>, Problem> {
     caller.require(Permission::Export)?;
-    let limit = state.pages.limit(page.limit)?;
-    page.check_cursor()?;
-    let client = client(&state).await?;
-    let rows = client
-        .query(
-            &format!(
-                "SELECT {VIEW_COLUMNS} FROM export_jobs WHERE {} \
-                   AND ($2::text IS NULL OR (created_at, id) < \
-                        (SELECT created_at, id FROM export_jobs WHERE id = $2)) \
-                 ORDER BY created_at DESC, id DESC LIMIT $3",
-                visible(1)
-            ),
-            &[&caller.scope().to_db(), &page.cursor, &(limit + 1)],
-        )
-        .await
-        .map_err(db_error)?;
-    let (items, next_cursor) = page_of(rows.iter().map(view).collect(), limit, |j: &ExportJob| {
-        j.id.clone()
-    });
-    Ok(axum::Json(ExportList { items, next_cursor }))
+    Ok(axum::Json(
+        list_jobs(&state, &caller, &page, JobFamily::Export).await?,
+    ))
 }
 
 /// One export job.
@@ -432,7 +555,9 @@ async fn get_export(
     ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<ExportJob>, Problem> {
     caller.require(Permission::Export)?;
-    Ok(axum::Json(visible_job(&state, &caller, &id).await?))
+    Ok(axum::Json(
+        get_job(&state, &caller, &id, JobFamily::Export).await?,
+    ))
 }
 
 /// Cancel an export job that is still in progress.
@@ -456,7 +581,7 @@ async fn cancel_export(
     ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<ExportJob>, Problem> {
     caller.require(Permission::Export)?;
-    let job = visible_job(&state, &caller, &id).await?;
+    let job = visible_job(&state, &caller, &id, JobFamily::Export).await?;
     let client = client(&state).await?;
     let reason = format!("cancelled by {}", caller.0.requester_id());
     let n = client
@@ -479,7 +604,9 @@ async fn cancel_export(
         ));
     }
     tracing::info!(job = %job.id, key = %caller.0.id, "export job cancelled through the API");
-    Ok(axum::Json(visible_job(&state, &caller, &id).await?))
+    Ok(axum::Json(
+        visible_job(&state, &caller, &id, JobFamily::Export).await?,
+    ))
 }
 
 /// Download the artifact of a completed export.
@@ -511,26 +638,14 @@ async fn download_export(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, Problem> {
     caller.require(Permission::Export)?;
-    let job = visible_job(&state, &caller, &id).await?;
-    download::stream(&state.downloads, &job.id)
-        .await
-        .map_err(|e| match e {
-            DownloadError::NotFound => Problem::not_found("export"),
-            DownloadError::NotCompleted => Problem::new(
-                Kind::Conflict,
-                StatusCode::CONFLICT,
-                format!(
-                    "the export is {}: download it once its status is completed",
-                    job.status
-                ),
-            ),
-            DownloadError::Expired | DownloadError::FileGone => Problem::new(
-                Kind::Gone,
-                StatusCode::GONE,
-                "the export's download window is over and its file was removed: create the export again",
-            ),
-            DownloadError::Unavailable(e) => Problem::unavailable(&e),
-        })
+    download_job(
+        &state,
+        &caller,
+        &id,
+        JobFamily::Export,
+        download::JobFile::Artifact,
+    )
+    .await
 }
 
 #[cfg(test)]

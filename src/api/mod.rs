@@ -2,7 +2,7 @@
 //! (`api.listen`), apart from the operators' health and metrics port.
 //!
 //! One module per resource ([`exports`], [`reports`], [`proofs`],
-//! [`checkpoints`]), each
+//! [`checkpoints`], [`gdpr_access`]), each
 //! with a `routes()` that returns its handlers with their OpenAPI
 //! descriptions; [`router`] merges them, so adding a resource is a new
 //! module and one `.merge(...)` line. The OpenAPI document
@@ -15,6 +15,7 @@ pub mod auth;
 pub mod checkpoints;
 pub mod cli;
 pub mod exports;
+pub mod gdpr_access;
 pub mod keys;
 pub mod metrics;
 pub mod problem;
@@ -53,6 +54,8 @@ pub struct ApiState {
     pub downloads: Downloads,
     /// Page sizes of lists.
     pub pages: Pages,
+    /// `gdpr.subject_paths`, fixed into each subject access job.
+    pub subject_paths: Arc<Vec<String>>,
     /// Request and refused-credential counters.
     pub metrics: metrics::ApiMetrics,
 }
@@ -137,6 +140,7 @@ fn resources() -> OpenApiRouter<ApiState> {
         .merge(reports::routes())
         .merge(proofs::routes())
         .merge(checkpoints::routes())
+        .merge(gdpr_access::routes())
 }
 
 /// The generated OpenAPI document (3.1).
@@ -189,6 +193,7 @@ pub async fn serve(
             default: config.api.default_page_size,
             max: config.api.max_page_size,
         },
+        subject_paths: Arc::new(config.gdpr.subject_paths.clone()),
         metrics,
     };
     let listen = config.api.listen.clone();

@@ -114,7 +114,9 @@ async fn get_proof(
     let record = stored_event(&client, &caller, &event).await?;
     let sealed: i64 = client
         .query_one(
-            "SELECT count(*) FROM seal_ledger WHERE idempotency_key = $1",
+            "SELECT count(*) FROM audit_log a
+               JOIN seal_ledger l ON l.event_time = a.event_time AND l.row_id = a.id
+              WHERE a.idempotency_key = $1",
             &[&event],
         )
         .await

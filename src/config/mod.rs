@@ -1,5 +1,5 @@
-//! Typed configuration: `config/default.toml` (built in) < `--config FILE`
-//! < `AUDIT_WORKER__SECTION__KEY` environment variables.
+//! Typed configuration: `config/default.toml` (built in) < the `--config`
+//! document < `AUDIT_WORKER__SECTION__KEY` environment variables.
 //!
 //! The built-in default file is the single source of defaults, so the
 //! documented values and the real ones cannot drift apart. Unknown keys are
@@ -22,12 +22,16 @@ mod bullmq;
 mod database;
 mod dlq;
 mod export;
+mod gdpr_access;
 mod http;
 mod integrity;
+pub mod live;
 mod log;
 pub mod queue_scope;
 pub mod redis;
+mod reload;
 mod report;
+mod retention;
 mod secret;
 mod sink;
 mod snapshot;
@@ -42,11 +46,15 @@ pub use bullmq::BullmqConfig;
 pub use database::{DatabaseConfig, SSL_MODES};
 pub use dlq::DlqConfig;
 pub use export::{ExportConfig, OcsfClassRule, OcsfConfig};
+pub use gdpr_access::{subject_path_parts, GdprConfig};
 pub use http::HttpConfig;
 pub use integrity::IntegrityConfig;
+pub use live::{Settings, SettingsDiff};
 pub use log::LogConfig;
 pub use redis::{RedisConfig, RedisTopology};
+pub use reload::ReloadConfig;
 pub use report::ReportConfig;
+pub use retention::RetentionConfig;
 pub use secret::{read_secret_file, Secret};
 pub use sink::SinkConfig;
 pub use snapshot::SnapshotConfig;
@@ -70,6 +78,9 @@ pub struct ConfigError(pub String);
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// `[config]`: live reloading of this configuration.
+    #[serde(rename = "config")]
+    pub reload: ReloadConfig,
     pub redis: RedisConfig,
     pub stream: StreamConfig,
     pub bullmq: BullmqConfig,
@@ -87,57 +98,97 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub alerts: AlertsConfig,
     pub api: ApiConfig,
+    pub retention: RetentionConfig,
+    pub gdpr: GdprConfig,
 }
 
 impl Config {
-    /// Loads defaults, then `file` if given, then the environment, and
-    /// validates the result.
-    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::load_from(file, Env::prefixed(ENV_PREFIX).split("__"))
+    /// The `AUDIT_WORKER__SECTION__KEY` overrides of the process
+    /// environment, merged over the document.
+    pub fn environment() -> Env {
+        Env::prefixed(ENV_PREFIX).split("__")
     }
 
-    /// Like [`Config::load`] with an explicit environment provider (tests).
+    /// Loads defaults, then `file` if given, then `env`, and validates the
+    /// result (tests; the worker loads through [`crate::live::source`]).
     pub fn load_from(file: Option<&Path>, env: Env) -> Result<Self, ConfigError> {
+        let text = match file {
+            None => None,
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    ConfigError(format!(
+                        "config file {} does not exist: check the --config path",
+                        path.display()
+                    ))
+                } else {
+                    ConfigError(format!(
+                        "cannot read config file {} ({e}): check its permissions",
+                        path.display()
+                    ))
+                }
+            })?),
+        };
+        let origin = file.map(|p| p.display().to_string()).unwrap_or_default();
+        Ok(Self::load_document(text.as_deref(), &origin, env)?.0)
+    }
+
+    /// Loads defaults, then the TOML document `text` (read from `origin`,
+    /// named in errors), then `env`, and validates the result. Also returns
+    /// every merged setting, for comparing a reloaded document with the
+    /// running one (see [`live`]).
+    pub fn load_document(
+        text: Option<&str>,
+        origin: &str,
+        env: Env,
+    ) -> Result<(Self, Settings), ConfigError> {
         let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
-        if let Some(path) = file {
-            if !path.exists() {
-                return Err(ConfigError(format!(
-                    "config file {} does not exist: check the --config path",
-                    path.display()
-                )));
-            }
-            figment = figment.merge(Toml::file(path));
+        if let Some(text) = text {
+            figment = figment.merge(Toml::string(text));
         }
-        let config: Config = figment.merge(env).extract().map_err(|e| {
+        let figment = figment.merge(env);
+        let describe = |e: figment::Error| {
             let text: Vec<String> = e
                 .into_iter()
                 .map(|err| {
                     let setting = err.path.join(".").to_lowercase();
-                    let origin = err
+                    let source = err
                         .metadata
                         .as_ref()
-                        .map(|m| m.interpolate(&err.profile.clone().unwrap_or_default(), &err.path))
+                        .map(|m| {
+                            if m.name.starts_with("TOML") && !origin.is_empty() {
+                                origin.to_owned()
+                            } else {
+                                m.interpolate(&err.profile.clone().unwrap_or_default(), &err.path)
+                            }
+                        })
                         .unwrap_or_default();
-                    match (setting.is_empty(), origin.is_empty()) {
+                    match (setting.is_empty(), source.is_empty()) {
                         (true, _) => err.kind.to_string(),
                         (false, true) => format!("{setting}: {}", err.kind),
-                        (false, false) => format!("{setting} (from {origin}): {}", err.kind),
+                        (false, false) => format!("{setting} (from {source}): {}", err.kind),
                     }
                 })
                 .collect();
             ConfigError(format!(
-                "{}: fix the value in the config file or the AUDIT_WORKER__* variable",
+                "{}: fix the value in the config document or the AUDIT_WORKER__* variable",
                 text.join("; ")
             ))
-        })?;
+        };
+        let config: Config = figment.extract().map_err(describe)?;
+        let settings = Settings::flatten(
+            &figment
+                .extract::<figment::value::Value>()
+                .map_err(describe)?,
+        );
         config.validate()?;
-        Ok(config)
+        Ok((config, settings))
     }
 
     /// Checks values that parse but make no sense, naming the setting:
     /// each section checks itself, then the rules that span sections.
     fn validate(&self) -> Result<(), ConfigError> {
         let err = |key: &str, why: &str| Err(ConfigError(format!("{key} {why}")));
+        self.reload.validate()?;
         self.redis.validate()?;
         self.stream.validate()?;
         if self.dlq.key.is_empty() || self.dlq.key == self.stream.key {
@@ -175,6 +226,8 @@ impl Config {
         self.telemetry.validate().map_err(ConfigError)?;
         self.alerts.validate().map_err(ConfigError)?;
         self.api.validate()?;
+        self.retention.validate()?;
+        self.gdpr.validate()?;
         if self.api.enabled() && self.api.listen == self.http.listen {
             return err(
                 "api.listen",
@@ -368,6 +421,25 @@ mod tests {
         assert_eq!(ids, vec!["new", "old"]);
         let debug = format!("{c:?}");
         assert!(!debug.contains("new-secret-value"), "{debug}");
+    }
+
+    #[test]
+    fn live_reload_settings_default_off_and_bad_log_filters_are_refused() {
+        let c = Config::load_from(None, env(&[])).unwrap();
+        assert_eq!(c.reload.watch_interval_secs, 0);
+        assert!(!c.reload.cache_path.is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        for (toml, needle) in [
+            ("[log]\nlevel = \"info,[[\"\n", "log.level"),
+            ("[config]\ncache_path = \"\"\n", "config.cache_path"),
+        ] {
+            let cfg = dir.path().join("c.toml");
+            std::fs::write(&cfg, toml).unwrap();
+            let e = Config::load_from(Some(&cfg), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{toml}: {e}");
+        }
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub enum RejectReason {
     /// A `report.compliance` request is malformed (unknown report kind or
     /// format, `from` after `to`, an organisation outside the allowed ones).
     InvalidReportRequest,
+    /// A `gdpr.access` request is malformed (no subject, unknown format,
+    /// an organisation outside the allowed ones, ...).
+    InvalidAccessRequest,
 }
 
 impl RejectReason {
@@ -76,11 +79,12 @@ impl RejectReason {
             Self::DuplicateKey => "duplicate_key",
             Self::InvalidExportRequest => "invalid_export_request",
             Self::InvalidReportRequest => "invalid_report_request",
+            Self::InvalidAccessRequest => "invalid_access_request",
         }
     }
 
     /// Every reason, for documentation and for pre-registering metric labels.
-    pub const ALL: [RejectReason; 19] = [
+    pub const ALL: [RejectReason; 20] = [
         Self::InvalidJson,
         Self::InvalidEvent,
         Self::StringTooLong,
@@ -99,6 +103,7 @@ impl RejectReason {
         Self::DuplicateKey,
         Self::InvalidExportRequest,
         Self::InvalidReportRequest,
+        Self::InvalidAccessRequest,
         Self::IdempotencyConflict,
     ];
 }

@@ -1,5 +1,5 @@
 //! Job kinds other than audit events (`export.audit`, `audit.snapshot`,
-//! `report.compliance`).
+//! `report.compliance`, `gdpr.access`).
 //!
 //! A queue message for a job is only a request: the source hands its bytes
 //! to the kind's [`JobHandler`], which validates it and records the job
@@ -11,10 +11,12 @@
 
 pub mod dev_key;
 pub mod export;
+pub mod gdpr;
 pub mod log_monitor;
 pub mod merkle_stream;
 pub mod published;
 pub mod report;
+pub mod retention;
 pub mod snapshot;
 pub mod snapshot_cli;
 pub mod stored_record;
@@ -55,6 +57,7 @@ pub struct JobHandlers {
     pub export: Option<Arc<dyn JobHandler>>,
     pub snapshot: Option<Arc<dyn JobHandler>>,
     pub report: Option<Arc<dyn JobHandler>>,
+    pub gdpr_access: Option<Arc<dyn JobHandler>>,
 }
 
 impl JobHandlers {
@@ -71,6 +74,7 @@ impl JobHandlers {
             JobKind::Export => self.export.as_ref(),
             JobKind::Snapshot => self.snapshot.as_ref(),
             JobKind::Report => self.report.as_ref(),
+            JobKind::GdprAccess => self.gdpr_access.as_ref(),
             JobKind::AuditEvent => None,
         };
         match handler {

@@ -12,12 +12,10 @@
 //! nothing; a second job for an overlapping range waits on the head lock and
 //! then finds those rows already sealed.
 //!
-//! Sealing never blocks ingestion: its transaction holds ROW EXCLUSIVE on
-//! `audit_log` (as inserts do; the two do not conflict) and row locks on
-//! the unsealed rows it numbers, which new rows never touch. Only the
-//! redelivery of an event being sealed right then waits, on that row, for
-//! the seal to commit, then is a duplicate. Partition DDL takes a lock that
-//! conflicts with neither (see [`crate::partitions`]).
+//! Sealing never blocks ingestion: it only reads `audit_log` (ACCESS
+//! SHARE, which inserts do not conflict with) and writes the ledger and
+//! the tiles. Partition DDL takes a lock that conflicts with neither (see
+//! [`crate::partitions`]).
 //!
 //! After COMMIT the snapshot is *published*: its manifest is written to the
 //! object store and an `audit.snapshot.created` event is XADDed to the
@@ -40,7 +38,7 @@ use crate::event::{RejectReason, Rejection};
 use crate::integrity::checkpoint::{Checkpoint, CheckpointSigner, Ed25519NoteSigner, NoteVerifier};
 use crate::integrity::merkle::{self, Hash, TreeBuilder};
 use crate::integrity::record::LEAF_VERSION_V2;
-use crate::jobs::merkle_stream::{consistency_plan, hash_from_bytes, PagedRows};
+use crate::jobs::merkle_stream::{consistency_plan, hash_from_bytes};
 use crate::jobs::stored_record::{record_from_row, stored_digest, RECORD_COLUMNS, SALTS_JOIN};
 use crate::jobs::{JobError, JobHandler};
 use crate::outage::OutageLog;
@@ -621,6 +619,14 @@ impl Snapshotter {
     /// salts, and extends the tree and the tiles with each leaf as it goes
     /// (nothing is read back). Reads audit_log, never writes it. Returns
     /// how many.
+    ///
+    /// Three stages overlap: a second connection streams the rows and a
+    /// task of its own computes their digests ([`read_unsealed`]), while
+    /// this one extends the tree and the tiles and writes the ledger in
+    /// `tx`. The reader needs no part in the transaction: rows are
+    /// immutable (trigger), the head lock taken in `tx` before the read
+    /// starts means every earlier seal has committed, and a row committed
+    /// after the read's snapshot is a late event for the next snapshot.
     async fn append_to_ledger(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
@@ -630,18 +636,7 @@ impl Snapshotter {
         snapshot_id: i64,
         tail: &mut LogTail<'_>,
     ) -> Result<u64, SnapshotError> {
-        // Rows are immutable (trigger), so nothing needs locking: the head
-        // lock serializes sealers, and a row committed after this read is a
-        // late event for the next snapshot.
-        let sql = format!(
-            "SELECT a.id, {RECORD_COLUMNS} FROM audit_log a {SALTS_JOIN}
-              WHERE ($1::timestamptz IS NULL OR a.event_time >= $1) AND a.event_time < $2
-                AND a.snapshot_id IS NULL
-                AND NOT EXISTS (SELECT 1 FROM seal_ledger l
-                                 WHERE l.event_time = a.event_time AND l.row_id = a.id)
-              ORDER BY a.event_time, a.id"
-        );
-        let page = self.settings.page_size;
+        let page = self.settings.page_size.max(1) as usize;
         // Ranges earlier snapshots sealed: an event inside one is late.
         let sealed: Vec<(Option<DateTime<Utc>>, DateTime<Utc>)> = tx
             .query("SELECT range_from, range_to FROM snapshots", &[])
@@ -650,36 +645,27 @@ impl Snapshotter {
             .map(|r| (r.get(0), r.get(1)))
             .collect();
         let sealed = SealedRanges::new(sealed);
-        let mut rows = PagedRows::open(tx, &sql, &[&from, &to], page).await?;
+        let reader = self.pool.get().await?;
+        let (chunks, mut arriving) = tokio::sync::mpsc::channel(4);
+        let reading = tokio::spawn(read_unsealed(reader, from, to, chunks));
         let mut next = base;
         let mut batch = LedgerBatch::default();
-        while let Some(r) = rows.next().await? {
-            let (rec, salts) = record_from_row(&r, 1)
-                .ok_or_else(|| SnapshotError::Integrity("a row without a key".into()))?;
-            let digest = stored_digest(&rec, salts.as_ref()).map_err(|e| {
-                SnapshotError::Integrity(format!(
-                    "event {} (event_time {}): {e}",
-                    rec.idempotency_key,
-                    rec.event_time.to_rfc3339()
-                ))
-            })?;
-            let leaf_hash = merkle::leaf_hash(&digest);
-            tail.tree.push(leaf_hash);
-            tail.tiles.push(tx, leaf_hash).await?;
-            let late = sealed.contains(rec.event_time).then_some(rec.ingested_at);
-            batch.push(
-                next,
-                rec.event_time,
-                r.get(0),
-                rec.idempotency_key,
-                digest,
-                late,
-            );
-            next += 1;
-            if batch.len() >= page.max(1) as usize {
-                batch.flush(tx, snapshot_id).await?;
+        while let Some(chunk) = arriving.recv().await {
+            for row in chunk? {
+                let leaf_hash = merkle::leaf_hash(&row.digest);
+                tail.tree.push(leaf_hash);
+                tail.tiles.push(tx, leaf_hash).await?;
+                let late = sealed.contains(row.event_time).then_some(row.ingested_at);
+                batch.push(next, row.event_time, row.row_id, row.key, row.digest, late);
+                next += 1;
+                if batch.len() >= page {
+                    batch.flush(tx, snapshot_id).await?;
+                }
             }
         }
+        reading
+            .await
+            .map_err(|e| SnapshotError::Integrity(format!("the sealing reader stopped: {e}")))?;
         batch.flush(tx, snapshot_id).await?;
         Ok((next - base) as u64)
     }
@@ -956,15 +942,85 @@ struct LogTail<'a> {
     tiles: &'a mut crate::jobs::tile_store::TileAppender,
 }
 
-/// Ledger entries waiting to be inserted, as columns (one multi-row
-/// INSERT per page).
+/// One unsealed row as sealing needs it: where it is, its key, its record
+/// digest, and when it arrived (for the late mark).
+struct UnsealedRow {
+    event_time: DateTime<Utc>,
+    row_id: i64,
+    key: String,
+    digest: Hash,
+    ingested_at: DateTime<Utc>,
+}
+
+/// Rows per message from the reader to the sealing transaction.
+const READ_CHUNK: usize = 1024;
+
+/// Streams the unsealed rows of `[from, to)` in (event_time, id) order on
+/// its own connection, computes each record digest, and sends them in
+/// chunks. A failure is sent as the last message; a closed channel (the
+/// sealing transaction failed) ends the read.
+async fn read_unsealed(
+    reader: deadpool_postgres::Object,
+    from: Option<DateTime<Utc>>,
+    to: DateTime<Utc>,
+    chunks: tokio::sync::mpsc::Sender<Result<Vec<UnsealedRow>, SnapshotError>>,
+) {
+    use futures::TryStreamExt;
+    let sql = format!(
+        "SELECT a.id, {RECORD_COLUMNS} FROM audit_log a {SALTS_JOIN}
+          WHERE ($1::timestamptz IS NULL OR a.event_time >= $1) AND a.event_time < $2
+            AND a.snapshot_id IS NULL
+            AND NOT EXISTS (SELECT 1 FROM seal_ledger l
+                             WHERE l.event_time = a.event_time AND l.row_id = a.id)
+          ORDER BY a.event_time, a.id"
+    );
+    let run = async {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&from, &to];
+        let rows = reader.query_raw(&sql, params).await?;
+        futures::pin_mut!(rows);
+        let mut chunk = Vec::with_capacity(READ_CHUNK);
+        while let Some(r) = rows.try_next().await? {
+            let (rec, salts) = record_from_row(&r, 1)
+                .ok_or_else(|| SnapshotError::Integrity("a row without a key".into()))?;
+            let digest = stored_digest(&rec, salts.as_ref()).map_err(|e| {
+                SnapshotError::Integrity(format!(
+                    "event {} (event_time {}): {e}",
+                    rec.idempotency_key,
+                    rec.event_time.to_rfc3339()
+                ))
+            })?;
+            chunk.push(UnsealedRow {
+                event_time: rec.event_time,
+                row_id: r.get(0),
+                key: rec.idempotency_key,
+                digest,
+                ingested_at: rec.ingested_at,
+            });
+            if chunk.len() == READ_CHUNK
+                && chunks.send(Ok(std::mem::take(&mut chunk))).await.is_err()
+            {
+                return Ok(());
+            }
+        }
+        if !chunk.is_empty() {
+            let _ = chunks.send(Ok(chunk)).await;
+        }
+        Ok::<(), SnapshotError>(())
+    };
+    if let Err(e) = run.await {
+        let _ = chunks.send(Err(e)).await;
+    }
+}
+
+/// Ledger entries waiting to be written, as columns (one binary COPY per
+/// page).
 #[derive(Default)]
 struct LedgerBatch {
     leaf_index: Vec<i64>,
     event_time: Vec<DateTime<Utc>>,
     row_id: Vec<i64>,
     key: Vec<String>,
-    leaf: Vec<Vec<u8>>,
+    leaf: Vec<Hash>,
     late: Vec<Option<DateTime<Utc>>>,
 }
 
@@ -987,7 +1043,7 @@ impl LedgerBatch {
         self.event_time.push(time);
         self.row_id.push(row);
         self.key.push(key);
-        self.leaf.push(leaf.to_vec());
+        self.leaf.push(leaf);
     }
 
     async fn flush(
@@ -998,24 +1054,48 @@ impl LedgerBatch {
         if self.leaf_index.is_empty() {
             return Ok(());
         }
-        tx.execute(
-            "INSERT INTO seal_ledger (leaf_index, snapshot_id, event_time, row_id, idempotency_key, leaf,
-                                      leaf_version, late_arrival)
-             SELECT i, $1, t, r, k, l, $7, a
-               FROM UNNEST($2::bigint[], $3::timestamptz[], $4::bigint[], $5::text[], $6::bytea[],
-                           $8::timestamptz[]) AS u(i, t, r, k, l, a)",
+        // Binary COPY: the cheapest way in for a page of new rows (no
+        // statement to plan, no arrays to unpack). A page is one COPY, so
+        // the cursor reading the next page and the tile writes run between
+        // COPYs on the same connection.
+        use tokio_postgres::binary_copy::BinaryCopyInWriter;
+        use tokio_postgres::types::Type;
+        let sink = tx
+            .copy_in(
+                "COPY seal_ledger (leaf_index, snapshot_id, event_time, row_id, idempotency_key, leaf,
+                                   leaf_version, late_arrival) FROM STDIN (FORMAT binary)",
+            )
+            .await?;
+        let writer = BinaryCopyInWriter::new(
+            sink,
             &[
-                &snapshot_id,
-                &self.leaf_index,
-                &self.event_time,
-                &self.row_id,
-                &self.key,
-                &self.leaf,
-                &LEAF_VERSION_V2,
-                &self.late,
+                Type::INT8,
+                Type::INT8,
+                Type::TIMESTAMPTZ,
+                Type::INT8,
+                Type::TEXT,
+                Type::BYTEA,
+                Type::INT2,
+                Type::TIMESTAMPTZ,
             ],
-        )
-        .await?;
+        );
+        futures::pin_mut!(writer);
+        for n in 0..self.leaf_index.len() {
+            writer
+                .as_mut()
+                .write(&[
+                    &self.leaf_index[n],
+                    &snapshot_id,
+                    &self.event_time[n],
+                    &self.row_id[n],
+                    &self.key[n],
+                    &self.leaf[n].as_slice(),
+                    &LEAF_VERSION_V2,
+                    &self.late[n],
+                ])
+                .await?;
+        }
+        writer.finish().await?;
         *self = Self::default();
         Ok(())
     }

@@ -156,15 +156,19 @@ pub async fn verify(
         for late in &report.late {
             println!("{late}");
         }
+        for pruned in &report.pruned {
+            println!("{pruned}");
+        }
         for f in &report.findings {
             println!("{f}");
         }
         println!(
-            "{}: {} snapshots, {} leaves checked ({} late), {} problems",
+            "{}: {} snapshots, {} leaves checked ({} late, {} pruned by retention), {} problems",
             if report.ok() { "OK" } else { "FAILED" },
             report.snapshots_checked,
             report.leaves_checked,
             report.late.len(),
+            report.pruned.iter().map(|p| p.leaves_checked).sum::<u64>(),
             report.findings.len()
         );
     }

@@ -104,6 +104,64 @@ pub struct VerifyReport {
     /// (not a problem: they are listed so an auditor sees them as late,
     /// not as inserted).
     pub late: Vec<LateEvent>,
+    /// Leaves whose rows retention dropped with their partition (not a
+    /// problem: the ledger still holds their record digests, checked
+    /// against the signed roots, and the rest of the log verifies).
+    pub pruned: Vec<PrunedRange>,
+}
+
+/// A partition dropped by retention, and how many of its leaves this
+/// check met (see README, "Retention").
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PrunedRange {
+    pub partition: String,
+    /// The event times it held: `[from, to)`.
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub dropped_at: DateTime<Utc>,
+    /// Sealed leaves it held when dropped.
+    pub leaves: i64,
+    /// Of those, the ones within this check's scope.
+    pub leaves_checked: u64,
+    /// The log's size when it was dropped: later leaves are never pruned.
+    #[serde(skip)]
+    tree_size: i64,
+}
+
+impl PrunedRange {
+    /// Whether the ledger entry of leaf `leaf` at `time` names a row this
+    /// drop removed.
+    fn covers(&self, time: DateTime<Utc>, leaf: i64) -> bool {
+        self.from <= time && time < self.to && leaf < self.tree_size
+    }
+}
+
+impl std::fmt::Display for PrunedRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PRUNED partition {} (events {} .. {}) dropped by retention at {}: {} leaves ({} in this check), \
+             kept in the log as record digests; their rows and salts are gone",
+            self.partition,
+            self.from.to_rfc3339(),
+            self.to.to_rfc3339(),
+            self.dropped_at.to_rfc3339(),
+            self.leaves,
+            self.leaves_checked
+        )
+    }
+}
+
+/// The pruned range, if any, that explains leaf `leaf`'s missing row.
+fn pruned_leaf(pruned: &mut [PrunedRange], time: DateTime<Utc>, leaf: i64) -> bool {
+    match pruned.iter_mut().find(|p| p.covers(time, leaf)) {
+        Some(p) => {
+            p.leaves_checked += 1;
+            true
+        }
+        None => false,
+    }
 }
 
 /// A late event: sealed by a later snapshot than its time range's.
@@ -441,6 +499,24 @@ pub async fn verify_scope(
     check_boundary(start, &ledger_tree, &row_tree, &mut report);
 
     let (s, e) = (start as i64, end as i64);
+    report.pruned = tx
+        .query(
+            "SELECT partition, range_from, range_to, dropped_at, leaf_count, tree_size
+               FROM retention_prunes ORDER BY range_from, dropped_at",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| PrunedRange {
+            partition: r.get(0),
+            from: r.get(1),
+            to: r.get(2),
+            dropped_at: r.get(3),
+            leaves: r.get(4),
+            leaves_checked: 0,
+            tree_size: r.get(5),
+        })
+        .collect();
     // Each ledger entry with the row it names (leaf v2 rows carry no
     // leaf number of their own) and that row's salts.
     let mut ledger = PagedRows::open(
@@ -532,6 +608,8 @@ pub async fn verify_scope(
                 ));
             }
             let row_leaf = match record_from_row(&entry, 8) {
+                // Dropped by retention: the ledger's digest stands for it.
+                None if pruned_leaf(&mut report.pruned, l_time, i) => leaf,
                 None => {
                     report
                         .findings
@@ -599,6 +677,9 @@ pub async fn verify_scope(
             }
         }
         match primary.map(|n| &at_leaf[n]) {
+            None if pruned_leaf(&mut report.pruned, l_time, i) => {
+                row_tree.push(merkle::leaf_hash(&leaf));
+            }
             None => {
                 report
                     .findings
@@ -858,20 +939,23 @@ pub async fn prove(
         .start()
         .await?;
     // The ledger says which leaf sealed the event (rows sealed with leaf
-    // v1 also carry it; v2 rows do not).
-    // The key's entries are found through their own index first
-    // (MATERIALIZED): with `ORDER BY event_time LIMIT` on the ledger itself,
-    // the planner may walk the whole (event_time, row_id) index instead,
-    // which takes seconds on a large log whose statistics are not fresh.
+    // v1 also carry it; v2 rows do not). The key's rows are found through
+    // audit_log's key index first (MATERIALIZED), then their entries
+    // through the ledger's (event_time, row_id) index: the ledger has no
+    // key index (it would cost every sealed event), and with `ORDER BY
+    // event_time LIMIT` on the ledger itself the planner may walk the
+    // whole ledger index, which takes seconds on a large log whose
+    // statistics are not fresh.
     let sealed = tx
         .query(
-            "WITH hits AS MATERIALIZED (
-                 SELECT row_id, event_time, leaf, leaf_index, snapshot_id, leaf_version
-                   FROM seal_ledger WHERE idempotency_key = $1 LIMIT 10)
-             SELECT l.row_id, l.event_time, l.leaf, l.leaf_index, l.snapshot_id, l.leaf_version, a.hash
-               FROM hits l
-               LEFT JOIN audit_log a ON a.event_time = l.event_time AND a.id = l.row_id
-              ORDER BY l.event_time",
+            &format!(
+                "WITH hits AS MATERIALIZED (
+                     SELECT id, event_time, hash FROM audit_log WHERE idempotency_key = $1 LIMIT 10)
+                 SELECT {SEALED_ENTRY_COLUMNS}
+                   FROM hits a
+                   JOIN seal_ledger l ON l.event_time = a.event_time AND l.row_id = a.id
+                  ORDER BY l.event_time"
+            ),
             &[&event],
         )
         .await?;
@@ -884,6 +968,29 @@ pub async fn prove(
                 )
                 .await?
                 .get(0);
+            // Not stored: perhaps dropped by retention with its partition
+            // (its ledger entry stays). Only the pruned ranges of the
+            // ledger are searched.
+            let pruned = if stored == 0 {
+                tx.query_opt(
+                    "SELECT p.partition, p.dropped_at FROM retention_prunes p
+                       JOIN seal_ledger l ON l.event_time >= p.range_from AND l.event_time < p.range_to
+                                         AND l.leaf_index < p.tree_size
+                      WHERE l.idempotency_key = $1
+                      ORDER BY p.dropped_at LIMIT 1",
+                    &[&event],
+                )
+                .await?
+            } else {
+                None
+            };
+            if let Some(p) = pruned {
+                return Err(SnapshotError::BadRequest(pruned_message(
+                    event,
+                    &p.get::<_, String>(0),
+                    p.get(1),
+                )));
+            }
             return Err(SnapshotError::BadRequest(if stored == 0 {
                 format!("no stored event has eventId / idempotency key {event:?}")
             } else {
@@ -899,29 +1006,137 @@ pub async fn prove(
             )))
         }
     };
-    let leaf_index = r.get::<_, i64>(3) as u64;
-    let leaf_version: i16 = r.get(5);
-    let leaf_data = hex::encode(r.get::<_, &[u8]>(2));
-    let latest = tx
-        .query_one(
+    let entry = SealedEntry::from_row(event, r);
+    let latest = latest_checkpoint(&tx).await?.ok_or_else(|| {
+        SnapshotError::BadRequest("no snapshot was taken yet: run `audit-worker snapshot`".into())
+    })?;
+    let proof = proof_of_entry(&tx, &entry, &latest, page).await?;
+    tx.commit().await?;
+    Ok(proof)
+}
+
+/// Why an event retention dropped cannot be proven any more.
+fn pruned_message(event: &str, partition: &str, dropped_at: DateTime<Utc>) -> String {
+    format!(
+        "event {event:?} was removed by retention with partition {partition} at {}: its leaf stays \
+         in the log as its record digest, but its record is gone, so it cannot be proven any more",
+        dropped_at.to_rfc3339()
+    )
+}
+
+/// The log's latest signed checkpoint, which proofs are made against.
+#[derive(Debug, Clone)]
+pub struct LatestCheckpoint {
+    pub snapshot_id: i64,
+    pub size: u64,
+    pub note: String,
+    pub key_name: String,
+}
+
+/// The checkpoint at the log head, `None` before the first snapshot.
+pub async fn latest_checkpoint(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<Option<LatestCheckpoint>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
             "SELECT s.id, s.tree_size, s.checkpoint_note, s.key_name
                FROM snapshot_log_head h JOIN snapshots s ON s.id = h.snapshot_id",
             &[],
         )
-        .await?;
-    let size = latest.get::<_, i64>(1) as u64;
+        .await?
+        .map(|r| LatestCheckpoint {
+            snapshot_id: r.get(0),
+            size: r.get::<_, i64>(1) as u64,
+            note: r.get(2),
+            key_name: r.get(3),
+        }))
+}
+
+/// A seal ledger entry as a proof needs it.
+struct SealedEntry {
+    event: String,
+    row_id: i64,
+    event_time: DateTime<Utc>,
+    leaf: Vec<u8>,
+    leaf_index: u64,
+    snapshot_id: i64,
+    leaf_version: i16,
+    /// The row's hash v1 (None when the row is gone).
+    hash: Option<String>,
+}
+
+/// The ledger columns [`SealedEntry::from_row`] reads, with the row's hash
+/// (`l` the ledger, `a` audit_log joined on the entry).
+const SEALED_ENTRY_COLUMNS: &str =
+    "l.row_id, l.event_time, l.leaf, l.leaf_index, l.snapshot_id, l.leaf_version, a.hash";
+
+impl SealedEntry {
+    fn from_row(event: &str, r: &Row) -> Self {
+        Self {
+            event: event.to_owned(),
+            row_id: r.get(0),
+            event_time: r.get(1),
+            leaf: r.get(2),
+            leaf_index: r.get::<_, i64>(3) as u64,
+            snapshot_id: r.get(4),
+            leaf_version: r.get(5),
+            hash: r.get(6),
+        }
+    }
+}
+
+/// The inclusion proof of the row `(event_time, id)` against `latest`, or
+/// `None` while the row is not sealed (or sealed after `latest`).
+pub async fn prove_row(
+    tx: &tokio_postgres::Transaction<'_>,
+    event_time: DateTime<Utc>,
+    id: i64,
+    latest: &LatestCheckpoint,
+    page: i32,
+) -> Result<Option<InclusionProof>, SnapshotError> {
+    let Some(r) = tx
+        .query_opt(
+            &format!(
+                "SELECT {SEALED_ENTRY_COLUMNS}, l.idempotency_key FROM seal_ledger l
+                   LEFT JOIN audit_log a ON a.event_time = l.event_time AND a.id = l.row_id
+                  WHERE l.event_time = $1 AND l.row_id = $2 AND l.leaf_index < $3"
+            ),
+            &[&event_time, &id, &(latest.size as i64)],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let entry = SealedEntry::from_row(r.get(7), &r);
+    proof_of_entry(tx, &entry, latest, page).await.map(Some)
+}
+
+/// The inclusion proof of a ledger entry against `latest`, from the tiles
+/// (O(log n)), or from the ledger for a log whose tiles do not reach that
+/// size yet.
+async fn proof_of_entry(
+    tx: &tokio_postgres::Transaction<'_>,
+    entry: &SealedEntry,
+    latest: &LatestCheckpoint,
+    page: i32,
+) -> Result<InclusionProof, SnapshotError> {
+    let event = entry.event.as_str();
+    let leaf_index = entry.leaf_index;
+    let leaf_version = entry.leaf_version;
+    let leaf_data = hex::encode(&entry.leaf);
+    let size = latest.size;
     let ranges = merkle::inclusion_proof_ranges(leaf_index, size)
         .map_err(|e| SnapshotError::Integrity(e.to_string()))?;
     // From the stored tiles (O(log n) tiles); a log whose tiles do not
     // reach this size yet (sealed before tiles existed, until its next
     // snapshot) is read from the ledger instead.
-    let nodes = match crate::jobs::tile_store::range_hashes(&tx, &ranges).await? {
+    let nodes = match crate::jobs::tile_store::range_hashes(tx, &ranges).await? {
         Some(nodes) => nodes,
         None => {
             let mut hasher = RangeHasher::new(ranges);
             let begin = hasher.start().unwrap_or(0) as i64;
             let mut leaves = PagedRows::open(
-                &tx,
+                tx,
                 "SELECT leaf_index, leaf FROM seal_ledger WHERE leaf_index >= $1 AND leaf_index < $2
                   ORDER BY leaf_index",
                 &[&begin, &(size as i64)],
@@ -951,23 +1166,36 @@ pub async fn prove(
                     "SELECT {RECORD_COLUMNS} FROM audit_log a {SALTS_JOIN}
                       WHERE a.event_time = $1 AND a.id = $2"
                 ),
-                &[&r.get::<_, DateTime<Utc>>(1), &r.get::<_, i64>(0)],
+                &[&entry.event_time, &entry.row_id],
             )
             .await?;
-        let (rec, salts) = row
-            .as_ref()
-            .and_then(|row| record_from_row(row, 0))
-            .ok_or_else(|| {
-                SnapshotError::Integrity(format!(
+        let Some((rec, salts)) = row.as_ref().and_then(|row| record_from_row(row, 0)) else {
+            // Dropped by retention with its partition, or deleted.
+            let pruned = tx
+                .query_opt(
+                    "SELECT partition, dropped_at FROM retention_prunes
+                      WHERE range_from <= $1 AND $1 < range_to AND $2 < tree_size
+                      ORDER BY dropped_at LIMIT 1",
+                    &[&entry.event_time, &(entry.leaf_index as i64)],
+                )
+                .await?;
+            return Err(match pruned {
+                Some(p) => SnapshotError::BadRequest(pruned_message(
+                    event,
+                    &p.get::<_, String>(0),
+                    p.get(1),
+                )),
+                None => SnapshotError::Integrity(format!(
                     "the sealed row of event {event:?} is missing: run `audit-worker verify`"
-                ))
-            })?;
+                )),
+            });
+        };
         let salts = salts_from_json(salts.as_ref()).map_err(SnapshotError::Integrity)?;
         Some(record_object(&rec, &salts).map_err(SnapshotError::Integrity)?)
     } else {
         None
     };
-    let proof = InclusionProof {
+    Ok(InclusionProof {
         format: if v2 {
             "audit-worker.inclusion-proof.v2"
         } else {
@@ -975,10 +1203,10 @@ pub async fn prove(
         }
         .into(),
         event: event.to_owned(),
-        row_id: (!v2).then(|| r.get(0)),
-        event_time: r.get(1),
+        row_id: (!v2).then_some(entry.row_id),
+        event_time: entry.event_time,
         event_hash: if v2 {
-            r.get::<_, Option<String>>(6).unwrap_or_default()
+            entry.hash.clone().unwrap_or_default()
         } else {
             leaf_data.clone()
         },
@@ -988,13 +1216,11 @@ pub async fn prove(
         leaf_index,
         tree_size: size,
         inclusion_proof: nodes.iter().map(hex::encode).collect(),
-        checkpoint: latest.get(2),
-        key_name: latest.get(3),
-        sealed_by_snapshot: r.get(4),
-        checkpoint_snapshot: latest.get(0),
-    };
-    tx.commit().await?;
-    Ok(proof)
+        checkpoint: latest.note.clone(),
+        key_name: latest.key_name.clone(),
+        sealed_by_snapshot: entry.snapshot_id,
+        checkpoint_snapshot: latest.snapshot_id,
+    })
 }
 
 /// Checks a proof offline with only the verifier key: the note's

@@ -11,9 +11,14 @@
 //! It also mirrors the state for `/health/circuit-breaker`, `/readyz` and
 //! the metrics, and logs each transition once. failsafe 1.3 has had no
 //! release since 2024; keeping it behind this type lets it be swapped.
+//!
+//! Its thresholds apply live ([`CircuitBreaker::reconfigure`]): failsafe's
+//! policy is fixed at build, so new thresholds build a new state machine,
+//! swapped in only while the breaker is closed (an open breaker finishes
+//! its recovery under the thresholds that opened it).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use failsafe::backoff::Constant;
@@ -101,11 +106,20 @@ impl Instrument for Hooks {
 /// Shared circuit breaker; cheap to clone.
 #[derive(Clone)]
 pub struct CircuitBreaker {
-    machine: StateMachine<ConsecutiveFailures<Constant>, Hooks>,
+    machine: Arc<RwLock<Thresholds>>,
     hooks: Hooks,
     probe_in_flight: Arc<AtomicBool>,
+}
+
+/// failsafe's state machine and the thresholds it was built with.
+#[derive(Clone)]
+struct Thresholds {
+    machine: Machine,
+    failures: u32,
     recovery: Duration,
 }
+
+type Machine = StateMachine<ConsecutiveFailures<Constant>, Hooks>;
 
 /// How often waiters look at the breaker again while it is open.
 const POLL: Duration = Duration::from_millis(100);
@@ -120,19 +134,56 @@ impl CircuitBreaker {
             metrics,
             started: Arc::new(AtomicBool::new(false)),
         };
-        let machine = failsafe::Config::new()
-            .failure_policy(failsafe::failure_policy::consecutive_failures(
-                failures,
-                failsafe::backoff::constant(recovery),
-            ))
-            .instrument(hooks.clone())
-            .build();
         Self {
-            machine,
+            machine: Arc::new(RwLock::new(Thresholds {
+                machine: build_machine(failures, recovery, &hooks),
+                failures,
+                recovery,
+            })),
             hooks,
             probe_in_flight: Arc::new(AtomicBool::new(false)),
-            recovery,
         }
+    }
+
+    /// Takes new thresholds (a reloaded configuration). They apply at once
+    /// while the breaker is closed; otherwise nothing changes and the
+    /// caller offers them again later (the sink does so for every batch).
+    /// Returns whether the thresholds in force changed.
+    pub fn reconfigure(&self, failures: u32, recovery: Duration) -> bool {
+        {
+            let current = self.thresholds();
+            if current.failures == failures && current.recovery == recovery {
+                return false;
+            }
+        }
+        if self.state() != BreakerState::Closed {
+            return false;
+        }
+        let mut slot = self.machine.write().unwrap_or_else(|e| e.into_inner());
+        *slot = Thresholds {
+            machine: build_machine(failures, recovery, &self.hooks),
+            failures,
+            recovery,
+        };
+        tracing::info!(
+            failure_threshold = failures,
+            recovery_secs = recovery.as_secs_f64(),
+            "circuit breaker thresholds changed"
+        );
+        true
+    }
+
+    /// The thresholds (and machine) in force.
+    fn thresholds(&self) -> Thresholds {
+        self.machine
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The configured number of consecutive failures that opens the breaker.
+    pub fn failure_threshold(&self) -> u32 {
+        self.thresholds().failures
     }
 
     /// The current state (an open breaker past its timeout shows as open
@@ -148,12 +199,12 @@ impl CircuitBreaker {
 
     /// The configured recovery timeout.
     pub fn recovery_timeout(&self) -> Duration {
-        self.recovery
+        self.thresholds().recovery
     }
 
     /// Whether a write may be attempted now (closed, or due for a probe).
     pub fn is_writable(&self) -> bool {
-        self.machine.is_call_permitted()
+        self.thresholds().machine.is_call_permitted()
             && !(self.state() == BreakerState::HalfOpen
                 && self.probe_in_flight.load(Ordering::SeqCst))
     }
@@ -176,7 +227,8 @@ impl CircuitBreaker {
     /// a single probe while half-open. `None` if `cancel` fired first.
     pub async fn acquire(&self, cancel: &CancellationToken) -> Option<BreakerPermit> {
         loop {
-            if self.machine.is_call_permitted() {
+            let machine = self.thresholds().machine;
+            if machine.is_call_permitted() {
                 match self.state() {
                     BreakerState::HalfOpen => {
                         if self
@@ -186,6 +238,7 @@ impl CircuitBreaker {
                         {
                             return Some(BreakerPermit {
                                 breaker: self.clone(),
+                                machine,
                                 probe: true,
                                 recorded: false,
                             });
@@ -194,6 +247,7 @@ impl CircuitBreaker {
                     _ => {
                         return Some(BreakerPermit {
                             breaker: self.clone(),
+                            machine,
                             probe: false,
                             recorded: false,
                         })
@@ -212,6 +266,9 @@ impl CircuitBreaker {
 /// `failure`. Dropped unreported (e.g. cancelled), it counts as neither.
 pub struct BreakerPermit {
     breaker: CircuitBreaker,
+    /// The machine that admitted the write: its result goes there, even
+    /// if new thresholds were swapped in meanwhile.
+    machine: Machine,
     probe: bool,
     recorded: bool,
 }
@@ -220,13 +277,13 @@ impl BreakerPermit {
     /// The write succeeded.
     pub fn success(mut self) {
         self.recorded = true;
-        self.breaker.machine.on_success();
+        self.machine.on_success();
     }
 
     /// The write failed transiently.
     pub fn failure(mut self) {
         self.recorded = true;
-        self.breaker.machine.on_error();
+        self.machine.on_error();
     }
 }
 
@@ -239,9 +296,50 @@ impl Drop for BreakerPermit {
     }
 }
 
+/// A failsafe state machine: open after `failures` consecutive failures,
+/// half-open after `recovery`, reporting transitions to `hooks`.
+fn build_machine(failures: u32, recovery: Duration, hooks: &Hooks) -> Machine {
+    failsafe::Config::new()
+        .failure_policy(failsafe::failure_policy::consecutive_failures(
+            failures,
+            failsafe::backoff::constant(recovery),
+        ))
+        .instrument(hooks.clone())
+        .build()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn new_thresholds_apply_while_closed_and_wait_while_open() {
+        let b = breaker(60_000);
+        let never = CancellationToken::new();
+        assert!(b.reconfigure(1, Duration::from_millis(50)));
+        assert_eq!(b.failure_threshold(), 1);
+        assert_eq!(b.recovery_timeout(), Duration::from_millis(50));
+        assert!(
+            !b.reconfigure(1, Duration::from_millis(50)),
+            "same thresholds: no change"
+        );
+        b.acquire(&never).await.unwrap().failure();
+        assert_eq!(b.state(), BreakerState::Open, "one failure opens it now");
+        assert!(!b.reconfigure(5, Duration::from_secs(1)), "not while open");
+        assert_eq!(b.failure_threshold(), 1);
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        b.acquire(&never).await.unwrap().success();
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert!(b.reconfigure(5, Duration::from_secs(1)));
+        for _ in 0..4 {
+            b.acquire(&never).await.unwrap().failure();
+        }
+        assert_eq!(
+            b.state(),
+            BreakerState::Closed,
+            "four failures stay under five"
+        );
+    }
 
     fn breaker(recovery_ms: u64) -> CircuitBreaker {
         CircuitBreaker::new(3, Duration::from_millis(recovery_ms), Metrics::new())

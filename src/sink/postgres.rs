@@ -31,21 +31,20 @@ use tokio_postgres::types::Json;
 use super::{AuditRecord, CircuitBreaker, SinkHandle, StoreOutcome, StoreRequest};
 use crate::event::{RejectReason, Rejection};
 use crate::integrity::record::{new_salts, salts_json_text, PersonalFields};
+use crate::live::LiveConfig;
 use crate::partitions::{month_start, Partitions};
 use crate::retry::Backoff;
 use crate::telemetry::Metrics;
 use tokio_util::sync::CancellationToken;
 
-/// Settings of the sink, derived from `[sink]`.
+/// Settings of the sink fixed at start, derived from `[sink]`. The batch
+/// size, linger and breaker thresholds apply live: the batcher reads them
+/// from the configuration in force for every batch.
 #[derive(Debug, Clone)]
 pub struct SinkSettings {
-    pub batch_size: usize,
-    pub max_wait: Duration,
     pub writers: usize,
     pub max_attempts: u32,
     pub backoff: Backoff,
-    pub breaker_failures: u32,
-    pub breaker_recovery: Duration,
     /// Fields whose values get a fresh salt per event (leaf v2 commitments).
     pub personal_fields: Arc<PersonalFields>,
 }
@@ -54,8 +53,6 @@ impl SinkSettings {
     /// Reads the `[sink]` section.
     pub fn from_config(c: &crate::config::SinkConfig) -> Self {
         Self {
-            batch_size: c.batch_size,
-            max_wait: c.max_wait(),
             writers: c.writers,
             max_attempts: c.retry_max_attempts,
             backoff: Backoff {
@@ -64,8 +61,6 @@ impl SinkSettings {
                 cap: Duration::from_millis(c.retry_cap_ms),
                 jitter: c.retry_jitter,
             },
-            breaker_failures: c.breaker_failure_threshold,
-            breaker_recovery: Duration::from_secs(c.breaker_recovery_secs),
             personal_fields: Arc::new(PersonalFields::default()),
         }
     }
@@ -112,23 +107,29 @@ impl PostgresSink {
     /// that `submit` waits, which slows the sources instead of growing memory.
     /// `shutdown` ends waits for the breaker or a backoff: what could not be
     /// written then is reported `Unavailable` and stays in Redis.
+    ///
+    /// The queue's depth follows `sink.batch_size` at start; a live change
+    /// of the batch size changes the batches, not the queue.
     pub fn spawn(
         pool: Pool,
         partitions: Arc<Partitions>,
         settings: SinkSettings,
+        live: LiveConfig,
         metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(settings.batch_size * (settings.writers + 2));
+        let sink = live.current().config.sink.clone();
+        let (tx, rx) = mpsc::channel(sink.batch_size * (settings.writers + 2));
         let breaker = CircuitBreaker::new(
-            settings.breaker_failures,
-            settings.breaker_recovery,
+            sink.breaker_failure_threshold,
+            Duration::from_secs(sink.breaker_recovery_secs),
             metrics.clone(),
         );
         let writer = Arc::new(BatchWriter {
             pool,
             partitions,
             settings,
+            live,
             metrics,
             breaker: breaker.clone(),
             shutdown,
@@ -157,6 +158,8 @@ struct BatchWriter {
     pool: Pool,
     partitions: Arc<Partitions>,
     settings: SinkSettings,
+    /// Batch size, linger and breaker thresholds in force.
+    live: LiveConfig,
     metrics: Metrics,
     breaker: CircuitBreaker,
     shutdown: CancellationToken,
@@ -172,8 +175,8 @@ impl BatchWriter {
     /// fuller batches over latency.
     async fn run_batcher(self: Arc<Self>, mut rx: mpsc::Receiver<StoreRequest>) {
         let slots = Arc::new(Semaphore::new(self.settings.writers));
-        let max = self.settings.batch_size;
         loop {
+            let (max, max_wait) = self.batch_limits();
             let mut batch = Vec::with_capacity(max);
             if rx.recv_many(&mut batch, max).await == 0 {
                 break; // every handle dropped and the queue is empty
@@ -200,9 +203,9 @@ impl BatchWriter {
                     Err(_) => break,
                 }
             }
-            if !self.settings.max_wait.is_zero() {
+            if !max_wait.is_zero() {
                 // The linger ends early at shutdown: the open batch is flushed.
-                let deadline = tokio::time::Instant::now() + self.settings.max_wait;
+                let deadline = tokio::time::Instant::now() + max_wait;
                 while batch.len() < max && !self.shutdown.is_cancelled() {
                     let room = max - batch.len();
                     tokio::select! {
@@ -231,6 +234,18 @@ impl BatchWriter {
         }
         // Wait for the writes still under way.
         let _ = slots.acquire_many(self.settings.writers as u32).await;
+    }
+
+    /// The batch size and linger in force for the next batch; also hands
+    /// the breaker the thresholds in force (it takes them once closed).
+    fn batch_limits(&self) -> (usize, Duration) {
+        let current = self.live.current();
+        let sink = &current.config.sink;
+        self.breaker.reconfigure(
+            sink.breaker_failure_threshold,
+            Duration::from_secs(sink.breaker_recovery_secs),
+        );
+        (sink.batch_size, sink.max_wait())
     }
 
     /// Writes one batch, retrying transient failures, and answers every
@@ -636,7 +651,7 @@ mod tests {
         )
         .unwrap();
         let s = SinkSettings::from_config(&c.sink);
-        assert_eq!(s.batch_size, 1000);
+        assert_eq!(s.writers, 2);
         assert_eq!(s.backoff.nominal(1), Duration::from_secs(1));
         assert_eq!(s.max_attempts, 5);
     }

@@ -87,8 +87,10 @@ impl ApiEnv {
         let shutdown = CancellationToken::new();
         let metrics = audit_worker::telemetry::Metrics::new();
         let exports =
-            ExportService::new(&config, pool.clone(), redis.clone(), metrics.clone()).unwrap();
-        let reports = ReportService::new(&config, pool.clone(), redis, metrics.clone()).unwrap();
+            ExportService::new(&config, pool.clone(), redis.clone(), metrics.clone(), None)
+                .unwrap();
+        let reports =
+            ReportService::new(&config, pool.clone(), redis, metrics.clone(), None).unwrap();
         if executor {
             let _ = exports.spawn(&config.export, shutdown.clone());
             let _ = reports.spawn(&config, shutdown.clone());
@@ -186,6 +188,23 @@ impl ApiEnv {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("export {id} never became {want}: {last}");
+    }
+
+    /// Seals everything stored so far into the log.
+    async fn seal(&self, source: &str) -> audit_worker::jobs::snapshot::SnapshotSummary {
+        let c = &self.config;
+        let signer = audit_worker::jobs::snapshot::load_signer(&c.snapshot)
+            .unwrap()
+            .unwrap();
+        let redis_client = audit_worker::source::redis_client(&c.redis).unwrap();
+        let redis = audit_worker::source::command_connection(&redis_client, &c.redis)
+            .await
+            .unwrap();
+        let storage = audit_worker::storage::open(&c.storage).unwrap();
+        Snapshotter::new(c, self.pool.clone(), signer, storage, Some(redis))
+            .snapshot_now(source, None, chrono::Utc::now())
+            .await
+            .unwrap()
     }
 
     async fn stop(self) {
@@ -631,8 +650,14 @@ async fn a_report_by_an_org_scoped_key_holds_only_its_organisation_and_duplicate
     let redis = audit_worker::source::command_connection(&client, &api.config.redis)
         .await
         .unwrap();
-    let reports =
-        ReportService::new(&api.config, api.pool.clone(), redis, api.metrics.clone()).unwrap();
+    let reports = ReportService::new(
+        &api.config,
+        api.pool.clone(),
+        redis,
+        api.metrics.clone(),
+        None,
+    )
+    .unwrap();
     let _ = reports.spawn(&api.config, api.shutdown.clone());
     let mut job = Value::Null;
     for _ in 0..300 {
@@ -825,6 +850,167 @@ async fn errors_are_problem_documents_including_the_routers_and_extractors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subject_access_through_the_api_needs_gdpr_stays_in_the_keys_organisations_and_is_proven() {
+    let api = ApiEnv::start("api_gdpr", true, |_| {}).await;
+    api.x.fill(300).await;
+    api.seal("test:api-gdpr").await;
+    let (_, dpo) = api.key("dpo org-2", &["org-2"], &[Permission::Gdpr]).await;
+    let (_, other_dpo) = api.key("dpo org-1", &["org-1"], &[Permission::Gdpr]).await;
+    let (_, exporter) = api.key("exports", &["*"], &[Permission::Export]).await;
+    // user-7 acts in rows 7, 107, 207 (org-2); p-7 is a target elsewhere.
+    let body = json!({"subjectId": "user-7", "compression": "none"});
+    // Without the gdpr permission, outside the key's organisations, or
+    // without a subject: refused.
+    for (token, refused, status, slug) in [
+        (&exporter, body.clone(), 403, "forbidden"),
+        (
+            &dpo,
+            json!({"subjectId": "user-7", "organizationId": "org-1"}),
+            403,
+            "forbidden",
+        ),
+        (
+            &dpo,
+            json!({"subjectId": "", "format": "ndjson"}),
+            422,
+            "invalid-request",
+        ),
+    ] {
+        api.send(
+            "POST",
+            "/v1/gdpr/access-requests",
+            Some(token),
+            Some(&refused),
+        )
+        .await
+        .problem(status, slug);
+    }
+    let r = api
+        .send("POST", "/v1/gdpr/access-requests", Some(&dpo), Some(&body))
+        .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let job = r.json();
+    let id = job["id"].as_str().unwrap().to_owned();
+    assert_eq!(job["organizations"], json!(["org-2"]));
+    assert_eq!(job["filters"]["subject"]["id"], "user-7");
+    // Neither another organisation's DPO nor the export API sees it.
+    for (path, token) in [
+        (format!("/v1/gdpr/access-requests/{id}"), &other_dpo),
+        (format!("/v1/gdpr/access-requests/{id}/proofs"), &other_dpo),
+        (format!("/v1/exports/{id}"), &exporter),
+        (format!("/v1/exports/{id}/download"), &exporter),
+    ] {
+        api.send("GET", &path, Some(token), None)
+            .await
+            .problem(404, "not-found");
+    }
+    let listed = api
+        .send("GET", "/v1/exports", Some(&exporter), None)
+        .await
+        .json();
+    assert!(!listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|j| j["id"] == id.as_str()));
+    let listed = api
+        .send("GET", "/v1/gdpr/access-requests", Some(&dpo), None)
+        .await
+        .json();
+    assert_eq!(listed["items"][0]["id"], id.as_str());
+    let mut done = Value::Null;
+    for _ in 0..300 {
+        done = api
+            .send(
+                "GET",
+                &format!("/v1/gdpr/access-requests/{id}"),
+                Some(&dpo),
+                None,
+            )
+            .await
+            .json();
+        if done["status"] == "completed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        done["proofs"],
+        format!("/v1/gdpr/access-requests/{id}/proofs")
+    );
+    let export = api
+        .send(
+            "GET",
+            &format!("/v1/gdpr/access-requests/{id}/download"),
+            Some(&dpo),
+            None,
+        )
+        .await;
+    assert_eq!(export.status, 200);
+    let proofs = api
+        .send(
+            "GET",
+            &format!("/v1/gdpr/access-requests/{id}/proofs"),
+            Some(&dpo),
+            None,
+        )
+        .await;
+    assert_eq!(proofs.status, 200);
+    assert_eq!(proofs.content_type, "application/x-ndjson");
+    // Exactly the subject's events of org-2, by an independent query.
+    let exported: BTreeSet<String> = String::from_utf8_lossy(&export.body)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["idempotency_key"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let expected: BTreeSet<String> = api
+        .x
+        .env
+        .pg
+        .query(
+            "SELECT idempotency_key FROM audit_log
+              WHERE (principal_id = 'user-7' OR target_resource_id = 'user-7')
+                AND organization_id = 'org-2'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(exported, expected);
+    assert_eq!(expected.len(), 3);
+    let dir = tempfile::tempdir().unwrap();
+    let (export_file, proofs_file) = (dir.path().join("x.ndjson"), dir.path().join("p.ndjson"));
+    std::fs::write(&export_file, &export.body).unwrap();
+    std::fs::write(&proofs_file, &proofs.body).unwrap();
+    let out = Command::new("python3")
+        .arg("scripts/verify_log.py")
+        .args([
+            "--key",
+            &api.verifier,
+            "--origin",
+            ORIGIN,
+            "--require-proofs",
+            "--export",
+        ])
+        .arg(&export_file)
+        .arg("--proofs")
+        .arg(&proofs_file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("3 proofs verified"), "{stdout}");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proof_from_the_api_verifies_with_the_independent_python_verifier() {
     let api = ApiEnv::start("api_proof", false, |_| {}).await;
     api.x.fill(40).await;
@@ -833,20 +1019,7 @@ async fn a_proof_from_the_api_verifies_with_the_independent_python_verifier() {
         .await
         .problem(409, "not-sealed");
     // Seal everything stored so far.
-    let c = &api.config;
-    let signer = audit_worker::jobs::snapshot::load_signer(&c.snapshot)
-        .unwrap()
-        .unwrap();
-    let redis_client = audit_worker::source::redis_client(&c.redis).unwrap();
-    let redis = audit_worker::source::command_connection(&redis_client, &c.redis)
-        .await
-        .unwrap();
-    let storage = audit_worker::storage::open(&c.storage).unwrap();
-    let snapshotter = Snapshotter::new(c, api.pool.clone(), signer, storage, Some(redis));
-    let summary = snapshotter
-        .snapshot_now("test:api-proof", None, chrono::Utc::now())
-        .await
-        .unwrap();
+    let summary = api.seal("test:api-proof").await;
     let r = api.send("GET", "/v1/proofs/k-6", Some(&key), None).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let body = r.json();
@@ -944,7 +1117,7 @@ async fn schemathesis_finds_nothing_wrong_with_the_live_api() {
     assert!(out.status.success(), "schemathesis failed:\n{text}");
     // Every operation was exercised (a run that tested nothing passes too).
     assert!(
-        text.contains("Selected: 11/11") && text.contains("Tested: 11"),
+        text.contains("Selected: 16/16") && text.contains("Tested: 16"),
         "{text}"
     );
     assert!(!text.contains(&key), "the key leaked into the report");

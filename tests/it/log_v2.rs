@@ -14,18 +14,19 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-const ORIGIN: &str = "test.example/log-v2";
+pub const ORIGIN: &str = "test.example/log-v2";
 
-/// A test's log: its TestEnv and a signing key.
-struct LogEnv {
-    env: TestEnv,
-    key: String,
-    verifier: String,
-    storage: tempfile::TempDir,
+/// A test's log: its TestEnv and a signing key (also used by the
+/// retention and subject access tests).
+pub struct LogEnv {
+    pub env: TestEnv,
+    pub key: String,
+    pub verifier: String,
+    pub storage: tempfile::TempDir,
 }
 
 impl LogEnv {
-    async fn new(name: &str) -> Self {
+    pub async fn new(name: &str) -> Self {
         let env = TestEnv::new(name).await;
         let signer = Ed25519NoteSigner::generate(ORIGIN).unwrap();
         let s = Self {
@@ -40,14 +41,14 @@ impl LogEnv {
 
     /// The worker's configuration: no signing key, so it ingests only and
     /// the test decides when to seal.
-    fn worker_config(&self) -> Config {
+    pub fn worker_config(&self) -> Config {
         let mut c = self.env.config();
         c.snapshot.origin = ORIGIN.into();
         c.storage.url = self.storage.path().display().to_string();
         c
     }
 
-    fn config(&self) -> Config {
+    pub fn config(&self) -> Config {
         let mut c = self.worker_config();
         c.snapshot.signing_key = self.key.clone().into();
         c.snapshot.page_size = 5000;
@@ -55,7 +56,7 @@ impl LogEnv {
     }
 
     /// Stores `events` through a running worker.
-    async fn ingest(&self, events: &[Value], extra_config: impl FnOnce(&mut Config)) {
+    pub async fn ingest(&self, events: &[Value], extra_config: impl FnOnce(&mut Config)) {
         let mut c = self.worker_config();
         extra_config(&mut c);
         let before = self.env.row_count().await;
@@ -69,7 +70,7 @@ impl LogEnv {
         worker.stop().await;
     }
 
-    async fn seal(&self, tag: &str) -> SnapshotSummary {
+    pub async fn seal(&self, tag: &str) -> SnapshotSummary {
         let c = self.config();
         let pool = audit_worker::db::connect_pool(&c).await.unwrap();
         let signer = audit_worker::jobs::snapshot::load_signer(&c.snapshot)
@@ -82,7 +83,7 @@ impl LogEnv {
             .unwrap()
     }
 
-    async fn verify(&self) -> VerifyReport {
+    pub async fn verify(&self) -> VerifyReport {
         let c = self.config();
         let (mut client, conn) = audit_worker::db::pg_config(&c)
             .unwrap()
@@ -94,6 +95,46 @@ impl LogEnv {
         verify::verify(&mut client, &verifier, ORIGIN, None, 5000)
             .await
             .unwrap()
+    }
+
+    /// Runs the worker binary with `args` against this log (its schema,
+    /// origin, signing key and object store).
+    pub fn worker_cli(&self, args: &[&std::ffi::OsStr]) -> std::process::Output {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_audit-worker"));
+        cmd.args(args);
+        for (k, v) in self.env.env_vars() {
+            cmd.env(k, v);
+        }
+        cmd.env("AUDIT_WORKER__SNAPSHOT__ORIGIN", ORIGIN)
+            .env("AUDIT_WORKER__SNAPSHOT__SIGNING_KEY", &self.key)
+            .env(
+                "AUDIT_WORKER__STORAGE__URL",
+                self.storage.path().display().to_string(),
+            )
+            .output()
+            .unwrap()
+    }
+
+    /// Runs scripts/verify_log.py (the independent verifier) with this
+    /// log's key and origin and `args`; asserts it succeeds and returns its
+    /// JSON summary.
+    pub fn verify_log_py(&self, args: &[&std::ffi::OsStr]) -> Value {
+        let out = std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/verify_log.py"
+            ))
+            .args(["--key", &self.verifier, "--origin", ORIGIN, "--json"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(&stdout).unwrap()
     }
 
     /// Runs `sql` as a superuser could: with the append-only triggers off.
@@ -1052,19 +1093,9 @@ async fn truncating_the_log_and_resetting_its_head_fails_verify_against_the_publ
     // The command does the same by default, and accepts an older trusted
     // checkpoint that the log still extends.
     let cli = |extra: &[&str]| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_audit-worker"));
-        cmd.arg("verify").args(extra);
-        for (k, v) in s.env.env_vars() {
-            cmd.env(k, v);
-        }
-        cmd.env("AUDIT_WORKER__SNAPSHOT__ORIGIN", ORIGIN)
-            .env("AUDIT_WORKER__SNAPSHOT__SIGNING_KEY", &s.key)
-            .env(
-                "AUDIT_WORKER__STORAGE__URL",
-                s.storage.path().display().to_string(),
-            )
-            .output()
-            .unwrap()
+        let mut args: Vec<&std::ffi::OsStr> = vec!["verify".as_ref()];
+        args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+        s.worker_cli(&args)
     };
     let out = cli(&[]);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
@@ -1130,7 +1161,9 @@ async fn an_event_arriving_after_its_period_was_sealed_is_sealed_next_and_listed
 }
 
 /// A metric's value from the worker's /metrics (`name` with its labels).
-async fn metric(port: u16, name: &str) -> Option<f64> {
+/// The value of the sample `name` (with its labels, as printed) on the
+/// worker's /metrics.
+pub(crate) async fn metric(port: u16, name: &str) -> Option<f64> {
     let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
         .await
         .ok()?

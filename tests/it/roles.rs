@@ -11,7 +11,7 @@ use tokio_postgres::NoTls;
 use crate::common::*;
 
 /// A LOGIN role created for one test in a group role, dropped by `drop_role`.
-async fn create_login(env: &TestEnv, suffix: &str, group: &str) -> String {
+pub(crate) async fn create_login(env: &TestEnv, suffix: &str, group: &str) -> String {
     let role = format!("aw_{suffix}_{}", env.name).to_lowercase();
     env.pg
         .batch_execute(&format!("CREATE ROLE \"{role}\" LOGIN IN ROLE {group}"))
@@ -28,7 +28,8 @@ fn url_as(role: &str) -> String {
     format!("{scheme}://{role}@{host}")
 }
 
-async fn connect_as(role: &str, schema: &str) -> tokio_postgres::Client {
+/// A connection as `role`, in `schema`.
+pub(crate) async fn connect_as(role: &str, schema: &str) -> tokio_postgres::Client {
     let (c, conn) = tokio_postgres::connect(&url_as(role), NoTls)
         .await
         .expect("login role connects");
@@ -39,7 +40,8 @@ async fn connect_as(role: &str, schema: &str) -> tokio_postgres::Client {
     c
 }
 
-fn assert_denied(r: Result<u64, tokio_postgres::Error>, what: &str) {
+/// `r` failed for want of a privilege.
+pub(crate) fn assert_denied(r: Result<u64, tokio_postgres::Error>, what: &str) {
     let err = r.expect_err(what);
     assert_eq!(
         err.code(),

@@ -122,7 +122,16 @@ async fn prepare_db(config: &Config) -> anyhow::Result<deadpool_postgres::Pool> 
 /// `audit-worker export ... --out DIR`: runs an export in this process and
 /// writes `DIR/audit-export-<from>-<to>-<id>.<ext>` and its manifest.
 pub async fn run_export(config: &Config, args: &RequestArgs, out: &PathBuf) -> anyhow::Result<()> {
-    let request = args.to_request()?;
+    run_request(config, &args.to_request()?, out).await
+}
+
+/// Runs a validated export request in this process into `out` (the body
+/// of `export` and of `gdpr access`).
+pub async fn run_request(
+    config: &Config,
+    request: &ExportRequest,
+    out: &PathBuf,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create --out directory {}", out.display()))?;
     let out = out
@@ -148,7 +157,7 @@ pub async fn run_export(config: &Config, args: &RequestArgs, out: &PathBuf) -> a
     )?;
     let source = format!("cli:{}", uuid::Uuid::new_v4());
     let client = pool.get().await?;
-    let recorded = record::record_request(&**client, &request, &source, Origin::Cli, None, |id| {
+    let recorded = record::record_request(&**client, request, &source, Origin::Cli, None, |id| {
         (format!(".audit-export-{id}.parts"), request.file_name(id))
     })
     .await?;
@@ -253,6 +262,13 @@ pub async fn run_export(config: &Config, args: &RequestArgs, out: &PathBuf) -> a
         out.join(manifest_path(&job.artifact_key).as_ref())
             .display()
     );
+    if job.filters.subject.is_some() {
+        println!(
+            "  proofs:   {}",
+            out.join(crate::jobs::gdpr::access::proofs_path(&job.artifact_key).as_ref())
+                .display()
+        );
+    }
     Ok(())
 }
 

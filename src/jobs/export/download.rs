@@ -96,6 +96,24 @@ pub enum DownloadError {
 /// Streams the artifact of completed job `id`, whoever has already
 /// checked the caller's right to it (a signed link, or an API key).
 pub async fn stream(d: &Downloads, id: &str) -> Result<Response, DownloadError> {
+    stream_file(d, id, JobFile::Artifact).await
+}
+
+/// Which file of a completed job to stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobFile {
+    /// The export file.
+    Artifact,
+    /// The inclusion proofs beside a subject access export.
+    Proofs,
+}
+
+/// Streams one file of completed job `id` (see [`stream`]).
+pub async fn stream_file(
+    d: &Downloads,
+    id: &str,
+    file: JobFile,
+) -> Result<Response, DownloadError> {
     let artifact = async {
         let client = d
             .pool
@@ -115,27 +133,25 @@ pub async fn stream(d: &Downloads, id: &str) -> Result<Response, DownloadError> 
     if artifact.removed || artifact.expires_at.is_some_and(|e| e < Utc::now()) {
         return Err(DownloadError::Expired);
     }
-    let object = match d
-        .storage
-        .store
-        .get(&Path::from(artifact.artifact_key.as_str()))
-        .await
-    {
+    let path = match file {
+        JobFile::Artifact => Path::from(artifact.artifact_key.as_str()),
+        JobFile::Proofs => crate::jobs::gdpr::access::proofs_path(&artifact.artifact_key),
+    };
+    let object = match d.storage.store.get(&path).await {
         Ok(o) => o,
         Err(object_store::Error::NotFound { .. }) => return Err(DownloadError::FileGone),
         Err(e) => return Err(DownloadError::Unavailable(e.to_string())),
     };
     let size = object.meta.size;
-    let file_name = artifact
-        .artifact_key
-        .rsplit('/')
-        .next()
+    let file_name = path
+        .filename()
         .map(super::request::sanitize_file_name)
         .unwrap_or_default();
-    let content_type = match artifact.compression {
-        Compression::Gzip => "application/gzip",
-        Compression::Zstd => "application/zstd",
-        Compression::None => artifact.format.content_type(),
+    let content_type = match (file, artifact.compression) {
+        (JobFile::Proofs, _) => "application/x-ndjson",
+        (JobFile::Artifact, Compression::Gzip) => "application/gzip",
+        (JobFile::Artifact, Compression::Zstd) => "application/zstd",
+        (JobFile::Artifact, Compression::None) => artifact.format.content_type(),
     };
     let body = Body::from_stream(object.into_stream().map_err(std::io::Error::other));
     Ok((

@@ -62,6 +62,9 @@ pub enum ExportError {
     Storage(String),
     #[error("formatting or compression error: {0}")]
     Io(String),
+    /// A subject access export's inclusion proofs could not be made.
+    #[error("cannot prove an exported event: {0}")]
+    Proof(String),
 }
 
 impl From<tokio_postgres::Error> for ExportError {
@@ -85,11 +88,34 @@ impl From<std::io::Error> for ExportError {
     }
 }
 
+/// How an export is cut: `[export]` limits that apply live (read from
+/// the configuration in force for each part).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartLimits {
+    /// Rows per part (each part is one compressed member or Parquet file).
+    pub part_rows: u64,
+    /// Rows per database page.
+    pub page_rows: u32,
+    /// Rows per Parquet row group.
+    pub parquet_row_group_rows: u64,
+}
+
+impl PartLimits {
+    /// The limits `[export]` sets.
+    pub fn from_config(c: &ExportConfig) -> Self {
+        Self {
+            part_rows: c.part_rows,
+            page_rows: c.page_rows,
+            parquet_row_group_rows: c.parquet_row_group_rows,
+        }
+    }
+}
+
 /// Executor settings, from `[export]`.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub part_rows: u64,
-    pub page_rows: u32,
+    /// The limits at start (see [`Exporter::part_limits`] for those in force).
+    pub limits: PartLimits,
     pub concurrency: usize,
     pub poll_interval: Duration,
     pub lease_secs: u64,
@@ -98,8 +124,6 @@ pub struct Settings {
     pub levels: Levels,
     pub download_expiry_secs: u64,
     pub public_base_url: String,
-    /// Rows per Parquet row group.
-    pub parquet_row_group_rows: u64,
     /// How rows become OCSF events (`ocsf`, `parquet-ocsf`).
     pub ocsf: Arc<Mapping>,
 }
@@ -109,8 +133,7 @@ impl Settings {
     /// `[export.ocsf]` rule is wrong.
     pub fn from_config(c: &ExportConfig) -> Result<Self, String> {
         Ok(Self {
-            part_rows: c.part_rows,
-            page_rows: c.page_rows,
+            limits: PartLimits::from_config(c),
             concurrency: c.concurrency,
             poll_interval: Duration::from_millis(c.poll_interval_ms),
             lease_secs: c.lease_secs,
@@ -122,7 +145,6 @@ impl Settings {
             },
             download_expiry_secs: c.download_expiry_secs,
             public_base_url: c.public_base_url.clone(),
-            parquet_row_group_rows: c.parquet_row_group_rows,
             ocsf: Arc::new(Mapping::from_config(&c.ocsf)?),
         })
     }
@@ -143,6 +165,9 @@ pub struct Exporter {
     /// Where finished jobs are counted (the worker's registry; `None` for
     /// a CLI export).
     pub metrics: Option<crate::telemetry::Metrics>,
+    /// The worker's configuration in force, whose part limits apply to
+    /// each new part (`None`: the limits in `settings`, e.g. a CLI export).
+    pub live: Option<crate::live::LiveConfig>,
 }
 
 /// The object key of part `n` of a job.
@@ -156,6 +181,14 @@ pub fn manifest_path(artifact_key: &str) -> Path {
 }
 
 impl Exporter {
+    /// The part limits in force now.
+    pub fn part_limits(&self) -> PartLimits {
+        match &self.live {
+            Some(live) => PartLimits::from_config(&live.current().config.export),
+            None => self.settings.limits,
+        }
+    }
+
     fn lease_token(&self) -> String {
         format!("{}/{}", self.worker_name, uuid::Uuid::new_v4())
     }
@@ -235,7 +268,14 @@ impl Exporter {
             lost.clone(),
         ));
         let started = std::time::Instant::now();
-        let span = crate::tracing_ctx::job_span("export", &job.id, &job.source);
+        // Subject access jobs are exports with a subject: counted and
+        // traced as their own kind.
+        let kind = if job.filters.subject.is_some() {
+            "gdpr_access"
+        } else {
+            "export"
+        };
+        let span = crate::tracing_ctx::job_span(kind, &job.id, &job.source);
         let result = if job.status != "completed" && job.attempts > self.settings.max_attempts {
             Err(ExportError::Io(format!(
                 "gave up after {} attempts",
@@ -255,14 +295,14 @@ impl Exporter {
                 if let Some(m) = &self.metrics {
                     let rows = done.row_count.unwrap_or(done.rows_done).max(0) as u64;
                     let bytes = done.size_bytes.unwrap_or_default().max(0) as u64;
-                    m.job_finished("export", true, rows, bytes, started.elapsed());
+                    m.job_finished(kind, true, rows, bytes, started.elapsed());
                 }
                 None
             }
             Err(e) => {
                 if self.after_error(&job, &e).await {
                     if let Some(m) = &self.metrics {
-                        m.job_finished("export", false, 0, 0, started.elapsed());
+                        m.job_finished(kind, false, 0, 0, started.elapsed());
                     }
                 }
                 Some(e)
@@ -356,8 +396,17 @@ impl Exporter {
             .unwrap_or_else(|| PageQuery::start_key(&job.filters));
         loop {
             let part = job.parts_done + 1;
+            let limits = self.part_limits();
             let (rows, last) = self
-                .write_part(&client, &statement, &query, job, part, key, progress)
+                .write_part(
+                    &client,
+                    &statement,
+                    &query,
+                    job,
+                    (part, limits),
+                    key,
+                    progress,
+                )
                 .await?;
             if rows == 0 {
                 break;
@@ -368,7 +417,7 @@ impl Exporter {
             job.parts_done = part;
             job.rows_done += rows as i64;
             key = last;
-            if rows < self.settings.part_rows {
+            if rows < limits.part_rows {
                 break;
             }
         }
@@ -388,7 +437,7 @@ impl Exporter {
         statement: &tokio_postgres::Statement,
         query: &PageQuery,
         job: &Job,
-        part: i32,
+        (part, limits): (i32, PartLimits),
         after: Key,
         progress: Option<&AtomicU64>,
     ) -> Result<(u64, Key), ExportError> {
@@ -398,14 +447,14 @@ impl Exporter {
             job.compression,
             self.settings.levels,
             self.settings.ocsf.clone(),
-            self.settings.parquet_row_group_rows,
+            limits.parquet_row_group_rows,
         )?);
         let mut upload: Option<WriteMultipart> = None;
         let mut in_part = 0u64;
         let mut last = after;
         let result: Result<(), ExportError> = async {
             loop {
-                let limit = (self.settings.page_rows as u64).min(self.settings.part_rows - in_part);
+                let limit = (limits.page_rows as u64).min(limits.part_rows - in_part);
                 if limit == 0 {
                     break;
                 }
@@ -634,6 +683,20 @@ impl Exporter {
     /// Records the composed artifact: completion in the database, then
     /// the manifest beside it.
     async fn completed(&self, job: &mut Job, size: u64, sha256: String) -> Result<(), ExportError> {
+        // A subject access export: every event's inclusion proof beside it,
+        // written before the job is marked completed (a failure retries).
+        let proofs = match &job.filters.subject {
+            Some(_) => Some(
+                crate::jobs::gdpr::access::write_proofs(
+                    &self.pool,
+                    &self.storage,
+                    job,
+                    self.part_limits().page_rows,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let client = self.pool.get().await?;
         let Some((completed_at, expires_at)) = record::complete(
             &**client,
@@ -678,6 +741,9 @@ impl Exporter {
             super::request::Format::Ocsf | super::request::Format::ParquetOcsf
         ) {
             manifest["ocsfVersion"] = json!(super::ocsf::OCSF_VERSION);
+        }
+        if let Some(proofs) = proofs {
+            manifest["inclusionProofs"] = json!(proofs);
         }
         let bytes = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
         self.storage

@@ -91,14 +91,27 @@ impl ExportHandler {
     /// "deduplicated"}`.
     pub async fn record(&self, data: &[u8], source: &str) -> Result<serde_json::Value, JobError> {
         let request = ExportRequest::parse(data).map_err(JobError::Rejected)?;
-        check_scope(&request, self.queue_scope.as_deref()).map_err(|m| {
-            JobError::Rejected(crate::dlq::Rejection::new(
-                crate::dlq::RejectReason::InvalidExportRequest,
-                format!("{m}: see export.queue_organizations"),
-            ))
+        self.record_queue_request(&request, source, |m| {
+            crate::dlq::Rejection::new(crate::dlq::RejectReason::InvalidExportRequest, m)
+        })
+        .await
+    }
+
+    /// Records a validated queue request (an export, or a job built on
+    /// exports such as `gdpr.access`) within `export.queue_organizations`;
+    /// a request outside it is refused with `reject`. The JSON answer is
+    /// `{"jobId", "status", "deduplicated"}`.
+    pub async fn record_queue_request(
+        &self,
+        request: &ExportRequest,
+        source: &str,
+        reject: impl Fn(String) -> crate::dlq::Rejection,
+    ) -> Result<serde_json::Value, JobError> {
+        check_scope(request, self.queue_scope.as_deref()).map_err(|m| {
+            JobError::Rejected(reject(format!("{m}: see export.queue_organizations")))
         })?;
         let recorded = self
-            .record_scoped(&request, source, self.queue_scope.as_deref())
+            .record_scoped(request, source, self.queue_scope.as_deref())
             .await?;
         Ok(serde_json::json!({
             "jobId": recorded.id,
@@ -177,6 +190,7 @@ pub fn exporter(
         worker_name: config.consumer_name(),
         wake,
         metrics: None,
+        live: None,
     })
 }
 
@@ -189,11 +203,13 @@ pub struct ExportService {
 
 impl ExportService {
     /// Opens storage and builds the handler, executor and download state.
+    /// With `live`, each new part is cut by the limits in force then.
     pub fn new(
         config: &Config,
         pool: deadpool_postgres::Pool,
         redis: RedisConn,
         metrics: crate::telemetry::Metrics,
+        live: Option<crate::live::LiveConfig>,
     ) -> anyhow::Result<Self> {
         let storage = crate::storage::open(&config.storage)?;
         let wake = Arc::new(Notify::new());
@@ -205,6 +221,7 @@ impl ExportService {
             wake.clone(),
         )?;
         exporter.metrics = Some(metrics);
+        exporter.live = live;
         let exporter = Arc::new(exporter);
         if exporter.links.is_none() && storage.s3.is_none() {
             tracing::warn!("export.link_secret is not set: export notifications carry no download link and downloads are refused");

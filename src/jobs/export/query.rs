@@ -107,6 +107,23 @@ impl PageQuery {
                 Box::new(list(&filters.data_classification)),
             );
         }
+        if let Some(subject) = &filters.subject {
+            // One parameter for the id; each path is a literal key array
+            // of the stored request, also bound.
+            params.push(Box::new(subject.id.clone()));
+            let id = format!("${}", params.len() + 3);
+            let mut any = vec![
+                format!("principal_id = {id}"),
+                format!("target_resource_id = {id}"),
+            ];
+            for path in &subject.paths {
+                if let Ok((column, keys)) = crate::config::subject_path_parts(path) {
+                    params.push(Box::new(keys));
+                    any.push(format!("{column} #>> ${}::text[] = {id}", params.len() + 3));
+                }
+            }
+            clauses.push(format!("({})", any.join(" OR ")));
+        }
         let sql = format!(
             "SELECT {SELECT_LIST} FROM audit_log \
              WHERE (event_time, id) > ($1, $2) AND {} \

@@ -157,6 +157,10 @@ pub struct Filters {
     pub principal_ids: BTreeSet<String>,
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub status: BTreeSet<String>,
+    /// A data subject (GDPR subject access, `gdpr.access`): only the events
+    /// about them. Never set by an `export.audit` request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Subject>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_resource_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -164,6 +168,18 @@ pub struct Filters {
     /// Exclusive upper bound on the event time.
     #[serde(with = "micros")]
     pub to: DateTime<Utc>,
+}
+
+/// The events about one data subject: those whose principalId or
+/// targetResourceId is `id`, or whose `details` / `sessionContext` holds
+/// `id` as a string at one of `paths` (`gdpr.subject_paths`, fixed when the
+/// request is recorded, so a resumed job selects the same rows).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Subject {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
 }
 
 /// Serialises times as RFC 3339 UTC with microseconds (PostgreSQL's precision).
@@ -378,7 +394,8 @@ pub fn sanitize_file_name(name: &str) -> String {
     out
 }
 
-fn check_value(key: &str, v: &str) -> Result<(), Rejection> {
+/// Refuses an empty, over-long or NUL-holding request value, naming `key`.
+pub fn check_value(key: &str, v: &str) -> Result<(), Rejection> {
     if v.is_empty() {
         return Err(reject(format!("{key} must not be empty")));
     }
@@ -457,6 +474,7 @@ impl WireFilters {
                 self.status,
                 Some(&["attempt", "success", "failure"]),
             )?,
+            subject: None,
             target_resource_id: single("exportFilters.targetResourceId", self.target_resource_id)?,
             target_resource_type: single(
                 "exportFilters.targetResourceType",

@@ -163,6 +163,8 @@ pub async fn sweep_once(
         if origin == "queue" {
             delete_object(exporter, &Path::from(key.as_str())).await?;
             delete_object(exporter, &manifest_path(&key)).await?;
+            // Subject access exports have their proofs beside them.
+            delete_object(exporter, &crate::jobs::gdpr::access::proofs_path(&key)).await?;
         }
         tx.execute(
             "UPDATE export_jobs SET artifact_removed_at = now() WHERE id = $1",

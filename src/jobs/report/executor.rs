@@ -48,6 +48,29 @@ const UPLOAD_CHUNK: usize = 5 * 1024 * 1024;
 /// Most recipients listed in a GDPR report.
 const MAX_RECIPIENTS: i64 = 1000;
 
+/// How much a report holds and reads at a time: `[report]` limits that
+/// apply live (read from the configuration in force for each job).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportLimits {
+    /// Principals, resources, ... listed per "top" table.
+    pub top_n: usize,
+    /// Distinct values counted exactly per table (space-saving beyond).
+    pub counter_capacity: usize,
+    /// Rows per database page.
+    pub page_rows: u32,
+}
+
+impl ReportLimits {
+    /// The limits `[report]` sets.
+    pub fn from_config(c: &ReportConfig) -> Self {
+        Self {
+            top_n: c.top_n,
+            counter_capacity: c.counter_capacity,
+            page_rows: c.page_rows,
+        }
+    }
+}
+
 /// Executor settings, from `[report]` (and the export link settings).
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -112,6 +135,9 @@ pub struct Reporter {
     pub worker_name: String,
     pub wake: Arc<Notify>,
     pub metrics: Option<crate::telemetry::Metrics>,
+    /// The worker's configuration in force, whose limits apply to each new
+    /// job (`None`: the limits in `settings`, e.g. a CLI report).
+    pub live: Option<crate::live::LiveConfig>,
 }
 
 /// A file written for a report.
@@ -124,6 +150,18 @@ struct Written {
 }
 
 impl Reporter {
+    /// The limits in force now.
+    pub fn limits(&self) -> ReportLimits {
+        match &self.live {
+            Some(live) => ReportLimits::from_config(&live.current().config.report),
+            None => ReportLimits {
+                top_n: self.settings.hipaa.top_n,
+                counter_capacity: self.settings.hipaa.capacity,
+                page_rows: self.settings.page_rows,
+            },
+        }
+    }
+
     fn lease_token(&self) -> String {
         format!("{}/{}", self.worker_name, uuid::Uuid::new_v4())
     }
@@ -297,9 +335,14 @@ impl Reporter {
         let mut obj = self.pool.get().await.map_err(|e| e.to_string())?;
         let client: &mut tokio_postgres::Client = &mut obj;
         let want_csv = request.formats.contains(&OutputFormat::Csv);
+        let limits = self.limits();
         let (body, rows) = match request.kind {
             ReportKind::HipaaAuditTrail => {
-                let mut agg = HipaaAggregator::new(self.settings.hipaa.clone());
+                let mut agg = HipaaAggregator::new(HipaaSettings {
+                    top_n: limits.top_n,
+                    capacity: limits.counter_capacity,
+                    ..self.settings.hipaa.clone()
+                });
                 let mut csv = if want_csv {
                     Some(
                         CsvUpload::start(
@@ -317,7 +360,7 @@ impl Reporter {
                     client,
                     request,
                     Some(&breaks),
-                    self.settings.page_rows,
+                    limits.page_rows,
                     progress,
                     |page| {
                         let mut out = Vec::new();
@@ -348,13 +391,13 @@ impl Reporter {
                 (ReportBody::Hipaa(Box::new(agg.finish())), rows)
             }
             ReportKind::GdprProcessing => {
-                let mut agg = GdprAggregator::new(self.settings.hipaa.capacity, 50);
+                let mut agg = GdprAggregator::new(limits.counter_capacity, 50);
                 let mut none: Option<CsvUpload> = None;
                 let rows = stream_rows(
                     client,
                     request,
                     None,
-                    self.settings.page_rows,
+                    limits.page_rows,
                     progress,
                     |page| {
                         for row in page {

@@ -202,6 +202,7 @@ pub fn reporter(
         worker_name: config.consumer_name(),
         wake,
         metrics: None,
+        live: None,
     })
 }
 
@@ -213,16 +214,19 @@ pub struct ReportService {
 
 impl ReportService {
     /// Opens storage and builds the handler and executor.
+    /// With `live`, each new job runs under the limits in force then.
     pub fn new(
         config: &Config,
         pool: deadpool_postgres::Pool,
         redis: RedisConn,
         metrics: crate::telemetry::Metrics,
+        live: Option<crate::live::LiveConfig>,
     ) -> anyhow::Result<Self> {
         let storage = crate::storage::open(&config.storage)?;
         let wake = Arc::new(Notify::new());
         let mut reporter = reporter(config, pool.clone(), storage, Some(redis), wake.clone())?;
         reporter.metrics = Some(metrics);
+        reporter.live = live;
         Ok(Self {
             handler: Arc::new(
                 ReportHandler::new(pool, wake, config.report.prefix.clone())
