@@ -116,6 +116,16 @@ enum Command {
         /// Tree size of the newer checkpoint (default: the latest).
         new_size: Option<u64>,
     },
+    /// GDPR subject rights: erasure and restriction of processing.
+    Gdpr {
+        #[command(subcommand)]
+        command: audit_worker::jobs::gdpr::cli::GdprCommand,
+    },
+    /// Legal holds: place, list, release.
+    Hold {
+        #[command(subcommand)]
+        command: audit_worker::jobs::gdpr::cli::HoldCommand,
+    },
     /// Print an event's inclusion proof and signed checkpoint as JSON.
     Prove {
         /// The event's eventId (its idempotency key).
@@ -298,6 +308,12 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Dlq { command } => run_dlq(&config, command).await,
+            Command::Gdpr { command } => {
+                audit_worker::jobs::gdpr::cli::run_gdpr(&config, command).await
+            }
+            Command::Hold { command } => {
+                audit_worker::jobs::gdpr::cli::run_hold(&config, command).await
+            }
             Command::ApiKey { command } => audit_worker::api::cli::run(&config, command).await,
             Command::Export { request, out } => {
                 export::cli::run_export(&config, &request, &out).await

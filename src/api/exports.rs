@@ -328,9 +328,11 @@ async fn create_export(
     ApiJson(body): ApiJson<CreateExport>,
 ) -> Result<Response, Problem> {
     caller.require(Permission::Export)?;
-    let request = body
+    let mut request = body
         .to_request(&caller.0.requester_id())
         .map_err(Problem::invalid)?;
+    // Events of restricted subjects only for keys that may see them.
+    request.include_restricted = caller.0.allows(Permission::Gdpr);
     let scope = caller.scope().to_db();
     crate::jobs::export::check_scope(&request, scope.as_deref()).map_err(|m| {
         Problem::forbidden(format!(

@@ -15,6 +15,8 @@ pub mod auth;
 pub mod checkpoints;
 pub mod cli;
 pub mod exports;
+pub mod gdpr;
+pub mod holds;
 pub mod keys;
 pub mod metrics;
 pub mod problem;
@@ -55,6 +57,43 @@ pub struct ApiState {
     pub pages: Pages,
     /// Request and refused-credential counters.
     pub metrics: metrics::ApiMetrics,
+    /// Erasure and the audit events of hold changes.
+    pub gdpr: GdprParts,
+}
+
+/// What the GDPR and hold endpoints need besides the pool.
+#[derive(Clone, Default)]
+pub struct GdprParts {
+    /// `None` when `gdpr.pseudonym_key` is not set: erasure answers 503.
+    pub eraser: Option<Arc<crate::jobs::gdpr::erase::Eraser>>,
+    /// Records hold changes as audit events.
+    pub recorder: Option<crate::jobs::internal_event::EventRecorder>,
+}
+
+impl GdprParts {
+    /// Connects to Redis and opens the object store; erasure is left off
+    /// (and logged) when no pseudonym key is configured.
+    pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let client = crate::source::redis_client(&config.redis)?;
+        let redis = crate::source::command_connection(&client, &config.redis).await?;
+        let storage = crate::storage::open(&config.storage)?;
+        let eraser =
+            match crate::jobs::gdpr::erase::Eraser::from_config(config, redis.clone(), storage) {
+                Ok(e) => Some(Arc::new(e)),
+                Err(e) => {
+                    tracing::info!(reason = %e, "GDPR erasure endpoint disabled");
+                    None
+                }
+            };
+        Ok(Self {
+            eraser,
+            recorder: Some(crate::jobs::internal_event::EventRecorder {
+                redis,
+                events_key: config.stream.key.clone(),
+                hmac: crate::policy::hmac_key_ring(&config.integrity).unwrap_or_default(),
+            }),
+        })
+    }
 }
 
 /// The largest `?limit=` a request may send (the OpenAPI maximum): up to
@@ -137,6 +176,8 @@ fn resources() -> OpenApiRouter<ApiState> {
         .merge(reports::routes())
         .merge(proofs::routes())
         .merge(checkpoints::routes())
+        .merge(gdpr::routes())
+        .merge(holds::routes())
 }
 
 /// The generated OpenAPI document (3.1).
@@ -190,6 +231,7 @@ pub async fn serve(
             max: config.api.max_page_size,
         },
         metrics,
+        gdpr: GdprParts::from_config(config).await?,
     };
     let listen = config.api.listen.clone();
     let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {
@@ -245,6 +287,14 @@ mod tests {
             ("/v1/reports/{id}/download/{format}", "get"),
             ("/v1/proofs/{event}", "get"),
             ("/v1/checkpoints", "get"),
+            ("/v1/gdpr/erasures", "post"),
+            ("/v1/gdpr/restrictions", "post"),
+            ("/v1/gdpr/restrictions", "get"),
+            ("/v1/gdpr/restrictions/lift", "post"),
+            ("/v1/holds", "post"),
+            ("/v1/holds", "get"),
+            ("/v1/holds/{id}", "get"),
+            ("/v1/holds/{id}/release", "post"),
         ] {
             assert!(
                 doc["paths"][path][method].is_object(),

@@ -22,6 +22,7 @@ mod bullmq;
 mod database;
 mod dlq;
 mod export;
+mod gdpr;
 mod http;
 mod integrity;
 mod log;
@@ -42,6 +43,7 @@ pub use bullmq::BullmqConfig;
 pub use database::{DatabaseConfig, SSL_MODES};
 pub use dlq::DlqConfig;
 pub use export::{ExportConfig, OcsfClassRule, OcsfConfig};
+pub use gdpr::GdprConfig;
 pub use http::HttpConfig;
 pub use integrity::IntegrityConfig;
 pub use log::LogConfig;
@@ -87,6 +89,7 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub alerts: AlertsConfig,
     pub api: ApiConfig,
+    pub gdpr: GdprConfig,
 }
 
 impl Config {

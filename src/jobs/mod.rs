@@ -11,6 +11,8 @@
 
 pub mod dev_key;
 pub mod export;
+pub mod gdpr;
+pub mod internal_event;
 pub mod log_monitor;
 pub mod merkle_stream;
 pub mod published;

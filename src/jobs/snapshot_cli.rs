@@ -158,15 +158,19 @@ pub async fn verify(
         for late in &report.late {
             println!("{late}");
         }
+        for erased in &report.erased {
+            println!("{erased}");
+        }
         for f in &report.findings {
             println!("{f}");
         }
         println!(
-            "{}: {} snapshots, {} leaves checked ({} late), {} problems",
+            "{}: {} snapshots, {} leaves checked ({} late, {} erased), {} problems",
             if report.ok() { "OK" } else { "FAILED" },
             report.snapshots_checked,
             report.leaves_checked,
             report.late.len(),
+            report.erased.len(),
             report.findings.len()
         );
     }

@@ -21,14 +21,13 @@ use tokio_postgres::Row;
 use crate::integrity::checkpoint::{open_note, Checkpoint, NoteVerifier};
 use crate::integrity::merkle::{self, Hash, TreeBuilder};
 use crate::integrity::record::{
-    digest_of_object, record_object, salts_from_json, timestamp_text, LEAF_VERSION_V1,
-    LEAF_VERSION_V2,
+    digest_of_object, timestamp_text, LEAF_VERSION_V1, LEAF_VERSION_V2,
 };
 use crate::integrity::{canonical_hash_v1, HashedFields};
 use crate::jobs::merkle_stream::{hash_from_bytes, PagedRows, RangeHasher};
 use crate::jobs::snapshot::SnapshotError;
 use crate::jobs::stored_record::{
-    record_from_row, stored_digest, RECORD_COLUMNS, RECORD_COLUMN_COUNT, SALTS_JOIN,
+    record_from_row, stored_digest, stored_object, RECORD_COLUMNS, RECORD_COLUMN_COUNT, SALTS_JOIN,
 };
 
 /// What kind of problem a finding is.
@@ -104,6 +103,49 @@ pub struct VerifyReport {
     /// (not a problem: they are listed so an auditor sees them as late,
     /// not as inserted).
     pub late: Vec<LateEvent>,
+    /// Sealed events some of whose personal values a GDPR erasure replaced
+    /// (not a problem: their leaves still verify through the kept
+    /// commitments, and every other field is still checked).
+    pub erased: Vec<ErasedEvent>,
+}
+
+/// A sealed event whose personal values were erased, and by which request.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErasedEvent {
+    pub event: String,
+    pub leaf_index: i64,
+    pub event_time: DateTime<Utc>,
+    /// The erased paths (`principalId`, `sessionContext.ipAddress`, ...).
+    pub paths: Vec<String>,
+    /// The erasure requests, with when each ran.
+    pub requests: Vec<ErasureRef>,
+}
+
+/// One erasure request of an erased event.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErasureRef {
+    pub request: String,
+    pub at: DateTime<Utc>,
+}
+
+impl std::fmt::Display for ErasedEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let by: Vec<String> = self
+            .requests
+            .iter()
+            .map(|r| format!("request {} at {}", r.request, r.at.to_rfc3339()))
+            .collect();
+        write!(
+            f,
+            "ERASED event {} (leaf {}, event_time {}): {} replaced by pseudonyms by {}",
+            self.event,
+            self.leaf_index,
+            self.event_time.to_rfc3339(),
+            self.paths.join(", "),
+            by.join(", ")
+        )
+    }
 }
 
 /// A late event: sealed by a later snapshot than its time range's.
@@ -538,8 +580,22 @@ pub async fn verify_scope(
                         .push(row_missing(l_key, l_row, l_time, i, l_snapshot));
                     zero
                 }
-                Some((rec, salts)) => {
-                    let digest = stored_digest(&rec, salts.as_ref());
+                Some((rec, openings)) => {
+                    let digest = stored_digest(&rec, &openings);
+                    let erased_paths = openings.erased_paths();
+                    if openings.erased() {
+                        report.erased.push(ErasedEvent {
+                            event: l_key.clone(),
+                            leaf_index: i,
+                            event_time: rec.event_time,
+                            paths: erased_paths.clone(),
+                            requests: openings
+                                .erasures
+                                .clone()
+                                .and_then(|v| serde_json::from_value(v).ok())
+                                .unwrap_or_default(),
+                        });
+                    }
                     let mut what = Vec::new();
                     match &digest {
                         Err(e) => what.push(format!("its record digest cannot be computed: {e}")),
@@ -550,16 +606,24 @@ pub async fn verify_scope(
                         ),
                         Ok(_) => {}
                     }
-                    if canonical_hash_v1(&HashedFields {
-                        timestamp: Some(&rec.timestamp_raw),
-                        action: Some(&rec.action),
-                        status: Some(&rec.status),
-                        principal_id: rec.principal_id.as_deref(),
-                        organization_id: rec.organization_id.as_deref(),
-                        target_resource_type: rec.target_resource_type.as_deref(),
-                        target_resource_id: rec.target_resource_id.as_deref(),
-                        outcome_description: rec.outcome_description.as_deref(),
-                    }) != rec.hash
+                    // Hash v1 covers principalId and targetResourceId in
+                    // clear: once one is erased it cannot be recomputed
+                    // (the record digest, which covers `hash` itself,
+                    // still binds every field).
+                    let hash_v1_erased = erased_paths
+                        .iter()
+                        .any(|p| p == "principalId" || p == "targetResourceId");
+                    if !hash_v1_erased
+                        && canonical_hash_v1(&HashedFields {
+                            timestamp: Some(&rec.timestamp_raw),
+                            action: Some(&rec.action),
+                            status: Some(&rec.status),
+                            principal_id: rec.principal_id.as_deref(),
+                            organization_id: rec.organization_id.as_deref(),
+                            target_resource_type: rec.target_resource_type.as_deref(),
+                            target_resource_id: rec.target_resource_id.as_deref(),
+                            outcome_description: rec.outcome_description.as_deref(),
+                        }) != rec.hash
                     {
                         what.push("its hashed fields no longer match its hash".into());
                     }
@@ -954,7 +1018,7 @@ pub async fn prove(
                 &[&r.get::<_, DateTime<Utc>>(1), &r.get::<_, i64>(0)],
             )
             .await?;
-        let (rec, salts) = row
+        let (rec, openings) = row
             .as_ref()
             .and_then(|row| record_from_row(row, 0))
             .ok_or_else(|| {
@@ -962,8 +1026,7 @@ pub async fn prove(
                     "the sealed row of event {event:?} is missing: run `audit-worker verify`"
                 ))
             })?;
-        let salts = salts_from_json(salts.as_ref()).map_err(SnapshotError::Integrity)?;
-        Some(record_object(&rec, &salts).map_err(SnapshotError::Integrity)?)
+        Some(stored_object(&rec, &openings).map_err(SnapshotError::Integrity)?)
     } else {
         None
     };

@@ -78,6 +78,8 @@ impl ApiEnv {
         config.snapshot.origin = ORIGIN.into();
         config.snapshot.signing_key = signer.to_private_key_string().into();
         config.report.poll_interval_ms = 100;
+        config.gdpr.pseudonym_key = "api-test-pseudonym-key-0123456789".to_string().into();
+        config.alerts.stream = format!("{}:alerts", config.stream.key);
         tweak(&mut config);
         let pool = audit_worker::db::connect_pool(&config).await.unwrap();
         let client = audit_worker::source::redis_client(&config.redis).unwrap();

@@ -14,18 +14,18 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-const ORIGIN: &str = "test.example/log-v2";
+pub(crate) const ORIGIN: &str = "test.example/log-v2";
 
 /// A test's log: its TestEnv and a signing key.
-struct LogEnv {
-    env: TestEnv,
-    key: String,
-    verifier: String,
-    storage: tempfile::TempDir,
+pub(crate) struct LogEnv {
+    pub(crate) env: TestEnv,
+    pub(crate) key: String,
+    pub(crate) verifier: String,
+    pub(crate) storage: tempfile::TempDir,
 }
 
 impl LogEnv {
-    async fn new(name: &str) -> Self {
+    pub(crate) async fn new(name: &str) -> Self {
         let env = TestEnv::new(name).await;
         let signer = Ed25519NoteSigner::generate(ORIGIN).unwrap();
         let s = Self {
@@ -40,14 +40,14 @@ impl LogEnv {
 
     /// The worker's configuration: no signing key, so it ingests only and
     /// the test decides when to seal.
-    fn worker_config(&self) -> Config {
+    pub(crate) fn worker_config(&self) -> Config {
         let mut c = self.env.config();
         c.snapshot.origin = ORIGIN.into();
         c.storage.url = self.storage.path().display().to_string();
         c
     }
 
-    fn config(&self) -> Config {
+    pub(crate) fn config(&self) -> Config {
         let mut c = self.worker_config();
         c.snapshot.signing_key = self.key.clone().into();
         c.snapshot.page_size = 5000;
@@ -55,7 +55,7 @@ impl LogEnv {
     }
 
     /// Stores `events` through a running worker.
-    async fn ingest(&self, events: &[Value], extra_config: impl FnOnce(&mut Config)) {
+    pub(crate) async fn ingest(&self, events: &[Value], extra_config: impl FnOnce(&mut Config)) {
         let mut c = self.worker_config();
         extra_config(&mut c);
         let before = self.env.row_count().await;
@@ -69,7 +69,7 @@ impl LogEnv {
         worker.stop().await;
     }
 
-    async fn seal(&self, tag: &str) -> SnapshotSummary {
+    pub(crate) async fn seal(&self, tag: &str) -> SnapshotSummary {
         let c = self.config();
         let pool = audit_worker::db::connect_pool(&c).await.unwrap();
         let signer = audit_worker::jobs::snapshot::load_signer(&c.snapshot)
@@ -82,7 +82,7 @@ impl LogEnv {
             .unwrap()
     }
 
-    async fn verify(&self) -> VerifyReport {
+    pub(crate) async fn verify(&self) -> VerifyReport {
         let c = self.config();
         let (mut client, conn) = audit_worker::db::pg_config(&c)
             .unwrap()
@@ -97,7 +97,7 @@ impl LogEnv {
     }
 
     /// Runs `sql` as a superuser could: with the append-only triggers off.
-    async fn tamper(&self, sql: &str) {
+    pub(crate) async fn tamper(&self, sql: &str) {
         self.env
             .pg
             .batch_execute(&format!(

@@ -9,6 +9,7 @@ mod event_path;
 mod export;
 mod export_formats;
 mod faults;
+mod gdpr_erase;
 mod hostile;
 mod log_v2;
 mod ops;

@@ -60,6 +60,7 @@ impl PageQuery {
         cutoff: DateTime<Utc>,
         snapshot: Option<&str>,
         allowed: Option<&[String]>,
+        include_restricted: bool,
     ) -> Self {
         let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
         let mut clauses = Vec::new();
@@ -106,6 +107,9 @@ impl PageQuery {
                 "data_classification = ANY(?)",
                 Box::new(list(&filters.data_classification)),
             );
+        }
+        if !include_restricted {
+            clauses.push(crate::jobs::gdpr::restriction::NOT_RESTRICTED.to_owned());
         }
         let sql = format!(
             "SELECT {SELECT_LIST} FROM audit_log \
