@@ -31,7 +31,10 @@ CREATE TABLE gdpr_erasures (
     -- Why it was refused (the legal hold that covers the rows).
     error             text,
     created_at        timestamptz NOT NULL DEFAULT now(),
-    completed_at      timestamptz
+    completed_at      timestamptz,
+    -- When its `gdpr.erasure.completed` audit event was sent: a retried
+    -- request sends it only if this is still NULL.
+    announced_at      timestamptz
 );
 
 -- The erasure record of each erased row: which paths were erased, their
@@ -155,6 +158,8 @@ $$ $f$, current_schema());
     EXECUTE format('GRANT EXECUTE ON FUNCTION %I.gdpr_erase_rows(text, timestamptz, bigint[], timestamptz[], jsonb[], jsonb[]) TO audit_worker_writer',
                    current_schema());
     EXECUTE format('GRANT SELECT, INSERT ON %I.gdpr_erasures TO audit_worker_writer', current_schema());
+    EXECUTE format('GRANT UPDATE (status, rows_erased, error, completed_at, announced_at) ON %I.gdpr_erasures TO audit_worker_writer',
+                   current_schema());
     EXECUTE format('GRANT SELECT ON %I.gdpr_erasures, %I.audit_erasures TO audit_worker_reader, audit_worker_sealer',
                    current_schema(), current_schema());
     EXECUTE format('GRANT SELECT ON %I.audit_erasures TO audit_worker_writer', current_schema());

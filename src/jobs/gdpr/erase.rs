@@ -287,11 +287,24 @@ impl Eraser {
         let subject = req.subject_id.as_str();
         let pseudonym = self.pseudonyms.of_text(subject);
         let org = req.organization_id.as_deref();
-        let id: String = client
-            .query_opt("SELECT id FROM gdpr_erasures WHERE source = $1", &[&source])
-            .await?
+        // A retried request keeps its id and, once completed, its time: its
+        // audit event is then the same event (same eventId and timestamp),
+        // stored once.
+        let earlier = client
+            .query_opt(
+                "SELECT id, completed_at, announced_at FROM gdpr_erasures WHERE source = $1",
+                &[&source],
+            )
+            .await?;
+        let id: String = earlier
+            .as_ref()
             .map(|r| r.get(0))
             .unwrap_or_else(|| format!("erasure_{}", uuid::Uuid::new_v4().simple()));
+        let completed_before: Option<DateTime<Utc>> = earlier.as_ref().and_then(|r| r.get(1));
+        let announced = earlier
+            .as_ref()
+            .and_then(|r| r.get::<_, Option<DateTime<Utc>>>(2))
+            .is_some();
         let extra: Vec<String> = self
             .fields
             .paths()
@@ -351,6 +364,7 @@ impl Eraser {
                 "refused",
                 0,
                 Some(&h.refusal()),
+                None,
             )
             .await?;
             return Err(EraseError::Held(Box::new(h)));
@@ -365,7 +379,7 @@ impl Eraser {
         }
         let not_erasable: u64 = plans.iter().map(|p| p.not_erasable).sum();
         plans.retain(|p| !p.values.is_empty());
-        let now = Utc::now();
+        let now = completed_before.unwrap_or_else(Utc::now);
         let ids: Vec<i64> = plans.iter().map(|p| p.id).collect();
         let times: Vec<DateTime<Utc>> = plans.iter().map(|p| p.event_time).collect();
         let values: Vec<Value> = plans
@@ -430,10 +444,9 @@ impl Eraser {
             (Some(first), Some(last)) => withdraw_artifacts(&tx, &orgs, first, last).await?,
             _ => Vec::new(),
         };
-        tx.commit().await?;
         let erased = ids.len() as u64;
         self.record_request(
-            client,
+            &tx,
             &id,
             source,
             requester,
@@ -442,8 +455,10 @@ impl Eraser {
             "completed",
             erased,
             None,
+            Some(now),
         )
         .await?;
+        tx.commit().await?;
 
         let mut problems = Vec::new();
         let dead_letters_purged = self
@@ -476,12 +491,22 @@ impl Eraser {
             artifacts_withdrawn: withdrawn.iter().map(|w| w.job_id.clone()).collect(),
             completed_at: now,
         };
-        if let Err(e) = self
-            .recorder
-            .record(&erasure_event(&erasure, requester))
-            .await
-        {
-            problems.push(e);
+        if !announced {
+            match self
+                .recorder
+                .record(&erasure_event(&erasure, requester))
+                .await
+            {
+                Ok(()) => {
+                    client
+                        .execute(
+                            "UPDATE gdpr_erasures SET announced_at = now() WHERE id = $1",
+                            &[&id],
+                        )
+                        .await?;
+                }
+                Err(e) => problems.push(e),
+            }
         }
         if !problems.is_empty() {
             // The rows are erased; what is left is retried by sending the
@@ -498,7 +523,7 @@ impl Eraser {
     #[allow(clippy::too_many_arguments)]
     async fn record_request(
         &self,
-        client: &tokio_postgres::Client,
+        client: &impl tokio_postgres::GenericClient,
         id: &str,
         source: &str,
         requester: &str,
@@ -507,17 +532,29 @@ impl Eraser {
         status: &str,
         rows: u64,
         error: Option<&str>,
+        completed_at: Option<DateTime<Utc>>,
     ) -> Result<(), tokio_postgres::Error> {
         client
             .execute(
                 "INSERT INTO gdpr_erasures (id, source, requester_id, organization_id, subject_pseudonym,
                                             status, rows_erased, error, completed_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                  ON CONFLICT (source) DO UPDATE
                     SET status = EXCLUDED.status,
                         rows_erased = gdpr_erasures.rows_erased + EXCLUDED.rows_erased,
-                        error = EXCLUDED.error, completed_at = EXCLUDED.completed_at",
-                &[&id, &source, &requester, &org, &pseudonym, &status, &(rows as i64), &error],
+                        error = EXCLUDED.error,
+                        completed_at = COALESCE(gdpr_erasures.completed_at, EXCLUDED.completed_at)",
+                &[
+                    &id,
+                    &source,
+                    &requester,
+                    &org,
+                    &pseudonym,
+                    &status,
+                    &(rows as i64),
+                    &error,
+                    &completed_at,
+                ],
             )
             .await
             .map(|_| ())
