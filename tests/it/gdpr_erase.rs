@@ -373,6 +373,57 @@ async fn erasure_replaces_one_subjects_values_everywhere_while_the_log_and_its_p
         "{stdout}"
     );
 
+    // An export made now recomputes every leaf (erased rows through their
+    // kept commitments) and the signed root, with the independent verifier.
+    // A restricted subject's events are left out unless asked for.
+    audit_worker::jobs::gdpr::restriction::restrict(
+        &pg,
+        None,
+        SUBJECTS[1],
+        "art. 18 request",
+        "test",
+    )
+    .await
+    .unwrap();
+    let limited = export_ndjson(&s, &dir.path().join("limited"), false);
+    let text = std::fs::read_to_string(&limited).unwrap();
+    assert_eq!(
+        text.lines().count(),
+        10_001 - 1250,
+        "restricted events left out"
+    );
+    assert!(!text.contains(SUBJECTS[1]));
+    let full = export_ndjson(&s, &dir.path().join("full"), true);
+    let out = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/verify_log.py"
+        ))
+        .args(["--key", &s.verifier, "--origin", ORIGIN, "--json"])
+        .arg("--checkpoint")
+        .arg(&checkpoint)
+        .arg("--export")
+        .arg(&full)
+        .arg("--proofs")
+        .arg(&proofs)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{stdout}");
+    let summary_py: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary_py["exportRows"], 10_001);
+    assert_eq!(summary_py["leavesRecomputed"], 10_000);
+    assert_eq!(summary_py["rootRecomputed"], json!(summary.root_hex));
+    let exported = std::fs::read_to_string(&full).unwrap();
+    for v in personal_values(ERASED) {
+        assert!(
+            !exported.contains(&v),
+            "{v} is in an export made after the erasure"
+        );
+    }
+    std::fs::remove_dir_all(dir.path().join("limited")).unwrap();
+    std::fs::remove_dir_all(dir.path().join("full")).unwrap();
+
     // None of the erased values is left in the database, Redis or the
     // object store; the other subjects' values are.
     let dump = pg_dump(&s.env.schema);
@@ -416,6 +467,41 @@ async fn erasure_replaces_one_subjects_values_everywhere_while_the_log_and_its_p
         .collect();
     assert_eq!(altered, BTreeSet::from([format!("gdpr-evt-{ERASED}")]));
     s.env.cleanup().await;
+}
+
+/// `audit-worker export --format ndjson` of everything into `out`; the
+/// artifact's path.
+fn export_ndjson(
+    s: &LogEnv,
+    out: &std::path::Path,
+    include_restricted: bool,
+) -> std::path::PathBuf {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_audit-worker"));
+    cmd.args(["export", "--format", "ndjson", "--compression", "none"])
+        .args(["--from", "2000-01-01", "--to", "2100-01-01", "--out"])
+        .arg(out)
+        .env(
+            "AUDIT_WORKER__STORAGE__URL",
+            s.storage.path().display().to_string(),
+        );
+    if include_restricted {
+        cmd.arg("--include-restricted");
+    }
+    for (k, v) in s.env.env_vars() {
+        cmd.env(k, v);
+    }
+    let result = cmd.output().unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    std::fs::read_dir(out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".ndjson"))
+        .expect("an ndjson artifact")
 }
 
 /// Runs the binary with the test's settings; (success, stdout, stderr).
