@@ -85,11 +85,7 @@ async fn create_erasure(
             "erasure is not configured on this service: its operator must set gdpr.pseudonym_key",
         ));
     };
-    let mut client = state
-        .pool
-        .get()
-        .await
-        .map_err(|e| Problem::unavailable(&crate::db::pool_error_cause(&e)))?;
+    let mut client = super::db_client(&state).await?;
     let source = format!("api:{}", uuid::Uuid::new_v4());
     match eraser.erase(&mut client, &req, &caller.0.id, &source).await {
         Ok(done) => Ok((StatusCode::CREATED, axum::Json(done)).into_response()),
@@ -149,24 +145,13 @@ async fn restrict_subject(
     ApiJson(body): ApiJson<RestrictRequest>,
 ) -> Result<Response, Problem> {
     caller.require(Permission::Gdpr)?;
-    if body.subject_id.trim().is_empty() || body.reason.trim().is_empty() {
-        return Err(Problem::invalid("give subjectId and reason"));
-    }
-    if body
-        .organization_id
-        .as_deref()
-        .is_some_and(|o| o.trim().is_empty())
-    {
-        return Err(Problem::invalid(
-            "organizationId must not be empty: omit it for all",
-        ));
+    crate::jobs::gdpr::check_text("subjectId", &body.subject_id).map_err(Problem::invalid)?;
+    crate::jobs::gdpr::check_text("reason", &body.reason).map_err(Problem::invalid)?;
+    if let Some(org) = &body.organization_id {
+        crate::jobs::gdpr::check_text("organizationId", org).map_err(Problem::invalid)?;
     }
     let org = scoped_org(&caller, body.organization_id.as_deref())?;
-    let client = state
-        .pool
-        .get()
-        .await
-        .map_err(|e| Problem::unavailable(&crate::db::pool_error_cause(&e)))?;
+    let client = super::db_client(&state).await?;
     let r = restriction::restrict(
         &**client,
         org.as_deref(),
@@ -196,11 +181,7 @@ async fn list_restrictions(
     axum::extract::State(state): axum::extract::State<ApiState>,
 ) -> Result<axum::Json<RestrictionList>, Problem> {
     caller.require(Permission::Gdpr)?;
-    let client = state
-        .pool
-        .get()
-        .await
-        .map_err(|e| Problem::unavailable(&crate::db::pool_error_cause(&e)))?;
+    let client = super::db_client(&state).await?;
     let orgs = caller.scope().to_db();
     let restrictions = restriction::list(&**client, orgs.as_deref())
         .await
@@ -241,12 +222,12 @@ async fn lift_restriction(
     ApiJson(body): ApiJson<LiftRequest>,
 ) -> Result<Response, Problem> {
     caller.require(Permission::Gdpr)?;
+    crate::jobs::gdpr::check_text("subjectId", &body.subject_id).map_err(Problem::invalid)?;
+    if let Some(org) = &body.organization_id {
+        crate::jobs::gdpr::check_text("organizationId", org).map_err(Problem::invalid)?;
+    }
     let org = scoped_org(&caller, body.organization_id.as_deref())?;
-    let client = state
-        .pool
-        .get()
-        .await
-        .map_err(|e| Problem::unavailable(&crate::db::pool_error_cause(&e)))?;
+    let client = super::db_client(&state).await?;
     if restriction::lift(&**client, org.as_deref(), &body.subject_id)
         .await
         .map_err(|e| Problem::unavailable(&e))?

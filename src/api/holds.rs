@@ -38,14 +38,6 @@ fn hold_error(e: HoldError) -> Problem {
     }
 }
 
-async fn client(state: &ApiState) -> Result<deadpool_postgres::Object, Problem> {
-    state
-        .pool
-        .get()
-        .await
-        .map_err(|e| Problem::unavailable(&crate::db::pool_error_cause(&e)))
-}
-
 /// Records the hold's audit event; a failure is logged (the change itself
 /// is stored, and the hold table keeps who did it and when).
 async fn record(state: &ApiState, h: &Hold, by: &str) {
@@ -93,7 +85,7 @@ async fn place_hold(
             ))
         }
     }
-    let client = client(&state).await?;
+    let client = super::db_client(&state).await?;
     let h = hold::place(&**client, &body, &caller.0.id)
         .await
         .map_err(hold_error)?;
@@ -121,7 +113,7 @@ async fn list_holds(
     super::ApiQuery(q): super::ApiQuery<HoldQuery>,
 ) -> Result<axum::Json<HoldList>, Problem> {
     caller.require(Permission::Admin)?;
-    let client = client(&state).await?;
+    let client = super::db_client(&state).await?;
     let orgs = caller.scope().to_db();
     let holds = hold::list(&**client, orgs.as_deref(), q.all.unwrap_or(false))
         .await
@@ -157,7 +149,11 @@ async fn get_hold(
     ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<Hold>, Problem> {
     caller.require(Permission::Admin)?;
-    let client = client(&state).await?;
+    if crate::jobs::gdpr::check_text("id", &id).is_err() {
+        // No stored hold can have such an id.
+        return Err(Problem::not_found("hold"));
+    }
+    let client = super::db_client(&state).await?;
     let orgs = caller.scope().to_db();
     hold::get(&**client, &id, orgs.as_deref())
         .await
@@ -189,7 +185,11 @@ async fn release_hold(
     ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<Hold>, Problem> {
     caller.require(Permission::Admin)?;
-    let client = client(&state).await?;
+    if crate::jobs::gdpr::check_text("id", &id).is_err() {
+        // No stored hold can have such an id.
+        return Err(Problem::not_found("hold"));
+    }
+    let client = super::db_client(&state).await?;
     let orgs = caller.scope().to_db();
     let visible = hold::get(&**client, &id, orgs.as_deref())
         .await

@@ -248,6 +248,15 @@ pub async fn serve(
     }))
 }
 
+/// A connection from the general pool, or 503.
+pub async fn db_client(state: &ApiState) -> Result<deadpool_postgres::Object, Problem> {
+    state
+        .pool
+        .get()
+        .await
+        .map_err(|e| Problem::unavailable(&crate::db::pool_error_cause(&e)))
+}
+
 /// A JSON body whose rejections are problem documents (400/413/415/422).
 #[derive(FromRequest)]
 #[from_request(via(axum::Json), rejection(Problem))]

@@ -56,8 +56,9 @@ pub struct EraseRequest {
 impl EraseRequest {
     /// Refuses a request that cannot name a subject, or names a pseudonym.
     pub fn check(&self) -> Result<(), String> {
-        if self.subject_id.trim().is_empty() {
-            return Err("subjectId must name the principal or resource to erase".into());
+        super::check_text("subjectId", &self.subject_id)?;
+        if let Some(org) = &self.organization_id {
+            super::check_text("organizationId", org)?;
         }
         if Pseudonymizer::is_pseudonym(&self.subject_id) {
             return Err("subjectId is already a pseudonym: its values were erased".into());

@@ -125,6 +125,8 @@ impl NewHold {
         if self.owner.trim().is_empty() {
             return Err("a hold needs an owner (who answers for it)".into());
         }
+        super::check_text("reason", &self.reason)?;
+        super::check_text("owner", &self.owner)?;
         if let (Some(f), Some(t)) = (self.from, self.to) {
             if f >= t {
                 return Err("the hold's `from` must be before its `to`".into());
@@ -136,6 +138,9 @@ impl NewHold {
         ] {
             if v.as_deref().is_some_and(|s| s.trim().is_empty()) {
                 return Err(format!("{name} must not be empty: omit it to cover all"));
+            }
+            if let Some(v) = v {
+                super::check_text(name, v)?;
             }
         }
         Ok(())

@@ -49,8 +49,10 @@ pub async fn restrict(
     reason: &str,
     by: &str,
 ) -> Result<Restriction, String> {
-    if subject.trim().is_empty() || reason.trim().is_empty() {
-        return Err("a restriction needs a subject id and a reason".into());
+    super::check_text("subjectId", subject)?;
+    super::check_text("reason", reason)?;
+    if let Some(org) = org {
+        super::check_text("organizationId", org)?;
     }
     let row = client
         .query_one(
