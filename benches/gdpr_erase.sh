@@ -47,7 +47,7 @@ export AUDIT_WORKER__STREAM__KEY="bench:$SCHEMA:events"
 export AUDIT_WORKER__DLQ__KEY="bench:$SCHEMA:dlq"
 export AUDIT_WORKER__ALERTS__STREAM="bench:$SCHEMA:alerts"
 export AUDIT_WORKER__EXPORT__NOTIFICATIONS_KEY="bench:$SCHEMA:notifications"
-export AUDIT_WORKER__LOG__LEVEL=warn
+export AUDIT_WORKER__LOG__LEVEL="${LOG_LEVEL:-warn}"
 export AUDIT_WORKER__GDPR__PSEUDONYM_KEY="bench-pseudonym-key-$(date +%s%N)"
 "$BIN" keygen --name bench.example/log --out "$WORK/key" >/dev/null 2>&1
 chmod 600 "$WORK/key"
@@ -97,7 +97,7 @@ echo "== gdpr erase (a subject with $SUBJECT_EVENTS of $N events; one whole proc
   || { cat "$WORK/erase.out" "$WORK/erase.time"; exit 1; }
 cat "$WORK/erase.out"
 wall=$(awk -F': ' '/Elapsed \(wall/ {print $2}' "$WORK/erase.time")
-grep -E 'Maximum resident' "$WORK/erase.time"
+grep -E "Maximum resident" "$WORK/erase.time"; grep -h "erasure: " "$WORK/erase.time" || true
 echo "erasure of $SUBJECT_EVENTS events among $N: wall $wall (m:ss)"
 
 if [ "${VERIFY:-1}" = 1 ] && [ "${SEAL:-1}" = 1 ]; then

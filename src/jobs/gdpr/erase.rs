@@ -312,6 +312,7 @@ impl Eraser {
             .iter()
             .filter_map(|p| p.strip_prefix("details.").map(str::to_owned))
             .collect();
+        let started = std::time::Instant::now();
         let tx = client.transaction().await?;
         let rows = tx
             .query(
@@ -343,6 +344,7 @@ impl Eraser {
             })
             .collect::<Result<_, String>>()
             .map_err(EraseError::Integrity)?;
+        tracing::info!(erasure = %id, rows = rows.len(), elapsed_ms = started.elapsed().as_millis() as u64, "erasure: subject's rows read");
         let holds = hold::active(&tx, org).await?;
         if let Some(h) = hold::covering(
             &holds,
@@ -391,6 +393,7 @@ impl Eraser {
             .iter()
             .map(|p| Value::Object(p.commitments.clone()))
             .collect();
+        tracing::info!(erasure = %id, rows = plans.len(), elapsed_ms = started.elapsed().as_millis() as u64, "erasure: rows planned");
         if !plans.is_empty() {
             let done = tx
                 .query_one(
@@ -398,6 +401,7 @@ impl Eraser {
                     &[&id, &now, &ids, &times, &values, &commitments],
                 )
                 .await;
+            tracing::info!(erasure = %id, elapsed_ms = started.elapsed().as_millis() as u64, "erasure: gdpr_erase_rows returned");
             if let Err(e) = done {
                 drop(tx);
                 return Err(self.refusal_from_db(client, e).await);
@@ -460,6 +464,7 @@ impl Eraser {
         )
         .await?;
         tx.commit().await?;
+        tracing::info!(erasure = %id, rows = erased, elapsed_ms = started.elapsed().as_millis() as u64, "erasure: rows rewritten and committed");
 
         let mut problems = Vec::new();
         let dead_letters_purged = self
