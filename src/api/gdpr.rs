@@ -1,7 +1,7 @@
 //! `/v1/gdpr`: erasure requests and restriction of processing (permission
-//! `gdpr`). An erasure runs within the request (a subject's 100,000 events
-//! take seconds) and answers with its outcome; under a legal hold it
-//! answers 409 legal-hold naming the hold (`holdId`).
+//! `gdpr`). An erasure runs within the request and answers with its
+//! outcome; under a legal hold it answers 409 legal-hold naming the hold
+//! (`holdId`).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
