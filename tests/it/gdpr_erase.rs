@@ -150,6 +150,17 @@ async fn redis_dump(env: &TestEnv) -> String {
     out
 }
 
+/// Deletes the alert and notification streams the test configured (the
+/// harness removes the event stream and the DLQ).
+async fn drop_test_keys(s: &LogEnv, c: &Config) {
+    let mut conn = s.env.redis_conn().await;
+    let _: redis::RedisResult<()> = redis::cmd("DEL")
+        .arg(&c.alerts.stream)
+        .arg(&c.export.notifications_key)
+        .query_async(&mut conn)
+        .await;
+}
+
 /// Every file under the test's object store, as (lossy) text.
 fn store_dump(dir: &std::path::Path) -> String {
     let mut out = String::new();
@@ -466,6 +477,7 @@ async fn erasure_replaces_one_subjects_values_everywhere_while_the_log_and_its_p
         .filter_map(|f| f.event.clone())
         .collect();
     assert_eq!(altered, BTreeSet::from([format!("gdpr-evt-{ERASED}")]));
+    drop_test_keys(&s, &c).await;
     s.env.cleanup().await;
 }
 
@@ -674,5 +686,6 @@ async fn erasure_under_a_legal_hold_is_refused_naming_the_hold_and_proceeds_once
     ] {
         assert!(text.contains(action), "{action} not recorded");
     }
+    drop_test_keys(&s, &c).await;
     s.env.cleanup().await;
 }
