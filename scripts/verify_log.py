@@ -17,7 +17,8 @@ written here from their specifications. Needs Python 3 and the
               log is refused).
 --export      an `audit-worker export --format ndjson` file (plain or gzip):
               every sealed event's leaf is recomputed from its exported
-              record and salts; when the export holds every leaf up to the
+              record and salts (and, for values a GDPR erasure replaced by
+              pseudonyms, the commitments it kept); when the export holds every leaf up to the
               checkpoint's size, the tree's root must equal the signed root.
 --proofs      `audit-worker prove` outputs: one JSON object, a JSON array or
               one object per line. Each must verify against its signed
@@ -157,10 +158,23 @@ def record_digest(row):
             raise Failure(f"export lacks column {col}: export with this version's audit-worker")
         rec[member] = row[col]
     salts = row.get("salts") or {}
-    for path, salt_hex in salts.items():
-        salt = bytes.fromhex(salt_hex)
-        if len(salt) != 32:
-            raise Failure(f"salt of {path} is not 32 bytes")
+    # A GDPR erasure replaced these paths' values by pseudonyms and
+    # destroyed their salts; the row carries the commitments the leaf was
+    # sealed with, which stand for the values.
+    erased = row.get("erased_commitments") or {}
+    both = set(salts) & set(erased)
+    if both:
+        raise Failure(f"{sorted(both)[0]} has both a salt and an erasure commitment")
+    openings = {p: ("salt", v) for p, v in salts.items()}
+    openings.update({p: ("kept", v) for p, v in erased.items()})
+    for path, (kind, hex_value) in openings.items():
+        raw = bytes.fromhex(hex_value)
+        if len(raw) != 32:
+            raise Failure(f"{'salt' if kind == 'salt' else 'erasure commitment'} of {path} is not 32 bytes")
+
+        def opened(value, raw=raw, kind=kind):
+            return commitment(raw, value) if kind == "salt" else raw.hex()
+
         if "." in path:
             container, key = path.split(".", 1)
             if container not in ("details", "sessionContext"):
@@ -168,12 +182,12 @@ def record_digest(row):
             obj = rec[container]
             if not isinstance(obj, dict) or obj.get(key) is None:
                 raise Failure(f"a salt is stored for {path}, which holds no value")
-            obj[key] = commitment(salt, obj[key])
+            obj[key] = opened(obj[key])
         else:
             if path not in ("principalId", "targetResourceId") or rec[path] is None:
                 raise Failure(f"a salt is stored for {path}, which holds no value")
-            rec[path] = commitment(salt, rec[path])
-    rec["commitments"] = sorted(salts, key=lambda k: k.encode("utf-16-be"))
+            rec[path] = opened(rec[path])
+    rec["commitments"] = sorted(openings, key=lambda k: k.encode("utf-16-be"))
     return hashlib.sha256(RECORD_PREFIX_V2 + jcs(rec).encode("utf-8")).digest()
 
 

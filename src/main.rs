@@ -121,6 +121,16 @@ enum Command {
         /// Tree size of the newer checkpoint (default: the latest).
         new_size: Option<u64>,
     },
+    /// GDPR subject rights: access, erasure and restriction of processing.
+    Gdpr {
+        #[command(subcommand)]
+        command: GdprCommand,
+    },
+    /// Legal holds: place, list, release.
+    Hold {
+        #[command(subcommand)]
+        command: audit_worker::jobs::gdpr::cli::HoldCommand,
+    },
     /// Print an event's inclusion proof and signed checkpoint as JSON.
     Prove {
         /// The event's eventId (its idempotency key).
@@ -130,12 +140,6 @@ enum Command {
     ApiKey {
         #[command(subcommand)]
         command: audit_worker::api::cli::ApiKeyCommand,
-    },
-    /// Check a `prove` output offline with only the verifier key.
-    /// GDPR data subject rights.
-    Gdpr {
-        #[command(subcommand)]
-        command: GdprCommand,
     },
     /// Drop the monthly partitions whose every row is past its retention,
     /// sealed and under no legal hold (one pass, now); with --dry-run, list
@@ -148,6 +152,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check a `prove` output offline with only the verifier key.
     VerifyProof {
         /// The JSON printed by `prove`.
         proof: PathBuf,
@@ -161,7 +166,8 @@ enum Command {
     },
 }
 
-/// What `enqueue` can queue.
+/// The `gdpr` subcommands: subject access (an export, run here) and the
+/// library's erasure and restriction commands.
 #[derive(Subcommand)]
 enum GdprCommand {
     /// Subject access: export every stored event about a principal or
@@ -172,8 +178,11 @@ enum GdprCommand {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
+    #[command(flatten)]
+    Rights(audit_worker::jobs::gdpr::cli::GdprCommand),
 }
 
+/// What `enqueue` can queue.
 #[derive(Subcommand)]
 enum EnqueueCommand {
     /// An export job (run by the workers; prints the job id).
@@ -358,6 +367,12 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Dlq { command } => run_dlq(&config, command).await,
+            Command::Gdpr {
+                command: GdprCommand::Rights(command),
+            } => audit_worker::jobs::gdpr::cli::run_gdpr(&config, command).await,
+            Command::Hold { command } => {
+                audit_worker::jobs::gdpr::cli::run_hold(&config, command).await
+            }
             Command::ApiKey { command } => audit_worker::api::cli::run(&config, command).await,
             Command::Export { request, out } => {
                 export::cli::run_export(&config, &request, &out).await

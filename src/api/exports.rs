@@ -503,9 +503,11 @@ async fn create_export(
     ApiJson(body): ApiJson<CreateExport>,
 ) -> Result<Response, Problem> {
     caller.require(Permission::Export)?;
-    let request = body
+    let mut request = body
         .to_request(&caller.0.requester_id())
         .map_err(Problem::invalid)?;
+    // Events of restricted subjects only for keys that may see them.
+    request.include_restricted = caller.0.allows(Permission::Gdpr);
     create_job(&state, &caller, &request, JobFamily::Export).await
 }
 

@@ -15,7 +15,9 @@ pub mod auth;
 pub mod checkpoints;
 pub mod cli;
 pub mod exports;
+pub mod gdpr;
 pub mod gdpr_access;
+pub mod holds;
 pub mod keys;
 pub mod metrics;
 pub mod problem;
@@ -58,6 +60,43 @@ pub struct ApiState {
     pub subject_paths: Arc<Vec<String>>,
     /// Request and refused-credential counters.
     pub metrics: metrics::ApiMetrics,
+    /// Erasure and the audit events of hold changes.
+    pub gdpr: GdprParts,
+}
+
+/// What the GDPR and hold endpoints need besides the pool.
+#[derive(Clone, Default)]
+pub struct GdprParts {
+    /// `None` when `gdpr.pseudonym_key` is not set: erasure answers 503.
+    pub eraser: Option<Arc<crate::jobs::gdpr::erase::Eraser>>,
+    /// Records hold changes as audit events.
+    pub recorder: Option<crate::jobs::internal_event::EventRecorder>,
+}
+
+impl GdprParts {
+    /// Connects to Redis and opens the object store; erasure is left off
+    /// (and logged) when no pseudonym key is configured.
+    pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let client = crate::source::redis_client(&config.redis)?;
+        let redis = crate::source::command_connection(&client, &config.redis).await?;
+        let storage = crate::storage::open(&config.storage)?;
+        let eraser =
+            match crate::jobs::gdpr::erase::Eraser::from_config(config, redis.clone(), storage) {
+                Ok(e) => Some(Arc::new(e)),
+                Err(e) => {
+                    tracing::info!(reason = %e, "GDPR erasure endpoint disabled");
+                    None
+                }
+            };
+        Ok(Self {
+            eraser,
+            recorder: Some(crate::jobs::internal_event::EventRecorder {
+                redis,
+                events_key: config.stream.key.clone(),
+                hmac: crate::policy::hmac_key_ring(&config.integrity).unwrap_or_default(),
+            }),
+        })
+    }
 }
 
 /// The largest `?limit=` a request may send (the OpenAPI maximum): up to
@@ -141,6 +180,8 @@ fn resources() -> OpenApiRouter<ApiState> {
         .merge(proofs::routes())
         .merge(checkpoints::routes())
         .merge(gdpr_access::routes())
+        .merge(gdpr::routes())
+        .merge(holds::routes())
 }
 
 /// The generated OpenAPI document (3.1).
@@ -195,6 +236,7 @@ pub async fn serve(
         },
         subject_paths: Arc::new(config.gdpr.subject_paths.clone()),
         metrics,
+        gdpr: GdprParts::from_config(config).await?,
     };
     let listen = config.api.listen.clone();
     let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {
@@ -209,6 +251,15 @@ pub async fn serve(
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
     }))
+}
+
+/// A connection from the general pool, or 503.
+pub async fn db_client(state: &ApiState) -> Result<deadpool_postgres::Object, Problem> {
+    state
+        .pool
+        .get()
+        .await
+        .map_err(|e| Problem::unavailable(&crate::db::pool_error_cause(&e)))
 }
 
 /// A JSON body whose rejections are problem documents (400/413/415/422).
@@ -250,6 +301,14 @@ mod tests {
             ("/v1/reports/{id}/download/{format}", "get"),
             ("/v1/proofs/{event}", "get"),
             ("/v1/checkpoints", "get"),
+            ("/v1/gdpr/erasures", "post"),
+            ("/v1/gdpr/restrictions", "post"),
+            ("/v1/gdpr/restrictions", "get"),
+            ("/v1/gdpr/restrictions/lift", "post"),
+            ("/v1/holds", "post"),
+            ("/v1/holds", "get"),
+            ("/v1/holds/{id}", "get"),
+            ("/v1/holds/{id}/release", "post"),
         ] {
             assert!(
                 doc["paths"][path][method].is_object(),

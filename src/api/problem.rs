@@ -34,6 +34,8 @@ pub enum Kind {
     DuplicateReport,
     /// 409: the event is stored but not sealed into the log yet.
     NotSealed,
+    /// 409: a legal hold covers the rows an erasure would change.
+    LegalHold,
     /// 410: the export's file has expired and was removed.
     Gone,
     /// 413: the request body is too large.
@@ -60,6 +62,7 @@ impl Kind {
             Self::DuplicateExport => "duplicate-export",
             Self::DuplicateReport => "duplicate-report",
             Self::NotSealed => "not-sealed",
+            Self::LegalHold => "legal-hold",
             Self::Gone => "gone",
             Self::PayloadTooLarge => "payload-too-large",
             Self::UnsupportedMediaType => "unsupported-media-type",
@@ -80,6 +83,7 @@ impl Kind {
             Self::DuplicateExport => "An identical export is in progress",
             Self::DuplicateReport => "An identical report is in progress",
             Self::NotSealed => "Event not sealed yet",
+            Self::LegalHold => "Refused under a legal hold",
             Self::Gone => "Gone",
             Self::PayloadTooLarge => "Request body too large",
             Self::UnsupportedMediaType => "Unsupported media type",
@@ -123,6 +127,12 @@ pub struct Problem {
     /// The existing job (duplicate-export and duplicate-report only).
     #[serde(rename = "jobId", skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
+    /// The legal hold that refused the request (legal-hold only).
+    /// (A boxed str keeps the problem small: it is the error of every
+    /// handler.)
+    #[serde(rename = "holdId", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub hold_id: Option<Box<str>>,
 }
 
 impl Problem {
@@ -134,6 +144,7 @@ impl Problem {
             status: status.as_u16(),
             detail: detail.into(),
             job_id: None,
+            hold_id: None,
         }
     }
 

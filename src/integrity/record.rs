@@ -154,6 +154,78 @@ impl PersonalFields {
     }
 }
 
+/// Commitments kept for erased paths (`{"principalId": <32 bytes>}`): after
+/// a GDPR erasure the value and its salt are gone, so the record digest
+/// takes the commitment `SHA-256(salt || value)` as it was when sealed.
+pub type KeptCommitments = BTreeMap<String, [u8; 32]>;
+
+/// How each committed path of a record is opened: by its salt (the value
+/// is in the row) or, once erased, by its kept commitment.
+#[derive(Debug, Clone, Copy)]
+pub struct Openings<'a> {
+    pub salts: &'a Salts,
+    pub kept: &'a KeptCommitments,
+}
+
+/// One committed path's opening.
+#[derive(Debug, Clone, Copy)]
+enum Opening<'a> {
+    Salt(&'a [u8; SALT_LEN]),
+    Kept(&'a [u8; 32]),
+}
+
+impl<'a> Openings<'a> {
+    /// Every committed path, in byte order (salted and erased together).
+    fn paths(&self) -> Result<Vec<&'a str>, String> {
+        let mut all: Vec<&str> = self.salts.keys().map(String::as_str).collect();
+        for k in self.kept.keys() {
+            if self.salts.contains_key(k) {
+                return Err(format!(
+                    "{k} has both a salt and an erasure commitment: the salt should have been destroyed"
+                ));
+            }
+            all.push(k);
+        }
+        all.sort_unstable();
+        Ok(all)
+    }
+
+    fn get(&self, path: &str) -> Option<Opening<'a>> {
+        self.salts
+            .get(path)
+            .map(Opening::Salt)
+            .or_else(|| self.kept.get(path).map(Opening::Kept))
+    }
+
+    /// The commitment of `value` at this opening.
+    fn commit(o: Opening<'_>, value: &Value) -> Result<[u8; 32], String> {
+        match o {
+            Opening::Salt(s) => commitment(s, value),
+            Opening::Kept(c) => Ok(*c),
+        }
+    }
+}
+
+/// Reads kept commitments back (`{"<path>": "<64 hex digits>"}`).
+pub fn kept_from_json(v: Option<&Value>) -> Result<KeptCommitments, String> {
+    let Some(v) = v else {
+        return Ok(KeptCommitments::new());
+    };
+    let obj = v
+        .as_object()
+        .ok_or("stored erasure commitments are not a JSON object")?;
+    obj.iter()
+        .map(|(k, v)| {
+            let c = v
+                .as_str()
+                .and_then(|s| hex::decode(s).ok())
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or_else(|| format!("erasure commitment of {k} is not 64 hex digits"))?;
+            Ok((k.clone(), c))
+        })
+        .collect()
+}
+
 /// Draws a fresh random salt for each path.
 pub fn new_salts(paths: &[&str]) -> Salts {
     use rand::RngCore;
@@ -247,6 +319,18 @@ fn opt(s: &Option<String>) -> Value {
 /// replaced by their commitments. Fails when a salt names a path that has
 /// no value in the record (the salts do not belong to it).
 pub fn record_object(r: &StoredRecord, salts: &Salts) -> Result<Value, String> {
+    record_object_opened(
+        r,
+        Openings {
+            salts,
+            kept: &KeptCommitments::new(),
+        },
+    )
+}
+
+/// [`record_object`] of a record some of whose paths were erased: those
+/// enter as their kept commitments.
+pub fn record_object_opened(r: &StoredRecord, o: Openings<'_>) -> Result<Value, String> {
     let mut m = Map::new();
     let s = |v: &str| Value::String(v.to_owned());
     m.insert("idempotencyKey".into(), s(&r.idempotency_key));
@@ -277,7 +361,10 @@ pub fn record_object(r: &StoredRecord, salts: &Salts) -> Result<Value, String> {
     m.insert("details".into(), r.details.clone().unwrap_or(Value::Null));
     m.insert("source".into(), s(&r.source));
     m.insert("ingestedAt".into(), s(&timestamp_text(&r.ingested_at)));
-    for (path, salt) in salts {
+    let paths = o.paths()?;
+    for path in &paths {
+        let opening = o.get(path).expect("listed paths have an opening");
+        let path = *path;
         let slot = match path.split_once('.') {
             None if path == "principalId" || path == "targetResourceId" => m.get_mut(path),
             Some((c @ ("details" | "sessionContext"), key)) => m
@@ -289,11 +376,11 @@ pub fn record_object(r: &StoredRecord, salts: &Salts) -> Result<Value, String> {
         let slot = slot
             .filter(|v| !v.is_null())
             .ok_or_else(|| format!("a salt is stored for {path}, which holds no value"))?;
-        *slot = Value::String(hex::encode(commitment(salt, slot)?));
+        *slot = Value::String(hex::encode(Openings::commit(opening, slot)?));
     }
     m.insert(
         "commitments".into(),
-        Value::Array(salts.keys().map(|k| Value::String(k.clone())).collect()),
+        Value::Array(paths.iter().map(|k| Value::String(k.to_string())).collect()),
     );
     Ok(Value::Object(m))
 }
@@ -326,9 +413,22 @@ pub fn digest_of_object(record: &Value) -> Result<[u8; 32], String> {
 /// proofs, which print the record object) without its allocations; unit
 /// tests and a property test hold the two together.
 pub fn record_digest(r: &StoredRecord, salts: &Salts) -> Result<[u8; 32], String> {
+    record_digest_opened(
+        r,
+        Openings {
+            salts,
+            kept: &KeptCommitments::new(),
+        },
+    )
+}
+
+/// [`record_digest`] of a record some of whose paths were erased (their
+/// kept commitments stand for the values): the digest sealed before the
+/// erasure, as long as nothing else changed.
+pub fn record_digest_opened(r: &StoredRecord, o: Openings<'_>) -> Result<[u8; 32], String> {
     let mut w = HashingWriter(Sha256::new());
     w.0.update(RECORD_PREFIX_V2);
-    write_record(&mut w, r, salts)?;
+    write_record(&mut w, r, o)?;
     Ok(w.0.finalize().into())
 }
 
@@ -361,11 +461,12 @@ fn io_err(e: impl std::fmt::Display) -> String {
 fn write_record<W: std::io::Write>(
     w: &mut W,
     r: &StoredRecord,
-    salts: &Salts,
+    salts: Openings<'_>,
 ) -> Result<(), String> {
-    for path in salts.keys() {
+    let paths = salts.paths()?;
+    for path in &paths {
         let known = match path.split_once('.') {
-            None => path == "principalId" || path == "targetResourceId",
+            None => *path == "principalId" || *path == "targetResourceId",
             Some((c, _)) => c == "details" || c == "sessionContext",
         };
         if !known {
@@ -376,7 +477,7 @@ fn write_record<W: std::io::Write>(
     out.key("action")?.string(&r.action)?;
     out.key("commitments")?;
     out.raw(b"[")?;
-    for (i, path) in salts.keys().enumerate() {
+    for (i, path) in paths.iter().enumerate() {
         if i > 0 {
             out.raw(b",")?;
         }
@@ -456,18 +557,30 @@ impl<'w, W: std::io::Write> JcsObject<'w, W> {
         }
     }
 
-    fn commitment(&mut self, salt: &[u8; SALT_LEN], value: &Value) -> Result<(), String> {
+    fn commitment(&mut self, salt: Opening<'_>, value: &Value) -> Result<(), String> {
         let mut hex = [0u8; 64];
-        hex::encode_to_slice(commitment(salt, value)?, &mut hex).expect("64 hex digits");
+        hex::encode_to_slice(Openings::commit(salt, value)?, &mut hex).expect("64 hex digits");
         self.raw(b"\"")?;
         self.raw(&hex)?;
         self.raw(b"\"")
     }
 
     /// `principalId` / `targetResourceId`: its commitment when salted.
-    fn personal(&mut self, path: &str, v: &Option<String>, salts: &Salts) -> Result<(), String> {
+    fn personal(
+        &mut self,
+        path: &str,
+        v: &Option<String>,
+        salts: Openings<'_>,
+    ) -> Result<(), String> {
         match (salts.get(path), v) {
-            (Some(salt), Some(v)) => {
+            (Some(Opening::Kept(c)), Some(_)) => {
+                let mut hex = [0u8; 64];
+                hex::encode_to_slice(c, &mut hex).expect("64 hex digits");
+                self.raw(b"\"")?;
+                self.raw(&hex)?;
+                self.raw(b"\"")
+            }
+            (Some(Opening::Salt(salt)), Some(v)) => {
                 let mut h = Sha256::new();
                 h.update(salt);
                 h.update(v.as_bytes());
@@ -485,12 +598,18 @@ impl<'w, W: std::io::Write> JcsObject<'w, W> {
     /// `sessionContext` / `details`: canonicalised as a whole, unless some
     /// of its top-level keys are salted; then member by member, in JCS key
     /// order (UTF-16 code units), salted values as their commitments.
-    fn container(&mut self, name: &str, v: Option<&Value>, salts: &Salts) -> Result<(), String> {
-        let salted: Vec<(&str, &str, &[u8; SALT_LEN])> = salts
-            .iter()
-            .filter_map(|(path, salt)| {
+    fn container(
+        &mut self,
+        name: &str,
+        v: Option<&Value>,
+        salts: Openings<'_>,
+    ) -> Result<(), String> {
+        let salted: Vec<(&str, &str, Opening<'_>)> = salts
+            .paths()?
+            .into_iter()
+            .filter_map(|path| {
                 let key = path.strip_prefix(name)?.strip_prefix('.')?;
-                Some((path.as_str(), key, salt))
+                Some((path, key, salts.get(path)?))
             })
             .collect();
         if salted.is_empty() {
@@ -517,7 +636,7 @@ impl<'w, W: std::io::Write> JcsObject<'w, W> {
             self.raw(b":")?;
             let value = &obj[k];
             match salted.iter().find(|(_, key, _)| *key == k.as_str()) {
-                Some((_, _, salt)) => self.commitment(salt, value)?,
+                Some((_, _, salt)) => self.commitment(*salt, value)?,
                 None => serde_json_canonicalizer::to_writer(value, &mut *self.w).map_err(io_err)?,
             }
         }

@@ -12,6 +12,7 @@
 pub mod dev_key;
 pub mod export;
 pub mod gdpr;
+pub mod internal_event;
 pub mod log_monitor;
 pub mod merkle_stream;
 pub mod published;

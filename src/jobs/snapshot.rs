@@ -982,7 +982,7 @@ async fn read_unsealed(
         while let Some(r) = rows.try_next().await? {
             let (rec, salts) = record_from_row(&r, 1)
                 .ok_or_else(|| SnapshotError::Integrity("a row without a key".into()))?;
-            let digest = stored_digest(&rec, salts.as_ref()).map_err(|e| {
+            let digest = stored_digest(&rec, &salts).map_err(|e| {
                 SnapshotError::Integrity(format!(
                     "event {} (event_time {}): {e}",
                     rec.idempotency_key,

@@ -159,16 +159,20 @@ pub async fn verify(
         for pruned in &report.pruned {
             println!("{pruned}");
         }
+        for erased in &report.erased {
+            println!("{erased}");
+        }
         for f in &report.findings {
             println!("{f}");
         }
         println!(
-            "{}: {} snapshots, {} leaves checked ({} late, {} pruned by retention), {} problems",
+            "{}: {} snapshots, {} leaves checked ({} late, {} pruned by retention, {} erased), {} problems",
             if report.ok() { "OK" } else { "FAILED" },
             report.snapshots_checked,
             report.leaves_checked,
             report.late.len(),
             report.pruned.iter().map(|p| p.leaves_checked).sum::<u64>(),
+            report.erased.len(),
             report.findings.len()
         );
     }

@@ -5,7 +5,10 @@
 use serde_json::Value;
 use tokio_postgres::Row;
 
-use crate::integrity::record::{record_digest, salts_from_json, StoredRecord};
+use crate::integrity::record::{
+    kept_from_json, record_digest_opened, record_object_opened, salts_from_json, Openings,
+    StoredRecord,
+};
 
 /// The select list of a stored record: `audit_log` as `a`, joined with
 /// [`SALTS_JOIN`]. [`RECORD_COLUMN_COUNT`] columns.
@@ -14,17 +17,46 @@ pub const RECORD_COLUMNS: &str = "a.idempotency_key, a.event_id, a.event_time, a
      a.target_resource_id, a.outcome_description, a.hash, a.hash_algorithm, a.hash_provided, \
      a.signature, a.signature_algorithm, a.signature_key_id, a.event_version, a.correlation_id, \
      a.data_classification, a.retention_policy, a.session_context, a.details, a.source, \
-     a.ingested_at, s.salts";
+     a.ingested_at, s.salts, e.commitments, e.requests";
 
 /// How many columns [`RECORD_COLUMNS`] selects.
-pub const RECORD_COLUMN_COUNT: usize = 26;
+pub const RECORD_COLUMN_COUNT: usize = 28;
 
-/// The join that brings an `audit_log a` row's salts.
-pub const SALTS_JOIN: &str = "LEFT JOIN audit_salts s ON s.audit_id = a.id";
+/// The joins that bring an `audit_log a` row's salts and, once a GDPR
+/// erasure replaced some of its personal values, its erasure record.
+pub const SALTS_JOIN: &str = "LEFT JOIN audit_salts s ON s.audit_id = a.id \
+     LEFT JOIN audit_erasures e ON e.audit_id = a.id";
+
+/// What opens a stored record's commitments: its salts and, for erased
+/// paths, the erasure record (kept commitments and the requests).
+#[derive(Debug, Clone, Default)]
+pub struct StoredOpenings {
+    pub salts: Option<Value>,
+    pub kept: Option<Value>,
+    /// `[{"request", "at", "paths"}]` of the erasures of this row.
+    pub erasures: Option<Value>,
+}
+
+impl StoredOpenings {
+    /// Whether some of the row's personal values were erased.
+    pub fn erased(&self) -> bool {
+        self.kept.is_some()
+    }
+
+    /// The erased paths (empty when none).
+    pub fn erased_paths(&self) -> Vec<String> {
+        self.kept
+            .as_ref()
+            .and_then(Value::as_object)
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+}
 
 /// The record whose columns start at `at`, or `None` when the row is
-/// missing (a LEFT JOIN found nothing), with its stored salts.
-pub fn record_from_row(r: &Row, at: usize) -> Option<(StoredRecord, Option<Value>)> {
+/// missing (a LEFT JOIN found nothing), with its stored salts and erasure
+/// record.
+pub fn record_from_row(r: &Row, at: usize) -> Option<(StoredRecord, StoredOpenings)> {
     let key: Option<String> = r.get(at);
     let rec = StoredRecord {
         idempotency_key: key?,
@@ -53,12 +85,38 @@ pub fn record_from_row(r: &Row, at: usize) -> Option<(StoredRecord, Option<Value
         source: r.get(at + 23),
         ingested_at: r.get(at + 24),
     };
-    Some((rec, r.get(at + 25)))
+    let openings = StoredOpenings {
+        salts: r.get(at + 25),
+        kept: r.get(at + 26),
+        erasures: r.get(at + 27),
+    };
+    Some((rec, openings))
 }
 
-/// The record digest of a stored record and its stored salts; the error
-/// says what in the stored data prevents computing it.
-pub fn stored_digest(rec: &StoredRecord, salts: Option<&Value>) -> Result<[u8; 32], String> {
-    let salts = salts_from_json(salts)?;
-    record_digest(rec, &salts)
+/// The record digest of a stored record, opened by its stored salts and
+/// kept commitments; the error says what in the stored data prevents
+/// computing it.
+pub fn stored_digest(rec: &StoredRecord, o: &StoredOpenings) -> Result<[u8; 32], String> {
+    let salts = salts_from_json(o.salts.as_ref())?;
+    let kept = kept_from_json(o.kept.as_ref())?;
+    record_digest_opened(
+        rec,
+        Openings {
+            salts: &salts,
+            kept: &kept,
+        },
+    )
+}
+
+/// The record object (as a v2 proof prints it) of a stored record.
+pub fn stored_object(rec: &StoredRecord, o: &StoredOpenings) -> Result<Value, String> {
+    let salts = salts_from_json(o.salts.as_ref())?;
+    let kept = kept_from_json(o.kept.as_ref())?;
+    record_object_opened(
+        rec,
+        Openings {
+            salts: &salts,
+            kept: &kept,
+        },
+    )
 }

@@ -21,14 +21,13 @@ use tokio_postgres::Row;
 use crate::integrity::checkpoint::{open_note, Checkpoint, NoteVerifier};
 use crate::integrity::merkle::{self, Hash, TreeBuilder};
 use crate::integrity::record::{
-    digest_of_object, record_object, salts_from_json, timestamp_text, LEAF_VERSION_V1,
-    LEAF_VERSION_V2,
+    digest_of_object, timestamp_text, LEAF_VERSION_V1, LEAF_VERSION_V2,
 };
 use crate::integrity::{canonical_hash_v1, HashedFields};
 use crate::jobs::merkle_stream::{hash_from_bytes, PagedRows, RangeHasher};
 use crate::jobs::snapshot::SnapshotError;
 use crate::jobs::stored_record::{
-    record_from_row, stored_digest, RECORD_COLUMNS, RECORD_COLUMN_COUNT, SALTS_JOIN,
+    record_from_row, stored_digest, stored_object, RECORD_COLUMNS, RECORD_COLUMN_COUNT, SALTS_JOIN,
 };
 
 /// What kind of problem a finding is.
@@ -108,6 +107,10 @@ pub struct VerifyReport {
     /// problem: the ledger still holds their record digests, checked
     /// against the signed roots, and the rest of the log verifies).
     pub pruned: Vec<PrunedRange>,
+    /// Sealed events some of whose personal values a GDPR erasure replaced
+    /// (not a problem: their leaves still verify through the kept
+    /// commitments, and every other field is still checked).
+    pub erased: Vec<ErasedEvent>,
 }
 
 /// A partition dropped by retention, and how many of its leaves this
@@ -161,6 +164,45 @@ fn pruned_leaf(pruned: &mut [PrunedRange], time: DateTime<Utc>, leaf: i64) -> bo
             true
         }
         None => false,
+    }
+}
+
+/// A sealed event whose personal values were erased, and by which request.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErasedEvent {
+    pub event: String,
+    pub leaf_index: i64,
+    pub event_time: DateTime<Utc>,
+    /// The erased paths (`principalId`, `sessionContext.ipAddress`, ...).
+    pub paths: Vec<String>,
+    /// The erasure requests, with when each ran.
+    pub requests: Vec<ErasureRef>,
+}
+
+/// One erasure request of an erased event.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErasureRef {
+    pub request: String,
+    pub at: DateTime<Utc>,
+}
+
+impl std::fmt::Display for ErasedEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let by: Vec<String> = self
+            .requests
+            .iter()
+            .map(|r| format!("request {} at {}", r.request, r.at.to_rfc3339()))
+            .collect();
+        write!(
+            f,
+            "ERASED event {} (leaf {}, event_time {}): {} replaced by pseudonyms by {}",
+            self.event,
+            self.leaf_index,
+            self.event_time.to_rfc3339(),
+            self.paths.join(", "),
+            by.join(", ")
+        )
     }
 }
 
@@ -616,8 +658,22 @@ pub async fn verify_scope(
                         .push(row_missing(l_key, l_row, l_time, i, l_snapshot));
                     zero
                 }
-                Some((rec, salts)) => {
-                    let digest = stored_digest(&rec, salts.as_ref());
+                Some((rec, openings)) => {
+                    let digest = stored_digest(&rec, &openings);
+                    let erased_paths = openings.erased_paths();
+                    if openings.erased() {
+                        report.erased.push(ErasedEvent {
+                            event: l_key.clone(),
+                            leaf_index: i,
+                            event_time: rec.event_time,
+                            paths: erased_paths.clone(),
+                            requests: openings
+                                .erasures
+                                .clone()
+                                .and_then(|v| serde_json::from_value(v).ok())
+                                .unwrap_or_default(),
+                        });
+                    }
                     let mut what = Vec::new();
                     match &digest {
                         Err(e) => what.push(format!("its record digest cannot be computed: {e}")),
@@ -628,16 +684,24 @@ pub async fn verify_scope(
                         ),
                         Ok(_) => {}
                     }
-                    if canonical_hash_v1(&HashedFields {
-                        timestamp: Some(&rec.timestamp_raw),
-                        action: Some(&rec.action),
-                        status: Some(&rec.status),
-                        principal_id: rec.principal_id.as_deref(),
-                        organization_id: rec.organization_id.as_deref(),
-                        target_resource_type: rec.target_resource_type.as_deref(),
-                        target_resource_id: rec.target_resource_id.as_deref(),
-                        outcome_description: rec.outcome_description.as_deref(),
-                    }) != rec.hash
+                    // Hash v1 covers principalId and targetResourceId in
+                    // clear: once one is erased it cannot be recomputed
+                    // (the record digest, which covers `hash` itself,
+                    // still binds every field).
+                    let hash_v1_erased = erased_paths
+                        .iter()
+                        .any(|p| p == "principalId" || p == "targetResourceId");
+                    if !hash_v1_erased
+                        && canonical_hash_v1(&HashedFields {
+                            timestamp: Some(&rec.timestamp_raw),
+                            action: Some(&rec.action),
+                            status: Some(&rec.status),
+                            principal_id: rec.principal_id.as_deref(),
+                            organization_id: rec.organization_id.as_deref(),
+                            target_resource_type: rec.target_resource_type.as_deref(),
+                            target_resource_id: rec.target_resource_id.as_deref(),
+                            outcome_description: rec.outcome_description.as_deref(),
+                        }) != rec.hash
                     {
                         what.push("its hashed fields no longer match its hash".into());
                     }
@@ -1169,29 +1233,15 @@ async fn proof_of_entry(
                 &[&entry.event_time, &entry.row_id],
             )
             .await?;
-        let Some((rec, salts)) = row.as_ref().and_then(|row| record_from_row(row, 0)) else {
-            // Dropped by retention with its partition, or deleted.
-            let pruned = tx
-                .query_opt(
-                    "SELECT partition, dropped_at FROM retention_prunes
-                      WHERE range_from <= $1 AND $1 < range_to AND $2 < tree_size
-                      ORDER BY dropped_at LIMIT 1",
-                    &[&entry.event_time, &(entry.leaf_index as i64)],
-                )
-                .await?;
-            return Err(match pruned {
-                Some(p) => SnapshotError::BadRequest(pruned_message(
-                    event,
-                    &p.get::<_, String>(0),
-                    p.get(1),
-                )),
-                None => SnapshotError::Integrity(format!(
+        let (rec, openings) = row
+            .as_ref()
+            .and_then(|row| record_from_row(row, 0))
+            .ok_or_else(|| {
+                SnapshotError::Integrity(format!(
                     "the sealed row of event {event:?} is missing: run `audit-worker verify`"
-                )),
-            });
-        };
-        let salts = salts_from_json(salts.as_ref()).map_err(SnapshotError::Integrity)?;
-        Some(record_object(&rec, &salts).map_err(SnapshotError::Integrity)?)
+                ))
+            })?;
+        Some(stored_object(&rec, &openings).map_err(SnapshotError::Integrity)?)
     } else {
         None
     };

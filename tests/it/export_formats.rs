@@ -50,13 +50,14 @@ const OCSF_MAPPED: [&str; 7] = [
 ];
 
 /// The export columns holding JSON text.
-const JSON_COLUMNS: [&str; 6] = [
+const JSON_COLUMNS: [&str; 7] = [
     "session_context",
     "details",
     "hash_provided",
     "salts",
     "leaf_index",
     "leaf_version",
+    "erased_commitments",
 ];
 
 fn config(x: &ExportEnv) -> Config {

@@ -138,7 +138,7 @@ impl LogEnv {
     }
 
     /// Runs `sql` as a superuser could: with the append-only triggers off.
-    async fn tamper(&self, sql: &str) {
+    pub(crate) async fn tamper(&self, sql: &str) {
         self.env
             .pg
             .batch_execute(&format!(

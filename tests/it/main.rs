@@ -10,6 +10,7 @@ mod export;
 mod export_formats;
 mod faults;
 mod gdpr_access;
+mod gdpr_erase;
 mod hostile;
 mod live_config;
 mod log_v2;

@@ -381,7 +381,7 @@ async fn retention_drops_only_expired_sealed_unheld_partitions_and_the_log_stays
         "{stdout}"
     );
     assert!(
-        stdout.contains("18 pruned by retention), 0 problems"),
+        stdout.contains("18 pruned by retention, 0 erased), 0 problems"),
         "{stdout}"
     );
     // The remaining proofs still verify against the latest checkpoint.

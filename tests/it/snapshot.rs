@@ -235,7 +235,7 @@ async fn snapshot_of_100k_events_verifies_and_its_root_matches_an_independent_co
         .iter()
         .map(|r| {
             let (rec, salts) = record_from_row(r, 0).unwrap();
-            stored_digest(&rec, salts.as_ref()).unwrap()
+            stored_digest(&rec, &salts).unwrap()
         })
         .collect();
     assert_eq!(

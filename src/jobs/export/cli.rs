@@ -64,6 +64,10 @@ pub struct RequestArgs {
     /// Who asks for the export (default: cli:<login name>).
     #[arg(long)]
     pub requester: Option<String>,
+    /// Include events of subjects under a GDPR restriction (left out by
+    /// default).
+    #[arg(long)]
+    pub include_restricted: bool,
 }
 
 impl RequestArgs {
@@ -107,8 +111,10 @@ impl RequestArgs {
         if let Some(s) = &self.parquet_schema {
             payload["parquetSchema"] = json!(s);
         }
-        ExportRequest::parse(payload.to_string().as_bytes())
-            .map_err(|r| anyhow::anyhow!("{}: fix the options and run again", r.message))
+        let mut request = ExportRequest::parse(payload.to_string().as_bytes())
+            .map_err(|r| anyhow::anyhow!("{}: fix the options and run again", r.message))?;
+        request.include_restricted = self.include_restricted;
+        Ok(request)
     }
 }
 
@@ -186,6 +192,7 @@ pub async fn run_request(
             job.cutoff,
             job.cutoff_snapshot.as_deref(),
             job.allowed_organizations.as_deref(),
+            job.include_restricted,
         )
         .count(&client)
         .await?;

@@ -389,6 +389,7 @@ impl Exporter {
             job.cutoff,
             job.cutoff_snapshot.as_deref(),
             job.allowed_organizations.as_deref(),
+            job.include_restricted,
         );
         let statement = client.prepare(&query.sql).await?;
         let mut key = job

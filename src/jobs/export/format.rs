@@ -20,7 +20,7 @@ use super::request::{Compression, Format};
 
 /// The exported columns, in order. The README documents them; changing
 /// them changes every export's bytes, so add at the end only.
-pub const COLUMNS: [&str; 29] = [
+pub const COLUMNS: [&str; 30] = [
     "id",
     "event_time",
     "timestamp",
@@ -53,6 +53,9 @@ pub const COLUMNS: [&str; 29] = [
     "salts",
     "leaf_index",
     "leaf_version",
+    // After a GDPR erasure: the commitments kept for the erased paths,
+    // which stand for their values in the record digest (null otherwise).
+    "erased_commitments",
 ];
 
 /// The SELECT list producing [`COLUMNS`] in order (JSON columns as text,
@@ -67,7 +70,8 @@ pub const SELECT_LIST: &str = "id, event_time, timestamp_raw, event_id, action, 
     (SELECT to_jsonb(l.leaf_index)::text FROM seal_ledger l \
       WHERE l.event_time = audit_log.event_time AND l.row_id = audit_log.id), \
     (SELECT to_jsonb(l.leaf_version)::text FROM seal_ledger l \
-      WHERE l.event_time = audit_log.event_time AND l.row_id = audit_log.id)";
+      WHERE l.event_time = audit_log.event_time AND l.row_id = audit_log.id), \
+    (SELECT e.commitments::text FROM audit_erasures e WHERE e.audit_id = audit_log.id)";
 
 /// One exported value.
 #[derive(Debug, Clone, Copy)]
@@ -81,7 +85,7 @@ pub enum Cell<'a> {
 
 /// One audit_log row, borrowed from the database row, in [`COLUMNS`] order.
 pub struct ExportRow<'a> {
-    pub cells: [Cell<'a>; 29],
+    pub cells: [Cell<'a>; 30],
 }
 
 impl<'a> ExportRow<'a> {
@@ -124,6 +128,7 @@ impl<'a> ExportRow<'a> {
                 j(26)?,
                 j(27)?,
                 j(28)?,
+                j(29)?,
             ],
         })
     }

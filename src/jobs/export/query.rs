@@ -60,6 +60,7 @@ impl PageQuery {
         cutoff: DateTime<Utc>,
         snapshot: Option<&str>,
         allowed: Option<&[String]>,
+        include_restricted: bool,
     ) -> Self {
         let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
         let mut clauses = Vec::new();
@@ -123,6 +124,11 @@ impl PageQuery {
                 }
             }
             clauses.push(format!("({})", any.join(" OR ")));
+        }
+        // A subject access export holds the subject's events whether or not
+        // their processing is restricted (access is not processing).
+        if !include_restricted && filters.subject.is_none() {
+            clauses.push(crate::jobs::gdpr::restriction::NOT_RESTRICTED.to_owned());
         }
         let sql = format!(
             "SELECT {SELECT_LIST} FROM audit_log \

@@ -102,8 +102,9 @@ pub async fn record_request(
             .query_opt(
                 &format!(
                     "INSERT INTO export_jobs (id, source, origin, requester_id, filters, filter_hash, \
-                     format, compression, parts_prefix, artifact_key, allowed_organizations) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) {on_conflict} RETURNING status"
+                     format, compression, parts_prefix, artifact_key, allowed_organizations, \
+                     include_restricted) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) {on_conflict} RETURNING status"
                 ),
                 &[
                     &id,
@@ -117,6 +118,7 @@ pub async fn record_request(
                     &parts_prefix,
                     &artifact_key,
                     &allowed,
+                    &request.include_restricted,
                 ],
             )
             .await?;
@@ -191,13 +193,16 @@ pub struct Job {
     /// The organisations the export may contain (`None`: all): added to
     /// the query whatever the filters say.
     pub allowed_organizations: Option<Vec<String>>,
+    /// Whether events of restricted subjects are included (see
+    /// [`crate::jobs::gdpr::restriction`]).
+    pub include_restricted: bool,
 }
 
 /// The columns [`Job::from_row`] reads.
 const JOB_COLUMNS: &str = "id, requester_id, filters, format, compression, status, cutoff, \
     parts_prefix, artifact_key, attempts, parts_done, rows_done, last_event_time, last_id, \
     row_count, size_bytes, sha256, completed_at, expires_at, leased_by, source, cutoff_snapshot::text, \
-    allowed_organizations";
+    allowed_organizations, include_restricted";
 
 impl Job {
     fn from_row(row: &tokio_postgres::Row) -> Result<Self, String> {
@@ -232,6 +237,7 @@ impl Job {
             source: row.get(20),
             cutoff_snapshot: row.get(21),
             allowed_organizations: row.get(22),
+            include_restricted: row.get(23),
         })
     }
 }

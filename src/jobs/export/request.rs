@@ -204,6 +204,10 @@ pub struct ExportRequest {
     pub filters: Filters,
     pub format: Format,
     pub compression: Compression,
+    /// Whether events of subjects under a GDPR restriction are exported:
+    /// only for requesters allowed to see them (the API's `gdpr`
+    /// permission, the CLI's `--include-restricted`); never from the queue.
+    pub include_restricted: bool,
 }
 
 /// The wire form of the request (camelCase, unknown keys refused).
@@ -332,6 +336,7 @@ impl ExportRequest {
             filters,
             format,
             compression,
+            include_restricted: false,
         })
     }
 

@@ -193,6 +193,9 @@ pub async fn write_proofs(
         job.cutoff,
         job.cutoff_snapshot.as_deref(),
         job.allowed_organizations.as_deref(),
+        // The subject's own events, restricted or not (access is not
+        // processing).
+        true,
     );
     let statement = client.prepare(&query.sql).await?;
     // (event_time, id, idempotency key) of every row, in artifact order;

@@ -1,11 +1,13 @@
-//! `[gdpr]` settings of subject access requests (`gdpr.access`).
+//! `[gdpr]`: subject access (where a subject's id may appear) and erasure
+//! (pseudonym key) settings.
 
 use serde::Deserialize;
 
-use super::ConfigError;
+use super::{read_secret_file, ConfigError, Secret};
 
 /// `[gdpr]`: where, besides principalId and targetResourceId, a subject's
-/// id may appear in an event.
+/// id may appear in an event, and the key of the pseudonyms that replace
+/// erased values.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GdprConfig {
@@ -13,6 +15,12 @@ pub struct GdprConfig {
     /// string value, when it equals the subject's id, makes the event the
     /// subject's.
     pub subject_paths: Vec<String>,
+    /// HMAC-SHA256 key of the pseudonyms (a secret: prefer the variable or
+    /// the file).
+    pub pseudonym_key: Secret,
+    /// File holding the pseudonym key (first line; overrides
+    /// `pseudonym_key`).
+    pub pseudonym_key_file: String,
 }
 
 impl GdprConfig {
@@ -23,6 +31,26 @@ impl GdprConfig {
                 .map_err(|why| ConfigError(format!("gdpr.subject_paths entry {path:?} {why}")))?;
         }
         Ok(())
+    }
+
+    /// The pseudonym key from the file or the setting; erasure cannot run
+    /// without one, and the error says how to give it.
+    pub fn pseudonym_key(&self) -> Result<Secret, ConfigError> {
+        let key = if self.pseudonym_key_file.is_empty() {
+            self.pseudonym_key.clone()
+        } else {
+            let text = read_secret_file(&self.pseudonym_key_file, "gdpr.pseudonym_key_file")?;
+            Secret::from(text.lines().next().unwrap_or_default().trim().to_owned())
+        };
+        if key.expose().len() < 16 {
+            return Err(ConfigError(
+                "gdpr.pseudonym_key must be at least 16 characters (set \
+                 AUDIT_WORKER__GDPR__PSEUDONYM_KEY or gdpr.pseudonym_key_file; e.g. \
+                 `openssl rand -hex 32`); it must differ from the HMAC event keys"
+                    .into(),
+            ));
+        }
+        Ok(key)
     }
 }
 

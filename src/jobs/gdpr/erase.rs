@@ -1,0 +1,1059 @@
+//! GDPR erasure (`gdpr.erase`): a subject's personal values replaced by
+//! stable pseudonyms everywhere the worker keeps them, while the verifiable
+//! log stays valid.
+//!
+//! In the database, one SECURITY DEFINER function (`gdpr_erase_rows`,
+//! migration V18) rewrites all of the subject's rows in one statement,
+//! destroys the erased paths' salts and writes each row's erasure record
+//! (request, time, paths, the commitments `SHA-256(salt || value)` the leaf
+//! was sealed with), so `verify`, proofs and the independent verifier
+//! recompute every leaf. [`plan_row`] decides, purely, what to erase in a
+//! row; [`Eraser::erase`] does the rest:
+//!
+//! 1. refuses when an active legal hold covers any of the rows, naming it;
+//! 2. rewrites the rows (the database function) and records the request;
+//! 3. re-keys the subject's restriction flag to its pseudonym and rewrites
+//!    export and report requests that named the subject;
+//! 4. purges the dead letters and alerts about the subject from Redis;
+//! 5. withdraws export and report artifacts not yet expired that may hold
+//!    the subject's rows (deletes them and notifies each requester);
+//! 6. records the erasure itself as an audit event
+//!    (`gdpr.erasure.completed`), which names the subject only by its
+//!    pseudonym.
+//!
+//! A retried request (same source) finds its erasure again; a second run
+//! finds nothing left to rewrite and repeats steps 4–6 harmlessly.
+
+use std::collections::BTreeSet;
+
+use crate::source::RedisConn;
+use chrono::{DateTime, Utc};
+use object_store::path::Path;
+use object_store::ObjectStoreExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use super::hold::{self, HeldRow, Hold};
+use super::pseudonym::Pseudonymizer;
+use crate::integrity::record::{
+    commitment, kept_from_json, salts_from_json, KeptCommitments, PersonalFields, Salts,
+};
+use crate::jobs::internal_event::{EventRecorder, InternalEvent};
+use crate::storage::Storage;
+
+/// An erasure request: whose values, within which organisation.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EraseRequest {
+    /// The subject: a principal id or target resource id.
+    pub subject_id: String,
+    /// Only this organisation's events (omit: every organisation the
+    /// requester may see; the CLI: every organisation).
+    #[serde(default)]
+    pub organization_id: Option<String>,
+}
+
+impl EraseRequest {
+    /// Refuses a request that cannot name a subject, or names a pseudonym.
+    pub fn check(&self) -> Result<(), String> {
+        super::check_text("subjectId", &self.subject_id)?;
+        if let Some(org) = &self.organization_id {
+            super::check_text("organizationId", org)?;
+        }
+        if Pseudonymizer::is_pseudonym(&self.subject_id) {
+            return Err("subjectId is already a pseudonym: its values were erased".into());
+        }
+        if self
+            .organization_id
+            .as_deref()
+            .is_some_and(|o| o.trim().is_empty())
+        {
+            return Err("organizationId must not be empty: omit it for every organisation".into());
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of an erasure.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Erasure {
+    /// The request id (`verify` names it beside each erased event).
+    pub id: String,
+    /// The pseudonym that now stands for the subject.
+    pub subject_pseudonym: String,
+    pub organization_id: Option<String>,
+    /// Events whose personal values were replaced by this request.
+    pub rows_erased: u64,
+    /// Personal values left in place because the log committed them in
+    /// clear (no salt: stored before leaf v2 or before the path was
+    /// configured personal): erasing them would break the log.
+    pub values_not_erasable: u64,
+    pub dead_letters_purged: u64,
+    pub alerts_purged: u64,
+    /// Export and report jobs whose artifacts were deleted (requesters
+    /// notified).
+    pub artifacts_withdrawn: Vec<String>,
+    pub completed_at: DateTime<Utc>,
+}
+
+/// Why an erasure did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum EraseError {
+    #[error("{0}")]
+    BadRequest(String),
+    /// An active legal hold covers rows of the subject.
+    #[error("{}", .0.refusal())]
+    Held(Box<Hold>),
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Integrity(String),
+}
+
+impl From<hold::HoldError> for EraseError {
+    fn from(e: hold::HoldError) -> Self {
+        match e {
+            hold::HoldError::BadRequest(m) => EraseError::BadRequest(m),
+            hold::HoldError::Db(e) => EraseError::Db(e),
+        }
+    }
+}
+
+/// A row of the subject, as the erasure reads it.
+#[derive(Debug, Clone)]
+pub struct SubjectRow {
+    pub id: i64,
+    pub event_time: DateTime<Utc>,
+    pub organization_id: Option<String>,
+    pub principal_id: Option<String>,
+    pub target_resource_id: Option<String>,
+    pub session_context: Option<Value>,
+    pub details: Option<Value>,
+    pub salts: Salts,
+    /// Paths erased earlier.
+    pub kept: KeptCommitments,
+}
+
+/// What to write for one row: each erased path's pseudonym and kept
+/// commitment (lowercase hex).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowPlan {
+    pub id: i64,
+    pub event_time: DateTime<Utc>,
+    pub values: Map<String, Value>,
+    pub commitments: Map<String, Value>,
+    /// Personal values of the subject left in place (no salt).
+    pub not_erasable: u64,
+}
+
+/// The personal value at `path` of a row, if present and not null.
+fn value_at<'a>(
+    row: &'a SubjectRow,
+    path: &str,
+    scratch: &'a mut Option<Value>,
+) -> Option<&'a Value> {
+    match path {
+        "principalId" => {
+            *scratch = row.principal_id.clone().map(Value::String);
+            scratch.as_ref()
+        }
+        "targetResourceId" => {
+            *scratch = row.target_resource_id.clone().map(Value::String);
+            scratch.as_ref()
+        }
+        other => {
+            let (container, key) = other.split_once('.')?;
+            let obj = match container {
+                "details" => row.details.as_ref(),
+                "sessionContext" => row.session_context.as_ref(),
+                _ => None,
+            }?;
+            obj.get(key).filter(|v| !v.is_null())
+        }
+    }
+}
+
+/// Decides what to erase in one row of the subject (pure).
+///
+/// - When the subject is the row's principal, every personal value of the
+///   row except `targetResourceId` (which names someone or something
+///   else) is the subject's: the principal id, the session's IP address
+///   and user agent, and the configured `details.*` / `sessionContext.*`
+///   paths.
+/// - Otherwise (the subject is the target, or a configured path names
+///   it), the personal values equal to the subject id.
+///
+/// Paths already erased are skipped; a personal value without a salt (the
+/// log committed it in clear) is counted in `not_erasable` and kept.
+/// Returns `None` when nothing is left to erase.
+pub fn plan_row(
+    row: &SubjectRow,
+    subject: &str,
+    fields: &PersonalFields,
+    pseudonyms: &Pseudonymizer,
+) -> Result<Option<RowPlan>, String> {
+    let is_principal = row.principal_id.as_deref() == Some(subject);
+    let mut plan = RowPlan {
+        id: row.id,
+        event_time: row.event_time,
+        values: Map::new(),
+        commitments: Map::new(),
+        not_erasable: 0,
+    };
+    for path in fields.paths() {
+        if row.kept.contains_key(path) {
+            continue;
+        }
+        let mut scratch = None;
+        let Some(value) = value_at(row, path, &mut scratch) else {
+            continue;
+        };
+        let names_subject = value.as_str() == Some(subject);
+        let wanted = names_subject || (is_principal && path != "targetResourceId");
+        if !wanted {
+            continue;
+        }
+        match row.salts.get(path) {
+            Some(salt) => {
+                let c = commitment(salt, value)?;
+                plan.values
+                    .insert(path.clone(), Value::String(pseudonyms.of_value(value)));
+                plan.commitments
+                    .insert(path.clone(), Value::String(hex::encode(c)));
+            }
+            None => plan.not_erasable += 1,
+        }
+    }
+    Ok((!plan.values.is_empty() || plan.not_erasable > 0).then_some(plan))
+}
+
+/// Everything an erasure touches besides the database.
+#[derive(Clone)]
+pub struct Eraser {
+    pub pseudonyms: Pseudonymizer,
+    pub fields: PersonalFields,
+    /// Redis: dead letters and alerts to purge, notifications, the event.
+    pub redis: RedisConn,
+    /// Every shard's dead-letter stream.
+    pub dlq_keys: Vec<String>,
+    pub alerts_key: String,
+    pub notifications_key: String,
+    pub recorder: EventRecorder,
+    /// Where export and report artifacts live.
+    pub storage: Storage,
+}
+
+/// The select list of [`SubjectRow`].
+const SUBJECT_COLUMNS: &str = "a.id, a.event_time, a.organization_id, a.principal_id, \
+     a.target_resource_id, a.session_context, a.details, s.salts, e.commitments";
+
+impl Eraser {
+    /// Builds the eraser from the configuration; fails without a pseudonym
+    /// key.
+    pub fn from_config(
+        config: &crate::config::Config,
+        redis: RedisConn,
+        storage: Storage,
+    ) -> anyhow::Result<Self> {
+        let key = config.gdpr.pseudonym_key()?;
+        let fields = PersonalFields::with_extra(&config.snapshot.personal_fields)
+            .map_err(anyhow::Error::msg)?;
+        Ok(Self {
+            pseudonyms: Pseudonymizer::new(key),
+            fields,
+            dlq_keys: crate::shards::shard_keys(config)
+                .into_iter()
+                .map(|k| k.dlq)
+                .collect(),
+            alerts_key: config.alerts.stream.clone(),
+            notifications_key: config.export.notifications_key.clone(),
+            recorder: EventRecorder {
+                redis: redis.clone(),
+                events_key: crate::shards::own_events_key(config),
+                hmac: crate::policy::hmac_key_ring(&config.integrity).unwrap_or_default(),
+            },
+            redis,
+            storage,
+        })
+    }
+
+    /// Erases the subject's personal values (see the module doc). `source`
+    /// identifies the request (`api:...`, `cli:...`, `stream:...`): the
+    /// same source finds the same erasure id again.
+    pub async fn erase(
+        &self,
+        client: &mut tokio_postgres::Client,
+        req: &EraseRequest,
+        requester: &str,
+        source: &str,
+    ) -> Result<Erasure, EraseError> {
+        req.check().map_err(EraseError::BadRequest)?;
+        let subject = req.subject_id.as_str();
+        let pseudonym = self.pseudonyms.of_text(subject);
+        let org = req.organization_id.as_deref();
+        // A retried request keeps its id and, once completed, its time: its
+        // audit event is then the same event (same eventId and timestamp),
+        // stored once.
+        let earlier = client
+            .query_opt(
+                "SELECT id, completed_at, announced_at FROM gdpr_erasures WHERE source = $1",
+                &[&source],
+            )
+            .await?;
+        let id: String = earlier
+            .as_ref()
+            .map(|r| r.get(0))
+            .unwrap_or_else(|| format!("erasure_{}", uuid::Uuid::new_v4().simple()));
+        let completed_before: Option<DateTime<Utc>> = earlier.as_ref().and_then(|r| r.get(1));
+        let announced = earlier
+            .as_ref()
+            .and_then(|r| r.get::<_, Option<DateTime<Utc>>>(2))
+            .is_some();
+        let extra: Vec<String> = self
+            .fields
+            .paths()
+            .iter()
+            .filter_map(|p| p.strip_prefix("details.").map(str::to_owned))
+            .collect();
+        let started = std::time::Instant::now();
+        let tx = client.transaction().await?;
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT {SUBJECT_COLUMNS} FROM audit_log a
+                       LEFT JOIN audit_salts s ON s.audit_id = a.id
+                       LEFT JOIN audit_erasures e ON e.audit_id = a.id
+                      WHERE (a.principal_id = $1 OR a.target_resource_id = $1
+                             OR EXISTS (SELECT 1 FROM unnest($3::text[]) k WHERE a.details ->> k = $1))
+                        AND ($2::text IS NULL OR a.organization_id = $2)"
+                ),
+                &[&subject, &org, &extra],
+            )
+            .await?;
+        let rows: Vec<SubjectRow> = rows
+            .iter()
+            .map(|r| {
+                Ok(SubjectRow {
+                    id: r.get(0),
+                    event_time: r.get(1),
+                    organization_id: r.get(2),
+                    principal_id: r.get(3),
+                    target_resource_id: r.get(4),
+                    session_context: r.get(5),
+                    details: r.get(6),
+                    salts: salts_from_json(r.get::<_, Option<Value>>(7).as_ref())?,
+                    kept: kept_from_json(r.get::<_, Option<Value>>(8).as_ref())?,
+                })
+            })
+            .collect::<Result<_, String>>()
+            .map_err(EraseError::Integrity)?;
+        tracing::info!(erasure = %id, rows = rows.len(), elapsed_ms = started.elapsed().as_millis() as u64, "erasure: subject's rows read");
+        let holds = hold::active(&tx, org).await?;
+        if let Some(h) = hold::covering(
+            &holds,
+            rows.iter().map(|r| HeldRow {
+                organization_id: r.organization_id.as_deref(),
+                principal_id: r.principal_id.as_deref(),
+                target_resource_id: r.target_resource_id.as_deref(),
+                event_time: r.event_time,
+            }),
+        ) {
+            let h = h.clone();
+            drop(tx);
+            self.record_request(
+                client,
+                &id,
+                source,
+                requester,
+                org,
+                &pseudonym,
+                "refused",
+                0,
+                Some(&h.refusal()),
+                None,
+            )
+            .await?;
+            return Err(EraseError::Held(Box::new(h)));
+        }
+        let mut plans = Vec::new();
+        for r in &rows {
+            if let Some(p) = plan_row(r, subject, &self.fields, &self.pseudonyms)
+                .map_err(EraseError::Integrity)?
+            {
+                plans.push(p);
+            }
+        }
+        let not_erasable: u64 = plans.iter().map(|p| p.not_erasable).sum();
+        plans.retain(|p| !p.values.is_empty());
+        let now = completed_before.unwrap_or_else(Utc::now);
+        let ids: Vec<i64> = plans.iter().map(|p| p.id).collect();
+        let times: Vec<DateTime<Utc>> = plans.iter().map(|p| p.event_time).collect();
+        let values: Vec<Value> = plans
+            .iter()
+            .map(|p| Value::Object(p.values.clone()))
+            .collect();
+        let commitments: Vec<Value> = plans
+            .iter()
+            .map(|p| Value::Object(p.commitments.clone()))
+            .collect();
+        tracing::info!(erasure = %id, rows = plans.len(), elapsed_ms = started.elapsed().as_millis() as u64, "erasure: rows planned");
+        if !plans.is_empty() {
+            let done = tx
+                .query_one(
+                    "SELECT gdpr_erase_rows($1, $2, $3, $4, $5, $6)",
+                    &[&id, &now, &ids, &times, &values, &commitments],
+                )
+                .await;
+            tracing::info!(erasure = %id, elapsed_ms = started.elapsed().as_millis() as u64, "erasure: gdpr_erase_rows returned");
+            if let Err(e) = done {
+                drop(tx);
+                return Err(self.refusal_from_db(client, e).await);
+            }
+        }
+        // The restriction flag follows the subject under its new name.
+        tx.execute(
+            "INSERT INTO gdpr_restrictions (organization_id, subject_id, reason, created_at, created_by)
+             SELECT organization_id, $2, reason, created_at, created_by FROM gdpr_restrictions
+              WHERE subject_id = $1 AND ($3::text IS NULL OR organization_id = $3)
+             ON CONFLICT DO NOTHING",
+            &[&subject, &pseudonym, &org],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM gdpr_restrictions WHERE subject_id = $1 AND ($2::text IS NULL OR organization_id = $2)",
+            &[&subject, &org],
+        )
+        .await?;
+        // Requests that named the subject (filters of exports, reports).
+        let quoted = Value::String(subject.to_owned()).to_string();
+        let replaced = Value::String(pseudonym.clone()).to_string();
+        tx.execute(
+            "UPDATE export_jobs SET filters = replace(filters::text, $1, $2)::jsonb
+              WHERE strpos(filters::text, $1) > 0",
+            &[&quoted, &replaced],
+        )
+        .await?;
+        tx.execute(
+            "UPDATE report_jobs SET request = replace(request::text, $1, $2)::jsonb
+              WHERE strpos(request::text, $1) > 0",
+            &[&quoted, &replaced],
+        )
+        .await?;
+        // Artifacts that may hold the subject's rows: withdrawn below.
+        let orgs: Vec<String> = rows
+            .iter()
+            .filter_map(|r| r.organization_id.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let first = rows.iter().map(|r| r.event_time).min();
+        let last = rows.iter().map(|r| r.event_time).max();
+        let withdrawn = match (first, last) {
+            (Some(first), Some(last)) => withdraw_artifacts(&tx, &orgs, first, last).await?,
+            _ => Vec::new(),
+        };
+        let erased = ids.len() as u64;
+        self.record_request(
+            &tx,
+            &id,
+            source,
+            requester,
+            org,
+            &pseudonym,
+            "completed",
+            erased,
+            None,
+            Some(now),
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(erasure = %id, rows = erased, elapsed_ms = started.elapsed().as_millis() as u64, "erasure: rows rewritten and committed");
+
+        let mut problems = Vec::new();
+        let mut dead_letters_purged = 0;
+        for key in self.dlq_keys.clone() {
+            dead_letters_purged += self
+                .purge_stream(&key, subject, &self.fields)
+                .await
+                .unwrap_or_else(|e| {
+                    problems.push(e);
+                    0
+                });
+        }
+        let alerts_purged = self
+            .purge_stream(&self.alerts_key.clone(), subject, &self.fields)
+            .await
+            .unwrap_or_else(|e| {
+                problems.push(e);
+                0
+            });
+        for w in &withdrawn {
+            if let Err(e) = self.remove_artifacts(w).await {
+                problems.push(e);
+            }
+        }
+        let erasure = Erasure {
+            id: id.clone(),
+            subject_pseudonym: pseudonym.clone(),
+            organization_id: req.organization_id.clone(),
+            rows_erased: erased,
+            values_not_erasable: not_erasable,
+            dead_letters_purged,
+            alerts_purged,
+            artifacts_withdrawn: withdrawn.iter().map(|w| w.job_id.clone()).collect(),
+            completed_at: now,
+        };
+        if !announced {
+            match self
+                .recorder
+                .record(&erasure_event(&erasure, requester))
+                .await
+            {
+                Ok(()) => {
+                    client
+                        .execute(
+                            "UPDATE gdpr_erasures SET announced_at = now() WHERE id = $1",
+                            &[&id],
+                        )
+                        .await?;
+                }
+                Err(e) => problems.push(e),
+            }
+        }
+        if !problems.is_empty() {
+            // The rows are erased; what is left is retried by sending the
+            // same request again (it repeats only these steps).
+            return Err(EraseError::Integrity(format!(
+                "erasure {id} rewrote {erased} events but did not finish: {}; send the same \
+                 request again to retry the rest",
+                problems.join("; ")
+            )));
+        }
+        Ok(erasure)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn record_request(
+        &self,
+        client: &impl tokio_postgres::GenericClient,
+        id: &str,
+        source: &str,
+        requester: &str,
+        org: Option<&str>,
+        pseudonym: &str,
+        status: &str,
+        rows: u64,
+        error: Option<&str>,
+        completed_at: Option<DateTime<Utc>>,
+    ) -> Result<(), tokio_postgres::Error> {
+        client
+            .execute(
+                "INSERT INTO gdpr_erasures (id, source, requester_id, organization_id, subject_pseudonym,
+                                            status, rows_erased, error, completed_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                 ON CONFLICT (source) DO UPDATE
+                    SET status = EXCLUDED.status,
+                        rows_erased = gdpr_erasures.rows_erased + EXCLUDED.rows_erased,
+                        error = EXCLUDED.error,
+                        completed_at = COALESCE(gdpr_erasures.completed_at, EXCLUDED.completed_at)",
+                &[
+                    &id,
+                    &source,
+                    &requester,
+                    &org,
+                    &pseudonym,
+                    &status,
+                    &(rows as i64),
+                    &error,
+                    &completed_at,
+                ],
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// A failed `gdpr_erase_rows`: a hold placed meanwhile becomes
+    /// [`EraseError::Held`].
+    async fn refusal_from_db(
+        &self,
+        client: &tokio_postgres::Client,
+        e: tokio_postgres::Error,
+    ) -> EraseError {
+        let held = e
+            .as_db_error()
+            .filter(|d| d.code() == &tokio_postgres::error::SqlState::OBJECT_IN_USE)
+            .and_then(|d| d.detail().map(str::to_owned));
+        if let Some(hold_id) = held {
+            if let Ok(Some(h)) = hold::get(client, &hold_id, None).await {
+                return EraseError::Held(Box::new(h));
+            }
+        }
+        EraseError::Db(e)
+    }
+
+    /// Deletes the entries of a Redis stream that are about the subject:
+    /// an entry whose `data` is an event naming the subject in a personal
+    /// field (or, when `data` is not JSON, containing the subject's text),
+    /// or whose `principalId` field is the subject (alerts).
+    async fn purge_stream(
+        &self,
+        key: &str,
+        subject: &str,
+        fields: &PersonalFields,
+    ) -> Result<u64, String> {
+        let mut conn = self.redis.clone();
+        let mut start = "-".to_string();
+        let mut purged = 0u64;
+        loop {
+            let reply: redis::Value = redis::cmd("XRANGE")
+                .arg(key)
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| format!("redis: cannot read {key} ({e})"))?;
+            let page = crate::source::stream::parse_entries(&reply);
+            let Some(last) = page.last() else {
+                break;
+            };
+            let next = format!("({}", last.id);
+            let doomed: Vec<&str> = page
+                .iter()
+                .filter(|e| {
+                    e.fields
+                        .as_deref()
+                        .is_some_and(|f| entry_names_subject(f, subject, fields))
+                })
+                .map(|e| e.id.as_str())
+                .collect();
+            if !doomed.is_empty() {
+                let n: u64 = redis::cmd("XDEL")
+                    .arg(key)
+                    .arg(&doomed)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| format!("redis: cannot delete from {key} ({e})"))?;
+                purged += n;
+            }
+            if page.len() < 500 {
+                break;
+            }
+            start = next;
+        }
+        Ok(purged)
+    }
+
+    /// Deletes a withdrawn job's objects and tells its requester.
+    async fn remove_artifacts(&self, w: &Withdrawn) -> Result<(), String> {
+        use futures::StreamExt;
+        let store = &self.storage.store;
+        for prefix in &w.prefixes {
+            let prefix = Path::from(prefix.as_str());
+            let listed: Vec<_> = store.list(Some(&prefix)).collect().await;
+            for meta in listed.into_iter().flatten() {
+                store
+                    .delete(&meta.location)
+                    .await
+                    .or_else(|e| match e {
+                        object_store::Error::NotFound { .. } => Ok(()),
+                        e => Err(e),
+                    })
+                    .map_err(|e| {
+                        format!("object storage: cannot delete {} ({e})", meta.location)
+                    })?;
+            }
+        }
+        for key in &w.keys {
+            match store.delete(&Path::from(key.as_str())).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(format!("object storage: cannot delete {key} ({e})")),
+            }
+        }
+        let mut conn = self.redis.clone();
+        redis::cmd("XADD")
+            .arg(&self.notifications_key)
+            .arg("*")
+            .arg("type")
+            .arg(format!("{}.withdrawn", w.kind))
+            .arg("jobId")
+            .arg(&w.job_id)
+            .arg("requesterId")
+            .arg(&w.requester_id)
+            .arg("reason")
+            .arg("a GDPR erasure removed personal values this artifact held; request it again")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("redis: cannot notify {} ({e})", w.requester_id))
+    }
+}
+
+/// Whether a stream entry is about the subject.
+fn entry_names_subject(
+    fields: &[(Vec<u8>, Vec<u8>)],
+    subject: &str,
+    personal: &PersonalFields,
+) -> bool {
+    fields.iter().any(|(name, value)| match name.as_slice() {
+        b"data" => match serde_json::from_slice::<Value>(value) {
+            Ok(event) => personal.paths().iter().any(|p| {
+                let v = match p.split_once('.') {
+                    None => event.get(p),
+                    Some((c, k)) => event.get(c).and_then(|o| o.get(k)),
+                };
+                v.and_then(Value::as_str) == Some(subject)
+            }),
+            Err(_) => value
+                .windows(subject.len().max(1))
+                .any(|w| w == subject.as_bytes()),
+        },
+        b"principalId" | b"principal_id" => value == subject.as_bytes(),
+        _ => false,
+    })
+}
+
+/// A completed job whose artifacts are withdrawn.
+#[derive(Debug, Clone)]
+struct Withdrawn {
+    kind: &'static str,
+    job_id: String,
+    requester_id: String,
+    /// Objects to delete, and prefixes whose objects all go.
+    keys: Vec<String>,
+    prefixes: Vec<String>,
+}
+
+/// Marks completed exports and reports whose artifacts are still
+/// downloadable and may hold rows of `orgs` within `[first, last]` as
+/// expired now, and returns them (their objects are deleted after the
+/// transaction commits).
+async fn withdraw_artifacts(
+    tx: &tokio_postgres::Transaction<'_>,
+    orgs: &[String],
+    first: DateTime<Utc>,
+    last: DateTime<Utc>,
+) -> Result<Vec<Withdrawn>, tokio_postgres::Error> {
+    let mut out = Vec::new();
+    let exports = tx
+        .query(
+            "UPDATE export_jobs SET expires_at = now(), artifact_removed_at = now()
+              WHERE status = 'completed' AND artifact_removed_at IS NULL AND origin = 'queue'
+                AND (filters->>'organizationId' IS NULL OR filters->>'organizationId' = ANY ($1))
+                AND (filters->>'from')::timestamptz <= $3 AND (filters->>'to')::timestamptz > $2
+             RETURNING id, requester_id, artifact_key, parts_prefix",
+            &[&orgs, &first, &last],
+        )
+        .await?;
+    for r in &exports {
+        let key: String = r.get(2);
+        out.push(Withdrawn {
+            kind: "export",
+            job_id: r.get(0),
+            requester_id: r.get(1),
+            keys: vec![key.clone(), format!("{key}.manifest.json")],
+            prefixes: vec![r.get(3)],
+        });
+    }
+    let reports = tx
+        .query(
+            "UPDATE report_jobs SET expires_at = now()
+              WHERE status = 'completed' AND origin = 'queue'
+                AND (expires_at IS NULL OR expires_at > now())
+                AND (organization_id IS NULL OR organization_id = ANY ($1))
+                AND period_from <= $3 AND period_to > $2
+             RETURNING id, requester_id, artifact_prefix",
+            &[&orgs, &first, &last],
+        )
+        .await?;
+    for r in &reports {
+        out.push(Withdrawn {
+            kind: "report",
+            job_id: r.get(0),
+            requester_id: r.get(1),
+            keys: Vec::new(),
+            prefixes: vec![r.get(2)],
+        });
+    }
+    Ok(out)
+}
+
+/// The `gdpr.erasure.completed` audit event: the subject appears only as
+/// its pseudonym.
+pub fn erasure_event(e: &Erasure, requester: &str) -> InternalEvent {
+    let mut details = Map::new();
+    details.insert("erasureRequest".into(), json!(e.id));
+    details.insert("rowsErased".into(), json!(e.rows_erased));
+    details.insert("valuesNotErasable".into(), json!(e.values_not_erasable));
+    details.insert("deadLettersPurged".into(), json!(e.dead_letters_purged));
+    details.insert("alertsPurged".into(), json!(e.alerts_purged));
+    details.insert("artifactsWithdrawn".into(), json!(e.artifacts_withdrawn));
+    InternalEvent {
+        event_id: format!("gdpr-erasure-{}", e.id),
+        time: e.completed_at,
+        action: "gdpr.erasure.completed".into(),
+        principal_id: requester.to_owned(),
+        organization_id: e.organization_id.clone(),
+        target_type: "DataSubject".into(),
+        target_id: e.subject_pseudonym.clone(),
+        outcome: format!(
+            "erasure {}: personal values of {} events replaced by pseudonyms, {} dead letters \
+             and {} alerts purged, {} artifacts withdrawn",
+            e.id,
+            e.rows_erased,
+            e.dead_letters_purged,
+            e.alerts_purged,
+            e.artifacts_withdrawn.len()
+        ),
+        details,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+    use crate::integrity::record::{
+        new_salts, record_digest, record_digest_opened, Openings, StoredRecord,
+    };
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn pseudonyms() -> Pseudonymizer {
+        Pseudonymizer::new(Secret::from("test-pseudonym-key".to_owned()))
+    }
+
+    fn record(principal: &str, target: &str) -> StoredRecord {
+        StoredRecord {
+            idempotency_key: "e1".into(),
+            event_id: Some("e1".into()),
+            event_time: at("2026-01-01T00:00:00Z"),
+            timestamp_raw: "2026-01-01T00:00:00.000Z".into(),
+            action: "read".into(),
+            status: "success".into(),
+            principal_id: Some(principal.into()),
+            organization_id: Some("org-a".into()),
+            target_resource_type: Some("Patient".into()),
+            target_resource_id: Some(target.into()),
+            outcome_description: None,
+            hash: "00".repeat(32),
+            hash_algorithm: "SHA-256".into(),
+            hash_provided: false,
+            signature: None,
+            signature_algorithm: None,
+            signature_key_id: None,
+            event_version: None,
+            correlation_id: None,
+            data_classification: Some("PHI".into()),
+            retention_policy: None,
+            session_context: Some(
+                json!({"ipAddress": "192.0.2.1", "userAgent": "ua/1", "sessionId": "s"}),
+            ),
+            details: Some(json!({"email": "u1@example.com", "note": "kept"})),
+            source: "stream:x:1-0".into(),
+            ingested_at: at("2026-01-01T00:00:01Z"),
+        }
+    }
+
+    fn subject_row(r: &StoredRecord, salts: &Salts) -> SubjectRow {
+        SubjectRow {
+            id: 1,
+            event_time: r.event_time,
+            organization_id: r.organization_id.clone(),
+            principal_id: r.principal_id.clone(),
+            target_resource_id: r.target_resource_id.clone(),
+            session_context: r.session_context.clone(),
+            details: r.details.clone(),
+            salts: salts.clone(),
+            kept: KeptCommitments::new(),
+        }
+    }
+
+    /// Applies a plan as the database function does: values replaced,
+    /// salts of erased paths removed, commitments kept.
+    fn apply(
+        r: &StoredRecord,
+        salts: &Salts,
+        plan: &RowPlan,
+    ) -> (StoredRecord, Salts, KeptCommitments) {
+        let mut r = r.clone();
+        let mut salts = salts.clone();
+        let mut kept = KeptCommitments::new();
+        for (path, v) in &plan.values {
+            let v = v.as_str().unwrap().to_owned();
+            match path.split_once('.') {
+                None if path == "principalId" => r.principal_id = Some(v),
+                None => r.target_resource_id = Some(v),
+                Some(("details", k)) => r.details.as_mut().unwrap()[k] = json!(v),
+                Some((_, k)) => r.session_context.as_mut().unwrap()[k] = json!(v),
+            }
+            salts.remove(path);
+            let c = hex::decode(plan.commitments[path].as_str().unwrap()).unwrap();
+            kept.insert(path.clone(), c.try_into().unwrap());
+        }
+        (r, salts, kept)
+    }
+
+    fn fields() -> PersonalFields {
+        PersonalFields::with_extra(&["details.email".into()]).unwrap()
+    }
+
+    #[test]
+    fn erasing_the_principal_takes_its_session_and_details_but_not_the_target() {
+        let r = record("u1", "p9");
+        let salts = new_salts(&fields().present_in(
+            r.principal_id.as_deref(),
+            r.target_resource_id.as_deref(),
+            r.session_context.as_ref(),
+            r.details.as_ref(),
+        ));
+        let plan = plan_row(&subject_row(&r, &salts), "u1", &fields(), &pseudonyms())
+            .unwrap()
+            .unwrap();
+        let paths: Vec<&str> = plan.values.keys().map(String::as_str).collect();
+        assert_eq!(
+            paths,
+            [
+                "details.email",
+                "principalId",
+                "sessionContext.ipAddress",
+                "sessionContext.userAgent"
+            ]
+        );
+        assert_eq!(
+            plan.values["principalId"],
+            json!(pseudonyms().of_text("u1"))
+        );
+        // The erased record still gives the sealed digest.
+        let sealed = record_digest(&r, &salts).unwrap();
+        let (erased, left, kept) = apply(&r, &salts, &plan);
+        assert_eq!(left.keys().collect::<Vec<_>>(), ["targetResourceId"]);
+        let o = Openings {
+            salts: &left,
+            kept: &kept,
+        };
+        assert_eq!(record_digest_opened(&erased, o).unwrap(), sealed);
+        let text = serde_json::to_string(
+            &crate::integrity::record::record_object_opened(&erased, o).unwrap(),
+        )
+        .unwrap();
+        for gone in ["u1", "192.0.2.1", "ua/1", "u1@example.com"] {
+            assert!(
+                !text.contains(gone) && !format!("{erased:?}").contains(&format!("\"{gone}\"")),
+                "{gone}"
+            );
+        }
+        // Tampering with a field that was not erased still changes it.
+        let mut tampered = erased.clone();
+        tampered.action = "delete".into();
+        assert_ne!(record_digest_opened(&tampered, o).unwrap(), sealed);
+        let mut tampered = erased.clone();
+        tampered.details.as_mut().unwrap()["note"] = json!("changed");
+        assert_ne!(record_digest_opened(&tampered, o).unwrap(), sealed);
+        // Nothing is left to erase a second time.
+        let mut again = subject_row(&erased, &left);
+        again.kept = kept;
+        assert!(plan_row(&again, "u1", &fields(), &pseudonyms())
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn erasing_a_target_takes_only_the_values_that_name_it() {
+        let r = record("doctor", "p9");
+        let salts = new_salts(&fields().present_in(
+            r.principal_id.as_deref(),
+            r.target_resource_id.as_deref(),
+            r.session_context.as_ref(),
+            r.details.as_ref(),
+        ));
+        let plan = plan_row(&subject_row(&r, &salts), "p9", &fields(), &pseudonyms())
+            .unwrap()
+            .unwrap();
+        assert_eq!(plan.values.keys().collect::<Vec<_>>(), ["targetResourceId"]);
+        let sealed = record_digest(&r, &salts).unwrap();
+        let (erased, left, kept) = apply(&r, &salts, &plan);
+        assert_eq!(erased.principal_id.as_deref(), Some("doctor"));
+        assert_eq!(
+            record_digest_opened(
+                &erased,
+                Openings {
+                    salts: &left,
+                    kept: &kept
+                }
+            )
+            .unwrap(),
+            sealed
+        );
+    }
+
+    #[test]
+    fn a_value_committed_in_clear_is_counted_not_erased() {
+        let r = record("u1", "p9");
+        let plan = plan_row(
+            &subject_row(&r, &Salts::new()),
+            "u1",
+            &fields(),
+            &pseudonyms(),
+        )
+        .unwrap()
+        .unwrap();
+        assert!(plan.values.is_empty());
+        assert_eq!(plan.not_erasable, 4);
+    }
+
+    #[test]
+    fn a_stream_entry_is_about_the_subject_only_when_a_personal_field_names_it() {
+        let f = fields();
+        let data = |v: Value| vec![(b"data".to_vec(), v.to_string().into_bytes())];
+        assert!(entry_names_subject(
+            &data(json!({"principalId": "u1"})),
+            "u1",
+            &f
+        ));
+        assert!(entry_names_subject(
+            &data(json!({"sessionContext": {"ipAddress": "u1"}})),
+            "u1",
+            &f
+        ));
+        assert!(!entry_names_subject(
+            &data(json!({"principalId": "u10"})),
+            "u1",
+            &f
+        ));
+        let field = |k: &str, v: &str| vec![(k.as_bytes().to_vec(), v.as_bytes().to_vec())];
+        assert!(entry_names_subject(
+            &field("data", "{not json u1"),
+            "u1",
+            &f
+        ));
+        assert!(entry_names_subject(&field("principalId", "u1"), "u1", &f));
+        assert!(!entry_names_subject(&field("rule", "u1"), "u1", &f));
+    }
+
+    #[test]
+    fn a_request_names_a_subject_that_is_not_a_pseudonym() {
+        let ok = EraseRequest {
+            subject_id: "u1".into(),
+            organization_id: None,
+        };
+        assert!(ok.check().is_ok());
+        let p = pseudonyms().of_text("u1");
+        assert!(EraseRequest {
+            subject_id: p,
+            organization_id: None
+        }
+        .check()
+        .is_err());
+        assert!(EraseRequest {
+            subject_id: " ".into(),
+            organization_id: None
+        }
+        .check()
+        .is_err());
+    }
+}

@@ -1,0 +1,691 @@
+//! GDPR erasure end to end and legal holds: real PostgreSQL, Redis and the
+//! object store (a local directory), the real ingest path, sealing,
+//! `verify`, proofs and the independent Python verifier.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use audit_worker::config::{Config, RuleConfig};
+use audit_worker::jobs::gdpr::erase::{EraseError, EraseRequest, Eraser};
+use audit_worker::jobs::verify::{self, FindingKind, InclusionProof};
+use serde_json::{json, Value};
+
+use crate::common::*;
+use crate::log_v2::{LogEnv, ORIGIN};
+
+/// The subjects of the seeded events; the erased one is `SUBJECTS[ERASED]`.
+const SUBJECTS: [&str; 8] = [
+    "ana.kowalski@clinic.test",
+    "bruno.meyer@clinic.test",
+    "chen.li@clinic.test",
+    "dara.okafor@clinic.test",
+    "erin.vasquez@clinic.test",
+    "femi.adeyemi@clinic.test",
+    "gus.larsen@clinic.test",
+    "hana.sato@clinic.test",
+];
+const ERASED: usize = 4;
+const PSEUDONYM_KEY: &str = "test-pseudonym-key-0123456789";
+
+/// Every value of subject `s` that erasure must remove.
+fn personal_values(s: usize) -> Vec<String> {
+    vec![
+        SUBJECTS[s].to_string(),
+        format!("198.51.100.{}", 200 + s),
+        format!("AgentOf{}/1.0", SUBJECTS[s].split('.').next().unwrap()),
+    ]
+}
+
+/// Event `i`: principal `SUBJECTS[i % 8]`; every 40th event targets the
+/// erased subject (as a record about them) with another principal.
+fn subject_event(i: usize) -> Value {
+    let s = i % SUBJECTS.len();
+    let v = personal_values(s);
+    let target = if i % 40 == 1 {
+        SUBJECTS[ERASED].to_string()
+    } else {
+        format!("patient-{i}")
+    };
+    json!({
+        "eventId": format!("gdpr-evt-{i}"),
+        "timestamp": ts((i % 3000) as i64 + 60),
+        "action": "chart.read",
+        "status": "success",
+        "principalId": v[0],
+        "organizationId": format!("org-{}", i % 2),
+        "targetResourceType": "Patient",
+        "targetResourceId": target,
+        "outcomeDescription": format!("chart {i} opened"),
+        "dataClassification": "PHI",
+        "sessionContext": {"sessionId": format!("s-{i}"), "ipAddress": v[1], "userAgent": v[2]},
+        "email": v[0],
+        "ward": format!("ward-{}", i % 5),
+    })
+}
+
+fn with_gdpr(s: &LogEnv) -> Config {
+    let mut c = s.config();
+    c.gdpr.pseudonym_key = PSEUDONYM_KEY.to_string().into();
+    c.snapshot.personal_fields = vec!["details.email".into()];
+    c.alerts.stream = format!("test:{}:alerts", s.env.name);
+    c.export.notifications_key = format!("test:{}:notifications", s.env.name);
+    c
+}
+
+async fn eraser(c: &Config) -> Eraser {
+    let client = audit_worker::source::redis_client(&c.redis).unwrap();
+    let redis = audit_worker::source::command_connection(&client, &c.redis)
+        .await
+        .unwrap();
+    Eraser::from_config(c, redis, audit_worker::storage::open(&c.storage).unwrap()).unwrap()
+}
+
+async fn client(c: &Config) -> tokio_postgres::Client {
+    let (client, conn) = audit_worker::db::pg_config(c)
+        .unwrap()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+/// Every entry of every Redis key of this test, as text.
+async fn redis_dump(env: &TestEnv) -> String {
+    let mut conn = env.redis_conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("*{}*", env.name))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    let mut out = String::new();
+    for k in keys {
+        let t: String = redis::cmd("TYPE")
+            .arg(&k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let v: redis::Value = match t.as_str() {
+            "stream" => redis::cmd("XRANGE")
+                .arg(&k)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await
+                .unwrap(),
+            "hash" => redis::cmd("HGETALL")
+                .arg(&k)
+                .query_async(&mut conn)
+                .await
+                .unwrap(),
+            "string" => redis::cmd("GET")
+                .arg(&k)
+                .query_async(&mut conn)
+                .await
+                .unwrap(),
+            "list" => redis::cmd("LRANGE")
+                .arg(&k)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+                .unwrap(),
+            "set" => redis::cmd("SMEMBERS")
+                .arg(&k)
+                .query_async(&mut conn)
+                .await
+                .unwrap(),
+            "zset" => redis::cmd("ZRANGE")
+                .arg(&k)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+                .unwrap(),
+            _ => redis::Value::Nil,
+        };
+        out.push_str(&format!("{k} {v:?}\n"));
+    }
+    out
+}
+
+/// Deletes the alert and notification streams the test configured (the
+/// harness removes the event stream and the DLQ).
+async fn drop_test_keys(s: &LogEnv, c: &Config) {
+    let mut conn = s.env.redis_conn().await;
+    let _: redis::RedisResult<()> = redis::cmd("DEL")
+        .arg(&c.alerts.stream)
+        .arg(&c.export.notifications_key)
+        .query_async(&mut conn)
+        .await;
+}
+
+/// Every file under the test's object store, as (lossy) text.
+fn store_dump(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let bytes = std::fs::read(&p).unwrap();
+                out.push_str(&String::from_utf8_lossy(&bytes));
+                // Compressed artifacts are searched decompressed too.
+                if p.extension().is_some_and(|x| x == "gz") {
+                    use std::io::Read;
+                    let mut s = String::new();
+                    let _ = flate2::read::GzDecoder::new(&bytes[..]).read_to_string(&mut s);
+                    out.push_str(&s);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn pg_dump(schema: &str) -> String {
+    let out = std::process::Command::new("pg_dump")
+        .arg("--dbname")
+        .arg(test_database_url())
+        .args(["--schema", schema, "--no-owner"])
+        .output()
+        .expect("pg_dump runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn python_verifier(
+    s: &LogEnv,
+    checkpoint: &std::path::Path,
+    proofs: &std::path::Path,
+) -> std::process::Output {
+    std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/verify_log.py"
+        ))
+        .args(["--key", &s.verifier, "--origin", ORIGIN])
+        .arg("--checkpoint")
+        .arg(checkpoint)
+        .arg("--proofs")
+        .arg(proofs)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_replaces_one_subjects_values_everywhere_while_the_log_and_its_proofs_still_verify()
+{
+    let s = LogEnv::new("gdpr_erase").await;
+    let c = with_gdpr(&s);
+    let events: Vec<Value> = (0..10_000).map(subject_event).collect();
+    let erased_events: BTreeSet<String> = (0..10_000)
+        .filter(|i| i % SUBJECTS.len() == ERASED || i % 40 == 1)
+        .map(|i| format!("gdpr-evt-{i}"))
+        .collect();
+    // Alerts: every principal touching PHI raises one (no one is allowed).
+    let ingest_config = |w: &mut Config| {
+        w.snapshot.personal_fields = c.snapshot.personal_fields.clone();
+        w.alerts.stream = c.alerts.stream.clone();
+        w.alerts.rules = vec![RuleConfig::ClassifiedAccess {
+            name: "phi_outside_allowlist".into(),
+            classification: "PHI".into(),
+            actions_containing: vec![],
+            allowed_principals: vec!["nobody".into()],
+            cooldown_secs: 3600,
+        }];
+    };
+    s.ingest(&events, ingest_config).await;
+    // Dead letters about the erased subject and about another one.
+    let mut broken = subject_event(ERASED);
+    broken["status"] = json!("not-a-status");
+    let mut other = subject_event(0);
+    other["status"] = json!("not-a-status");
+    let worker = InProcessWorker::start({
+        let mut w = s.worker_config();
+        ingest_config(&mut w);
+        w
+    });
+    s.env.add_events(&[broken, other]).await;
+    wait_until(Duration::from_secs(60), "two dead letters", || async {
+        s.env.dlq_len().await == 2
+    })
+    .await;
+    worker.stop().await;
+    let alerts_before = redis_dump(&s.env).await;
+    for v in personal_values(ERASED) {
+        assert!(
+            alerts_before.contains(&v),
+            "{v} is in Redis before the erasure"
+        );
+    }
+    let summary = s.seal("all").await;
+    assert_eq!(summary.tree_size, 10_000);
+
+    // Proofs taken before the erasure: the erased subject's and others'.
+    let mut pg = client(&c).await;
+    let mut before = Vec::new();
+    for i in (0..10_000).step_by(97).take(60) {
+        before.push(
+            verify::prove(&mut pg, &format!("gdpr-evt-{i}"), 5000)
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(before.iter().any(|p| erased_events.contains(&p.event)));
+
+    // Erase.
+    let eraser = eraser(&c).await;
+    let req = EraseRequest {
+        subject_id: SUBJECTS[ERASED].into(),
+        organization_id: None,
+    };
+    let started = std::time::Instant::now();
+    let done = eraser
+        .erase(&mut pg, &req, "dpo@clinic.test", "test:erase-1")
+        .await
+        .unwrap();
+    eprintln!(
+        "erased {} events in {:?}",
+        done.rows_erased,
+        started.elapsed()
+    );
+    assert_eq!(done.rows_erased as usize, erased_events.len());
+    assert_eq!(done.values_not_erasable, 0);
+    assert_eq!(done.dead_letters_purged, 1);
+    assert!(done.alerts_purged >= 1, "{done:?}");
+    // The same request again finds the same erasure and nothing left.
+    let again = eraser
+        .erase(&mut pg, &req, "dpo@clinic.test", "test:erase-1")
+        .await
+        .unwrap();
+    assert_eq!(again.id, done.id);
+    assert_eq!(again.rows_erased, 0);
+
+    // The erasure is itself an audit event, stored like any other.
+    let worker = InProcessWorker::start(s.worker_config());
+    wait_until(Duration::from_secs(60), "the erasure event", || async {
+        s.env
+            .pg
+            .query_one(
+                "SELECT count(*) FROM audit_log WHERE action = 'gdpr.erasure.completed' AND target_resource_id = $1",
+                &[&done.subject_pseudonym],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    worker.stop().await;
+
+    // verify passes and lists exactly the subject's events as erased, with
+    // the request and its time.
+    let report = s.verify().await;
+    assert!(report.ok(), "{:?}", report.findings);
+    let listed: BTreeSet<String> = report.erased.iter().map(|e| e.event.clone()).collect();
+    assert_eq!(listed, erased_events);
+    assert!(report
+        .erased
+        .iter()
+        .all(|e| e.requests.len() == 1 && e.requests[0].request == done.id));
+    let principal_row = report
+        .erased
+        .iter()
+        .find(|e| e.event == format!("gdpr-evt-{ERASED}"))
+        .unwrap();
+    assert_eq!(
+        principal_row.paths,
+        [
+            "details.email",
+            "principalId",
+            "sessionContext.ipAddress",
+            "sessionContext.userAgent"
+        ]
+    );
+    let target_row = report
+        .erased
+        .iter()
+        .find(|e| e.event == "gdpr-evt-1")
+        .unwrap();
+    assert_eq!(target_row.paths, ["targetResourceId"]);
+
+    // Every earlier proof still verifies with the independent verifier, and
+    // a proof made now gives the same leaf and record as before.
+    let mut after: Vec<InclusionProof> = Vec::new();
+    for p in &before {
+        let now = verify::prove(&mut pg, &p.event, 5000).await.unwrap();
+        assert_eq!(now.record_digest, p.record_digest, "{}", p.event);
+        assert_eq!(now.record, p.record, "{}", p.event);
+        after.push(now);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("checkpoint");
+    std::fs::write(&checkpoint, &summary.checkpoint).unwrap();
+    let proofs = dir.path().join("proofs.json");
+    let all: Vec<&InclusionProof> = before.iter().chain(after.iter()).collect();
+    std::fs::write(&proofs, serde_json::to_vec(&all).unwrap()).unwrap();
+    let out = python_verifier(&s, &checkpoint, &proofs);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("{} proofs verified", all.len())),
+        "{stdout}"
+    );
+
+    // An export made now recomputes every leaf (erased rows through their
+    // kept commitments) and the signed root, with the independent verifier.
+    // A restricted subject's events are left out unless asked for.
+    audit_worker::jobs::gdpr::restriction::restrict(
+        &pg,
+        None,
+        SUBJECTS[1],
+        "art. 18 request",
+        "test",
+    )
+    .await
+    .unwrap();
+    let limited = export_ndjson(&s, &dir.path().join("limited"), false);
+    let text = std::fs::read_to_string(&limited).unwrap();
+    assert_eq!(
+        text.lines().count(),
+        10_001 - 1250,
+        "restricted events left out"
+    );
+    assert!(!text.contains(SUBJECTS[1]));
+    let full = export_ndjson(&s, &dir.path().join("full"), true);
+    let out = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/verify_log.py"
+        ))
+        .args(["--key", &s.verifier, "--origin", ORIGIN, "--json"])
+        .arg("--checkpoint")
+        .arg(&checkpoint)
+        .arg("--export")
+        .arg(&full)
+        .arg("--proofs")
+        .arg(&proofs)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{stdout}");
+    let summary_py: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary_py["exportRows"], 10_001);
+    assert_eq!(summary_py["leavesRecomputed"], 10_000);
+    assert_eq!(summary_py["rootRecomputed"], json!(summary.root_hex));
+    let exported = std::fs::read_to_string(&full).unwrap();
+    for v in personal_values(ERASED) {
+        assert!(
+            !exported.contains(&v),
+            "{v} is in an export made after the erasure"
+        );
+    }
+    std::fs::remove_dir_all(dir.path().join("limited")).unwrap();
+    std::fs::remove_dir_all(dir.path().join("full")).unwrap();
+
+    // None of the erased values is left in the database, Redis or the
+    // object store; the other subjects' values are.
+    let dump = pg_dump(&s.env.schema);
+    let redis = redis_dump(&s.env).await;
+    let store = store_dump(s.storage.path());
+    for v in personal_values(ERASED) {
+        assert!(!dump.contains(&v), "{v} is still in the database");
+        assert!(!redis.contains(&v), "{v} is still in Redis");
+        assert!(!store.contains(&v), "{v} is still in the object store");
+    }
+    for v in personal_values(0) {
+        assert!(dump.contains(&v), "{v} (not erased) is in the database");
+    }
+    assert!(dump.contains(&done.subject_pseudonym));
+    let letters: Vec<String> = s
+        .env
+        .dlq_entries()
+        .await
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e["data"]).into_owned())
+        .collect();
+    assert_eq!(
+        letters.len(),
+        1,
+        "the other subject's dead letter stays: {letters:?}"
+    );
+    assert!(letters[0].contains(SUBJECTS[0]), "{letters:?}");
+
+    // Tampering with a field that was not erased, in an erased row, is
+    // still found.
+    s.tamper(&format!(
+        "UPDATE audit_log SET outcome_description = 'changed' WHERE event_id = 'gdpr-evt-{ERASED}'"
+    ))
+    .await;
+    let report = s.verify().await;
+    let altered: BTreeSet<String> = report
+        .findings
+        .iter()
+        .filter(|f| f.kind == FindingKind::Altered)
+        .filter_map(|f| f.event.clone())
+        .collect();
+    assert_eq!(altered, BTreeSet::from([format!("gdpr-evt-{ERASED}")]));
+    drop_test_keys(&s, &c).await;
+    s.env.cleanup().await;
+}
+
+/// `audit-worker export --format ndjson` of everything into `out`; the
+/// artifact's path.
+fn export_ndjson(
+    s: &LogEnv,
+    out: &std::path::Path,
+    include_restricted: bool,
+) -> std::path::PathBuf {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_audit-worker"));
+    cmd.args(["export", "--format", "ndjson", "--compression", "none"])
+        .args(["--from", "2000-01-01", "--to", "2100-01-01", "--out"])
+        .arg(out)
+        .env(
+            "AUDIT_WORKER__STORAGE__URL",
+            s.storage.path().display().to_string(),
+        );
+    if include_restricted {
+        cmd.arg("--include-restricted");
+    }
+    for (k, v) in s.env.env_vars() {
+        cmd.env(k, v);
+    }
+    let result = cmd.output().unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    std::fs::read_dir(out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".ndjson"))
+        .expect("an ndjson artifact")
+}
+
+/// Runs the binary with the test's settings; (success, stdout, stderr).
+fn cli(s: &LogEnv, c: &Config, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_audit-worker"));
+    cmd.args(args)
+        .env(
+            "AUDIT_WORKER__STORAGE__URL",
+            s.storage.path().display().to_string(),
+        )
+        .env("AUDIT_WORKER__GDPR__PSEUDONYM_KEY", PSEUDONYM_KEY)
+        .env("AUDIT_WORKER__ALERTS__STREAM", &c.alerts.stream)
+        .env(
+            "AUDIT_WORKER__EXPORT__NOTIFICATIONS_KEY",
+            &c.export.notifications_key,
+        )
+        .env(
+            "AUDIT_WORKER__SNAPSHOT__PERSONAL_FIELDS",
+            "[\"details.email\"]",
+        );
+    for (k, v) in s.env.env_vars() {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// How many stored events have `subject` as principal.
+async fn principal_rows(pg: &tokio_postgres::Client, subject: &str) -> i64 {
+    pg.query_one(
+        "SELECT count(*) FROM audit_log WHERE principal_id = $1",
+        &[&subject],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_under_a_legal_hold_is_refused_naming_the_hold_and_proceeds_once_it_is_released() {
+    let s = LogEnv::new("gdpr_hold").await;
+    let c = with_gdpr(&s);
+    let events: Vec<Value> = (0..80).map(subject_event).collect();
+    s.ingest(&events, |w| {
+        w.snapshot.personal_fields = vec!["details.email".into()]
+    })
+    .await;
+    s.seal("all").await;
+    let subject = SUBJECTS[ERASED];
+    assert_eq!(principal_rows(&s.env.pg, subject).await, 10);
+
+    // A hold on the subject's organisation (org-0) and one on another
+    // subject: the first covers, the second does not.
+    let (ok, hold_id, err) = cli(
+        &s,
+        &c,
+        &[
+            "hold",
+            "place",
+            "--org",
+            "org-0",
+            "--reason",
+            "case 2026-17 discovery",
+            "--owner",
+            "legal@clinic.test",
+        ],
+    );
+    assert!(ok, "{err}");
+    let hold_id = hold_id.trim().to_string();
+    assert!(hold_id.starts_with("hold_"), "{hold_id}");
+    let (ok, _, err) = cli(
+        &s,
+        &c,
+        &[
+            "hold",
+            "place",
+            "--subject",
+            SUBJECTS[0],
+            "--reason",
+            "other case",
+            "--owner",
+            "legal",
+        ],
+    );
+    assert!(ok, "{err}");
+    let (ok, list, _) = cli(&s, &c, &["hold", "list"]);
+    assert!(
+        ok && list.contains(&hold_id) && list.contains("case 2026-17 discovery"),
+        "{list}"
+    );
+
+    // Refused, naming the hold and its reason; nothing changed.
+    let (ok, _, err) = cli(&s, &c, &["gdpr", "erase", subject]);
+    assert!(!ok);
+    assert!(
+        err.contains(&hold_id) && err.contains("case 2026-17 discovery"),
+        "{err}"
+    );
+    assert_eq!(principal_rows(&s.env.pg, subject).await, 10);
+    // The library says the same, typed.
+    let mut pg = client(&c).await;
+    let refused = eraser(&c)
+        .await
+        .erase(
+            &mut pg,
+            &EraseRequest {
+                subject_id: subject.into(),
+                organization_id: None,
+            },
+            "t",
+            "test:held",
+        )
+        .await;
+    match refused {
+        Err(EraseError::Held(h)) => assert_eq!(h.id, hold_id),
+        other => panic!("expected a hold refusal, got {other:?}"),
+    }
+    // The database function refuses too, whoever calls it.
+    let e = pg
+        .query_one(
+            "SELECT gdpr_erase_rows('x', now(), ARRAY[id], ARRAY[event_time], ARRAY['{}'::jsonb], ARRAY['{}'::jsonb])
+               FROM audit_log WHERE principal_id = $1 AND organization_id = 'org-0' LIMIT 1",
+            &[&subject],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains(&hold_id) || format!("{e:?}").contains(&hold_id),
+        "{e:?}"
+    );
+    // And an UPDATE outside the function is refused by the trigger.
+    let e = pg
+        .execute(
+            "UPDATE audit_log SET principal_id = 'x' WHERE principal_id = $1",
+            &[&subject],
+        )
+        .await
+        .unwrap_err();
+    assert!(format!("{e:?}").contains("append-only"), "{e:?}");
+
+    // Released: the erasure proceeds.
+    let (ok, released, err) = cli(&s, &c, &["hold", "release", &hold_id]);
+    assert!(ok && released.contains("released"), "{released}{err}");
+    let (ok, out, err) = cli(&s, &c, &["gdpr", "erase", subject]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("events erased"), "{out}");
+    assert_eq!(principal_rows(&s.env.pg, subject).await, 0);
+    let report = s.verify().await;
+    assert!(report.ok(), "{:?}", report.findings);
+    assert_eq!(report.erased.len(), 12, "10 as principal, 2 as target");
+
+    // Each hold change and the erasure were recorded as audit events.
+    let mut conn = s.env.redis_conn().await;
+    let stream: redis::Value = redis::cmd("XRANGE")
+        .arg(&s.env.stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let text = format!("{stream:?}");
+    for action in [
+        "audit.legal_hold.placed",
+        "audit.legal_hold.released",
+        "gdpr.erasure.completed",
+    ] {
+        assert!(text.contains(action), "{action} not recorded");
+    }
+    drop_test_keys(&s, &c).await;
+    s.env.cleanup().await;
+}
