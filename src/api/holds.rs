@@ -149,17 +149,29 @@ async fn get_hold(
     ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<Hold>, Problem> {
     caller.require(Permission::Admin)?;
-    if crate::jobs::gdpr::check_text("id", &id).is_err() {
+    let (_, h) = visible_hold(&state, &caller, &id).await?;
+    Ok(axum::Json(h))
+}
+
+/// The hold `id` as the caller's key may see it (404 alike for a hold
+/// outside its organisations and one that does not exist), with the
+/// connection it was read on.
+async fn visible_hold(
+    state: &ApiState,
+    caller: &Caller,
+    id: &str,
+) -> Result<(deadpool_postgres::Object, Hold), Problem> {
+    if crate::jobs::gdpr::check_text("id", id).is_err() {
         // No stored hold can have such an id.
         return Err(Problem::not_found("hold"));
     }
-    let client = super::db_client(&state).await?;
+    let client = super::db_client(state).await?;
     let orgs = caller.scope().to_db();
-    hold::get(&**client, &id, orgs.as_deref())
+    let h = hold::get(&**client, id, orgs.as_deref())
         .await
         .map_err(hold_error)?
-        .map(axum::Json)
-        .ok_or_else(|| Problem::not_found("hold"))
+        .ok_or_else(|| Problem::not_found("hold"))?;
+    Ok((client, h))
 }
 
 /// Release a hold.
@@ -185,16 +197,7 @@ async fn release_hold(
     ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<Hold>, Problem> {
     caller.require(Permission::Admin)?;
-    if crate::jobs::gdpr::check_text("id", &id).is_err() {
-        // No stored hold can have such an id.
-        return Err(Problem::not_found("hold"));
-    }
-    let client = super::db_client(&state).await?;
-    let orgs = caller.scope().to_db();
-    let visible = hold::get(&**client, &id, orgs.as_deref())
-        .await
-        .map_err(hold_error)?
-        .ok_or_else(|| Problem::not_found("hold"))?;
+    let (client, visible) = visible_hold(&state, &caller, &id).await?;
     if !visible.active() {
         return Ok(axum::Json(visible));
     }
