@@ -154,7 +154,7 @@ pub async fn run_live(
     let api_task = if config.api.enabled() {
         Some(
             crate::api::serve(
-                &config,
+                &live,
                 pool.clone(),
                 exports.handler.clone(),
                 reports.handler.clone(),
@@ -211,7 +211,7 @@ pub async fn run_live(
     };
     let export_tasks = exports.spawn(&config.export, shutdown.clone());
     let report_task = reports.spawn(&config, shutdown.clone());
-    let snapshot_task = match snapshot_executor(&config, &pool, &commands, &metrics)? {
+    let snapshot_task = match snapshot_executor(&config, &pool, &commands, &metrics, &live)? {
         Some(snapshotter) => {
             job_handlers.snapshot = Some(snapshotter.clone());
             Some(tokio::spawn(snapshotter.run_executor(shutdown.clone())))
@@ -360,6 +360,7 @@ fn snapshot_executor(
     pool: &deadpool_postgres::Pool,
     redis: &crate::source::RedisConn,
     metrics: &Metrics,
+    live: &LiveConfig,
 ) -> anyhow::Result<Option<Arc<Snapshotter>>> {
     if !config.snapshot.enabled {
         return Ok(None);
@@ -371,6 +372,7 @@ fn snapshot_executor(
     let storage = crate::storage::open(&config.storage)?;
     Ok(Some(Arc::new(
         Snapshotter::new(config, pool.clone(), signer, storage, Some(redis.clone()))
+            .following(live.clone())
             .with_metrics(metrics.clone()),
     )))
 }

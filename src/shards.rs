@@ -68,6 +68,50 @@ pub fn tagged_key(base: &str, shard: u32) -> String {
     format!("{base}:{{{shard}}}")
 }
 
+/// The streams notifications to requesters go to (`export.notifications_key`).
+///
+/// They follow the shards' hash-tag rule: with one shard outside a cluster
+/// there is one stream, `export.notifications_key` itself; otherwise the
+/// notifications for requester `r` go to `<notifications_key>:{k}` with
+/// `k = shard_for(r, shards)`, so they spread over the cluster's slots as
+/// the events do, and one requester's notifications stay in one stream, in
+/// order, at a name the requester can compute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotificationKeys {
+    base: String,
+    shards: u32,
+    tagged: bool,
+}
+
+impl NotificationKeys {
+    /// The notification streams of `config`.
+    pub fn new(config: &Config) -> Self {
+        Self::with(
+            &config.export.notifications_key,
+            config.stream.shards,
+            hash_tagged(config),
+        )
+    }
+
+    /// The notification streams of `shards` shards of `base`.
+    pub fn with(base: &str, shards: u32, tagged: bool) -> Self {
+        Self {
+            base: base.to_owned(),
+            shards: shards.max(1),
+            tagged,
+        }
+    }
+
+    /// The stream `requester`'s notifications go to.
+    pub fn for_requester(&self, requester: &str) -> String {
+        if self.tagged {
+            tagged_key(&self.base, shard_for(requester, self.shards))
+        } else {
+            self.base.clone()
+        }
+    }
+}
+
 /// The shard a producer would choose for an organisation: 32-bit FNV-1a
 /// of its UTF-8 bytes, modulo `shards`. Any stable hash keeps one
 /// organisation's events in one shard, hence in order; this one is a few
@@ -116,6 +160,22 @@ mod tests {
         );
         // One shard on a cluster is tagged too.
         assert_eq!(keys("s", "d", 1, true)[0].stream, "s:{0}");
+    }
+
+    #[test]
+    fn notifications_follow_the_hash_tag_rule_by_requester() {
+        let one = NotificationKeys::with("audit:notifications", 1, false);
+        assert_eq!(one.for_requester("alice"), "audit:notifications");
+        let four = NotificationKeys::with("n", 4, true);
+        let k = shard_for("alice", 4);
+        assert_eq!(four.for_requester("alice"), format!("n:{{{k}}}"));
+        assert_eq!(
+            four.for_requester("bob"),
+            format!("n:{{{}}}", shard_for("bob", 4))
+        );
+        // A cluster with one shard tags its one stream too.
+        let cluster = NotificationKeys::with("n", 1, true);
+        assert_eq!(cluster.for_requester("anyone"), "n:{0}");
     }
 
     #[test]

@@ -75,14 +75,21 @@ pub struct GdprParts {
 
 impl GdprParts {
     /// Connects to Redis and opens the object store; erasure is left off
-    /// (and logged) when no pseudonym key is configured.
-    pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
+    /// (and logged) when no pseudonym key is configured. The audit events
+    /// are signed with the key ring `live` holds when they are made.
+    pub async fn from_config(
+        config: &Config,
+        live: &crate::live::LiveConfig,
+    ) -> anyhow::Result<Self> {
         let client = crate::source::redis_client(&config.redis)?;
         let redis = crate::source::command_connection(&client, &config.redis).await?;
         let storage = crate::storage::open(&config.storage)?;
         let eraser =
             match crate::jobs::gdpr::erase::Eraser::from_config(config, redis.clone(), storage) {
-                Ok(e) => Some(Arc::new(e)),
+                Ok(mut e) => {
+                    e.recorder = e.recorder.following(live.clone());
+                    Some(Arc::new(e))
+                }
                 Err(e) => {
                     tracing::info!(reason = %e, "GDPR erasure endpoint disabled");
                     None
@@ -90,11 +97,10 @@ impl GdprParts {
             };
         Ok(Self {
             eraser,
-            recorder: Some(crate::jobs::internal_event::EventRecorder {
-                redis,
-                events_key: config.stream.key.clone(),
-                hmac: crate::policy::hmac_key_ring(&config.integrity).unwrap_or_default(),
-            }),
+            recorder: Some(
+                crate::jobs::internal_event::EventRecorder::new(config, redis)
+                    .following(live.clone()),
+            ),
         })
     }
 }
@@ -212,10 +218,10 @@ pub fn router(state: ApiState, max_body_bytes: usize) -> Router {
         .with_state(state)
 }
 
-/// Builds the state from the configuration and serves the API on
+/// Builds the state from the configuration in force and serves the API on
 /// `api.listen` until `shutdown`.
 pub async fn serve(
-    config: &Config,
+    live: &crate::live::LiveConfig,
     pool: deadpool_postgres::Pool,
     exports: Arc<ExportHandler>,
     reports: Arc<ReportHandler>,
@@ -223,6 +229,8 @@ pub async fn serve(
     metrics: metrics::ApiMetrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let applied = live.current();
+    let config = &applied.config;
     let file_keys = load_file_keys(config)?;
     let state = ApiState {
         pool,
@@ -236,7 +244,7 @@ pub async fn serve(
         },
         subject_paths: Arc::new(config.gdpr.subject_paths.clone()),
         metrics,
-        gdpr: GdprParts::from_config(config).await?,
+        gdpr: GdprParts::from_config(config, live).await?,
     };
     let listen = config.api.listen.clone();
     let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {

@@ -8,7 +8,10 @@ use crate::source::RedisConn;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Map, Value};
 
+use crate::config::Config;
 use crate::integrity::{canonical_hash_v1, HashedFields, HmacKeyRing};
+use crate::live::LiveConfig;
+use crate::shards::NotificationKeys;
 
 /// The fields of an internal event.
 #[derive(Debug, Clone)]
@@ -68,33 +71,117 @@ impl InternalEvent {
     }
 }
 
-/// Adds internal events to the worker's event stream.
+/// The HMAC keys the worker signs its own events with: the first key of
+/// the ring in force when the event is built. A worker running with live
+/// configuration follows key rotation at once (a rotated ring lists the new
+/// key first); a CLI command signs with the ring it read at start.
+#[derive(Clone)]
+pub enum SigningKeys {
+    /// The ring read once (CLI commands, tests).
+    Fixed(HmacKeyRing),
+    /// The ring of the configuration in force.
+    Live(LiveConfig),
+}
+
+impl SigningKeys {
+    /// The ring `[integrity]` configures now (empty when its key file
+    /// cannot be read: the events then go unsigned and the worker's own
+    /// validation says why if it requires signatures).
+    pub fn from_config(config: &Config) -> Self {
+        Self::Fixed(crate::policy::hmac_key_ring(&config.integrity).unwrap_or_default())
+    }
+
+    /// The ring to sign with now.
+    pub fn ring(&self) -> HmacKeyRing {
+        match self {
+            Self::Fixed(ring) => ring.clone(),
+            Self::Live(live) => live.current().policy.hmac_keys.clone(),
+        }
+    }
+}
+
+/// Where the worker's own records go: its audit events (to the stream
+/// shard 0 of which every worker reads) and notifications to requesters
+/// (to the requester's notifications stream, see
+/// [`crate::shards::NotificationKeys`]).
 #[derive(Clone)]
 pub struct EventRecorder {
     pub redis: RedisConn,
-    /// The stream the worker reads (`stream.key`).
+    /// The stream the worker's own events go to.
     pub events_key: String,
-    pub hmac: HmacKeyRing,
+    /// The notification streams.
+    pub notifications: NotificationKeys,
+    /// The keys events are signed with.
+    pub keys: SigningKeys,
 }
 
 impl EventRecorder {
+    /// A recorder for `config`'s keys, signing with the ring `config` names.
+    pub fn new(config: &Config, redis: RedisConn) -> Self {
+        Self {
+            redis,
+            events_key: crate::shards::own_events_key(config),
+            notifications: NotificationKeys::new(config),
+            keys: SigningKeys::from_config(config),
+        }
+    }
+
+    /// Signs with the key ring of the configuration in force, whatever it
+    /// becomes after a reload.
+    pub fn following(mut self, live: LiveConfig) -> Self {
+        self.keys = SigningKeys::Live(live);
+        self
+    }
+
     /// XADDs the event; the worker then validates, stores and seals it.
     pub async fn record(&self, event: &InternalEvent) -> Result<(), String> {
-        let mut conn = self.redis.clone();
-        redis::cmd("XADD")
-            .arg(&self.events_key)
-            .arg("*")
-            .arg("data")
-            .arg(event.to_json(&self.hmac).to_string())
-            .query_async::<String>(&mut conn)
+        self.add_event(&event.to_json(&self.keys.ring()))
             .await
-            .map(|_| ())
             .map_err(|e| {
                 format!(
                     "redis: cannot record the {} audit event ({e}); the action itself is done",
                     event.action
                 )
             })
+    }
+
+    /// XADDs an event already built (hashed and signed) to the worker's
+    /// own events stream.
+    pub async fn add_event(&self, event: &Value) -> redis::RedisResult<()> {
+        let mut conn = self.redis.clone();
+        redis::cmd("XADD")
+            .arg(&self.events_key)
+            .arg("*")
+            .arg("data")
+            .arg(event.to_string())
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+    }
+
+    /// XADDs a notification for `requester` to its notifications stream:
+    /// `fields` after `type`, `jobId` and `requesterId`.
+    pub async fn notify(
+        &self,
+        kind: &str,
+        job_id: &str,
+        requester: &str,
+        fields: &[(&str, String)],
+    ) -> redis::RedisResult<()> {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(self.notifications.for_requester(requester))
+            .arg("*")
+            .arg("type")
+            .arg(kind)
+            .arg("jobId")
+            .arg(job_id)
+            .arg("requesterId")
+            .arg(requester);
+        for (k, v) in fields {
+            cmd.arg(*k).arg(v);
+        }
+        let mut conn = self.redis.clone();
+        cmd.query_async::<String>(&mut conn).await.map(|_| ())
     }
 }
 

@@ -31,6 +31,7 @@ use futures::future::BoxFuture;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, SnapshotConfig};
@@ -38,6 +39,7 @@ use crate::event::{RejectReason, Rejection};
 use crate::integrity::checkpoint::{Checkpoint, CheckpointSigner, Ed25519NoteSigner, NoteVerifier};
 use crate::integrity::merkle::{self, Hash, TreeBuilder};
 use crate::integrity::record::LEAF_VERSION_V2;
+use crate::jobs::internal_event::{EventRecorder, InternalEvent};
 use crate::jobs::merkle_stream::{consistency_plan, hash_from_bytes};
 use crate::jobs::stored_record::{record_from_row, stored_digest, RECORD_COLUMNS, SALTS_JOIN};
 use crate::jobs::{JobError, JobHandler};
@@ -222,8 +224,8 @@ pub struct Snapshotter {
     origin: String,
     settings: SnapshotConfig,
     storage: Storage,
-    redis: Option<crate::source::RedisConn>,
-    stream_key: String,
+    /// Where the creation event goes (`None`: no Redis in this process).
+    events: Option<EventRecorder>,
     owner: String,
     /// Where finished jobs are counted (the worker's registry; the CLI
     /// has none).
@@ -246,11 +248,17 @@ impl Snapshotter {
             origin: config.snapshot.origin.clone(),
             settings: config.snapshot.clone(),
             storage,
-            redis,
-            stream_key: crate::shards::own_events_key(config),
+            events: redis.map(|r| EventRecorder::new(config, r)),
             owner: config.consumer_name(),
             metrics: None,
         }
+    }
+
+    /// Signs the creation events with the key ring of the configuration in
+    /// force (a running worker; the CLI signs with the ring it read).
+    pub fn following(mut self, live: crate::live::LiveConfig) -> Self {
+        self.events = self.events.map(|e| e.following(live));
+        self
     }
 
     /// Counts finished jobs (`audit_worker_jobs_total{kind="snapshot"}`,
@@ -698,26 +706,16 @@ impl Snapshotter {
             &summary.checkpoint,
         )
         .await?;
-        let Some(redis) = &self.redis else {
+        let Some(events) = &self.events else {
             return Err(SnapshotError::Redis(
                 "no Redis connection in this process".into(),
             ));
         };
-        let event = creation_event(&summary);
-        let mut conn = redis.clone();
+        let event = creation_event(&summary).to_json(&events.keys.ring());
         let mut last = None;
         for _ in 0..3 {
-            let r: redis::RedisResult<String> = redis::cmd("XADD")
-                .arg(&self.stream_key)
-                .arg("*")
-                .arg("data")
-                .arg(event.to_string())
-                .arg("name")
-                .arg("audit.event")
-                .query_async(&mut conn)
-                .await;
-            match r {
-                Ok(_) => {
+            match events.add_event(&event).await {
+                Ok(()) => {
                     last = None;
                     break;
                 }
@@ -890,24 +888,32 @@ pub async fn load_summary(
 
 /// The `audit.snapshot.created` audit event for a snapshot. Its eventId
 /// and timestamp derive from the snapshot, so publishing twice stores one row.
-pub fn creation_event(s: &SnapshotSummary) -> serde_json::Value {
-    serde_json::json!({
-        "eventId": format!("audit-worker:snapshot:{}:{}", sanitize_segment(&s.origin), s.snapshot_id),
-        "timestamp": s.created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
-        "action": SNAPSHOT_CREATED_ACTION,
-        "status": "success",
-        "principalId": "audit-worker",
-        "targetResourceType": "AuditSnapshot",
-        "targetResourceId": s.snapshot_id.to_string(),
-        "outcomeDescription": format!(
-            "sealed {} events; log size {} -> {}", s.record_count, s.previous_tree_size, s.tree_size
+pub fn creation_event(s: &SnapshotSummary) -> InternalEvent {
+    InternalEvent {
+        event_id: format!(
+            "audit-worker:snapshot:{}:{}",
+            sanitize_segment(&s.origin),
+            s.snapshot_id
         ),
-        "dataClassification": "INTERNAL",
-        "snapshotTreeSize": s.tree_size,
-        "snapshotRootHex": s.root_hex,
-        "snapshotManifest": s.manifest_path,
-        "snapshotCheckpoint": s.checkpoint,
-    })
+        time: s.created_at,
+        action: SNAPSHOT_CREATED_ACTION.into(),
+        principal_id: "audit-worker".into(),
+        organization_id: None,
+        target_type: "AuditSnapshot".into(),
+        target_id: s.snapshot_id.to_string(),
+        outcome: format!(
+            "sealed {} events; log size {} -> {}",
+            s.record_count, s.previous_tree_size, s.tree_size
+        ),
+        details: [
+            ("snapshotTreeSize".to_owned(), json!(s.tree_size)),
+            ("snapshotRootHex".to_owned(), json!(s.root_hex)),
+            ("snapshotManifest".to_owned(), json!(s.manifest_path)),
+            ("snapshotCheckpoint".to_owned(), json!(s.checkpoint)),
+        ]
+        .into_iter()
+        .collect(),
+    }
 }
 
 /// The event-time ranges earlier snapshots sealed, merged, for telling a
@@ -1191,8 +1197,9 @@ mod tests {
             created_at: Utc::now(),
             job_id: None,
         };
-        let e = creation_event(&s);
-        assert_eq!(e, creation_event(&s));
+        let ring = crate::integrity::HmacKeyRing::default();
+        let e = creation_event(&s).to_json(&ring);
+        assert_eq!(e, creation_event(&s).to_json(&ring));
         let raw = e.to_string();
         let policy = crate::event::ValidationPolicy::default();
         let ev = crate::event::decode_event(raw.as_bytes(), &policy, Utc::now()).unwrap();

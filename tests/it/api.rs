@@ -98,7 +98,7 @@ impl ApiEnv {
             let _ = reports.spawn(&config, shutdown.clone());
         }
         audit_worker::api::serve(
-            &config,
+            &audit_worker::live::LiveConfig::fixed(config.clone()).unwrap(),
             pool.clone(),
             exports.handler.clone(),
             reports.handler.clone(),

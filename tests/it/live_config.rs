@@ -263,6 +263,82 @@ async fn sighup_rotates_the_hmac_key_old_key_ids_still_verify_and_invalid_edits_
     env.cleanup().await;
 }
 
+/// The events the worker records about itself (here: an export completed)
+/// are signed with the key in force when they are made: after a rotation
+/// that drops the old key, they are stored under the new key id, not
+/// dead-lettered for a key the ring no longer has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workers_own_events_are_signed_with_the_key_in_force_after_a_rotation() {
+    let env = TestEnv::new("live_own_key").await;
+    let files = Files::new();
+    let config = files.path("worker.toml");
+    let log = files.path("worker.log");
+    let notifications = format!("{}:notifications", env.stream);
+    let extra = format!(
+        "[storage]\nurl = \"{}\"\n\n[export]\nnotifications_key = \"{notifications}\"\n",
+        files.path("store").display()
+    );
+    std::fs::write(&config, document("k1=first-secret", &extra)).unwrap();
+    let mut child = start_worker(
+        &env,
+        config.to_str().unwrap(),
+        &files.path("cache.toml"),
+        &log,
+    );
+    wait_ready(&env).await;
+    env.add_events(&[signed_event(1, &HmacKey::new("k1", "first-secret"))])
+        .await;
+    assert_eq!(stored_key_id(&env, 1).await.as_deref(), Some("k1"));
+
+    // k2 replaces k1 outright.
+    std::fs::write(&config, document("k2=second-secret", &extra)).unwrap();
+    reload_by_signal(&env, &child, "applied", 1).await;
+    let day = chrono::Duration::days(1);
+    let filters = json!({
+        "from": (chrono::Utc::now() - day).to_rfc3339(),
+        "to": (chrono::Utc::now() + day).to_rfc3339(),
+    });
+    env.add_entries(&[(
+        Some("export.audit"),
+        crate::export::request(filters, "ndjson", "none", "officer-1"),
+    )])
+    .await;
+    let signed_by = || async {
+        env.pg
+            .query_opt(
+                "SELECT signature_key_id FROM audit_log WHERE action = 'audit.export.completed'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, Option<String>>(0))
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "the audit.export.completed event stored",
+        || async { signed_by().await.is_some() },
+    )
+    .await;
+    assert_eq!(signed_by().await, Some(Some("k2".to_string())));
+    assert_eq!(env.dlq_len().await, 0, "nothing dead-lettered");
+    let mut conn = env.redis_conn().await;
+    let notices: Vec<redis::Value> = redis::cmd("XRANGE")
+        .arg(&notifications)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(notices.len(), 1, "one export.ready notification");
+    let _: () = redis::cmd("DEL")
+        .arg(&notifications)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    terminate(&mut child);
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_document_is_applied_by_the_poll_without_a_signal() {
     let env = TestEnv::new("live_poll").await;

@@ -378,6 +378,8 @@ async fn cluster_with_four_shards_and_three_workers_stores_every_event_once_and_
     let env = TestEnv::new("cluster").await;
     let topology = Topology::start("cluster", &env.name);
     let (shards, total) = (4u32, 100_000usize);
+    let store = tempfile::tempdir().unwrap();
+    let notifications = format!("{}:notifications", env.stream);
     let nodes = format!(
         "[\"{}\",\"{}\",\"{}\"]",
         topology.node(0),
@@ -399,6 +401,14 @@ async fn cluster_with_four_shards_and_three_workers_stores_every_event_once_and_
                     (
                         "AUDIT_WORKER__TELEMETRY__QUEUE_STATS_INTERVAL_SECS",
                         "1".into(),
+                    ),
+                    (
+                        "AUDIT_WORKER__STORAGE__URL",
+                        store.path().display().to_string(),
+                    ),
+                    (
+                        "AUDIT_WORKER__EXPORT__NOTIFICATIONS_KEY",
+                        notifications.clone(),
                     ),
                 ],
             );
@@ -503,6 +513,61 @@ async fn cluster_with_four_shards_and_three_workers_stores_every_event_once_and_
         .await;
     }
     assert_eq!(stored, total as f64, "each event inserted by one worker");
+
+    // A job requested on a shard runs once; its audit event goes to shard
+    // 0 and is stored, and the requester's notification goes to the
+    // requester's notifications stream, hash-tagged like the shards.
+    let requester = "officer-7";
+    let day = chrono::Duration::days(1);
+    let filters = serde_json::json!({
+        "from": (chrono::Utc::now() - day).to_rfc3339(),
+        "to": (chrono::Utc::now() + day).to_rfc3339(),
+        "organizationId": "org-1",
+    });
+    let _: String = redis::cmd("XADD")
+        .arg(tagged_key(&env.stream, 2))
+        .arg("*")
+        .arg("name")
+        .arg("export.audit")
+        .arg("data")
+        .arg(crate::export::request(filters, "ndjson", "gzip", requester))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mine = tagged_key(&notifications, shard_for(requester, shards));
+    wait_until(
+        Duration::from_secs(120),
+        "the export's notification and audit event",
+        || async {
+            let mut conn = client.get_async_connection().await.unwrap();
+            let notified: usize = redis::cmd("XLEN")
+                .arg(&mine)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            notified == 1 && env.row_count().await == total as i64 + 1
+        },
+    )
+    .await;
+    for k in (0..shards).filter(|&k| k != shard_for(requester, shards)) {
+        let other: usize = redis::cmd("XLEN")
+            .arg(tagged_key(&notifications, k))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(other, 0, "notification shard {k} holds nothing");
+    }
+    let completed: i64 = env
+        .pg
+        .query_one(
+            "SELECT count(*) FROM audit_log WHERE action = 'audit.export.completed' \
+             AND principal_id = $1",
+            &[&requester],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(completed, 1, "the export is audited once");
     workers.stop();
     drop(topology);
     env.cleanup().await;

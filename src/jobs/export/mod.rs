@@ -28,6 +28,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ExportConfig};
+use crate::jobs::internal_event::EventRecorder;
 use crate::jobs::{JobError, JobHandler};
 use crate::storage::Storage;
 use executor::{Exporter, Settings};
@@ -181,10 +182,7 @@ pub fn exporter(
         storage,
         settings: Settings::from_config(&config.export).map_err(anyhow::Error::msg)?,
         notifier: redis.map(|redis| Notifier {
-            redis,
-            notifications_key: config.export.notifications_key.clone(),
-            events_key: crate::shards::own_events_key(config),
-            hmac: crate::policy::hmac_key_ring(&config.integrity).unwrap_or_default(),
+            own: EventRecorder::new(config, redis),
         }),
         links: link_signer(config)?,
         worker_name: config.consumer_name(),
@@ -221,6 +219,9 @@ impl ExportService {
             wake.clone(),
         )?;
         exporter.metrics = Some(metrics);
+        if let (Some(n), Some(live)) = (exporter.notifier.as_mut(), &live) {
+            n.own = n.own.clone().following(live.clone());
+        }
         exporter.live = live;
         let exporter = Arc::new(exporter);
         if exporter.links.is_none() && storage.s3.is_none() {

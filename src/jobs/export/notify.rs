@@ -1,6 +1,7 @@
 //! Telling the requester, and auditing the export itself.
 //!
-//! Notifications go to the `export.notifications_key` stream with a `type`
+//! Notifications go to the requester's notifications stream
+//! ([`crate::shards::NotificationKeys`]) with a `type`
 //! (`export.ready`, `export.no_results`, `export.failed`,
 //! `export.expired`). They are sent at least once: the job is only marked
 //! notified after the XADD, so a crash in between sends again (consumers
@@ -12,11 +13,9 @@
 //! and `timestamp` come from the job (id, completion time), so a repeat
 //! after a crash is absorbed by the idempotency key instead of stored twice.
 
-use crate::source::RedisConn;
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::json;
 
-use crate::integrity::{canonical_hash_v1, HashedFields, HmacKeyRing};
+use crate::jobs::internal_event::{EventRecorder, InternalEvent};
 
 /// The notification types, as written to the `type` field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,10 +41,7 @@ impl Notice {
 /// Writes notifications and the export's audit event to Redis.
 #[derive(Clone)]
 pub struct Notifier {
-    pub redis: RedisConn,
-    pub notifications_key: String,
-    pub events_key: String,
-    pub hmac: HmacKeyRing,
+    pub own: EventRecorder,
 }
 
 /// What a notification says about a job.
@@ -62,17 +58,12 @@ pub struct NoticeFields {
 }
 
 impl Notifier {
-    /// XADDs one notification.
+    /// XADDs one notification to the requester's notifications stream.
     pub async fn notify(&self, notice: Notice, f: &NoticeFields) -> redis::RedisResult<()> {
-        let mut fields: Vec<(&str, String)> = vec![
-            ("type", notice.as_str().to_owned()),
-            ("jobId", f.job_id.clone()),
-            ("requesterId", f.requester_id.clone()),
-            (
-                "at",
-                Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
-            ),
-        ];
+        let mut fields: Vec<(&str, String)> = vec![(
+            "at",
+            Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+        )];
         if let Some(l) = &f.download_link {
             fields.push(("downloadLink", l.clone()));
         }
@@ -91,27 +82,16 @@ impl Notifier {
         if let Some(r) = &f.reason {
             fields.push(("reason", r.clone()));
         }
-        let mut conn = self.redis.clone();
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(&self.notifications_key).arg("*");
-        for (k, v) in fields {
-            cmd.arg(k).arg(v);
-        }
-        cmd.query_async::<String>(&mut conn).await.map(|_| ())
+        self.own
+            .notify(notice.as_str(), &f.job_id, &f.requester_id, &fields)
+            .await
     }
 
     /// XADDs the `audit.export.completed` event for a finished job.
     pub async fn audit_completed(&self, a: &CompletedExport<'_>) -> redis::RedisResult<()> {
-        let event = completed_event(a, &self.hmac);
-        let mut conn = self.redis.clone();
-        redis::cmd("XADD")
-            .arg(&self.events_key)
-            .arg("*")
-            .arg("data")
-            .arg(event.to_string())
-            .query_async::<String>(&mut conn)
+        self.own
+            .add_event(&completed_event(a).to_json(&self.own.keys.ring()))
             .await
-            .map(|_| ())
     }
 }
 
@@ -129,44 +109,23 @@ pub struct CompletedExport<'a> {
     pub filters: &'a serde_json::Value,
 }
 
-/// The audit event for a finished export: hashed with canonical hash v1
-/// and signed with the first configured HMAC key (if any), so it passes
-/// the worker's own validation whatever `require_signature` says.
-pub fn completed_event(a: &CompletedExport<'_>, hmac: &HmacKeyRing) -> serde_json::Value {
-    let timestamp = a.completed_at.to_rfc3339_opts(SecondsFormat::Millis, true);
-    let outcome = format!(
-        "exported {} rows ({} {}, {} bytes, sha256 {})",
-        a.rows, a.format, a.compression, a.size_bytes, a.sha256
-    );
-    let target_type = "AuditExport";
-    let action = "audit.export.completed";
-    let hash = canonical_hash_v1(&HashedFields {
-        timestamp: Some(&timestamp),
-        action: Some(action),
-        status: Some("success"),
-        principal_id: Some(a.requester_id),
+/// The audit event for a finished export (hashed and signed as every
+/// event the worker records about itself).
+pub fn completed_event(a: &CompletedExport<'_>) -> InternalEvent {
+    InternalEvent {
+        event_id: format!("export-completed-{}", a.job_id),
+        time: a.completed_at,
+        action: "audit.export.completed".into(),
+        principal_id: a.requester_id.to_owned(),
         organization_id: None,
-        target_resource_type: Some(target_type),
-        target_resource_id: Some(a.job_id),
-        outcome_description: Some(&outcome),
-    });
-    let mut event = json!({
-        "eventId": format!("export-completed-{}", a.job_id),
-        "timestamp": timestamp,
-        "action": action,
-        "status": "success",
-        "principalId": a.requester_id,
-        "targetResourceType": target_type,
-        "targetResourceId": a.job_id,
-        "outcomeDescription": outcome,
-        "dataClassification": "INTERNAL",
-        "hash": hash,
-        "hashAlgorithm": "SHA-256",
-        "exportFilters": a.filters,
-    });
-    if let Some(key) = hmac.signing_key() {
-        event["signature"] = json!(key.sign(&hash));
-        event["algorithm"] = json!("HMAC-SHA256");
+        target_type: "AuditExport".into(),
+        target_id: a.job_id.to_owned(),
+        outcome: format!(
+            "exported {} rows ({} {}, {} bytes, sha256 {})",
+            a.rows, a.format, a.compression, a.size_bytes, a.sha256
+        ),
+        details: [("exportFilters".to_owned(), a.filters.clone())]
+            .into_iter()
+            .collect(),
     }
-    event
 }

@@ -256,11 +256,7 @@ pub async fn run_hold(config: &Config, command: HoldCommand) -> anyhow::Result<(
             h
         }
     };
-    let recorder = EventRecorder {
-        redis: connect_redis(config).await?,
-        events_key: config.stream.key.clone(),
-        hmac: crate::policy::hmac_key_ring(&config.integrity).unwrap_or_default(),
-    };
+    let recorder = EventRecorder::new(config, connect_redis(config).await?);
     recorder
         .record(&hold::hold_event(&changed, &by))
         .await

@@ -238,7 +238,7 @@ pub struct Eraser {
     /// Every shard's dead-letter stream.
     pub dlq_keys: Vec<String>,
     pub alerts_key: String,
-    pub notifications_key: String,
+    /// The erasure's audit event and the requesters' notifications.
     pub recorder: EventRecorder,
     /// Where export and report artifacts live.
     pub storage: Storage,
@@ -267,12 +267,7 @@ impl Eraser {
                 .map(|k| k.dlq)
                 .collect(),
             alerts_key: config.alerts.stream.clone(),
-            notifications_key: config.export.notifications_key.clone(),
-            recorder: EventRecorder {
-                redis: redis.clone(),
-                events_key: crate::shards::own_events_key(config),
-                hmac: crate::policy::hmac_key_ring(&config.integrity).unwrap_or_default(),
-            },
+            recorder: EventRecorder::new(config, redis.clone()),
             redis,
             storage,
         })
@@ -672,21 +667,18 @@ impl Eraser {
                 Err(e) => return Err(format!("object storage: cannot delete {key} ({e})")),
             }
         }
-        let mut conn = self.redis.clone();
-        redis::cmd("XADD")
-            .arg(&self.notifications_key)
-            .arg("*")
-            .arg("type")
-            .arg(format!("{}.withdrawn", w.kind))
-            .arg("jobId")
-            .arg(&w.job_id)
-            .arg("requesterId")
-            .arg(&w.requester_id)
-            .arg("reason")
-            .arg("a GDPR erasure removed personal values this artifact held; request it again")
-            .query_async::<String>(&mut conn)
+        self.recorder
+            .notify(
+                &format!("{}.withdrawn", w.kind),
+                &w.job_id,
+                &w.requester_id,
+                &[(
+                    "reason",
+                    "a GDPR erasure removed personal values this artifact held; request it again"
+                        .to_owned(),
+                )],
+            )
             .await
-            .map(|_| ())
             .map_err(|e| format!("redis: cannot notify {} ({e})", w.requester_id))
     }
 }

@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::source::RedisConn;
 use chrono::{DateTime, SecondsFormat, Utc};
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
@@ -39,8 +38,8 @@ use super::request::{OutputFormat, ReportKind, ReportRequest};
 use super::store::{self, Completion, ReportJob};
 use crate::config::{Config, ReportConfig};
 use crate::integrity::checkpoint::NoteVerifier;
-use crate::integrity::{canonical_hash_v1, HashedFields, HmacKeyRing};
 use crate::jobs::export::link::{self, LinkSigner};
+use crate::jobs::internal_event::{EventRecorder, InternalEvent};
 use crate::storage::Storage;
 
 /// Upload chunk size of the CSV (S3's minimum part size).
@@ -113,22 +112,13 @@ impl Settings {
     }
 }
 
-/// Where the audit event and notifications go.
-#[derive(Clone)]
-pub struct Announcer {
-    pub redis: RedisConn,
-    pub events_key: String,
-    pub notifications_key: String,
-    pub hmac: HmacKeyRing,
-}
-
 /// Everything a report needs to run.
 pub struct Reporter {
     pub pool: deadpool_postgres::Pool,
     pub storage: Storage,
     pub settings: Settings,
     /// `None`: a CLI run that could not reach Redis (no audit event).
-    pub announcer: Option<Announcer>,
+    pub announcer: Option<EventRecorder>,
     pub links: Option<LinkSigner>,
     /// `None`: no verifier key configured (integrity reports fail, saying so).
     pub verifier: Option<NoteVerifier>,
@@ -587,35 +577,28 @@ impl Reporter {
     /// Sends the audit event and the notification, then marks the job.
     async fn announce(&self, job: &ReportJob) -> Result<(), String> {
         if let Some(a) = &self.announcer {
-            let event = created_event(job, &a.hmac);
-            let mut conn = a.redis.clone();
-            redis::cmd("XADD")
-                .arg(&a.events_key)
-                .arg("*")
-                .arg("data")
-                .arg(event.to_string())
-                .query_async::<String>(&mut conn)
+            a.add_event(&created_event(job).to_json(&a.keys.ring()))
                 .await
                 .map_err(|e| format!("redis: {e}"))?;
             let links = self.links(job).await;
-            redis::cmd("XADD")
-                .arg(&a.notifications_key)
-                .arg("*")
-                .arg("type")
-                .arg("report.ready")
-                .arg("jobId")
-                .arg(&job.id)
-                .arg("requesterId")
-                .arg(&job.request.requester_id)
-                .arg("kind")
-                .arg(job.request.kind.as_str())
-                .arg("manifestSha256")
-                .arg(job.manifest_sha256.as_deref().unwrap_or_default())
-                .arg("downloadLinks")
-                .arg(serde_json::Value::Object(links).to_string())
-                .query_async::<String>(&mut conn)
-                .await
-                .map_err(|e| format!("redis: {e}"))?;
+            a.notify(
+                "report.ready",
+                &job.id,
+                &job.request.requester_id,
+                &[
+                    ("kind", job.request.kind.as_str().to_owned()),
+                    (
+                        "manifestSha256",
+                        job.manifest_sha256.clone().unwrap_or_default(),
+                    ),
+                    (
+                        "downloadLinks",
+                        serde_json::Value::Object(links).to_string(),
+                    ),
+                ],
+            )
+            .await
+            .map_err(|e| format!("redis: {e}"))?;
         } else {
             tracing::warn!(job = %job.id, "Redis unreachable: the report is not recorded as an audit event");
         }
@@ -632,19 +615,13 @@ impl Reporter {
 
     async fn notify_failed(&self, job: &ReportJob, reason: &str) {
         if let Some(a) = &self.announcer {
-            let mut conn = a.redis.clone();
-            let sent = redis::cmd("XADD")
-                .arg(&a.notifications_key)
-                .arg("*")
-                .arg("type")
-                .arg("report.failed")
-                .arg("jobId")
-                .arg(&job.id)
-                .arg("requesterId")
-                .arg(&job.request.requester_id)
-                .arg("reason")
-                .arg(reason)
-                .query_async::<String>(&mut conn)
+            let sent = a
+                .notify(
+                    "report.failed",
+                    &job.id,
+                    &job.request.requester_id,
+                    &[("reason", reason.to_owned())],
+                )
                 .await;
             if let Err(e) = sent {
                 tracing::warn!(job = %job.id, error = %e, "report failure notification not sent");
@@ -659,13 +636,9 @@ pub fn signed_id(job_id: &str, format: &str) -> String {
 }
 
 /// The `audit.report.created` event of a completed job: the manifest's and
-/// every file's SHA-256, hashed with canonical hash v1 and signed with the
-/// first HMAC key (if any), so it passes the worker's own validation.
-pub fn created_event(job: &ReportJob, hmac: &HmacKeyRing) -> serde_json::Value {
-    let timestamp = job
-        .completed_at
-        .unwrap_or(job.created_at)
-        .to_rfc3339_opts(SecondsFormat::Millis, true);
+/// every file's SHA-256 (hashed and signed as every event the worker
+/// records about itself).
+pub fn created_event(job: &ReportJob) -> InternalEvent {
     let manifest = job.manifest_sha256.as_deref().unwrap_or_default();
     let mut files = Vec::new();
     if let Some(a) = job.artifacts.as_ref().and_then(|a| a.as_object()) {
@@ -687,42 +660,23 @@ pub fn created_event(job: &ReportJob, hmac: &HmacKeyRing) -> serde_json::Value {
         job.request.to.to_rfc3339_opts(SecondsFormat::Secs, true),
         files.join(", ")
     );
-    let action = "audit.report.created";
-    let target_type = "ComplianceReport";
-    let hash = canonical_hash_v1(&HashedFields {
-        timestamp: Some(&timestamp),
-        action: Some(action),
-        status: Some("success"),
-        principal_id: Some(&job.request.requester_id),
-        organization_id: job.request.organization_id.as_deref(),
-        target_resource_type: Some(target_type),
-        target_resource_id: Some(&job.id),
-        outcome_description: Some(&outcome),
-    });
-    let mut event = json!({
-        "eventId": format!("report-created-{}", job.id),
-        "timestamp": timestamp,
-        "action": action,
-        "status": "success",
-        "principalId": job.request.requester_id,
-        "targetResourceType": target_type,
-        "targetResourceId": job.id,
-        "outcomeDescription": outcome,
-        "dataClassification": "INTERNAL",
-        "hash": hash,
-        "hashAlgorithm": "SHA-256",
-        "reportKind": job.request.kind.as_str(),
-        "manifestSha256": manifest,
-        "artifacts": job.artifacts,
-    });
-    if let Some(org) = &job.request.organization_id {
-        event["organizationId"] = json!(org);
+    InternalEvent {
+        event_id: format!("report-created-{}", job.id),
+        time: job.completed_at.unwrap_or(job.created_at),
+        action: "audit.report.created".into(),
+        principal_id: job.request.requester_id.clone(),
+        organization_id: job.request.organization_id.clone(),
+        target_type: "ComplianceReport".into(),
+        target_id: job.id.clone(),
+        outcome,
+        details: [
+            ("reportKind".to_owned(), json!(job.request.kind.as_str())),
+            ("manifestSha256".to_owned(), json!(manifest)),
+            ("artifacts".to_owned(), json!(job.artifacts)),
+        ]
+        .into_iter()
+        .collect(),
     }
-    if let Some(key) = hmac.signing_key() {
-        event["signature"] = json!(key.sign(&hash));
-        event["algorithm"] = json!("HMAC-SHA256");
-    }
-    event
 }
 
 /// The CSV file of a report, streamed into object storage while hashing.
@@ -995,7 +949,7 @@ mod tests {
             lease: "l".into(),
             source: "stream:s:1-0".into(),
         };
-        let event = created_event(&job, &HmacKeyRing::default());
+        let event = created_event(&job).to_json(&Default::default());
         let decoded = crate::event::decode_event(
             event.to_string().as_bytes(),
             &crate::event::ValidationPolicy::default(),
@@ -1010,6 +964,6 @@ mod tests {
             assert!(outcome.contains(needle), "{outcome}");
         }
         // The same job gives the same event: a repeat is a duplicate.
-        assert_eq!(event, created_event(&job, &HmacKeyRing::default()));
+        assert_eq!(event, created_event(&job).to_json(&Default::default()));
     }
 }

@@ -32,9 +32,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::dlq::{RejectReason, Rejection};
+use crate::jobs::internal_event::EventRecorder;
 use crate::jobs::{JobError, JobHandler};
 use crate::storage::Storage;
-use executor::{Announcer, Reporter, Settings};
+use executor::{Reporter, Settings};
 pub use request::ReportRequest;
 pub use store::{get_job, Created, Origin, ReportJob};
 
@@ -191,12 +192,7 @@ pub fn reporter(
         pool,
         storage,
         settings,
-        announcer: redis.map(|redis| Announcer {
-            redis,
-            events_key: crate::shards::own_events_key(config),
-            notifications_key: config.export.notifications_key.clone(),
-            hmac: crate::policy::hmac_key_ring(&config.integrity).unwrap_or_default(),
-        }),
+        announcer: redis.map(|redis| EventRecorder::new(config, redis)),
         links: crate::jobs::export::link_signer(config)?,
         verifier: crate::jobs::snapshot::load_verifier(&config.snapshot).ok(),
         worker_name: config.consumer_name(),
@@ -226,6 +222,9 @@ impl ReportService {
         let wake = Arc::new(Notify::new());
         let mut reporter = reporter(config, pool.clone(), storage, Some(redis), wake.clone())?;
         reporter.metrics = Some(metrics);
+        if let Some(live) = &live {
+            reporter.announcer = reporter.announcer.map(|a| a.following(live.clone()));
+        }
         reporter.live = live;
         Ok(Self {
             handler: Arc::new(
