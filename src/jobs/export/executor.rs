@@ -170,6 +170,17 @@ pub struct Exporter {
     pub live: Option<crate::live::LiveConfig>,
 }
 
+/// The key of a page's last row, where the next page starts.
+fn page_key(rows: &[tokio_postgres::Row]) -> Result<Key, ExportError> {
+    let last = rows
+        .last()
+        .ok_or_else(|| ExportError::Io("empty page".into()))?;
+    Ok(Key {
+        event_time: last.try_get(1)?,
+        id: last.try_get(0)?,
+    })
+}
+
 /// The object key of part `n` of a job.
 pub fn part_path(prefix: &str, n: i32) -> Path {
     Path::from(format!("{prefix}/{n:06}"))
@@ -454,40 +465,50 @@ impl Exporter {
         let mut in_part = 0u64;
         let mut last = after;
         let result: Result<(), ExportError> = async {
+            // The next page, fetched while the current one is formatted and
+            // compressed: the database and the encoder work at once.
+            let mut prefetched: Option<Vec<tokio_postgres::Row>> = None;
             loop {
                 let limit = (limits.page_rows as u64).min(limits.part_rows - in_part);
                 if limit == 0 {
                     break;
                 }
-                let rows = query.page(client, statement, last, limit as i64).await?;
+                let rows = match prefetched.take() {
+                    Some(rows) => rows,
+                    None => query.page(client, statement, last, limit as i64).await?,
+                };
                 let got = rows.len() as u64;
                 if got == 0 {
                     break;
                 }
+                let page_last = page_key(&rows)?;
                 let first_index = job.rows_done as u64 + in_part;
                 let mut enc = encoder
                     .take()
                     .ok_or_else(|| ExportError::Io("encoder lost".into()))?;
                 // Formatting and compressing a page is CPU work: keep it off
                 // the async threads that serve Redis and HTTP.
-                let (enc, out, page_last) = tokio::task::spawn_blocking(move || {
+                let encoded = tokio::task::spawn_blocking(move || {
                     let mut exported = Vec::with_capacity(rows.len());
                     for r in &rows {
                         exported.push(ExportRow::from_pg(r).map_err(std::io::Error::other)?);
                     }
                     enc.write_rows(&exported, first_index)?;
                     let out = enc.take_output()?;
-                    let last_row = rows
-                        .last()
-                        .ok_or_else(|| std::io::Error::other("empty page"))?;
-                    let key = Key {
-                        event_time: last_row.try_get(1).map_err(std::io::Error::other)?,
-                        id: last_row.try_get(0).map_err(std::io::Error::other)?,
-                    };
-                    Ok::<_, std::io::Error>((enc, out, key))
-                })
-                .await
-                .map_err(|e| ExportError::Io(e.to_string()))??;
+                    Ok::<_, std::io::Error>((enc, out))
+                });
+                let next_limit = (limits.page_rows as u64).min(limits.part_rows - in_part - got);
+                let (encoded, next) = if got == limit && next_limit > 0 {
+                    let (encoded, next) = tokio::join!(
+                        encoded,
+                        query.page(client, statement, page_last, next_limit as i64)
+                    );
+                    (encoded, Some(next))
+                } else {
+                    (encoded.await, None)
+                };
+                let (enc, out) = encoded.map_err(|e| ExportError::Io(e.to_string()))??;
+                prefetched = next.transpose()?;
                 encoder = Some(enc);
                 if !out.is_empty() {
                     let w = match upload.as_mut() {
