@@ -687,6 +687,80 @@ async fn erasure_under_a_legal_hold_is_refused_naming_the_hold_and_proceeds_once
         assert!(text.contains(action), "{action} not recorded");
     }
 
+    // A released hold keeps no subject id in clear: with the pseudonym key
+    // (the CLI here) the subject's pseudonym, the one an erasure gives.
+    let other_hold: String = pg
+        .query_one(
+            "SELECT id FROM legal_holds WHERE subject_id = $1",
+            &[&SUBJECTS[0]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let (ok, released, err) = cli(&s, &c, &["hold", "release", &other_hold]);
+    assert!(ok, "{released}{err}");
+    let pseudonym_of_0 =
+        audit_worker::jobs::gdpr::pseudonym::Pseudonymizer::new(PSEUDONYM_KEY.to_string().into())
+            .of_text(SUBJECTS[0]);
+    let kept = |id: String| {
+        let pg = &pg;
+        async move {
+            pg.query_one("SELECT subject_id FROM legal_holds WHERE id = $1", &[&id])
+                .await
+                .unwrap()
+                .get::<_, Option<String>>(0)
+        }
+    };
+    assert_eq!(kept(other_hold.clone()).await, Some(pseudonym_of_0.clone()));
+    let (ok, list, _) = cli(&s, &c, &["hold", "list", "--all", "--json"]);
+    assert!(ok && list.contains(&pseudonym_of_0), "{list}");
+    assert!(!list.contains(SUBJECTS[0]), "{list}");
+    // Releasing it again changes nothing.
+    audit_worker::jobs::gdpr::hold::release(&pg, &other_hold, "again", None)
+        .await
+        .unwrap();
+    assert_eq!(kept(other_hold).await, Some(pseudonym_of_0));
+    // Without a key: the commitment SHA-256(hold id ":" subject), the same
+    // one migration V26 gives holds released before it.
+    let third = audit_worker::jobs::gdpr::hold::place(
+        &pg,
+        &audit_worker::jobs::gdpr::hold::NewHold {
+            organization_id: None,
+            subject_id: Some(SUBJECTS[1].into()),
+            from: None,
+            to: None,
+            reason: "third case".into(),
+            owner: "legal".into(),
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    let h = audit_worker::jobs::gdpr::hold::release(&pg, &third.id, "test", None)
+        .await
+        .unwrap()
+        .unwrap();
+    let by_sql: String = pg
+        .query_one(
+            "SELECT 'sha256:' || encode(sha256(convert_to($1 || ':' || $2, 'UTF8')), 'hex')",
+            &[&third.id, &SUBJECTS[1]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(h.subject_id, Some(by_sql.clone()));
+    assert_eq!(kept(third.id).await, Some(by_sql));
+    let dump = pg_dump(&s.env.schema);
+    let holds_dump: String = dump
+        .lines()
+        .skip_while(|l| !l.starts_with("COPY") || !l.contains("legal_holds"))
+        .take_while(|l| *l != "\\.")
+        .collect();
+    assert!(holds_dump.contains("third case"), "{holds_dump}");
+    assert!(
+        !holds_dump.contains(SUBJECTS[0]) && !holds_dump.contains(SUBJECTS[1]),
+        "{holds_dump}"
+    );
     drop_test_keys(&s, &c).await;
     s.env.cleanup().await;
 }
