@@ -194,6 +194,7 @@ pub async fn run_live(
         &config.retention,
         &config.database.schema,
         pool.clone(),
+        crate::jobs::retention::event_recorder(&config, commands.clone()),
         metrics.clone(),
         shutdown.clone(),
     );
