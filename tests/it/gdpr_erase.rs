@@ -1104,6 +1104,54 @@ async fn a_held_or_malformed_erasure_request_from_the_queue_is_dead_lettered_wit
             .collect::<Vec<_>>(),
         vec![("refused".to_string(), 0)]
     );
+
+    // Once the hold is released, the dead letter replayed (it keeps the
+    // message's identity) continues the same erasure request. The erasure
+    // purges the dead letters naming the subject (the out-of-scope request).
+    audit_worker::jobs::gdpr::hold::release(&s.env.pg, &hold_id, "test", None)
+        .await
+        .unwrap();
+    let out = s.worker_cli(&[
+        "dlq".as_ref(),
+        "replay".as_ref(),
+        "--reason".as_ref(),
+        "legal_hold".as_ref(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let worker = InProcessWorker::start(c.clone());
+    wait_until(
+        Duration::from_secs(60),
+        "the replayed erasure and its event",
+        || async { completion_events(&s.env.pg, &pseudonym(held)).await == 1 },
+    )
+    .await;
+    worker.stop().await;
+    let refused_source = erasures_of(&s.env.pg, "dpo").await;
+    assert_eq!(
+        refused_source
+            .iter()
+            .map(|(source, status, rows)| (source.starts_with("stream:"), status.as_str(), *rows))
+            .collect::<Vec<_>>(),
+        vec![(true, "completed", 3)],
+        "the same request, now done"
+    );
+    assert_eq!(principal_rows(&s.env.pg, held).await, 0);
+    let left: Vec<String> = s
+        .env
+        .dlq_entries()
+        .await
+        .iter()
+        .map(|l| text(l, "reason"))
+        .collect();
+    assert_eq!(
+        left,
+        ["invalid_erase_request", "invalid_erase_request"],
+        "the malformed two stay"
+    );
     drop_test_keys(&s, &c).await;
     s.env.cleanup().await;
 }
