@@ -61,8 +61,9 @@ pub enum RejectReason {
     /// events of the subject; the error names the hold.
     LegalHold,
     /// A `gdpr.erase` request that cannot run on the stored data (a stored
-    /// salt or erasure record that does not parse): retrying cannot help
-    /// until an operator looks.
+    /// salt or erasure record that does not parse, a data error the
+    /// database raises about the rows): retrying cannot help until an
+    /// operator looks.
     ErasureFailed,
 }
 

@@ -14,7 +14,8 @@
 //! - an active legal hold covers events of the subject: `legal_hold`, the
 //!   error naming the hold, its reason and owner (the refusal is also
 //!   recorded in `gdpr_erasures`); send it again once the hold is released;
-//! - stored data the erasure cannot read: `erasure_failed`;
+//! - stored data the erasure cannot read, or a data error the database
+//!   raises about the rows: `erasure_failed`;
 //! - the database, Redis or the object store unavailable: retried, never
 //!   dead-lettered (the erasure resumes where it stopped).
 
@@ -161,6 +162,20 @@ impl EraseHandler {
                 RejectReason::ErasureFailed,
                 m,
             ))),
+            // A data error about the rows themselves (as the sink sorts
+            // them) cannot be fixed by waiting; anything else can.
+            Err(EraseError::Db(e))
+                if crate::sink::postgres::classify(&e)
+                    == crate::sink::postgres::ErrorClass::Permanent =>
+            {
+                Err(JobError::Rejected(Rejection::new(
+                    RejectReason::ErasureFailed,
+                    format!(
+                        "the database refused the erasure: {}",
+                        crate::db::root_cause(&e)
+                    ),
+                )))
+            }
             Err(EraseError::Db(e)) => Err(transient(e)),
             Err(EraseError::Incomplete(m)) => Err(JobError::Transient(m)),
         }
