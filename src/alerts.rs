@@ -22,6 +22,14 @@
 //! Windows run on the worker's clock at evaluation, not on event
 //! timestamps, so replayed old events cannot hide in or fake a window.
 //!
+//! The rules' state never holds a principal id: windows and cooldowns are
+//! keyed by a keyed digest of it ([`Detector`]: HMAC-SHA256 with a random
+//! key drawn when the detector is built and never written anywhere,
+//! truncated to 128 bits). So a GDPR erasure leaves nothing of the subject
+//! in the memory of running workers to purge: what a window remembers is
+//! a digest that no one can tie to an id without that in-memory key, and
+//! it is gone with the window (or the detector) anyway.
+//!
 //! The rules apply live: the tap and the evaluator read them from the
 //! configuration in force. A changed rule set replaces the detector, so
 //! every window starts again from zero. `alerts.enabled` and the queue
@@ -85,6 +93,9 @@ pub struct Alert {
     pub message: String,
 }
 
+/// A principal as the rules' state keeps it: see [`Detector::principal_key`].
+type PrincipalKey = [u8; 16];
+
 /// A compiled rule with its state.
 enum Rule {
     FailureBurst {
@@ -93,7 +104,7 @@ enum Rule {
         window_ms: i64,
         /// Failure times (ms) per principal, oldest first; never longer
         /// than `threshold + 1`.
-        seen: HashMap<String, VecDeque<i64>>,
+        seen: HashMap<PrincipalKey, VecDeque<i64>>,
     },
     ClassifiedAccess {
         name: String,
@@ -102,7 +113,7 @@ enum Rule {
         allowed: HashSet<String>,
         cooldown_ms: i64,
         /// When each principal last raised this alert (ms).
-        last_alert: HashMap<String, i64>,
+        last_alert: HashMap<PrincipalKey, i64>,
     },
 }
 
@@ -113,6 +124,8 @@ pub struct Detector {
     /// Events a rule could not track because `max_tracked_principals` was
     /// reached (exported as `tracking_full` drops).
     pub untracked: u64,
+    /// The key of [`Detector::principal_key`]: random, in memory only.
+    state_key: [u8; 32],
 }
 
 /// Principal key for events without one.
@@ -150,11 +163,28 @@ impl Detector {
                 },
             })
             .collect();
+        let mut state_key = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut state_key);
         Self {
             rules,
             max_tracked,
             untracked: 0,
+            state_key,
         }
+    }
+
+    /// What the rules' windows and cooldowns are keyed by instead of the
+    /// principal id: HMAC-SHA256(random in-memory key, id), first 128 bits
+    /// (two principals sharing one by chance would need about 2^64 of
+    /// them).
+    fn principal_key(&self, principal: &str) -> PrincipalKey {
+        use hmac::{Hmac, Mac};
+        let mut mac = <Hmac<sha2::Sha256>>::new_from_slice(&self.state_key)
+            .expect("HMAC takes keys of any length");
+        mac.update(principal.as_bytes());
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&mac.finalize().into_bytes()[..16]);
+        key
     }
 
     /// Whether any rule could match this event (cheap; lets sources skip
@@ -173,6 +203,7 @@ impl Detector {
     pub fn observe(&mut self, input: &AlertInput, now_ms: i64) -> Vec<Alert> {
         let mut alerts = Vec::new();
         let principal = input.principal_id.as_deref().unwrap_or(NO_PRINCIPAL);
+        let key = self.principal_key(principal);
         for rule in &mut self.rules {
             match rule {
                 Rule::FailureBurst {
@@ -184,7 +215,7 @@ impl Detector {
                     if input.status != "failure" || input.principal_id.is_none() {
                         continue;
                     }
-                    if !seen.contains_key(principal) && seen.len() >= self.max_tracked {
+                    if !seen.contains_key(&key) && seen.len() >= self.max_tracked {
                         // Forget principals whose failures all left the window.
                         seen.retain(|_, q| q.back().is_some_and(|t| now_ms - t < *window_ms));
                         if seen.len() >= self.max_tracked {
@@ -192,7 +223,7 @@ impl Detector {
                             continue;
                         }
                     }
-                    let times = seen.entry(principal.to_owned()).or_default();
+                    let times = seen.entry(key).or_default();
                     while times.front().is_some_and(|t| now_ms - t >= *window_ms) {
                         times.pop_front();
                     }
@@ -238,19 +269,19 @@ impl Detector {
                         continue;
                     }
                     if last_alert
-                        .get(principal)
+                        .get(&key)
                         .is_some_and(|t| now_ms - t < *cooldown_ms)
                     {
                         continue;
                     }
-                    if !last_alert.contains_key(principal) && last_alert.len() >= self.max_tracked {
+                    if !last_alert.contains_key(&key) && last_alert.len() >= self.max_tracked {
                         last_alert.retain(|_, t| now_ms - *t < *cooldown_ms);
                         if last_alert.len() >= self.max_tracked {
                             self.untracked += 1;
                             continue;
                         }
                     }
-                    last_alert.insert(principal.to_owned(), now_ms);
+                    last_alert.insert(key, now_ms);
                     alerts.push(Alert {
                         rule: name.clone(),
                         kind: "classified_access",
@@ -489,6 +520,29 @@ mod tests {
             event_id: None,
             source: "stream:s:1-0".into(),
         }
+    }
+
+    #[test]
+    fn the_rules_state_holds_a_keyed_digest_of_each_principal_never_the_id() {
+        let who = "ana.kowalski@clinic.test";
+        let mut d = Detector::new(&[burst(5, 60), phi(&[])], 100);
+        d.observe(&input(who, "failure", Some("PHI"), "chart.read"), 1_000);
+        let mut keys: Vec<PrincipalKey> = Vec::new();
+        for rule in &d.rules {
+            match rule {
+                Rule::FailureBurst { seen, .. } => keys.extend(seen.keys()),
+                Rule::ClassifiedAccess { last_alert, .. } => keys.extend(last_alert.keys()),
+            }
+        }
+        assert_eq!(keys.len(), 2, "one entry per rule");
+        let key = d.principal_key(who);
+        assert!(keys.iter().all(|k| *k == key));
+        assert!(!keys
+            .iter()
+            .any(|k| who.as_bytes().windows(16).any(|w| w == k)));
+        // Another detector (another worker, or after a reload) has its own
+        // key: the digests cannot be compared across them either.
+        assert_ne!(Detector::new(&[], 1).principal_key(who), key);
     }
 
     fn burst(threshold: u32, window_secs: u64) -> RuleConfig {

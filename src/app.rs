@@ -194,11 +194,13 @@ pub async fn run_live(
         &config.retention,
         &config.database.schema,
         pool.clone(),
+        crate::jobs::retention::event_recorder(&config, commands.clone()),
         metrics.clone(),
         shutdown.clone(),
     );
 
-    // Job kinds register their handlers here (export, snapshot, report).
+    // Job kinds register their handlers here (export, snapshot, report,
+    // GDPR access and erasure).
     let access = Arc::new(crate::jobs::gdpr::access::AccessHandler::new(
         exports.handler.clone(),
         config.gdpr.subject_paths.clone(),
@@ -207,6 +209,7 @@ pub async fn run_live(
         export: Some(exports.handler.clone()),
         report: Some(reports.handler.clone()),
         gdpr_access: Some(access.clone()),
+        gdpr_erase: erase_handler(&config, &pool, &commands, &metrics)?,
         ..JobHandlers::default()
     };
     let export_tasks = exports.spawn(&config.export, shutdown.clone());
@@ -351,6 +354,30 @@ async fn watch_dead_letters(
             _ = shutdown.cancelled() => return,
         }
     }
+}
+
+/// The `gdpr.erase` handler, when `gdpr.pseudonym_key` is set (without it
+/// such requests are dead-lettered as `unknown_kind`, the error naming the
+/// setting).
+fn erase_handler(
+    config: &Config,
+    pool: &deadpool_postgres::Pool,
+    redis: &crate::source::RedisConn,
+    metrics: &Metrics,
+) -> anyhow::Result<Option<Arc<dyn crate::jobs::JobHandler>>> {
+    use crate::jobs::gdpr::{erase::Eraser, erase_job::EraseHandler};
+    if let Err(e) = config.gdpr.pseudonym_key() {
+        tracing::info!(reason = %e, "gdpr.erase requests from the queue are dead-lettered as unknown_kind");
+        return Ok(None);
+    }
+    let storage = crate::storage::open(&config.storage)?;
+    let eraser = Eraser::from_config(config, redis.clone(), storage)?;
+    Ok(Some(Arc::new(EraseHandler::new(
+        Arc::new(eraser),
+        pool.clone(),
+        config.export.queue_scope(),
+        Some(metrics.clone()),
+    ))))
 }
 
 /// The snapshot executor, when `snapshot.enabled` and a signing key is

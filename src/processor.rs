@@ -48,6 +48,8 @@ pub enum JobKind {
     Report,
     /// `gdpr.access`: a data subject's access request.
     GdprAccess,
+    /// `gdpr.erase`: a data subject's erasure request.
+    GdprErase,
 }
 
 /// The default job name.
@@ -61,6 +63,7 @@ impl JobKind {
             "audit.snapshot" => Self::Snapshot,
             "report.compliance" => Self::Report,
             "gdpr.access" => Self::GdprAccess,
+            "gdpr.erase" => Self::GdprErase,
             _ => Self::AuditEvent,
         }
     }
@@ -73,6 +76,7 @@ impl JobKind {
             Self::Snapshot => "snapshot",
             Self::Report => "report",
             Self::GdprAccess => "gdpr_access",
+            Self::GdprErase => "gdpr_erase",
         }
     }
 }

@@ -24,7 +24,7 @@ use crate::dlq::RejectReason;
 /// Job kinds that export job metrics (label `kind`); pre-registered so the
 /// series exist (at 0) before the first job, as dashboards and alert rules
 /// expect.
-pub const JOB_KINDS: [&str; 4] = ["export", "snapshot", "report", "gdpr_access"];
+pub const JOB_KINDS: [&str; 5] = ["export", "snapshot", "report", "gdpr_access", "gdpr_erase"];
 
 /// Redis operations counted in `audit_worker_redis_errors_total`
 /// (pre-registered at 0; other sources may add their own).

@@ -96,7 +96,9 @@ async fn create_erasure(
         }
         Err(EraseError::BadRequest(m)) => Err(Problem::invalid(m)),
         Err(EraseError::Db(e)) => Err(Problem::unavailable(&crate::db::root_cause(&e))),
-        Err(e @ EraseError::Integrity(_)) => Err(Problem::unavailable(&e.to_string())),
+        Err(e @ (EraseError::Integrity(_) | EraseError::Incomplete(_))) => {
+            Err(Problem::unavailable(&e.to_string()))
+        }
     }
 }
 

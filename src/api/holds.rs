@@ -201,7 +201,8 @@ async fn release_hold(
     if !visible.active() {
         return Ok(axum::Json(visible));
     }
-    let h = hold::release(&**client, &id, &caller.0.id)
+    let pseudonyms = state.gdpr.eraser.as_ref().map(|e| &e.pseudonyms);
+    let h = hold::release(&**client, &id, &caller.0.id, pseudonyms)
         .await
         .map_err(hold_error)?
         .ok_or_else(|| Problem::not_found("hold"))?;

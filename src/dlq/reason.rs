@@ -54,6 +54,17 @@ pub enum RejectReason {
     /// A `gdpr.access` request is malformed (no subject, unknown format,
     /// an organisation outside the allowed ones, ...).
     InvalidAccessRequest,
+    /// A `gdpr.erase` request is malformed (no subject or requester, a
+    /// pseudonym as subject, an organisation outside the allowed ones, ...).
+    InvalidEraseRequest,
+    /// A `gdpr.erase` request refused because an active legal hold covers
+    /// events of the subject; the error names the hold.
+    LegalHold,
+    /// A `gdpr.erase` request that cannot run on the stored data (a stored
+    /// salt or erasure record that does not parse, a data error the
+    /// database raises about the rows): retrying cannot help until an
+    /// operator looks.
+    ErasureFailed,
 }
 
 impl RejectReason {
@@ -80,11 +91,14 @@ impl RejectReason {
             Self::InvalidExportRequest => "invalid_export_request",
             Self::InvalidReportRequest => "invalid_report_request",
             Self::InvalidAccessRequest => "invalid_access_request",
+            Self::InvalidEraseRequest => "invalid_erase_request",
+            Self::LegalHold => "legal_hold",
+            Self::ErasureFailed => "erasure_failed",
         }
     }
 
     /// Every reason, for documentation and for pre-registering metric labels.
-    pub const ALL: [RejectReason; 20] = [
+    pub const ALL: [RejectReason; 23] = [
         Self::InvalidJson,
         Self::InvalidEvent,
         Self::StringTooLong,
@@ -105,6 +119,9 @@ impl RejectReason {
         Self::InvalidReportRequest,
         Self::InvalidAccessRequest,
         Self::IdempotencyConflict,
+        Self::InvalidEraseRequest,
+        Self::LegalHold,
+        Self::ErasureFailed,
     ];
 }
 

@@ -1,5 +1,5 @@
 //! Job kinds other than audit events (`export.audit`, `audit.snapshot`,
-//! `report.compliance`, `gdpr.access`).
+//! `report.compliance`, `gdpr.access`, `gdpr.erase`).
 //!
 //! A queue message for a job is only a request: the source hands its bytes
 //! to the kind's [`JobHandler`], which validates it and records the job
@@ -7,7 +7,9 @@
 //! message is acknowledged. The work itself runs in the kind's own executor,
 //! which leases jobs from PostgreSQL and checkpoints their progress there,
 //! so a long job neither holds a Redis delivery open nor restarts from zero
-//! after a crash.
+//! after a crash. `gdpr.erase` is the exception: its handler performs the
+//! erasure within the delivery (as the API and the CLI do), idempotent by
+//! the message identity, so a redelivery finds the erasure already done.
 
 pub mod dev_key;
 pub mod export;
@@ -59,6 +61,7 @@ pub struct JobHandlers {
     pub snapshot: Option<Arc<dyn JobHandler>>,
     pub report: Option<Arc<dyn JobHandler>>,
     pub gdpr_access: Option<Arc<dyn JobHandler>>,
+    pub gdpr_erase: Option<Arc<dyn JobHandler>>,
 }
 
 impl JobHandlers {
@@ -76,13 +79,20 @@ impl JobHandlers {
             JobKind::Snapshot => self.snapshot.as_ref(),
             JobKind::Report => self.report.as_ref(),
             JobKind::GdprAccess => self.gdpr_access.as_ref(),
+            JobKind::GdprErase => self.gdpr_erase.as_ref(),
             JobKind::AuditEvent => None,
+        };
+        // Erasure needs its key: say so rather than only "not handled".
+        let hint = if kind == JobKind::GdprErase {
+            " (erasure needs gdpr.pseudonym_key)"
+        } else {
+            ""
         };
         match handler {
             Some(h) => h.accept(data, source).await,
             None => Err(JobError::Rejected(Rejection::new(
                 RejectReason::UnknownKind,
-                format!("job kind {name} is not handled by this worker"),
+                format!("job kind {name} is not handled by this worker{hint}"),
             ))),
         }
     }

@@ -13,8 +13,9 @@
 //! dropped leaves as pruned.
 //!
 //! This module lists the partitions, asks for each verdict, drops what may
-//! go, and logs and counts the rest; the periodic pass runs on one replica
-//! at a time ([`crate::lease`]).
+//! go, records each drop as an audit event (`audit.retention.partition_dropped`,
+//! [`drop_event`]), and logs and counts the rest; the periodic pass runs on
+//! one replica at a time ([`crate::lease`]).
 
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RetentionConfig;
+use crate::jobs::internal_event::{EventRecorder, InternalEvent};
 use crate::telemetry::Metrics;
 
 /// The retention settings as the SQL functions take them.
@@ -222,14 +224,124 @@ pub struct PassReport {
     /// Partitions whose drop failed (a lock not granted in time, ...):
     /// tried again at the next pass.
     pub failed: Vec<(String, String)>,
+    /// Drops (of this pass or an earlier one whose event was not added)
+    /// recorded as `audit.retention.partition_dropped` events.
+    pub events_recorded: Vec<String>,
+}
+
+/// The recorder of retention's audit events: the worker's own event stream,
+/// signed with its first HMAC key.
+pub fn event_recorder(
+    config: &crate::config::Config,
+    redis: crate::source::RedisConn,
+) -> EventRecorder {
+    EventRecorder {
+        redis,
+        events_key: crate::shards::own_events_key(config),
+        hmac: crate::policy::hmac_key_ring(&config.integrity).unwrap_or_default(),
+    }
+}
+
+/// A drop as `retention_prunes` records it.
+#[derive(Debug, Clone)]
+pub struct Prune {
+    pub partition: String,
+    pub range_from: DateTime<Utc>,
+    pub range_to: DateTime<Utc>,
+    pub dropped_at: DateTime<Utc>,
+    pub dropped_by: String,
+    pub row_count: i64,
+    pub leaf_count: i64,
+    pub tree_size: i64,
+}
+
+/// The audit event of a dropped partition: its id derived from the
+/// partition and its time the drop's, so recording it again (a retry)
+/// gives the same event, stored once.
+pub fn drop_event(p: &Prune) -> InternalEvent {
+    let mut details = serde_json::Map::new();
+    details.insert("partition".into(), p.partition.clone().into());
+    details.insert("rangeFrom".into(), p.range_from.to_rfc3339().into());
+    details.insert("rangeTo".into(), p.range_to.to_rfc3339().into());
+    details.insert("rowsDropped".into(), p.row_count.into());
+    details.insert("leavesPruned".into(), p.leaf_count.into());
+    details.insert("treeSize".into(), p.tree_size.into());
+    InternalEvent {
+        event_id: format!("audit.retention.partition_dropped-{}", p.partition),
+        time: p.dropped_at,
+        action: "audit.retention.partition_dropped".into(),
+        principal_id: format!("retention:{}", p.dropped_by),
+        organization_id: None,
+        target_type: "AuditLogPartition".into(),
+        target_id: p.partition.clone(),
+        outcome: format!(
+            "partition {} dropped by retention: {} rows of [{}, {}), every one past its \
+             retention, sealed and under no legal hold; their {} leaves stay provable in the log",
+            p.partition,
+            p.row_count,
+            p.range_from.to_rfc3339(),
+            p.range_to.to_rfc3339(),
+            p.leaf_count
+        ),
+        details,
+    }
+}
+
+/// Adds the event of every drop not recorded yet (this pass's, and those
+/// an earlier pass could not record), oldest first; stops at the first
+/// failure to add one (Redis down), left for the next pass.
+async fn record_drop_events(
+    client: &tokio_postgres::Client,
+    recorder: &EventRecorder,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT p.partition, p.range_from, p.range_to, p.dropped_at, p.dropped_by,
+                    p.row_count, p.leaf_count, p.tree_size
+               FROM retention_prunes p
+              WHERE NOT EXISTS (SELECT 1 FROM retention_prune_events e
+                                 WHERE e.partition = p.partition AND e.dropped_at = p.dropped_at)
+              ORDER BY p.dropped_at, p.partition",
+            &[],
+        )
+        .await?;
+    let mut recorded = Vec::new();
+    for r in &rows {
+        let prune = Prune {
+            partition: r.get(0),
+            range_from: r.get(1),
+            range_to: r.get(2),
+            dropped_at: r.get(3),
+            dropped_by: r.get(4),
+            row_count: r.get(5),
+            leaf_count: r.get(6),
+            tree_size: r.get(7),
+        };
+        if let Err(e) = recorder.record(&drop_event(&prune)).await {
+            tracing::warn!(partition = %prune.partition, error = %e, "retention's audit event of a drop not added; tried again at the next pass");
+            break;
+        }
+        client
+            .execute(
+                "INSERT INTO retention_prune_events (partition, dropped_at) VALUES ($1, $2)
+                 ON CONFLICT DO NOTHING",
+                &[&prune.partition, &prune.dropped_at],
+            )
+            .await?;
+        recorded.push(prune.partition);
+    }
+    Ok(recorded)
 }
 
 /// Runs one pass: drops every partition that may go, logs each kept one
-/// with its reasons (naming the hold), and counts both in `metrics`.
+/// with its reasons (naming the hold), counts both in `metrics`, and
+/// records each drop as an audit event with `recorder` (`None`: left for a
+/// pass that has one).
 pub async fn run_pass(
     client: &tokio_postgres::Client,
     policy: &RetentionPolicy,
     metrics: Option<&Metrics>,
+    recorder: Option<&EventRecorder>,
 ) -> Result<PassReport, tokio_postgres::Error> {
     let mut report = PassReport::default();
     for v in plan(client, policy, Utc::now()).await? {
@@ -283,6 +395,9 @@ pub async fn run_pass(
             Verdict::NotDue | Verdict::Empty => {}
         }
     }
+    if let Some(recorder) = recorder {
+        report.events_recorded = record_drop_events(client, recorder).await?;
+    }
     Ok(report)
 }
 
@@ -292,6 +407,7 @@ pub fn spawn(
     config: &RetentionConfig,
     schema: &str,
     pool: deadpool_postgres::Pool,
+    recorder: EventRecorder,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> Option<tokio::task::JoinHandle<()>> {
@@ -310,9 +426,10 @@ pub fn spawn(
         loop {
             let policy = policy.clone();
             let m = metrics.clone();
+            let recorder = recorder.clone();
             let result = crate::lease::run_exclusive(&pool, &schema, TASK, |client| {
                 Box::pin(async move {
-                    run_pass(client, &policy, Some(&m))
+                    run_pass(client, &policy, Some(&m), Some(&recorder))
                         .await
                         .map_err(|e| crate::db::root_cause(&e))
                 })
@@ -365,7 +482,16 @@ pub async fn cli(config: &crate::config::Config, dry_run: bool, json: bool) -> a
         }
         return Ok(());
     }
-    let report = run_pass(&client, &policy, None).await?;
+    // The drops' audit events go to the event stream; without Redis the
+    // drops still happen and the next pass with Redis records them.
+    let recorder = match connect_redis(config).await {
+        Ok(redis) => Some(event_recorder(config, redis)),
+        Err(e) => {
+            eprintln!("warning: Redis unavailable ({e:#}): the drops' audit events are left for the next pass");
+            None
+        }
+    };
+    let report = run_pass(&client, &policy, None, recorder.as_ref()).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -392,9 +518,39 @@ pub async fn cli(config: &crate::config::Config, dry_run: bool, json: bool) -> a
     }
 }
 
+async fn connect_redis(config: &crate::config::Config) -> anyhow::Result<crate::source::RedisConn> {
+    let client = crate::source::redis_client(&config.redis)?;
+    Ok(crate::source::command_connection(&client, &config.redis).await?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_drop_event_is_the_same_event_whenever_it_is_recorded() {
+        let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        let p = Prune {
+            partition: "audit_log_y2018m01".into(),
+            range_from: at("2018-01-01T00:00:00Z"),
+            range_to: at("2018-02-01T00:00:00Z"),
+            dropped_at: at("2026-11-30T05:00:00.123456Z"),
+            dropped_by: "audit_worker".into(),
+            row_count: 5,
+            leaf_count: 5,
+            tree_size: 20,
+        };
+        let e = drop_event(&p);
+        assert_eq!(
+            e.event_id,
+            "audit.retention.partition_dropped-audit_log_y2018m01"
+        );
+        assert_eq!(e.time, p.dropped_at);
+        assert_eq!(e.target_id, "audit_log_y2018m01");
+        assert!(e.outcome.contains("5 rows"), "{}", e.outcome);
+        let ring = crate::integrity::HmacKeyRing::default();
+        assert_eq!(e.to_json(&ring), drop_event(&p).to_json(&ring));
+    }
 
     #[test]
     fn partition_names_give_their_month_and_other_names_none() {

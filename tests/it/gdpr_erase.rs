@@ -686,6 +686,472 @@ async fn erasure_under_a_legal_hold_is_refused_naming_the_hold_and_proceeds_once
     ] {
         assert!(text.contains(action), "{action} not recorded");
     }
+
+    // A released hold keeps no subject id in clear: with the pseudonym key
+    // (the CLI here) the subject's pseudonym, the one an erasure gives.
+    let other_hold: String = pg
+        .query_one(
+            "SELECT id FROM legal_holds WHERE subject_id = $1",
+            &[&SUBJECTS[0]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let (ok, released, err) = cli(&s, &c, &["hold", "release", &other_hold]);
+    assert!(ok, "{released}{err}");
+    let pseudonym_of_0 =
+        audit_worker::jobs::gdpr::pseudonym::Pseudonymizer::new(PSEUDONYM_KEY.to_string().into())
+            .of_text(SUBJECTS[0]);
+    let kept = |id: String| {
+        let pg = &pg;
+        async move {
+            pg.query_one("SELECT subject_id FROM legal_holds WHERE id = $1", &[&id])
+                .await
+                .unwrap()
+                .get::<_, Option<String>>(0)
+        }
+    };
+    assert_eq!(kept(other_hold.clone()).await, Some(pseudonym_of_0.clone()));
+    let (ok, list, _) = cli(&s, &c, &["hold", "list", "--all", "--json"]);
+    assert!(ok && list.contains(&pseudonym_of_0), "{list}");
+    assert!(!list.contains(SUBJECTS[0]), "{list}");
+    // Releasing it again changes nothing.
+    audit_worker::jobs::gdpr::hold::release(&pg, &other_hold, "again", None)
+        .await
+        .unwrap();
+    assert_eq!(kept(other_hold).await, Some(pseudonym_of_0));
+    // Without a key: the commitment SHA-256(hold id ":" subject), the same
+    // one migration V26 gives holds released before it.
+    let third = audit_worker::jobs::gdpr::hold::place(
+        &pg,
+        &audit_worker::jobs::gdpr::hold::NewHold {
+            organization_id: None,
+            subject_id: Some(SUBJECTS[1].into()),
+            from: None,
+            to: None,
+            reason: "third case".into(),
+            owner: "legal".into(),
+        },
+        "test",
+    )
+    .await
+    .unwrap();
+    let h = audit_worker::jobs::gdpr::hold::release(&pg, &third.id, "test", None)
+        .await
+        .unwrap()
+        .unwrap();
+    let by_sql: String = pg
+        .query_one(
+            "SELECT 'sha256:' || encode(sha256(convert_to($1 || ':' || $2, 'UTF8')), 'hex')",
+            &[&third.id, &SUBJECTS[1]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(h.subject_id, Some(by_sql.clone()));
+    assert_eq!(kept(third.id).await, Some(by_sql));
+    let dump = pg_dump(&s.env.schema);
+    let holds_dump: String = dump
+        .lines()
+        .skip_while(|l| !l.starts_with("COPY") || !l.contains("legal_holds"))
+        .take_while(|l| *l != "\\.")
+        .collect();
+    assert!(holds_dump.contains("third case"), "{holds_dump}");
+    assert!(
+        !holds_dump.contains(SUBJECTS[0]) && !holds_dump.contains(SUBJECTS[1]),
+        "{holds_dump}"
+    );
+    drop_test_keys(&s, &c).await;
+    s.env.cleanup().await;
+}
+
+// --- gdpr.erase by the queue ------------------------------------------
+
+/// `n` events by `subject` (as principal, its email in `details`) in
+/// `org-q`.
+fn queue_events(tag: &str, subject: &str, n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            json!({
+                "eventId": format!("{tag}-{i}"),
+                "timestamp": ts(i as i64 + 5),
+                "action": "chart.read",
+                "status": "success",
+                "principalId": subject,
+                "organizationId": "org-q",
+                "targetResourceType": "Patient",
+                "targetResourceId": format!("patient-{tag}-{i}"),
+                "sessionContext": {"ipAddress": "198.51.100.9", "userAgent": "qa/1"},
+                "email": subject,
+            })
+        })
+        .collect()
+}
+
+/// A worker that erases: the pseudonym key, `details.email` personal, its
+/// own alert and notification streams, acknowledged entries kept (so the
+/// test can deliver them again).
+fn erasing_worker(s: &LogEnv) -> Config {
+    let mut c = s.worker_config();
+    c.gdpr.pseudonym_key = PSEUDONYM_KEY.to_string().into();
+    c.snapshot.personal_fields = vec!["details.email".into()];
+    c.alerts.stream = format!("test:{}:alerts", s.env.name);
+    c.export.notifications_key = format!("test:{}:notifications", s.env.name);
+    c.stream.delete_acked = false;
+    c
+}
+
+fn pseudonym(value: &str) -> String {
+    audit_worker::jobs::gdpr::pseudonym::Pseudonymizer::new(PSEUDONYM_KEY.to_string().into())
+        .of_text(value)
+}
+
+async fn completion_events(pg: &tokio_postgres::Client, pseudonym: &str) -> i64 {
+    pg.query_one(
+        "SELECT count(*) FROM audit_log WHERE action = 'gdpr.erasure.completed' AND target_resource_id = $1",
+        &[&pseudonym],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// The erasures recorded for requests of `requester`: (source, status,
+/// rows erased).
+async fn erasures_of(pg: &tokio_postgres::Client, requester: &str) -> Vec<(String, String, i64)> {
+    pg.query(
+        "SELECT source, status, rows_erased FROM gdpr_erasures WHERE requester_id = $1 ORDER BY source",
+        &[&requester],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+async fn jobs_metric(port: u16, status: &str) -> Option<f64> {
+    crate::log_v2::metric(
+        port,
+        &format!("audit_worker_jobs_total{{kind=\"gdpr_erase\",status=\"{status}\"}}"),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_by_the_stream_and_by_bullmq_runs_once_per_message_even_when_delivered_twice() {
+    let s = LogEnv::new("gdpr_erase_queue").await;
+    let c = erasing_worker(&s);
+    let (by_stream, by_bullmq) = ("stream.subject@clinic.test", "bullmq.subject@clinic.test");
+    let mut events = queue_events("qs", by_stream, 6);
+    events.extend(queue_events("qb", by_bullmq, 4));
+    events.extend(queue_events("qo", "bystander@clinic.test", 3));
+    s.ingest(&events, |w| {
+        w.snapshot.personal_fields = c.snapshot.personal_fields.clone()
+    })
+    .await;
+
+    // By the stream: XADD name=gdpr.erase.
+    let worker = InProcessWorker::start(c.clone());
+    let request = json!({"subjectId": by_stream, "requesterId": "dpo-stream"});
+    let ids = s
+        .env
+        .add_entries(&[(Some("gdpr.erase"), request.to_string().into_bytes())])
+        .await;
+    let source = format!("stream:{}:{}", s.env.stream, ids[0]);
+    wait_until(
+        Duration::from_secs(60),
+        "the stream's erasure and its event",
+        || async { completion_events(&s.env.pg, &pseudonym(by_stream)).await == 1 },
+    )
+    .await;
+    assert_eq!(
+        erasures_of(&s.env.pg, "dpo-stream").await,
+        vec![(source.clone(), "completed".to_string(), 6)]
+    );
+    let port = s.env.http_port;
+    assert_eq!(jobs_metric(port, "accepted").await, Some(1.0));
+    assert_eq!(jobs_metric(port, "completed").await, Some(1.0));
+    worker.stop().await;
+    assert_eq!(principal_rows(&s.env.pg, by_stream).await, 0);
+    assert_eq!(principal_rows(&s.env.pg, &pseudonym(by_stream)).await, 6);
+    assert_eq!(principal_rows(&s.env.pg, by_bullmq).await, 4);
+
+    // Every entry delivered again, as after a crash before XACK: the
+    // erasure is found done, nothing is erased or announced twice.
+    let mut conn = s.env.redis_conn().await;
+    let _: () = redis::cmd("XGROUP")
+        .arg("SETID")
+        .arg(&s.env.stream)
+        .arg(&s.env.group)
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let worker = InProcessWorker::start(c.clone());
+    wait_until(
+        Duration::from_secs(60),
+        "the redelivered request handled",
+        || async { jobs_metric(port, "completed").await == Some(1.0) },
+    )
+    .await;
+    wait_until(Duration::from_secs(30), "nothing pending", || async {
+        s.env.pending_count().await == 0
+    })
+    .await;
+    assert_eq!(
+        erasures_of(&s.env.pg, "dpo-stream").await,
+        vec![(source, "completed".to_string(), 6)],
+        "the same erasure, nothing erased again"
+    );
+    assert_eq!(completion_events(&s.env.pg, &pseudonym(by_stream)).await, 1);
+
+    // By BullMQ (Node's Queue.add), then the same job delivered again.
+    let r = crate::bullmq::node_json(
+        &s.env,
+        "erase.mjs",
+        &[(
+            "DATA",
+            json!({"subjectId": by_bullmq, "requesterId": "dpo-bullmq", "organizationId": "org-q"})
+                .to_string(),
+        )],
+    )
+    .await;
+    let (first, second) = (&r["first"], &r["second"]);
+    assert_eq!(first["state"], "completed", "{r}");
+    assert_eq!(second["state"], "completed", "{r}");
+    assert_eq!(first["returnvalue"]["rowsErased"], 4, "{r}");
+    assert_eq!(
+        first["returnvalue"]["subjectPseudonym"],
+        json!(pseudonym(by_bullmq))
+    );
+    assert_eq!(
+        second["returnvalue"]["id"], first["returnvalue"]["id"],
+        "{r}"
+    );
+    assert_eq!(second["returnvalue"]["rowsErased"], 0, "{r}");
+    wait_until(
+        Duration::from_secs(60),
+        "the BullMQ erasure's event",
+        || async { completion_events(&s.env.pg, &pseudonym(by_bullmq)).await == 1 },
+    )
+    .await;
+    // Both deliveries of the BullMQ job, and the redelivered entry.
+    assert_eq!(jobs_metric(port, "accepted").await, Some(3.0));
+    assert_eq!(jobs_metric(port, "completed").await, Some(3.0));
+    assert_eq!(jobs_metric(port, "rejected").await, Some(0.0));
+    worker.stop().await;
+    let bullmq_source = format!("bullmq:{}:{}", s.env.queue, r["id"].as_str().unwrap());
+    assert_eq!(
+        erasures_of(&s.env.pg, "dpo-bullmq").await,
+        vec![(bullmq_source, "completed".to_string(), 4)]
+    );
+    assert_eq!(completion_events(&s.env.pg, &pseudonym(by_bullmq)).await, 1);
+    assert_eq!(principal_rows(&s.env.pg, by_bullmq).await, 0);
+    assert_eq!(principal_rows(&s.env.pg, &pseudonym(by_bullmq)).await, 4);
+    assert_eq!(principal_rows(&s.env.pg, "bystander@clinic.test").await, 3);
+    let left: i64 = s
+        .env
+        .pg
+        .query_one(
+            "SELECT count(*) FROM audit_log WHERE details->>'email' IN ($1, $2)",
+            &[&by_stream, &by_bullmq],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the emails are erased too");
+    assert_eq!(s.env.dlq_len().await, 0);
+    drop_test_keys(&s, &c).await;
+    s.env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_or_malformed_erasure_request_from_the_queue_is_dead_lettered_with_its_reason() {
+    let s = LogEnv::new("gdpr_erase_queue_dlq").await;
+    let mut c = erasing_worker(&s);
+    // Queue producers are trusted with org-q only.
+    c.export.queue_organizations = vec!["org-q".into()];
+    let held = "held.subject@clinic.test";
+    s.ingest(&queue_events("qh", held, 3), |w| {
+        w.snapshot.personal_fields = c.snapshot.personal_fields.clone()
+    })
+    .await;
+    let hold_id = audit_worker::jobs::gdpr::hold::place(
+        &s.env.pg,
+        &audit_worker::jobs::gdpr::hold::NewHold {
+            organization_id: None,
+            subject_id: Some(held.into()),
+            from: None,
+            to: None,
+            reason: "litigation 12".into(),
+            owner: "legal@clinic.test".into(),
+        },
+        "test",
+    )
+    .await
+    .unwrap()
+    .id;
+
+    let worker = InProcessWorker::start(c.clone());
+    let held_request =
+        json!({"subjectId": held, "requesterId": "dpo", "organizationId": "org-q"}).to_string();
+    let malformed = br#"{"subjectId": "someone", "requester": "dpo"}"#.to_vec();
+    let outside =
+        json!({"subjectId": held, "requesterId": "dpo", "organizationId": "org-z"}).to_string();
+    s.env
+        .add_entries(&[
+            (Some("gdpr.erase"), held_request.clone().into_bytes()),
+            (Some("gdpr.erase"), malformed.clone()),
+            (Some("gdpr.erase"), outside.clone().into_bytes()),
+        ])
+        .await;
+    // The malformed one through BullMQ too.
+    let dir = tempfile::tempdir().unwrap();
+    let jobs_file = dir.path().join("jobs.json");
+    std::fs::write(
+        &jobs_file,
+        json!([{"label": "malformed", "name": "gdpr.erase", "json": String::from_utf8(malformed.clone()).unwrap()}])
+            .to_string(),
+    )
+    .unwrap();
+    let r = crate::bullmq::node_json(
+        &s.env,
+        "outcomes.mjs",
+        &[
+            ("SCENARIO", "hostile".into()),
+            ("HOSTILE_FILE", jobs_file.display().to_string()),
+        ],
+    )
+    .await;
+    let job = &r["jobs"][0];
+    assert_eq!(job["state"], "failed", "{r}");
+    assert!(
+        job["failedReason"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid_erase_request: "),
+        "{r}"
+    );
+    wait_until(Duration::from_secs(60), "four dead letters", || async {
+        s.env.dlq_len().await == 4
+    })
+    .await;
+    let port = s.env.http_port;
+    for (reason, n) in [("legal_hold", 1.0), ("invalid_erase_request", 3.0)] {
+        let name = format!("audit_worker_dead_letters_total{{reason=\"{reason}\"}}");
+        assert_eq!(crate::log_v2::metric(port, &name).await, Some(n), "{name}");
+    }
+    assert_eq!(jobs_metric(port, "rejected").await, Some(4.0));
+    assert_eq!(jobs_metric(port, "accepted").await, Some(0.0));
+    worker.stop().await;
+
+    let letters = s.env.dlq_entries().await;
+    let text = |l: &std::collections::HashMap<String, Vec<u8>>, k: &str| {
+        String::from_utf8_lossy(&l[k]).into_owned()
+    };
+    // By the request they hold: a stream entry's bytes exactly, a BullMQ
+    // job's as Node stored them (JSON.stringify of what it was given).
+    let by_data = |data: &[u8]| {
+        let want: Value = serde_json::from_slice(data).unwrap();
+        letters
+            .iter()
+            .filter(|l| serde_json::from_slice::<Value>(&l["data"]).ok() == Some(want.clone()))
+            .inspect(|l| {
+                if text(l, "source").starts_with("stream:") {
+                    assert_eq!(l["data"], data, "the original bytes");
+                }
+            })
+            .map(|l| (text(l, "reason"), text(l, "error"), text(l, "name")))
+            .collect::<Vec<_>>()
+    };
+    // The hold's refusal: its id, reason and owner; the original bytes.
+    let held_letters = by_data(held_request.as_bytes());
+    assert_eq!(held_letters.len(), 1, "{letters:?}");
+    let (reason, error, name) = &held_letters[0];
+    assert_eq!(
+        (reason.as_str(), name.as_str()),
+        ("legal_hold", "gdpr.erase")
+    );
+    assert!(
+        error.contains(&hold_id)
+            && error.contains("litigation 12")
+            && error.contains("legal@clinic.test"),
+        "{error}"
+    );
+    // Malformed (by both sources) and outside the queue's organisations.
+    let malformed_letters = by_data(&malformed);
+    assert_eq!(malformed_letters.len(), 2, "{letters:?}");
+    for (reason, error, _) in &malformed_letters {
+        assert_eq!(reason, "invalid_erase_request");
+        assert!(error.contains("requesterId"), "{error}");
+    }
+    let outside_letters = by_data(outside.as_bytes());
+    assert_eq!(outside_letters.len(), 1);
+    assert_eq!(outside_letters[0].0, "invalid_erase_request");
+    assert!(
+        outside_letters[0].1.contains("export.queue_organizations"),
+        "{}",
+        outside_letters[0].1
+    );
+    // Nothing was erased; the refusal is on record.
+    assert_eq!(principal_rows(&s.env.pg, held).await, 3);
+    assert_eq!(
+        erasures_of(&s.env.pg, "dpo")
+            .await
+            .into_iter()
+            .map(|(_, status, rows)| (status, rows))
+            .collect::<Vec<_>>(),
+        vec![("refused".to_string(), 0)]
+    );
+
+    // Once the hold is released, the dead letter replayed (it keeps the
+    // message's identity) continues the same erasure request. The erasure
+    // purges the dead letters naming the subject (the out-of-scope request).
+    audit_worker::jobs::gdpr::hold::release(&s.env.pg, &hold_id, "test", None)
+        .await
+        .unwrap();
+    let out = s.worker_cli(&[
+        "dlq".as_ref(),
+        "replay".as_ref(),
+        "--reason".as_ref(),
+        "legal_hold".as_ref(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let worker = InProcessWorker::start(c.clone());
+    wait_until(
+        Duration::from_secs(60),
+        "the replayed erasure and its event",
+        || async { completion_events(&s.env.pg, &pseudonym(held)).await == 1 },
+    )
+    .await;
+    worker.stop().await;
+    let refused_source = erasures_of(&s.env.pg, "dpo").await;
+    assert_eq!(
+        refused_source
+            .iter()
+            .map(|(source, status, rows)| (source.starts_with("stream:"), status.as_str(), *rows))
+            .collect::<Vec<_>>(),
+        vec![(true, "completed", 3)],
+        "the same request, now done"
+    );
+    assert_eq!(principal_rows(&s.env.pg, held).await, 0);
+    let left: Vec<String> = s
+        .env
+        .dlq_entries()
+        .await
+        .iter()
+        .map(|l| text(l, "reason"))
+        .collect();
+    assert_eq!(
+        left,
+        ["invalid_erase_request", "invalid_erase_request"],
+        "the malformed two stay"
+    );
     drop_test_keys(&s, &c).await;
     s.env.cleanup().await;
 }

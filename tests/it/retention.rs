@@ -247,10 +247,29 @@ async fn retention_drops_only_expired_sealed_unheld_partitions_and_the_log_stays
 
     // One pass, as the retention role: January and the recent "short"
     // month go, the rest stays.
+    // Each drop is recorded as an audit event; here on a stream of its own,
+    // stored at the end of the test (the seals below count the rows).
+    let mut events_config = c.clone();
+    events_config.stream.key = format!("{}:retention-events", s.env.stream);
+    let redis = audit_worker::source::command_connection(
+        &audit_worker::source::redis_client(&c.redis).unwrap(),
+        &c.redis,
+    )
+    .await
+    .unwrap();
+    let recorder = retention::event_recorder(&events_config, redis);
     let metrics = Metrics::new();
-    let report = retention::run_pass(&as_retainer, &policy, Some(&metrics))
+    let report = retention::run_pass(&as_retainer, &policy, Some(&metrics), Some(&recorder))
         .await
         .unwrap();
+    assert_eq!(
+        report
+            .events_recorded
+            .iter()
+            .map(String::as_str)
+            .collect::<BTreeSet<_>>(),
+        BTreeSet::from(["audit_log_y2018m01", recent_partition.as_str()])
+    );
     let dropped: BTreeSet<&str> = report.dropped.iter().map(|(p, _)| p.as_str()).collect();
     assert_eq!(
         dropped,
@@ -347,9 +366,12 @@ async fn retention_drops_only_expired_sealed_unheld_partitions_and_the_log_stays
         )
         .await
         .unwrap();
-    let report = retention::run_pass(&client, &policy, Some(&metrics))
+    // This pass has no recorder (as if Redis were down): the drops are
+    // recorded by the next pass that has one.
+    let report = retention::run_pass(&client, &policy, Some(&metrics), None)
         .await
         .unwrap();
+    assert!(report.events_recorded.is_empty());
     let dropped: BTreeSet<&str> = report.dropped.iter().map(|(p, _)| p.as_str()).collect();
     assert_eq!(
         dropped,
@@ -390,6 +412,121 @@ async fn retention_drops_only_expired_sealed_unheld_partitions_and_the_log_stays
         proofs.push(verify::prove(&mut prover, event, 1000).await.unwrap());
     }
     assert_eq!(python_verifies_proofs(&s, &proofs)["proofsChecked"], 3);
+
+    // The next pass records the two drops the last one could not; a pass
+    // after it records nothing again.
+    let report = retention::run_pass(&client, &policy, None, Some(&recorder))
+        .await
+        .unwrap();
+    assert!(report.dropped.is_empty());
+    assert_eq!(
+        report.events_recorded,
+        vec![
+            "audit_log_y2018m02".to_string(),
+            "audit_log_y2018m03".to_string()
+        ]
+    );
+    let report = retention::run_pass(&client, &policy, None, Some(&recorder))
+        .await
+        .unwrap();
+    assert!(report.events_recorded.is_empty());
+    // An event added twice (a retry after a lost reply) is stored once.
+    let jan = client
+        .query_one(
+            "SELECT partition, range_from, range_to, dropped_at, dropped_by, row_count, leaf_count, tree_size
+               FROM retention_prunes WHERE partition = 'audit_log_y2018m01'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let jan = retention::Prune {
+        partition: jan.get(0),
+        range_from: jan.get(1),
+        range_to: jan.get(2),
+        dropped_at: jan.get(3),
+        dropped_by: jan.get(4),
+        row_count: jan.get(5),
+        leaf_count: jan.get(6),
+        tree_size: jan.get(7),
+    };
+    assert_eq!(jan.dropped_by, retainer, "the role that ran the drop");
+    recorder.record(&retention::drop_event(&jan)).await.unwrap();
+    // A worker reading that stream stores the events: one per drop.
+    let worker = InProcessWorker::start({
+        let mut w = s.worker_config();
+        w.stream.key = events_config.stream.key.clone();
+        w
+    });
+    let stored = "SELECT target_resource_id, idempotency_key, principal_id, details->>'rowsDropped', outcome_description
+                    FROM audit_log WHERE action = 'audit.retention.partition_dropped' ORDER BY target_resource_id";
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "the drops' events stored",
+        || async { s.env.pg.query(stored, &[]).await.unwrap().len() == 4 },
+    )
+    .await;
+    wait_until(
+        std::time::Duration::from_secs(30),
+        "the stream read to its end",
+        || async {
+            let len: usize = redis::cmd("XLEN")
+                .arg(&events_config.stream.key)
+                .query_async(&mut s.env.redis_conn().await)
+                .await
+                .unwrap();
+            len == 0
+        },
+    )
+    .await;
+    worker.stop().await;
+    let rows = s.env.pg.query(stored, &[]).await.unwrap();
+    let events: Vec<(String, String, String, Option<String>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let mut want = vec![
+        (
+            "audit_log_y2018m01".to_string(),
+            "5".to_string(),
+            retainer.clone(),
+        ),
+        (
+            "audit_log_y2018m02".to_string(),
+            "6".to_string(),
+            String::new(),
+        ),
+        (
+            "audit_log_y2018m03".to_string(),
+            "6".to_string(),
+            String::new(),
+        ),
+        (recent_partition.clone(), "1".to_string(), retainer.clone()),
+    ];
+    want.sort();
+    assert_eq!(events.len(), 4, "{events:?}");
+    for ((partition, key, principal, rows), (want_partition, want_rows, by)) in
+        events.iter().zip(&want)
+    {
+        assert_eq!(partition, want_partition);
+        assert_eq!(
+            key,
+            &format!("audit.retention.partition_dropped-{partition}")
+        );
+        assert_eq!(rows.as_deref(), Some(want_rows.as_str()), "{partition}");
+        if !by.is_empty() {
+            assert_eq!(principal, &format!("retention:{by}"));
+        }
+    }
+    let outcome: String = rows[0].get(4);
+    assert!(
+        outcome.contains("partition audit_log_y2018m01 dropped by retention: 5 rows"),
+        "{outcome}"
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(&events_config.stream.key)
+        .query_async(&mut s.env.redis_conn().await)
+        .await
+        .unwrap();
     drop(as_retainer);
     drop(as_writer);
     s.env.cleanup().await;

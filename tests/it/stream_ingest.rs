@@ -432,17 +432,26 @@ async fn job_kinds_without_a_handler_are_dead_lettered_as_unknown_kind() {
             br#"{"from":"2025-01-01T00:00:00Z"}"#.to_vec(),
         ),
         (Some("user.login"), event(1).to_string().into_bytes()),
+        // Erasure without gdpr.pseudonym_key: not handled, and says why.
+        (
+            Some("gdpr.erase"),
+            br#"{"subjectId":"u-1","requesterId":"dpo"}"#.to_vec(),
+        ),
     ])
     .await;
     wait_until(
         Duration::from_secs(30),
-        "one row, one dead letter",
-        || async { env.row_count().await == 1 && env.dlq_len().await == 1 },
+        "one row, two dead letters",
+        || async { env.row_count().await == 1 && env.dlq_len().await == 2 },
     )
     .await;
     worker.stop().await;
     let letters = env.dlq_entries().await;
     assert_eq!(letters[0]["reason"], b"unknown_kind");
     assert_eq!(letters[0]["name"], b"audit.snapshot");
+    assert_eq!(letters[1]["reason"], b"unknown_kind");
+    assert_eq!(letters[1]["name"], b"gdpr.erase");
+    let error = String::from_utf8_lossy(&letters[1]["error"]);
+    assert!(error.contains("gdpr.pseudonym_key"), "{error}");
     env.cleanup().await;
 }

@@ -249,9 +249,16 @@ pub async fn run_hold(config: &Config, command: HoldCommand) -> anyhow::Result<(
             return Ok(());
         }
         HoldCommand::Release { id } => {
-            let h = hold::release(&client, &id, &by).await?.ok_or_else(|| {
-                anyhow::anyhow!("no hold has id {id}: see `audit-worker hold list --all`")
-            })?;
+            let pseudonyms = config
+                .gdpr
+                .pseudonym_key()
+                .ok()
+                .map(super::pseudonym::Pseudonymizer::new);
+            let h = hold::release(&client, &id, &by, pseudonyms.as_ref())
+                .await?
+                .ok_or_else(|| {
+                    anyhow::anyhow!("no hold has id {id}: see `audit-worker hold list --all`")
+                })?;
             print_hold(&h);
             h
         }

@@ -107,8 +107,14 @@ pub enum EraseError {
     Held(Box<Hold>),
     #[error("database: {0}")]
     Db(#[from] tokio_postgres::Error),
+    /// Stored data the erasure cannot process (a salt or erasure record
+    /// that does not parse).
     #[error("{0}")]
     Integrity(String),
+    /// The rows are erased but a later step (Redis, the object store, the
+    /// audit event) failed: sending the same request again finishes it.
+    #[error("{0}")]
+    Incomplete(String),
 }
 
 impl From<hold::HoldError> for EraseError {
@@ -519,7 +525,7 @@ impl Eraser {
         if !problems.is_empty() {
             // The rows are erased; what is left is retried by sending the
             // same request again (it repeats only these steps).
-            return Err(EraseError::Integrity(format!(
+            return Err(EraseError::Incomplete(format!(
                 "erasure {id} rewrote {erased} events but did not finish: {}; send the same \
                  request again to retry the rest",
                 problems.join("; ")
@@ -683,7 +689,9 @@ impl Eraser {
     }
 }
 
-/// Whether a stream entry is about the subject.
+/// Whether a stream entry is about the subject: an event naming it in a
+/// personal field, or a request naming it (`subjectId` of a dead-lettered
+/// `gdpr.erase` or `gdpr.access` request).
 fn entry_names_subject(
     fields: &[(Vec<u8>, Vec<u8>)],
     subject: &str,
@@ -691,13 +699,16 @@ fn entry_names_subject(
 ) -> bool {
     fields.iter().any(|(name, value)| match name.as_slice() {
         b"data" => match serde_json::from_slice::<Value>(value) {
-            Ok(event) => personal.paths().iter().any(|p| {
-                let v = match p.split_once('.') {
-                    None => event.get(p),
-                    Some((c, k)) => event.get(c).and_then(|o| o.get(k)),
-                };
-                v.and_then(Value::as_str) == Some(subject)
-            }),
+            Ok(event) => {
+                event.get("subjectId").and_then(Value::as_str) == Some(subject)
+                    || personal.paths().iter().any(|p| {
+                        let v = match p.split_once('.') {
+                            None => event.get(p),
+                            Some((c, k)) => event.get(c).and_then(|o| o.get(k)),
+                        };
+                        v.and_then(Value::as_str) == Some(subject)
+                    })
+            }
             Err(_) => value
                 .windows(subject.len().max(1))
                 .any(|w| w == subject.as_bytes()),
@@ -1014,6 +1025,11 @@ mod tests {
         ));
         assert!(!entry_names_subject(
             &data(json!({"principalId": "u10"})),
+            "u1",
+            &f
+        ));
+        assert!(entry_names_subject(
+            &data(json!({"subjectId": "u1", "requesterId": "dpo"})),
             "u1",
             &f
         ));

@@ -13,6 +13,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::{GenericClient, Row};
 
+use super::pseudonym::Pseudonymizer;
+
 /// A legal hold as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -70,7 +72,7 @@ impl Hold {
     pub fn refusal(&self) -> String {
         format!(
             "legal hold {} ({}; owner {}) covers events of this request: release it \
-             (`audit-worker hold release {}` or DELETE /v1/holds/{}) once the legal duty ends",
+             (`audit-worker hold release {}` or POST /v1/holds/{}/release) once the legal duty ends",
             self.id, self.reason, self.owner, self.id, self.id
         )
     }
@@ -258,21 +260,74 @@ pub async fn get(
         }))
 }
 
+/// What a released hold keeps of the subject it named, instead of the id:
+/// its pseudonym (`pseud:` + HMAC-SHA256 with `gdpr.pseudonym_key`, the
+/// same one an erasure gives), or without a key the commitment `sha256:` +
+/// hex(SHA-256(hold id + ":" + subject)). A value already in one of these
+/// forms is kept as is.
+pub fn released_subject(
+    hold_id: &str,
+    subject: &str,
+    pseudonyms: Option<&Pseudonymizer>,
+) -> String {
+    if Pseudonymizer::is_pseudonym(subject) || is_subject_commitment(subject) {
+        return subject.to_owned();
+    }
+    match pseudonyms {
+        Some(p) => p.of_text(subject),
+        None => {
+            use sha2::{Digest, Sha256};
+            format!(
+                "{SUBJECT_COMMITMENT_PREFIX}{}",
+                hex::encode(Sha256::digest(format!("{hold_id}:{subject}").as_bytes()))
+            )
+        }
+    }
+}
+
+/// What a released hold's subject commitment starts with.
+pub const SUBJECT_COMMITMENT_PREFIX: &str = "sha256:";
+
+fn is_subject_commitment(value: &str) -> bool {
+    value
+        .strip_prefix(SUBJECT_COMMITMENT_PREFIX)
+        .is_some_and(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        })
+}
+
 /// Releases a hold (it stays in the table as the record that it stood).
-/// Releasing a released hold returns it unchanged.
+/// The subject it named is replaced by [`released_subject`]: the record
+/// says that a subject was held, and by whom, without keeping the id in
+/// clear. Releasing a released hold returns it unchanged.
 pub async fn release(
     client: &impl GenericClient,
     id: &str,
     released_by: &str,
+    pseudonyms: Option<&Pseudonymizer>,
 ) -> Result<Option<Hold>, HoldError> {
+    let Some(current) = client
+        .query_opt("SELECT subject_id FROM legal_holds WHERE id = $1", &[&id])
+        .await?
+    else {
+        return Ok(None);
+    };
+    let kept = current
+        .get::<_, Option<String>>(0)
+        .map(|subject| released_subject(id, &subject, pseudonyms));
+    // Only the release changes the subject: a concurrent release computes
+    // the same value, and a released hold keeps what it has.
     let row = client
         .query_opt(
             &format!(
                 "UPDATE legal_holds SET released_at = COALESCE(released_at, now()),
-                        released_by = COALESCE(released_by, $2)
+                        released_by = COALESCE(released_by, $2),
+                        subject_id = CASE WHEN released_at IS NULL THEN $3 ELSE subject_id END
                   WHERE id = $1 RETURNING {HOLD_COLUMNS}"
             ),
-            &[&id, &released_by],
+            &[&id, &released_by, &kept],
         )
         .await?;
     Ok(row.map(|r| hold_from_row(&r)))
@@ -396,6 +451,36 @@ mod tests {
         assert!(covering(&[], rows).is_none());
         let e = holds[1].refusal();
         assert!(e.contains("h2") && e.contains("case 7"), "{e}");
+    }
+
+    #[test]
+    fn a_released_hold_keeps_a_pseudonym_or_commitment_of_its_subject() {
+        use crate::config::Secret;
+        let p = Pseudonymizer::new(Secret::from("hold-test-key-0123456789".to_owned()));
+        let with_key = released_subject("h1", "ana@clinic.test", Some(&p));
+        assert_eq!(
+            with_key,
+            p.of_text("ana@clinic.test"),
+            "the erasure's pseudonym"
+        );
+        let without = released_subject("h1", "ana@clinic.test", None);
+        use sha2::{Digest, Sha256};
+        assert_eq!(
+            without,
+            format!(
+                "sha256:{}",
+                hex::encode(Sha256::digest(b"h1:ana@clinic.test"))
+            )
+        );
+        assert!(!without.contains("ana"));
+        assert_ne!(
+            released_subject("h2", "ana@clinic.test", None),
+            without,
+            "the hold id separates holds"
+        );
+        // Already replaced: kept.
+        assert_eq!(released_subject("h1", &with_key, None), with_key);
+        assert_eq!(released_subject("h1", &without, Some(&p)), without);
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! GDPR subject rights that keep the log verifiable: subject access
 //! ([`access`], `gdpr.access`, Art. 15: an export job with a subject
 //! filter whose artifact comes with every event's inclusion proof),
-//! erasure (`gdpr.erase`), restriction of processing, and the legal holds
+//! erasure (`gdpr.erase`; by the queue: [`erase_job`]), restriction of processing, and the legal holds
 //! that erasure and retention must respect. The README's GDPR sections are
 //! the user's description.
 
 pub mod access;
 pub mod cli;
 pub mod erase;
+pub mod erase_job;
 pub mod hold;
 pub mod pseudonym;
 pub mod restriction;
