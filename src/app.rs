@@ -194,7 +194,8 @@ pub async fn run_live(
         &config.retention,
         &config.database.schema,
         pool.clone(),
-        crate::jobs::retention::event_recorder(&config, commands.clone()),
+        crate::jobs::internal_event::EventRecorder::new(&config, commands.clone())
+            .following(live.clone()),
         metrics.clone(),
         shutdown.clone(),
     );
@@ -209,7 +210,7 @@ pub async fn run_live(
         export: Some(exports.handler.clone()),
         report: Some(reports.handler.clone()),
         gdpr_access: Some(access.clone()),
-        gdpr_erase: erase_handler(&config, &pool, &commands, &metrics)?,
+        gdpr_erase: erase_handler(&config, &pool, &commands, &metrics, &live)?,
         ..JobHandlers::default()
     };
     let export_tasks = exports.spawn(&config.export, shutdown.clone());
@@ -364,6 +365,7 @@ fn erase_handler(
     pool: &deadpool_postgres::Pool,
     redis: &crate::source::RedisConn,
     metrics: &Metrics,
+    live: &LiveConfig,
 ) -> anyhow::Result<Option<Arc<dyn crate::jobs::JobHandler>>> {
     use crate::jobs::gdpr::{erase::Eraser, erase_job::EraseHandler};
     if let Err(e) = config.gdpr.pseudonym_key() {
@@ -371,7 +373,8 @@ fn erase_handler(
         return Ok(None);
     }
     let storage = crate::storage::open(&config.storage)?;
-    let eraser = Eraser::from_config(config, redis.clone(), storage)?;
+    let mut eraser = Eraser::from_config(config, redis.clone(), storage)?;
+    eraser.recorder = eraser.recorder.following(live.clone());
     Ok(Some(Arc::new(EraseHandler::new(
         Arc::new(eraser),
         pool.clone(),

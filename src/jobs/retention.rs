@@ -229,19 +229,6 @@ pub struct PassReport {
     pub events_recorded: Vec<String>,
 }
 
-/// The recorder of retention's audit events: the worker's own event stream,
-/// signed with its first HMAC key.
-pub fn event_recorder(
-    config: &crate::config::Config,
-    redis: crate::source::RedisConn,
-) -> EventRecorder {
-    EventRecorder {
-        redis,
-        events_key: crate::shards::own_events_key(config),
-        hmac: crate::policy::hmac_key_ring(&config.integrity).unwrap_or_default(),
-    }
-}
-
 /// A drop as `retention_prunes` records it.
 #[derive(Debug, Clone)]
 pub struct Prune {
@@ -485,7 +472,7 @@ pub async fn cli(config: &crate::config::Config, dry_run: bool, json: bool) -> a
     // The drops' audit events go to the event stream; without Redis the
     // drops still happen and the next pass with Redis records them.
     let recorder = match connect_redis(config).await {
-        Ok(redis) => Some(event_recorder(config, redis)),
+        Ok(redis) => Some(EventRecorder::new(config, redis)),
         Err(e) => {
             eprintln!("warning: Redis unavailable ({e:#}): the drops' audit events are left for the next pass");
             None

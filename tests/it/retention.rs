@@ -257,7 +257,7 @@ async fn retention_drops_only_expired_sealed_unheld_partitions_and_the_log_stays
     )
     .await
     .unwrap();
-    let recorder = retention::event_recorder(&events_config, redis);
+    let recorder = audit_worker::jobs::internal_event::EventRecorder::new(&events_config, redis);
     let metrics = Metrics::new();
     let report = retention::run_pass(&as_retainer, &policy, Some(&metrics), Some(&recorder))
         .await
