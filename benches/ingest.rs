@@ -646,7 +646,9 @@ async fn sharded() {
     warm_up(&bin, &tag, &pg, &schema).await;
 
     // A three-master cluster on loopback, in a directory of its own.
-    let base = 40_000 + (std::process::id() % 5_000) as u16;
+    // Below the kernel's ephemeral ports, bus ports (+1000) included (see
+    // scripts/redis-topology.sh).
+    let base = 20_000 + (std::process::id() % 10_000) as u16;
     let dir = std::env::temp_dir().join(format!("audit-worker-bench-cluster-{tag}"));
     let topology = |args: &[&str]| {
         let ok = Command::new("scripts/redis-topology.sh")

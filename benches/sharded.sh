@@ -12,7 +12,8 @@ scripts/services.sh
 if [ -z "${AUDIT_WORKER_BIN:-}" ]; then cargo build --release --locked; fi
 for shards in 1 2 4; do
   for workers in 1 3; do
-    BENCH_MODE=sharded BENCH_SHARDS=$shards BENCH_WORKERS=$workers \
-      cargo bench --locked --bench ingest 2>&1 | grep '^sharded:'
+    out=$(BENCH_MODE=sharded BENCH_SHARDS=$shards BENCH_WORKERS=$workers \
+      cargo bench --locked --bench ingest 2>&1) || { echo "$out" | tail -40 >&2; exit 1; }
+    echo "$out" | grep '^sharded:'
   done
 done

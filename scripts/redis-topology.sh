@@ -9,13 +9,18 @@
 #       down-after 1 s, failover-timeout 5 s: fast, for tests)
 #   scripts/redis-topology.sh cluster DIR PORT
 #       a three-master Redis Cluster on PORT..PORT+2 (cluster bus on
-#       PORT+10000..), no replicas, all 16384 slots assigned
+#       PORT+1000..PORT+1002), no replicas, all 16384 slots assigned
 #   scripts/redis-topology.sh down DIR
 #       SIGKILLs every server started in DIR, then removes DIR
 #
 # Everything a topology writes (configs, pid files, logs) stays in DIR, so
 # several topologies run side by side on different ports. Nothing is
-# persisted to disk (no RDB, no AOF).
+# persisted to disk (no RDB, no AOF). Choose PORT below the kernel's
+# ephemeral range (/proc/sys/net/ipv4/ip_local_port_range, usually from
+# 32768) with its bus ports: a port in that range that is free when chosen
+# can be taken by any outgoing connection before the server binds it. A
+# topology that does not come up is taken down again, after printing the
+# end of the server log that says why.
 set -euo pipefail
 
 log() { printf 'redis-topology: %s\n' "$*" >&2; }
@@ -36,7 +41,8 @@ wait_for() { # PORT WHAT COMMAND...: retries COMMAND for 20 s
     if "$@" >/dev/null 2>&1; then return 0; fi
     sleep 0.1
   done
-  log "$what on port $port did not come up: see the logs in $dir"
+  log "$what on port $port did not come up; the end of its log:"
+  tail -n 5 "$dir/redis-$port.log" >&2 2>/dev/null || true
   exit 1
 }
 
@@ -90,11 +96,11 @@ cluster() {
   for n in 0 1 2; do
     local port=$((base + n))
     server "$port" --cluster-enabled yes --cluster-config-file "$dir/nodes-$port.conf" \
-      --cluster-node-timeout 2000
+      --cluster-port $((port + 1000)) --cluster-node-timeout 2000
     nodes+=("127.0.0.1:$port")
   done
   redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >"$dir/cluster-create.log" 2>&1 ||
-    { log "cluster create failed: see $dir/cluster-create.log"; exit 1; }
+    { log "cluster create failed:"; tail -n 5 "$dir/cluster-create.log" >&2; exit 1; }
   for n in 0 1 2; do
     wait_for $((base + n)) "cluster state" sh -c \
       "redis-cli -p $((base + n)) cluster info | grep -q 'cluster_state:ok'"
@@ -128,6 +134,8 @@ case "$command" in
     ensure_redis
     mkdir -p "$dir"
     dir=$(cd "$dir" && pwd)
+    # Half a topology is taken down: no server is left behind.
+    trap 'status=$?; [ "$status" -eq 0 ] || down' EXIT
     "$command" "$3"
     ;;
   down) down ;;

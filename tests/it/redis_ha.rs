@@ -95,8 +95,10 @@ fn script() -> PathBuf {
 fn free_port_range(span: u16, with_bus: bool) -> u16 {
     let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
     for _ in 0..200 {
-        let base = 20_000 + (rand::random::<u16>() % 25_000);
-        if (0..span).all(|i| free(base + i) && (!with_bus || free(base + 10_000 + i))) {
+        // Below the kernel's ephemeral ports (from 32768), bus ports
+        // (+1000) included: see scripts/redis-topology.sh.
+        let base = 20_000 + (rand::random::<u16>() % 11_000);
+        if (0..span).all(|i| free(base + i) && (!with_bus || free(base + 1_000 + i))) {
             return base;
         }
     }
