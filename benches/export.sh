@@ -6,6 +6,10 @@
 # rows/s and peak RSS (PARQUET=0 skips those).
 #
 # Usage: benches/export.sh            (ROWS=1000000 by default)
+#   AUDIT_WORKER_BIN  the worker binary (default: built here, release)
+#   COMPARE_BIN       a second build whose csv.gz export is timed right
+#                     after the first, over the same rows (e.g. the build
+#                     before a change)
 # Needs: PostgreSQL and Redis as in scripts/services.sh, psql, gzip,
 # GNU time (/usr/bin/time). Uses its own schema and Redis keys, removed
 # at the end.
@@ -16,7 +20,7 @@ ROWS=${ROWS:-1000000}
 DB_URL=${BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/audit_worker_test}
 SCHEMA=bench_export_$$
 OUT=$(mktemp -d)
-BIN=${CARGO_TARGET_DIR:-target}/release/audit-worker
+BIN=${AUDIT_WORKER_BIN:-${CARGO_TARGET_DIR:-target}/release/audit-worker}
 PARQUET=${PARQUET:-1}
 
 export AUDIT_WORKER__DATABASE__URL=$DB_URL
@@ -32,7 +36,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release --quiet --bin audit-worker
+if [ -z "${AUDIT_WORKER_BIN:-}" ]; then cargo build --release --quiet --bin audit-worker; fi
 "$BIN" migrate >/dev/null
 
 echo "filling $ROWS rows ..."
@@ -77,6 +81,15 @@ s=$(now)
   --from 2024-03-01 --to 2024-04-01 --out "$OUT/export" >"$OUT/summary.txt" 2>"$OUT/time.txt"
 e=$(now)
 export_rate=$(rate "$s" "$e")
+compare_rate=
+if [ -n "${COMPARE_BIN:-}" ]; then
+  echo "the same export by $COMPARE_BIN ..."
+  s=$(now)
+  "$COMPARE_BIN" export --format csv --compression gzip \
+    --from 2024-03-01 --to 2024-04-01 --out "$OUT/export-compare" >"$OUT/compare.txt" 2>&1 || { tail -5 "$OUT/compare.txt"; exit 1; }
+  e=$(now)
+  compare_rate=$(rate "$s" "$e")
+fi
 rss_kib=$(awk -F: '/Maximum resident set size/ { gsub(/ /, "", $2); print $2 }' "$OUT/time.txt")
 
 echo
@@ -84,6 +97,7 @@ echo "rows:                              $ROWS"
 echo "COPY TO STDOUT (csv, uncompressed): $copy_raw"
 echo "COPY TO STDOUT | gzip -6:           $copy_gz ($(stat -c %s "$OUT/copy.csv.gz") bytes)"
 echo "audit-worker export (csv.gz):       $export_rate"
+if [ -n "$compare_rate" ]; then echo "COMPARE_BIN export (csv.gz):       $compare_rate"; fi
 echo "export peak RSS:                    $((rss_kib / 1024)) MiB ($rss_kib KiB)"
 cat "$OUT/summary.txt"
 
