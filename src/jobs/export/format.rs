@@ -337,7 +337,8 @@ fn write_json_object(row: &ExportRow<'_>, out: &mut Vec<u8>) -> std::io::Result<
 /// Compresses one part into one independent member (gzip member, zstd
 /// frame, or plain bytes); concatenated members form a valid file.
 pub enum Encoder {
-    Gzip(GzEncoder<Vec<u8>>),
+    /// Boxed: zlib-rs's state makes the encoder a few hundred bytes.
+    Gzip(Box<GzEncoder<Vec<u8>>>),
     Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>),
     Plain(Vec<u8>),
 }
@@ -354,11 +355,11 @@ impl Encoder {
     pub fn new(compression: Compression, levels: Levels) -> std::io::Result<Self> {
         Ok(match compression {
             // mtime 0 and no file name: the header is the same every time.
-            Compression::Gzip => Self::Gzip(
+            Compression::Gzip => Self::Gzip(Box::new(
                 GzBuilder::new()
                     .mtime(0)
                     .write(Vec::new(), flate2::Compression::new(levels.gzip)),
-            ),
+            )),
             Compression::Zstd => {
                 let mut e = zstd::stream::write::Encoder::new(Vec::new(), levels.zstd)?;
                 e.include_checksum(true)?;
@@ -392,7 +393,7 @@ impl Encoder {
     /// Ends the member and returns its remaining bytes.
     pub fn finish(self) -> std::io::Result<Vec<u8>> {
         match self {
-            Self::Gzip(e) => e.finish(),
+            Self::Gzip(e) => (*e).finish(),
             Self::Zstd(e) => e.finish(),
             Self::Plain(v) => Ok(v),
         }
