@@ -342,6 +342,45 @@ pub async fn verify(
     verify_scope(client, verifier, origin, scope, page).await
 }
 
+/// The two trees `verify` grows side by side: one from the ledger's leaves,
+/// one from the leaves recomputed from the rows. While every row gives the
+/// ledger's leaf the two are the same tree, built once; the row tree forks
+/// at the first leaf that differs.
+struct Trees {
+    ledger: TreeBuilder,
+    /// `None`: identical to `ledger` so far.
+    rows: Option<TreeBuilder>,
+}
+
+impl Trees {
+    fn new(start: TreeBuilder) -> Self {
+        Self {
+            ledger: start,
+            rows: None,
+        }
+    }
+
+    /// Appends one leaf to each tree (leaf hashes).
+    fn push(&mut self, ledger: Hash, row: Hash) {
+        match &mut self.rows {
+            Some(rows) => rows.push(row),
+            None if row == ledger => {}
+            None => {
+                let mut rows = self.ledger.clone();
+                rows.push(row);
+                self.rows = Some(rows);
+            }
+        }
+        self.ledger.push(ledger);
+    }
+
+    /// The ledger's root and the rows' root.
+    fn roots(&self) -> (Hash, Hash) {
+        let ledger = self.ledger.root();
+        (ledger, self.rows.as_ref().map_or(ledger, TreeBuilder::root))
+    }
+}
+
 /// The tree state after snapshot `p`, from its stored frontier, trusted
 /// only because it reproduces the signed root (a different frontier with
 /// the same root would be a SHA-256 second preimage).
@@ -462,7 +501,7 @@ pub async fn verify_scope(
     }
 
     // 2. The leaves: which range, and the tree state before it.
-    let (start, end, mut ledger_tree, scope): (u64, u64, TreeBuilder, Vec<usize>) = match only {
+    let (start, end, ledger_tree, scope): (u64, u64, TreeBuilder, Vec<usize>) = match only {
         None if since > 0 => {
             let Some(pos) = snapshots.iter().rposition(|s| s.tree_size as u64 == since) else {
                 return Err(SnapshotError::BadRequest(format!(
@@ -512,7 +551,7 @@ pub async fn verify_scope(
             )
         }
     };
-    let mut row_tree = ledger_tree.clone();
+    let mut trees = Trees::new(ledger_tree);
     // Signed roots to compare with, by tree size (empty snapshots share one).
     let mut boundaries: BTreeMap<u64, Vec<(i64, Hash)>> = BTreeMap::new();
     for &i in &scope {
@@ -523,22 +562,20 @@ pub async fn verify_scope(
                 .push((snapshots[i].id, *cp.root()));
         }
     }
-    let check_boundary = |size: u64,
-                          lt: &TreeBuilder,
-                          rt: &TreeBuilder,
-                          report: &mut VerifyReport| {
+    let check_boundary = |size: u64, trees: &Trees, report: &mut VerifyReport| {
         if let Some(list) = boundaries.get(&size) {
+            let (ledger_root, row_root) = trees.roots();
             for (id, root) in list {
-                if lt.root() != *root {
+                if ledger_root != *root {
                     report.checkpoint(*id, "seal ledger does not reproduce the signed root: ledger entries were changed");
                 }
-                if rt.root() != *root {
+                if row_root != *root {
                     report.checkpoint(*id, "root recomputed from the rows differs from the signed checkpoint (see the events above)");
                 }
             }
         }
     };
-    check_boundary(start, &ledger_tree, &row_tree, &mut report);
+    check_boundary(start, &trees, &mut report);
 
     let (s, e) = (start as i64, end as i64);
     report.pruned = tx
@@ -618,10 +655,9 @@ pub async fn verify_scope(
                     "claims a leaf whose ledger entry is missing".into(),
                 ));
             }
-            ledger_tree.push(zero);
-            row_tree.push(zero);
+            trees.push(zero, zero);
             report.leaves_checked += 1;
-            check_boundary(index + 1, &ledger_tree, &row_tree, &mut report);
+            check_boundary(index + 1, &trees, &mut report);
             continue;
         };
         let l_snapshot: i64 = entry.get(1);
@@ -629,7 +665,7 @@ pub async fn verify_scope(
         let l_row: i64 = entry.get(3);
         let l_key: String = entry.get(4);
         let leaf = hash_from_bytes(entry.get::<_, &[u8]>(5)).unwrap_or(zero);
-        ledger_tree.push(merkle::leaf_hash(&leaf));
+        let ledger_hash = merkle::leaf_hash(&leaf);
         if let Some(arrived) = entry.get::<_, Option<DateTime<Utc>>>(8 + RECORD_COLUMN_COUNT) {
             report.late.push(LateEvent {
                 event: l_key.clone(),
@@ -719,9 +755,14 @@ pub async fn verify_scope(
                     digest.unwrap_or(zero)
                 }
             };
-            row_tree.push(merkle::leaf_hash(&row_leaf));
+            let row_hash = if row_leaf == leaf {
+                ledger_hash
+            } else {
+                merkle::leaf_hash(&row_leaf)
+            };
+            trees.push(ledger_hash, row_hash);
             report.leaves_checked += 1;
-            check_boundary(index + 1, &ledger_tree, &row_tree, &mut report);
+            check_boundary(index + 1, &trees, &mut report);
             continue;
         }
 
@@ -742,13 +783,13 @@ pub async fn verify_scope(
         }
         match primary.map(|n| &at_leaf[n]) {
             None if pruned_leaf(&mut report.pruned, l_time, i) => {
-                row_tree.push(merkle::leaf_hash(&leaf));
+                trees.push(ledger_hash, ledger_hash);
             }
             None => {
                 report
                     .findings
                     .push(row_missing(l_key, l_row, l_time, i, l_snapshot));
-                row_tree.push(zero);
+                trees.push(ledger_hash, zero);
             }
             Some(r) => {
                 let mut what = Vec::new();
@@ -782,11 +823,11 @@ pub async fn verify_scope(
                     .ok()
                     .and_then(|b| hash_from_bytes(&b))
                     .unwrap_or(zero);
-                row_tree.push(merkle::leaf_hash(&row_leaf));
+                trees.push(ledger_hash, merkle::leaf_hash(&row_leaf));
             }
         }
         report.leaves_checked += 1;
-        check_boundary(index + 1, &ledger_tree, &row_tree, &mut report);
+        check_boundary(index + 1, &trees, &mut report);
     }
     drop(ledger);
     drop(rows);
