@@ -57,6 +57,12 @@ impl<'t, 'c> PagedRows<'t, 'c> {
         self.peek().await?;
         Ok(self.buffer.pop_front())
     }
+
+    /// The next page of rows (empty at the end).
+    pub async fn next_page(&mut self) -> Result<Vec<Row>, tokio_postgres::Error> {
+        self.peek().await?;
+        Ok(self.buffer.drain(..).collect())
+    }
 }
 
 /// Computes the nodes `MTH(D[r])` of several disjoint leaf ranges from one

@@ -342,6 +342,130 @@ pub async fn verify(
     verify_scope(client, verifier, origin, scope, page).await
 }
 
+/// What `verify` finds in the row a leaf v2 ledger entry names: the work
+/// per row (decoding, record digest, hash v1), done on a blocking thread
+/// ([`CheckedLedger`]).
+struct RowCheck {
+    event_time: DateTime<Utc>,
+    /// The record digest recomputed from the row (zeros when it cannot be).
+    row_leaf: Hash,
+    /// The erased paths and the erasures, when some values were erased.
+    erased: Option<(Vec<String>, Vec<ErasureRef>)>,
+    /// What no longer matches (empty: the row is as sealed).
+    problems: Vec<String>,
+}
+
+/// Checks the row joined to ledger entry `entry` (columns as the ledger
+/// query selects them); `None` for a leaf v1 entry or a missing row.
+fn check_row(entry: &Row) -> Option<RowCheck> {
+    if entry.get::<_, i16>(6) != LEAF_VERSION_V2 {
+        return None;
+    }
+    let leaf = hash_from_bytes(entry.get::<_, &[u8]>(5)).unwrap_or([0; 32]);
+    let (rec, openings) = record_from_row(entry, 8)?;
+    let digest = stored_digest(&rec, &openings);
+    let erased_paths = openings.erased_paths();
+    let mut problems = Vec::new();
+    match &digest {
+        Err(e) => problems.push(format!("its record digest cannot be computed: {e}")),
+        Ok(d) if *d != leaf => problems.push(
+            "its stored record no longer matches the sealed record digest \
+             (a column or its salts changed)"
+                .to_string(),
+        ),
+        Ok(_) => {}
+    }
+    // Hash v1 covers principalId and targetResourceId in clear: once one is
+    // erased it cannot be recomputed (the record digest, which covers
+    // `hash` itself, still binds every field).
+    let hash_v1_erased = erased_paths
+        .iter()
+        .any(|p| p == "principalId" || p == "targetResourceId");
+    if !hash_v1_erased
+        && canonical_hash_v1(&HashedFields {
+            timestamp: Some(&rec.timestamp_raw),
+            action: Some(&rec.action),
+            status: Some(&rec.status),
+            principal_id: rec.principal_id.as_deref(),
+            organization_id: rec.organization_id.as_deref(),
+            target_resource_type: rec.target_resource_type.as_deref(),
+            target_resource_id: rec.target_resource_id.as_deref(),
+            outcome_description: rec.outcome_description.as_deref(),
+        }) != rec.hash
+    {
+        problems.push("its hashed fields no longer match its hash".into());
+    }
+    let erased = openings.erased().then(|| {
+        (
+            erased_paths,
+            openings
+                .erasures
+                .and_then(|v| serde_json::from_value(v).ok())
+                .unwrap_or_default(),
+        )
+    });
+    Some(RowCheck {
+        event_time: rec.event_time,
+        row_leaf: digest.unwrap_or([0; 32]),
+        erased,
+        problems,
+    })
+}
+
+/// The ledger entries in leaf order, each with its row checked
+/// ([`check_row`]). A page's rows are checked on a blocking thread while the
+/// next page is fetched, so the database and the checks work at once.
+struct CheckedLedger<'t, 'c> {
+    pages: PagedRows<'t, 'c>,
+    /// The page fetched while the previous one was checked.
+    fetched: Option<Vec<Row>>,
+    checked: std::collections::VecDeque<(Row, Option<RowCheck>)>,
+    done: bool,
+}
+
+impl<'t, 'c> CheckedLedger<'t, 'c> {
+    fn new(pages: PagedRows<'t, 'c>) -> Self {
+        Self {
+            pages,
+            fetched: None,
+            checked: Default::default(),
+            done: false,
+        }
+    }
+
+    /// The leaf index of the next entry (`None` at the end).
+    async fn peek_index(&mut self) -> Result<Option<i64>, SnapshotError> {
+        if self.checked.is_empty() && !self.done {
+            let page = match self.fetched.take() {
+                Some(page) => page,
+                None => self.pages.next_page().await?,
+            };
+            if page.is_empty() {
+                self.done = true;
+            } else {
+                let checking = tokio::task::spawn_blocking(move || {
+                    page.into_iter()
+                        .map(|r| {
+                            let c = check_row(&r);
+                            (r, c)
+                        })
+                        .collect::<Vec<_>>()
+                });
+                let (checked, next) = tokio::join!(checking, self.pages.next_page());
+                self.checked
+                    .extend(checked.map_err(|e| SnapshotError::Integrity(format!("verify: {e}")))?);
+                self.fetched = Some(next?);
+            }
+        }
+        Ok(self.checked.front().map(|(r, _)| r.get::<_, i64>(0)))
+    }
+
+    /// The next entry and its check (after [`Self::peek_index`]).
+    fn next(&mut self) -> Option<(Row, Option<RowCheck>)> {
+        self.checked.pop_front()
+    }
+}
+
 /// The two trees `verify` grows side by side: one from the ledger's leaves,
 /// one from the leaves recomputed from the rows. While every row gives the
 /// ledger's leaf the two are the same tree, built once; the row tree forks
@@ -598,9 +722,10 @@ pub async fn verify_scope(
         .collect();
     // Each ledger entry with the row it names (leaf v2 rows carry no
     // leaf number of their own) and that row's salts.
-    let mut ledger = PagedRows::open(
-        &tx,
-        &format!(
+    let mut ledger = CheckedLedger::new(
+        PagedRows::open(
+            &tx,
+            &format!(
             "SELECT l.leaf_index, l.snapshot_id, l.event_time, l.row_id, l.idempotency_key, l.leaf,
                     l.leaf_version, a.id, {RECORD_COLUMNS}, l.late_arrival
                FROM seal_ledger l
@@ -608,10 +733,11 @@ pub async fn verify_scope(
                {SALTS_JOIN}
               WHERE l.leaf_index >= $1 AND l.leaf_index < $2 ORDER BY l.leaf_index"
         ),
-        &[&s, &e],
-        page,
-    )
-    .await?;
+            &[&s, &e],
+            page,
+        )
+        .await?,
+    );
     let mut rows = PagedRows::open(
         &tx,
         &format!(
@@ -625,8 +751,8 @@ pub async fn verify_scope(
     let zero: Hash = [0; 32];
     for index in start..end {
         let i = index as i64;
-        let entry = match ledger.peek().await? {
-            Some(r) if r.get::<_, i64>(0) == i => ledger.next().await?,
+        let entry = match ledger.peek_index().await? {
+            Some(at) if at == i => ledger.next(),
             _ => None,
         };
         let mut at_leaf = Vec::new();
@@ -638,7 +764,7 @@ pub async fn verify_scope(
                 at_leaf.push(r);
             }
         }
-        let Some(entry) = entry else {
+        let Some((entry, checked)) = entry else {
             report.findings.push(Finding {
                 kind: FindingKind::Checkpoint,
                 event: None,
@@ -685,7 +811,7 @@ pub async fn verify_scope(
                     format!("claims leaf {i}, which the ledger assigns to event {l_key}"),
                 ));
             }
-            let row_leaf = match record_from_row(&entry, 8) {
+            let row_leaf = match checked {
                 // Dropped by retention: the ledger's digest stands for it.
                 None if pruned_leaf(&mut report.pruned, l_time, i) => leaf,
                 None => {
@@ -694,65 +820,28 @@ pub async fn verify_scope(
                         .push(row_missing(l_key, l_row, l_time, i, l_snapshot));
                     zero
                 }
-                Some((rec, openings)) => {
-                    let digest = stored_digest(&rec, &openings);
-                    let erased_paths = openings.erased_paths();
-                    if openings.erased() {
+                Some(c) => {
+                    if let Some((paths, requests)) = c.erased {
                         report.erased.push(ErasedEvent {
                             event: l_key.clone(),
                             leaf_index: i,
-                            event_time: rec.event_time,
-                            paths: erased_paths.clone(),
-                            requests: openings
-                                .erasures
-                                .clone()
-                                .and_then(|v| serde_json::from_value(v).ok())
-                                .unwrap_or_default(),
+                            event_time: c.event_time,
+                            paths,
+                            requests,
                         });
                     }
-                    let mut what = Vec::new();
-                    match &digest {
-                        Err(e) => what.push(format!("its record digest cannot be computed: {e}")),
-                        Ok(d) if *d != leaf => what.push(
-                            "its stored record no longer matches the sealed record digest \
-                             (a column or its salts changed)"
-                                .to_string(),
-                        ),
-                        Ok(_) => {}
-                    }
-                    // Hash v1 covers principalId and targetResourceId in
-                    // clear: once one is erased it cannot be recomputed
-                    // (the record digest, which covers `hash` itself,
-                    // still binds every field).
-                    let hash_v1_erased = erased_paths
-                        .iter()
-                        .any(|p| p == "principalId" || p == "targetResourceId");
-                    if !hash_v1_erased
-                        && canonical_hash_v1(&HashedFields {
-                            timestamp: Some(&rec.timestamp_raw),
-                            action: Some(&rec.action),
-                            status: Some(&rec.status),
-                            principal_id: rec.principal_id.as_deref(),
-                            organization_id: rec.organization_id.as_deref(),
-                            target_resource_type: rec.target_resource_type.as_deref(),
-                            target_resource_id: rec.target_resource_id.as_deref(),
-                            outcome_description: rec.outcome_description.as_deref(),
-                        }) != rec.hash
-                    {
-                        what.push("its hashed fields no longer match its hash".into());
-                    }
-                    if !what.is_empty() {
+                    if !c.problems.is_empty() {
                         report.findings.push(Finding {
                             kind: FindingKind::Altered,
                             event: Some(l_key),
                             row_id: entry.get(7),
-                            event_time: Some(rec.event_time),
+                            event_time: Some(c.event_time),
                             leaf_index: Some(i),
                             snapshot_id: Some(l_snapshot),
-                            detail: what.join("; "),
+                            detail: c.problems.join("; "),
                         });
                     }
-                    digest.unwrap_or(zero)
+                    c.row_leaf
                 }
             };
             let row_hash = if row_leaf == leaf {
