@@ -1,8 +1,10 @@
-//! Audit events the worker records about its own actions (an erasure, a
-//! legal hold placed or released): built to pass the worker's own
-//! validation (canonical hash v1, signed with the first HMAC key if any)
-//! and added to the event stream, so they are stored and sealed like any
-//! other event.
+//! Audit events the worker records about its own actions (an export
+//! completed, a report created, a snapshot sealed, an erasure, a legal hold
+//! placed or released, a retention drop), and its notifications to
+//! requesters. Each event is built to pass the worker's own validation
+//! (canonical hash v1, signed with the first HMAC key in force, if any) and
+//! added to the event stream, so it is stored and sealed like any other
+//! event.
 
 use crate::source::RedisConn;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -116,7 +118,8 @@ pub struct EventRecorder {
 }
 
 impl EventRecorder {
-    /// A recorder for `config`'s keys, signing with the ring `config` names.
+    /// A recorder writing to `config`'s streams and signing with the ring
+    /// `config` names (see [`Self::following`] for a running worker).
     pub fn new(config: &Config, redis: RedisConn) -> Self {
         Self {
             redis,
