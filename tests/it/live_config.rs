@@ -156,27 +156,42 @@ impl Files {
     fn path(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
+
+    /// The worker's configuration document (edited to reload).
+    fn config(&self) -> PathBuf {
+        self.path("worker.toml")
+    }
+
+    /// The worker's log.
+    fn log(&self) -> PathBuf {
+        self.path("worker.log")
+    }
+
+    /// Writes `document` as the configuration and starts the worker on it.
+    fn start_worker(&self, env: &TestEnv, document: &str) -> Child {
+        std::fs::write(self.config(), document).unwrap();
+        start_worker(
+            env,
+            self.config().to_str().unwrap(),
+            &self.path("cache.toml"),
+            &self.log(),
+        )
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_rotates_the_hmac_key_old_key_ids_still_verify_and_invalid_edits_change_nothing() {
     let env = TestEnv::new("live_sighup").await;
     let files = Files::new();
-    let config = files.path("worker.toml");
-    let log = files.path("worker.log");
+    let config = files.config();
+    let log = files.log();
     let (k1, k2, k3) = (
         HmacKey::new("k1", "first-secret"),
         HmacKey::new("k2", "second-secret"),
         HmacKey::new("k3", "third-secret"),
     );
     let first = document("k1=first-secret", "");
-    std::fs::write(&config, &first).unwrap();
-    let mut child = start_worker(
-        &env,
-        config.to_str().unwrap(),
-        &files.path("cache.toml"),
-        &log,
-    );
+    let mut child = files.start_worker(&env, &first);
     wait_ready(&env).await;
     assert_eq!(health_config(&env).await["version"], version_of(&first));
 
@@ -271,20 +286,13 @@ async fn sighup_rotates_the_hmac_key_old_key_ids_still_verify_and_invalid_edits_
 async fn the_workers_own_events_are_signed_with_the_key_in_force_after_a_rotation() {
     let env = TestEnv::new("live_own_key").await;
     let files = Files::new();
-    let config = files.path("worker.toml");
-    let log = files.path("worker.log");
+    let config = files.config();
     let notifications = format!("{}:notifications", env.stream);
     let extra = format!(
         "[storage]\nurl = \"{}\"\n\n[export]\nnotifications_key = \"{notifications}\"\n",
         files.path("store").display()
     );
-    std::fs::write(&config, document("k1=first-secret", &extra)).unwrap();
-    let mut child = start_worker(
-        &env,
-        config.to_str().unwrap(),
-        &files.path("cache.toml"),
-        &log,
-    );
+    let mut child = files.start_worker(&env, &document("k1=first-secret", &extra));
     wait_ready(&env).await;
     env.add_events(&[signed_event(1, &HmacKey::new("k1", "first-secret"))])
         .await;
@@ -343,20 +351,13 @@ async fn the_workers_own_events_are_signed_with_the_key_in_force_after_a_rotatio
 async fn a_changed_document_is_applied_by_the_poll_without_a_signal() {
     let env = TestEnv::new("live_poll").await;
     let files = Files::new();
-    let config = files.path("worker.toml");
-    let log = files.path("worker.log");
+    let config = files.config();
     let poll = "[config]\nwatch_interval_secs = 1\n";
     let (k1, k2) = (
         HmacKey::new("k1", "poll-one"),
         HmacKey::new("k2", "poll-two"),
     );
-    std::fs::write(&config, document("k1=poll-one", poll)).unwrap();
-    let mut child = start_worker(
-        &env,
-        config.to_str().unwrap(),
-        &files.path("cache.toml"),
-        &log,
-    );
+    let mut child = files.start_worker(&env, &document("k1=poll-one", poll));
     wait_ready(&env).await;
     env.add_events(&[signed_event(1, &k1)]).await;
     assert_eq!(stored_key_id(&env, 1).await.as_deref(), Some("k1"));
@@ -477,8 +478,7 @@ async fn a_document_in_the_object_store_loads_reloads_and_falls_back_to_the_last
 async fn alert_rules_and_sink_batching_apply_on_sighup() {
     let env = TestEnv::new("live_rules").await;
     let files = Files::new();
-    let config = files.path("worker.toml");
-    let log = files.path("worker.log");
+    let config = files.config();
     let key = HmacKey::new("k1", "rules-secret");
     // Batches of one row; no alert rule. The alert stream is this test's.
     let alerts = format!("[alerts]\nstream = \"test:{}:alerts\"\n", env.name);
@@ -486,13 +486,7 @@ async fn alert_rules_and_sink_batching_apply_on_sighup() {
         "k1=rules-secret",
         &format!("{alerts}\n[sink]\nbatch_size = 1\n"),
     );
-    std::fs::write(&config, &first).unwrap();
-    let mut child = start_worker(
-        &env,
-        config.to_str().unwrap(),
-        &files.path("cache.toml"),
-        &log,
-    );
+    let mut child = files.start_worker(&env, &first);
     wait_ready(&env).await;
     env.add_events(&(0..20).map(|i| signed_event(i, &key)).collect::<Vec<_>>())
         .await;
