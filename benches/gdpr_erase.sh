@@ -6,7 +6,8 @@
 # worker stores them; the subject is the principal of every tenth event.
 # SEAL=0 skips sealing (the erasure does the same work on unsealed rows).
 # Then `verify` checks the log (VERIFY=0 skips it; needs SEAL=1) and lists
-# the erased events.
+# the erased events. KEEP_SCHEMA=1 keeps the schema (and its rows) for a
+# look in SQL afterwards; ERASE=0 stops before the erasure.
 #
 # Usage: benches/gdpr_erase.sh [N] [SUBJECT_EVENTS]
 # Needs: PostgreSQL (AUDIT_WORKER_BENCH_DATABASE_URL, default the local
@@ -24,7 +25,11 @@ REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 SCHEMA="bench_erase_$$"
 WORK="$(mktemp -d)"
 cleanup() {
-  psql -q "$BASE" -c "DROP SCHEMA IF EXISTS \"$SCHEMA\" CASCADE" >/dev/null 2>&1 || true
+  if [ -n "${KEEP_SCHEMA:-}" ]; then
+    echo "schema $SCHEMA kept (KEEP_SCHEMA); drop it with: psql $BASE -c 'DROP SCHEMA \"$SCHEMA\" CASCADE'"
+  else
+    psql -q "$BASE" -c "DROP SCHEMA IF EXISTS \"$SCHEMA\" CASCADE" >/dev/null 2>&1 || true
+  fi
   redis-cli -u "$REDIS_URL" DEL "bench:$SCHEMA:events" "bench:$SCHEMA:dlq" "bench:$SCHEMA:alerts" \
     "bench:$SCHEMA:notifications" >/dev/null 2>&1 || true
   rm -rf "$WORK"
@@ -92,6 +97,7 @@ if [ "${SEAL:-1}" = 1 ]; then
   tail -1 "$WORK/snapshot.time"
 fi
 
+[ "${ERASE:-1}" = 1 ] || exit 0
 echo "== gdpr erase (a subject with $SUBJECT_EVENTS of $N events; one whole process)"
 /usr/bin/time -v "$BIN" gdpr erase subject@bench.example > "$WORK/erase.out" 2> "$WORK/erase.time" \
   || { cat "$WORK/erase.out" "$WORK/erase.time"; exit 1; }

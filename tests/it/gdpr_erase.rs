@@ -638,7 +638,8 @@ async fn erasure_under_a_legal_hold_is_refused_naming_the_hold_and_proceeds_once
     // The database function refuses too, whoever calls it.
     let e = pg
         .query_one(
-            "SELECT gdpr_erase_rows('x', now(), ARRAY[id], ARRAY[event_time], ARRAY['{}'::jsonb], ARRAY['{}'::jsonb])
+            "SELECT gdpr_erase_rows('x', now(), ARRAY[id], ARRAY[event_time], ARRAY[NULL::text], ARRAY[NULL::text],
+                                    ARRAY[NULL::text], ARRAY[NULL::text], ARRAY['{}'], ARRAY['[]'], ARRAY[false])
                FROM audit_log WHERE principal_id = $1 AND organization_id = 'org-0' LIMIT 1",
             &[&subject],
         )
