@@ -11,6 +11,16 @@
 //! CONFLICT and would need a staging table: three statements instead of
 //! one; see benches/README.md for the measured difference.)
 //!
+//! Most batches hold only new events, and `ON CONFLICT` costs PostgreSQL a
+//! speculative insertion per row (about 13% of the statement's time,
+//! `benches/write_paths.sh`). So a batch is first written without it
+//! ([`InsertMode::AllNew`]); a unique violation (a redelivery, or one key
+//! twice in the batch) aborts that statement, which wrote nothing, and the
+//! batch is written again with `ON CONFLICT DO NOTHING`, as are the
+//! batches of the next [`CONFLICT_PAUSE`] (after a crash or a failover,
+//! redeliveries come in runs). The database logs each aborted statement as
+//! a unique violation.
+//!
 //! Failures are sorted in two: transient (connection lost, timeouts,
 //! serialization failures, too many connections, privileges, anything
 //! unknown) are retried with backoff and finally reported `Unavailable`, so
@@ -133,6 +143,7 @@ impl PostgresSink {
             metrics,
             breaker: breaker.clone(),
             shutdown,
+            conflicts_seen: std::sync::Mutex::new(None),
         });
         let task = tokio::spawn(writer.run_batcher(rx));
         Self {
@@ -163,6 +174,20 @@ struct BatchWriter {
     metrics: Metrics,
     breaker: CircuitBreaker,
     shutdown: CancellationToken,
+    /// Until when batches are written with `ON CONFLICT` straight away.
+    conflicts_seen: std::sync::Mutex<Option<Instant>>,
+}
+
+/// How long after a unique violation batches skip the all-new attempt.
+pub const CONFLICT_PAUSE: Duration = Duration::from_secs(10);
+
+/// Whether a batch's INSERT may meet keys that exist already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertMode {
+    /// No `ON CONFLICT`: a stored key fails the whole statement.
+    AllNew,
+    /// `ON CONFLICT DO NOTHING`: stored keys are skipped (not returned).
+    SkipExisting,
 }
 
 impl BatchWriter {
@@ -370,7 +395,7 @@ impl BatchWriter {
         let mut stack = vec![pending];
         while let Some(part) = stack.pop() {
             let started = Instant::now();
-            let result = insert_rows(&client, records, &part, &self.settings.personal_fields).await;
+            let result = self.insert(&client, records, &part).await;
             let label = if result.is_ok() { "ok" } else { "error" };
             self.metrics
                 .insert_duration
@@ -417,6 +442,36 @@ impl BatchWriter {
             }
         }
         Ok(deferred)
+    }
+
+    /// Inserts the rows `part`: first as all new unless a unique violation
+    /// was seen in the last [`CONFLICT_PAUSE`], then (after one) skipping
+    /// the keys that exist.
+    async fn insert(
+        &self,
+        client: &deadpool_postgres::Client,
+        records: &[AuditRecord],
+        part: &[usize],
+    ) -> Result<Vec<bool>, tokio_postgres::Error> {
+        let personal = &self.settings.personal_fields;
+        let all_new = {
+            let mut seen = self.conflicts_seen.lock().expect("not poisoned");
+            if seen.is_some_and(|until| Instant::now() >= until) {
+                *seen = None;
+            }
+            seen.is_none()
+        };
+        if all_new {
+            match insert_rows(client, records, part, personal, InsertMode::AllNew).await {
+                Err(e) if is_unique_violation(&e) => {
+                    tracing::debug!(rows = part.len(), "a key of the batch is stored already; writing it again skipping stored keys");
+                    *self.conflicts_seen.lock().expect("not poisoned") =
+                        Some(Instant::now() + CONFLICT_PAUSE);
+                }
+                other => return other,
+            }
+        }
+        insert_rows(client, records, part, personal, InsertMode::SkipExisting).await
     }
 
     /// Rows the INSERT did not return already existed: one query fetches
@@ -511,6 +566,13 @@ fn is_missing_partition(e: &tokio_postgres::Error) -> bool {
     })
 }
 
+/// A key stored already (or twice in the statement): the all-new INSERT
+/// meets a redelivery.
+fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error()
+        .is_some_and(|db| db.code() == &tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+}
+
 /// One statement per batch: the rows, and (for the rows that were new) the
 /// salts of their personal fields, so a row never exists without its salts.
 /// Each input row takes its `id` from the sequence before the INSERT, so the
@@ -518,7 +580,10 @@ fn is_missing_partition(e: &tokio_postgres::Error) -> bool {
 /// that number: the statement returns the ordinal (1-based) of every input
 /// row it inserted. When a batch holds one key twice, the first occurrence
 /// is inserted and the later one returns nothing.
-const INSERT_SQL: &str = "\
+macro_rules! insert_sql {
+    ($on_conflict:literal) => {
+        concat!(
+            "\
 WITH input AS (
     SELECT i.*, nextval('audit_log_id_seq') AS id FROM UNNEST(
         $1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
@@ -544,15 +609,24 @@ WITH input AS (
         signature_key_id, event_version, correlation_id, data_classification,
         retention_policy, session_context, details, source
       FROM input ORDER BY n
-    ON CONFLICT (idempotency_key, event_time) DO NOTHING
-    RETURNING id
+",
+            $on_conflict,
+            "    RETURNING id
 ), salted AS (
     INSERT INTO audit_salts (audit_id, salts)
     SELECT i.id, i.salts::jsonb
       FROM inserted r JOIN input i USING (id)
      WHERE i.salts IS NOT NULL
 )
-SELECT i.n FROM inserted r JOIN input i USING (id)";
+SELECT i.n FROM inserted r JOIN input i USING (id)"
+        )
+    };
+}
+
+/// [`InsertMode::SkipExisting`].
+const INSERT_SQL: &str = insert_sql!("    ON CONFLICT (idempotency_key, event_time) DO NOTHING\n");
+/// [`InsertMode::AllNew`].
+const INSERT_NEW_SQL: &str = insert_sql!("");
 
 /// Inserts the rows `idx` of `records` in one statement and returns, for
 /// each of `idx` in order, whether it was inserted (false: its key existed
@@ -562,6 +636,7 @@ async fn insert_rows(
     records: &[AuditRecord],
     idx: &[usize],
     personal: &PersonalFields,
+    mode: InsertMode,
 ) -> Result<Vec<bool>, tokio_postgres::Error> {
     let rows: Vec<&AuditRecord> = idx.iter().map(|&i| &records[i]).collect();
     fn col<'a, T>(rows: &[&'a AuditRecord], f: impl Fn(&'a AuditRecord) -> T) -> Vec<T> {
@@ -602,7 +677,10 @@ async fn insert_rows(
     });
     let returned = client
         .query(
-            INSERT_SQL,
+            match mode {
+                InsertMode::AllNew => INSERT_NEW_SQL,
+                InsertMode::SkipExisting => INSERT_SQL,
+            },
             &[
                 &key,
                 &event_id,

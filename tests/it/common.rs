@@ -129,7 +129,7 @@ impl TestEnv {
     }
 
     pub async fn redis_conn(&self) -> MultiplexedConnection {
-        self.redis.get_multiplexed_async_connection().await.unwrap()
+        patient_redis(&self.redis).await.unwrap()
     }
 
     /// XADDs `data` payloads (with an optional name) in pipelined chunks.
@@ -516,4 +516,18 @@ pub async fn http_status(port: u16, path: &str) -> Option<(u16, serde_json::Valu
         .ok()?;
     let code = resp.status().as_u16();
     Some((code, resp.json().await.ok()?))
+}
+
+/// A connection for the tests' own Redis commands (adding events, reading
+/// streams). It waits up to 30 s for a reply: the client's default of
+/// 500 ms fails a pipeline of large entries on a loaded machine, which is
+/// not what a test checks (the worker's own connections wait
+/// `redis.response_timeout_secs`).
+pub async fn patient_redis(client: &redis::Client) -> redis::RedisResult<MultiplexedConnection> {
+    client
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new()
+                .set_response_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
 }

@@ -55,7 +55,7 @@ fn produce(env: &TestEnv, stop: CancellationToken) -> tokio::task::JoinHandle<us
     let stream = env.stream.clone();
     let client = env.redis.clone();
     tokio::spawn(async move {
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mut conn = crate::common::patient_redis(&client).await.unwrap();
         let mut next = 0usize;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         while !stop.is_cancelled() {

@@ -51,7 +51,7 @@ async fn three_workers_share_one_stream_and_a_sigkill_loses_and_duplicates_nothi
         let stream = env.stream.clone();
         let client = env.redis.clone();
         tokio::spawn(async move {
-            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let mut conn = crate::common::patient_redis(&client).await.unwrap();
             for chunk in 0..(total / 1000) {
                 let mut pipe = redis::pipe();
                 for i in chunk * 1000..(chunk + 1) * 1000 {

@@ -191,7 +191,7 @@ async fn a_flood_of_health_checks_never_opens_the_breaker_and_every_event_is_sto
         let redis = env.redis.clone();
         let stream = env.stream.clone();
         tokio::spawn(async move {
-            let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+            let mut conn = crate::common::patient_redis(&redis).await.unwrap();
             for chunk in env_events.chunks(20) {
                 let mut pipe = redis::pipe();
                 for e in chunk {
