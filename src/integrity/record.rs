@@ -206,6 +206,16 @@ impl<'a> Openings<'a> {
     }
 }
 
+/// 32 bytes (a salt, a commitment, a digest) from 64 hex digits of either
+/// case, without an allocation. It runs for every salt and commitment of
+/// every row sealed, verified or erased, where `hex::decode` into a `Vec`
+/// took about 8% of the sealing CPU (perf profile).
+pub fn hex32(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s, &mut out).ok()?;
+    Some(out)
+}
+
 /// Reads kept commitments back (`{"<path>": "<64 hex digits>"}`).
 pub fn kept_from_json(v: Option<&Value>) -> Result<KeptCommitments, String> {
     let Some(v) = v else {
@@ -218,8 +228,7 @@ pub fn kept_from_json(v: Option<&Value>) -> Result<KeptCommitments, String> {
         .map(|(k, v)| {
             let c = v
                 .as_str()
-                .and_then(|s| hex::decode(s).ok())
-                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .and_then(hex32)
                 .ok_or_else(|| format!("erasure commitment of {k} is not 64 hex digits"))?;
             Ok((k.clone(), c))
         })
@@ -281,8 +290,7 @@ pub fn salts_from_json(v: Option<&Value>) -> Result<Salts, String> {
         .map(|(k, v)| {
             let salt = v
                 .as_str()
-                .and_then(|s| hex::decode(s).ok())
-                .and_then(|b| <[u8; SALT_LEN]>::try_from(b).ok())
+                .and_then(hex32)
                 .ok_or_else(|| format!("salt of {k} is not 64 hex digits"))?;
             Ok((k.clone(), salt))
         })
@@ -647,6 +655,18 @@ impl<'w, W: std::io::Write> JcsObject<'w, W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex32_reads_64_hex_digits_of_either_case_and_nothing_else() {
+        let bytes: [u8; 32] = std::array::from_fn(|i| (i * 9) as u8);
+        let lower = hex::encode(bytes);
+        assert_eq!(hex32(&lower), Some(bytes));
+        assert_eq!(hex32(&lower.to_uppercase()), Some(bytes));
+        assert_eq!(hex32(&lower[..62]), None, "31 bytes");
+        assert_eq!(hex32(&format!("{lower}00")), None, "33 bytes");
+        assert_eq!(hex32(&format!("{}zz", &lower[..62])), None, "not hex");
+        assert_eq!(hex32(""), None);
+    }
 
     #[test]
     fn salts_as_text_are_the_same_json_as_salts_as_values() {

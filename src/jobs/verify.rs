@@ -908,10 +908,7 @@ pub async fn verify_scope(
                         .findings
                         .push(row_finding(FindingKind::Altered, r, what.join("; ")));
                 }
-                let row_leaf = hex::decode(&recomputed)
-                    .ok()
-                    .and_then(|b| hash_from_bytes(&b))
-                    .unwrap_or(zero);
+                let row_leaf = crate::integrity::record::hex32(&recomputed).unwrap_or(zero);
                 trees.push(ledger_hash, merkle::leaf_hash(&row_leaf));
             }
         }
