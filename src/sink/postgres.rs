@@ -12,7 +12,7 @@
 //! one; see benches/README.md for the measured difference.)
 //!
 //! Most batches hold only new events, and `ON CONFLICT` costs PostgreSQL a
-//! speculative insertion per row (about 13% of the statement's time,
+//! speculative insertion per row (about 15% of the statement's time,
 //! `benches/write_paths.sh`). So a batch is first written without it
 //! ([`InsertMode::AllNew`]); a unique violation (a redelivery, or one key
 //! twice in the batch) aborts that statement, which wrote nothing, and the
