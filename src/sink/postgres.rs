@@ -454,13 +454,11 @@ impl BatchWriter {
         part: &[usize],
     ) -> Result<Vec<bool>, tokio_postgres::Error> {
         let personal = &self.settings.personal_fields;
-        let all_new = {
-            let mut seen = self.conflicts_seen.lock().expect("not poisoned");
-            if seen.is_some_and(|until| Instant::now() >= until) {
-                *seen = None;
-            }
-            seen.is_none()
-        };
+        let all_new = self
+            .conflicts_seen
+            .lock()
+            .expect("not poisoned")
+            .is_none_or(|until| Instant::now() >= until);
         if all_new {
             match insert_rows(client, records, part, personal, InsertMode::AllNew).await {
                 Err(e) if is_unique_violation(&e) => {
