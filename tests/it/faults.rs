@@ -17,7 +17,7 @@ async fn ten_kills_at_random_moments_while_events_flow_lose_and_duplicate_nothin
         let env_stream = env.stream.clone();
         let client = env.redis.clone();
         tokio::spawn(async move {
-            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let mut conn = patient_redis(&client).await.unwrap();
             for chunk in 0..(total / 1000) {
                 let mut pipe = redis::pipe();
                 for i in chunk * 1000..(chunk + 1) * 1000 {
@@ -102,7 +102,7 @@ async fn a_database_refusing_writes_opens_the_breaker_and_nothing_is_dead_letter
         let stream = env.stream.clone();
         let client = env.redis.clone();
         tokio::spawn(async move {
-            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let mut conn = patient_redis(&client).await.unwrap();
             for chunk in 0..20 {
                 let mut pipe = redis::pipe();
                 for i in 5_000 + chunk * 500..5_000 + (chunk + 1) * 500 {

@@ -206,11 +206,11 @@ fn sentinel_client(t: &Topology) -> SentinelClient {
 
 /// Writes `events` to the current master in chunks, each confirmed on a
 /// replica with WAIT before the next; a chunk that fails (the master died)
-/// or is not confirmed is written again to whichever master the sentinels
-/// name next. Its events carry event ids, so a chunk stored twice is one
-/// set of rows. Sends the index of the first event of the first chunk
-/// that has to be written again (the first one written after the
-/// failover) on `rewritten` when that chunk first fails.
+/// or is not confirmed is written again, byte for byte, to whichever
+/// master the sentinels name next. Its events carry event ids, so a chunk
+/// stored twice is one set of rows. Sends the index of the first event of
+/// the first chunk that has to be written again (the first one written
+/// after the failover) on `rewritten` when that chunk first fails.
 async fn produce_through_sentinel(
     mut sentinel: SentinelClient,
     stream: String,
@@ -224,14 +224,19 @@ async fn produce_through_sentinel(
     let chunk_size = 500;
     for start in (0..total).step_by(chunk_size) {
         let deadline = Instant::now() + Duration::from_secs(60);
+        // Made once: a chunk written again carries the same bytes (an
+        // event's timestamp is taken from the clock when it is made).
+        let events: Vec<String> = (start..(start + chunk_size).min(total))
+            .map(|i| event(i).to_string())
+            .collect();
         loop {
             let mut pipe = redis::pipe();
-            for i in start..(start + chunk_size).min(total) {
+            for e in &events {
                 pipe.cmd("XADD")
                     .arg(&stream)
                     .arg("*")
                     .arg("data")
-                    .arg(event(i).to_string())
+                    .arg(e)
                     .ignore();
             }
             pipe.cmd("WAIT").arg(1).arg(2000);
