@@ -133,10 +133,10 @@ struct GroupState {
     /// `last-generated-id`: equal once every entry has been read.
     last_delivered: String,
     last_generated: String,
-    /// The group's `lag`, for the failure message only: after a failover
-    /// Redis 7.0 can report a lag that never returns to 0, because a
-    /// replica does not keep the group's `entries-read` counter in step
-    /// with its master (fixed in later releases).
+    /// The group's `lag`, for the failure message only. Redis derives it
+    /// from the group's `entries-read` counter, which a Redis 7.0 replica
+    /// does not keep in step with its master, so after a failover it is
+    /// an estimate; whether every entry was read is told by the ids.
     lag: Option<i64>,
 }
 
