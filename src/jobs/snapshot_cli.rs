@@ -210,11 +210,7 @@ pub async fn prove_consistency(
         let nodes: Vec<[u8; 32]> = proof
             .proof
             .iter()
-            .map(|h| {
-                hex::decode(h)
-                    .ok()
-                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
-            })
+            .map(|h| crate::integrity::record::hex32(h))
             .collect::<Option<_>>()
             .ok_or_else(|| anyhow::anyhow!("a proof node is not 32 bytes"))?;
         crate::integrity::merkle::verify_consistency(

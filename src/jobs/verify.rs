@@ -21,7 +21,7 @@ use tokio_postgres::Row;
 use crate::integrity::checkpoint::{open_note, Checkpoint, NoteVerifier};
 use crate::integrity::merkle::{self, Hash, TreeBuilder};
 use crate::integrity::record::{
-    digest_of_object, timestamp_text, LEAF_VERSION_V1, LEAF_VERSION_V2,
+    digest_of_object, hex32, timestamp_text, LEAF_VERSION_V1, LEAF_VERSION_V2,
 };
 use crate::integrity::{canonical_hash_v1, HashedFields};
 use crate::jobs::merkle_stream::{hash_from_bytes, PagedRows, RangeHasher};
@@ -908,7 +908,7 @@ pub async fn verify_scope(
                         .findings
                         .push(row_finding(FindingKind::Altered, r, what.join("; ")));
                 }
-                let row_leaf = crate::integrity::record::hex32(&recomputed).unwrap_or(zero);
+                let row_leaf = hex32(&recomputed).unwrap_or(zero);
                 trees.push(ledger_hash, merkle::leaf_hash(&row_leaf));
             }
         }
@@ -1436,14 +1436,11 @@ pub fn verify_proof(
         (2, None) => return Err("a leaf v2 proof needs recordDigest".into()),
         (v, _) => return Err(format!("leafVersion {v} is not 1 or 2")),
     };
-    let leaf: Hash = hex::decode(data)
-        .ok()
-        .and_then(|b| hash_from_bytes(&b))
-        .ok_or(format!("{name} must be 64 hex digits"))?;
+    let leaf: Hash = hex32(data).ok_or(format!("{name} must be 64 hex digits"))?;
     let nodes: Vec<Hash> = proof
         .inclusion_proof
         .iter()
-        .map(|h| hex::decode(h).ok().and_then(|b| hash_from_bytes(&b)))
+        .map(|h| hex32(h))
         .collect::<Option<_>>()
         .ok_or("inclusionProof entries must be 64 hex digits")?;
     merkle::verify_inclusion(
