@@ -31,32 +31,15 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chrono::{SecondsFormat, Utc};
 use futures::SinkExt;
-use serde_json::json;
 use tokio_postgres::NoTls;
+
+#[path = "support/sample_event.rs"]
+mod sample_event;
+use sample_event::event;
 
 const DB: &str = "postgres://postgres@127.0.0.1:5432/audit_worker";
 const REDIS: &str = "redis://127.0.0.1:6379";
-
-fn event(i: usize) -> String {
-    let status = ["attempt", "success", "failure"][i % 3];
-    json!({
-        "eventId": format!("bench-{i}"),
-        "timestamp": (Utc::now() - chrono::Duration::seconds((i % 86_400) as i64)).to_rfc3339_opts(SecondsFormat::Millis, true),
-        "action": format!("patient.record.read.{}", i % 20),
-        "status": status,
-
-        "principalId": format!("user-{}", i % 5_000),
-        "organizationId": format!("org-{}", i % 50),
-        "targetResourceType": "Patient",
-        "targetResourceId": format!("patient-{}", i % 100_000),
-        "outcomeDescription": "Record viewed from the chart summary screen",
-        "dataClassification": "PHI",
-        "sessionContext": {"sessionId": format!("sess-{}", i % 10_000), "ipAddress": "10.1.2.3", "userAgent": "Mozilla/5.0"},
-    })
-    .to_string()
-}
 
 /// CPU time (user + system) a process has used so far, in seconds.
 fn cpu_seconds(pid: u32) -> Option<f64> {

@@ -129,13 +129,10 @@ pub fn decode_event(
     }
     let text = std::str::from_utf8(raw)
         .map_err(|e| Rejection::new(InvalidJson, format!("event is not valid UTF-8: {e}")))?;
-    let value = parse_json_strict(text)?;
-    let Value::Object(mut obj) = value else {
-        return Err(Rejection::new(InvalidJson, "event must be a JSON object"));
-    };
+    let mut obj = parse_event_object(text)?;
     check_strings(&obj, policy.max_string_chars)?;
 
-    let timestamp_raw = required_string(&mut obj, "timestamp")?;
+    let timestamp_raw = required_string(&mut obj, Field::Timestamp)?;
     let event_time = parse_timestamp(&timestamp_raw)?;
     if event_time < now - policy.max_event_age || event_time > now + policy.max_future_skew {
         return Err(Rejection::new(
@@ -146,8 +143,8 @@ pub fn decode_event(
             ),
         ));
     }
-    let action = required_string(&mut obj, "action")?;
-    let status = required_string(&mut obj, "status")?;
+    let action = required_string(&mut obj, Field::Action)?;
+    let status = required_string(&mut obj, Field::Status)?;
     if !STATUSES.contains(&status.as_str()) {
         return Err(Rejection::new(
             InvalidEvent,
@@ -155,20 +152,20 @@ pub fn decode_event(
         ));
     }
 
-    let event_id = optional_string(&mut obj, "eventId")?.filter(|s| !s.is_empty());
-    let principal_id = optional_string(&mut obj, "principalId")?;
-    let organization_id = optional_string(&mut obj, "organizationId")?;
-    let target_resource_type = optional_string(&mut obj, "targetResourceType")?;
-    let target_resource_id = optional_string(&mut obj, "targetResourceId")?;
-    let outcome_description = optional_string(&mut obj, "outcomeDescription")?;
-    let provided_hash = optional_string(&mut obj, "hash")?.filter(|s| !s.is_empty());
-    let hash_algorithm = optional_string(&mut obj, "hashAlgorithm")?;
-    let signature = optional_string(&mut obj, "signature")?.filter(|s| !s.is_empty());
-    let signature_algorithm = optional_string(&mut obj, "algorithm")?;
-    let event_version = optional_string(&mut obj, "eventVersion")?;
-    let correlation_id = optional_string(&mut obj, "correlationId")?;
-    let data_classification = optional_string(&mut obj, "dataClassification")?;
-    let retention_policy = optional_string(&mut obj, "retentionPolicy")?;
+    let event_id = optional_string(&mut obj, Field::EventId)?.filter(|s| !s.is_empty());
+    let principal_id = optional_string(&mut obj, Field::PrincipalId)?;
+    let organization_id = optional_string(&mut obj, Field::OrganizationId)?;
+    let target_resource_type = optional_string(&mut obj, Field::TargetResourceType)?;
+    let target_resource_id = optional_string(&mut obj, Field::TargetResourceId)?;
+    let outcome_description = optional_string(&mut obj, Field::OutcomeDescription)?;
+    let provided_hash = optional_string(&mut obj, Field::Hash)?.filter(|s| !s.is_empty());
+    let hash_algorithm = optional_string(&mut obj, Field::HashAlgorithm)?;
+    let signature = optional_string(&mut obj, Field::Signature)?.filter(|s| !s.is_empty());
+    let signature_algorithm = optional_string(&mut obj, Field::Algorithm)?;
+    let event_version = optional_string(&mut obj, Field::EventVersion)?;
+    let correlation_id = optional_string(&mut obj, Field::CorrelationId)?;
+    let data_classification = optional_string(&mut obj, Field::DataClassification)?;
+    let retention_policy = optional_string(&mut obj, Field::RetentionPolicy)?;
 
     if let Some(alg) = hash_algorithm.as_deref() {
         if alg != "SHA-256" {
@@ -197,7 +194,7 @@ pub fn decode_event(
         }
     }
 
-    let session_context = match obj.remove("sessionContext") {
+    let session_context = match obj.take(Field::SessionContext) {
         None | Some(Value::Null) => None,
         Some(v @ Value::Object(_)) => {
             check_depth("sessionContext", &v, policy.max_custom_depth)?;
@@ -212,10 +209,10 @@ pub fn decode_event(
     };
     // Whatever is left is custom data; `details` is the SDK's own free-form
     // object and stays nested under its name like any other custom key.
-    for (key, v) in &obj {
+    for (key, v) in &obj.custom {
         check_depth(key, v, policy.max_custom_depth)?;
     }
-    let details = (!obj.is_empty()).then_some(Value::Object(obj));
+    let details = (!obj.custom.is_empty()).then_some(Value::Object(obj.custom));
 
     let mut event = ValidEvent {
         event_id,
@@ -280,17 +277,117 @@ pub fn decode_event(
     Ok(event)
 }
 
-/// Parses JSON text into a [`Value`], refusing duplicate object keys at any
-/// depth (serde_json alone silently keeps the last one).
+/// The schema's top-level keys: each is parsed into a slot of its own
+/// rather than into a map it would then be looked up and removed from
+/// (that map's lookups were the largest part of decoding's own cost).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Field {
+    Timestamp,
+    Action,
+    Status,
+    EventId,
+    PrincipalId,
+    OrganizationId,
+    TargetResourceType,
+    TargetResourceId,
+    OutcomeDescription,
+    Hash,
+    HashAlgorithm,
+    Signature,
+    Algorithm,
+    EventVersion,
+    CorrelationId,
+    DataClassification,
+    RetentionPolicy,
+    SessionContext,
+}
+
+impl Field {
+    pub(crate) const ALL: [Field; 18] = [
+        Field::Timestamp,
+        Field::Action,
+        Field::Status,
+        Field::EventId,
+        Field::PrincipalId,
+        Field::OrganizationId,
+        Field::TargetResourceType,
+        Field::TargetResourceId,
+        Field::OutcomeDescription,
+        Field::Hash,
+        Field::HashAlgorithm,
+        Field::Signature,
+        Field::Algorithm,
+        Field::EventVersion,
+        Field::CorrelationId,
+        Field::DataClassification,
+        Field::RetentionPolicy,
+        Field::SessionContext,
+    ];
+
+    /// The key as the producer writes it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Field::Timestamp => "timestamp",
+            Field::Action => "action",
+            Field::Status => "status",
+            Field::EventId => "eventId",
+            Field::PrincipalId => "principalId",
+            Field::OrganizationId => "organizationId",
+            Field::TargetResourceType => "targetResourceType",
+            Field::TargetResourceId => "targetResourceId",
+            Field::OutcomeDescription => "outcomeDescription",
+            Field::Hash => "hash",
+            Field::HashAlgorithm => "hashAlgorithm",
+            Field::Signature => "signature",
+            Field::Algorithm => "algorithm",
+            Field::EventVersion => "eventVersion",
+            Field::CorrelationId => "correlationId",
+            Field::DataClassification => "dataClassification",
+            Field::RetentionPolicy => "retentionPolicy",
+            Field::SessionContext => "sessionContext",
+        }
+    }
+
+    fn from_name(key: &str) -> Option<Field> {
+        Field::ALL.into_iter().find(|f| f.name() == key)
+    }
+}
+
+/// The event's top-level object as parsed: the schema's keys in their
+/// slots (`Some(Value::Null)` for a key sent as `null`), every other key in
+/// `custom`, in key order. No key appears twice.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct EventObject {
+    pub(crate) fields: [Option<Value>; Field::ALL.len()],
+    pub(crate) custom: Map<String, Value>,
+}
+
+impl EventObject {
+    /// The value sent for `field`, leaving its slot empty.
+    fn take(&mut self, field: Field) -> Option<Value> {
+        self.fields[field as usize].take()
+    }
+
+    /// Every key sent, with its value: the schema's first, then the rest.
+    fn entries(&self) -> impl Iterator<Item = (&str, &Value)> {
+        let fields = Field::ALL
+            .iter()
+            .zip(&self.fields)
+            .filter_map(|(f, v)| Some((f.name(), v.as_ref()?)));
+        fields.chain(self.custom.iter().map(|(k, v)| (k.as_str(), v)))
+    }
+}
+
+/// Parses the event's JSON text, refusing duplicate object keys at any depth
+/// (serde_json alone silently keeps the last one) and anything but an
+/// object at the top.
 ///
 /// serde_json's recursion limit (128) still applies: it is enforced by the
 /// deserializer, whatever visitor it drives.
-fn parse_json_strict(text: &str) -> Result<Value, Rejection> {
+pub(crate) fn parse_event_object(text: &str) -> Result<EventObject, Rejection> {
     let mut de = serde_json::Deserializer::from_str(text);
-    let parsed = serde::Deserialize::deserialize(&mut de).and_then(|StrictValue(v)| {
-        de.end()?;
-        Ok(v)
-    });
+    let parsed = serde::Deserializer::deserialize_any(&mut de, EventObjectVisitor)
+        .and_then(|obj| de.end().map(|()| obj));
     parsed.map_err(|e| {
         let text = e.to_string();
         if text.starts_with(DUPLICATE_KEY_MARK) {
@@ -303,6 +400,10 @@ fn parse_json_strict(text: &str) -> Result<Value, Rejection> {
                 RejectReason::NestingTooDeep,
                 "event nests too deeply to parse",
             )
+        } else if e.classify() == serde_json::error::Category::Data {
+            // The only type error left: the visitor below takes any value
+            // inside the object, so it is the top-level value's type.
+            Rejection::new(RejectReason::InvalidJson, "event must be a JSON object")
         } else {
             Rejection::new(
                 RejectReason::InvalidJson,
@@ -312,11 +413,84 @@ fn parse_json_strict(text: &str) -> Result<Value, Rejection> {
     })
 }
 
+fn duplicate_key<E: serde::de::Error>(key: &str) -> E {
+    let shown: String = key.chars().take(64).collect();
+    E::custom(format!(
+        "{DUPLICATE_KEY_MARK}{shown:?}: each key may appear once per object"
+    ))
+}
+
+/// Builds the [`EventObject`] from the top-level JSON object.
+struct EventObjectVisitor;
+
+impl<'de> serde::de::Visitor<'de> for EventObjectVisitor {
+    type Value = EventObject;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<EventObject, A::Error> {
+        use serde_json::map::Entry;
+        let mut obj = EventObject::default();
+        while let Some(key) = map.next_key_seed(KeySeed)? {
+            let StrictValue(v) = map.next_value()?;
+            match key {
+                Key::Schema(field) => {
+                    let slot = &mut obj.fields[field as usize];
+                    if slot.is_some() {
+                        return Err(duplicate_key(field.name()));
+                    }
+                    *slot = Some(v);
+                }
+                Key::Custom(k) => match obj.custom.entry(k) {
+                    Entry::Vacant(e) => {
+                        e.insert(v);
+                    }
+                    Entry::Occupied(e) => return Err(duplicate_key(e.key())),
+                },
+            }
+        }
+        Ok(obj)
+    }
+}
+
+/// A top-level key: one of the schema's, or a custom one.
+enum Key {
+    Schema(Field),
+    Custom(String),
+}
+
+/// Reads a top-level key, allocating only for custom keys.
+struct KeySeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeySeed {
+    type Value = Key;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Key, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for KeySeed {
+    type Value = Key;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Key, E> {
+        Ok(Field::from_name(v).map_or_else(|| Key::Custom(v.to_owned()), Key::Schema))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Key, E> {
+        Ok(Field::from_name(&v).map_or(Key::Custom(v), Key::Schema))
+    }
+}
+
 /// Start of the error message for a repeated key, used to tell it from
 /// syntax errors.
 const DUPLICATE_KEY_MARK: &str = "duplicate key ";
 
-/// A JSON value whose objects have no repeated keys; see [`parse_json_strict`].
+/// A JSON value whose objects have no repeated keys; see [`parse_event_object`].
 /// Hand-written because serde_json offers no option for it; it mirrors
 /// serde_json's own `Value` visitor and differs only in `visit_map`.
 struct StrictValue(Value);
@@ -369,16 +543,16 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
         Ok(Value::Array(items))
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        use serde_json::map::Entry;
         let mut obj = Map::new();
         while let Some(key) = map.next_key::<String>()? {
             let StrictValue(v) = map.next_value()?;
-            if obj.contains_key(&key) {
-                let shown: String = key.chars().take(64).collect();
-                return Err(serde::de::Error::custom(format!(
-                    "{DUPLICATE_KEY_MARK}{shown:?}: each key may appear once per object"
-                )));
+            match obj.entry(key) {
+                Entry::Vacant(e) => {
+                    e.insert(v);
+                }
+                Entry::Occupied(e) => return Err(duplicate_key(e.key())),
             }
-            obj.insert(key, v);
         }
         Ok(Value::Object(obj))
     }
@@ -415,8 +589,9 @@ pub fn truncate_to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
     t - Duration::nanoseconds(i64::from(nanos % 1_000))
 }
 
-fn required_string(obj: &mut Map<String, Value>, key: &str) -> Result<String, Rejection> {
-    match obj.remove(key) {
+fn required_string(obj: &mut EventObject, field: Field) -> Result<String, Rejection> {
+    let key = field.name();
+    match obj.take(field) {
         Some(Value::String(s)) if !s.is_empty() => Ok(s),
         Some(Value::String(_)) => Err(Rejection::new(
             RejectReason::InvalidEvent,
@@ -433,13 +608,17 @@ fn required_string(obj: &mut Map<String, Value>, key: &str) -> Result<String, Re
     }
 }
 
-fn optional_string(obj: &mut Map<String, Value>, key: &str) -> Result<Option<String>, Rejection> {
-    match obj.remove(key) {
+fn optional_string(obj: &mut EventObject, field: Field) -> Result<Option<String>, Rejection> {
+    match obj.take(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
         Some(other) => Err(Rejection::new(
             RejectReason::InvalidEvent,
-            format!("field {key} must be a string, not {}", type_name(&other)),
+            format!(
+                "field {} must be a string, not {}",
+                field.name(),
+                type_name(&other)
+            ),
         )),
     }
 }
@@ -457,7 +636,7 @@ fn type_name(v: &Value) -> &'static str {
 
 /// Checks every string (keys included) for length and NUL characters.
 /// Iterative, so hostile nesting cannot overflow the stack.
-fn check_strings(obj: &Map<String, Value>, max_chars: usize) -> Result<(), Rejection> {
+fn check_strings(obj: &EventObject, max_chars: usize) -> Result<(), Rejection> {
     let check = |path: &str, s: &str| -> Result<(), Rejection> {
         // A byte length within the limit is a cheap proof the char count is too.
         if s.len() > max_chars && s.chars().count() > max_chars {
@@ -479,9 +658,9 @@ fn check_strings(obj: &Map<String, Value>, max_chars: usize) -> Result<(), Rejec
         Ok(())
     };
     let mut stack: Vec<(&str, &Value)> = Vec::new();
-    for (k, v) in obj {
+    for (k, v) in obj.entries() {
         check(k, k)?;
-        stack.push((k.as_str(), v));
+        stack.push((k, v));
     }
     while let Some((path, v)) = stack.pop() {
         match v {
@@ -826,6 +1005,24 @@ mod tests {
             ),
             "{}",
             r.message
+        );
+    }
+
+    #[test]
+    fn every_schema_key_is_parsed_into_its_own_slot_and_other_keys_into_custom() {
+        let mut doc = serde_json::Map::new();
+        for (i, f) in Field::ALL.iter().enumerate() {
+            doc.insert(f.name().to_owned(), json!(i));
+        }
+        doc.insert("details".into(), json!({"a": 1}));
+        let parsed = parse_event_object(&Value::Object(doc).to_string()).unwrap();
+        for (i, (f, slot)) in Field::ALL.iter().zip(&parsed.fields).enumerate() {
+            assert_eq!(slot, &Some(json!(i)), "{}", f.name());
+            assert_eq!(Field::from_name(f.name()), Some(*f));
+        }
+        assert_eq!(
+            parsed.custom,
+            json!({"details": {"a": 1}}).as_object().unwrap().clone()
         );
     }
 

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
-use crate::event::{decode_event, RejectReason, ValidationPolicy};
+use crate::event::{decode_event, parse_event_object, Field, RejectReason, ValidationPolicy};
 use crate::integrity::{canonical_hash_v1, HashedFields};
 
 /// The eight hashed fields as owned optional strings.
@@ -96,6 +96,33 @@ proptest! {
     #[test]
     fn decoding_arbitrary_json_never_panics(doc in event_like()) {
         check_decode(doc.to_string().as_bytes())?;
+    }
+
+    /// The event parser puts each schema key's value in its slot and every
+    /// other key in the custom map: exactly what a generic parse of the
+    /// same text, taken apart key by key, gives.
+    #[test]
+    fn the_event_parser_splits_an_object_as_a_generic_parse_does(doc in event_like()) {
+        let parsed = parse_event_object(&doc.to_string()).expect("an object without repeated keys");
+        let Value::Object(mut rest) = doc else { unreachable!("event_like makes objects") };
+        for (field, slot) in Field::ALL.iter().zip(&parsed.fields) {
+            let expected = rest.remove(field.name());
+            prop_assert_eq!(slot, &expected, "{}", field.name());
+        }
+        prop_assert_eq!(parsed.custom, rest);
+    }
+
+    /// Any JSON value but an object is refused as such.
+    #[test]
+    fn a_top_level_value_other_than_an_object_is_refused(doc in json_value()) {
+        let result = parse_event_object(&doc.to_string());
+        if doc.is_object() {
+            prop_assert!(result.is_ok());
+        } else {
+            let refusal = result.expect_err("not an object");
+            prop_assert_eq!(refusal.reason, RejectReason::InvalidJson);
+            prop_assert_eq!(refusal.message, "event must be a JSON object");
+        }
     }
 }
 
