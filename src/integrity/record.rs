@@ -208,11 +208,17 @@ impl<'a> Openings<'a> {
 
 /// 32 bytes (a salt, a commitment, a digest) from 64 hex digits of either
 /// case, without an allocation. It runs for every salt and commitment of
-/// every row sealed, verified or erased, where `hex::decode` into a `Vec`
-/// took about 8% of the sealing CPU (perf profile).
+/// every row sealed, verified or erased: `hex::decode` into a `Vec` took
+/// about 8% of the sealing CPU, and `hex`'s `decode_to_slice` still 5%
+/// (perf profiles), so this uses `const-hex`. That crate also accepts a
+/// `0x` prefix, which the length check keeps out: with one, 64 characters
+/// hold only 62 digits and decoding them into 32 bytes fails.
 pub fn hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
     let mut out = [0u8; 32];
-    hex::decode_to_slice(s, &mut out).ok()?;
+    const_hex::decode_to_slice(s, &mut out).ok()?;
     Some(out)
 }
 
@@ -316,7 +322,40 @@ fn jcs(v: &Value) -> Result<Vec<u8>, String> {
 /// A timestamp as the encoding writes it: RFC 3339, UTC, `Z`, exactly six
 /// fraction digits (PostgreSQL keeps microseconds).
 pub fn timestamp_text(t: &DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+    match timestamp_digits(t) {
+        Some(b) => std::str::from_utf8(&b).expect("ASCII digits").to_owned(),
+        None => t.to_rfc3339_opts(SecondsFormat::Micros, true),
+    }
+}
+
+/// [`timestamp_text`] as fixed-size bytes (`YYYY-MM-DDTHH:MM:SS.ffffffZ`),
+/// for years 0 to 9999 and no leap second; `None` otherwise, where only
+/// chrono's own formatting is used. Written by hand because sealing and
+/// `verify` write two per record, and chrono's general formatter cost more
+/// than the record's other fields together; a property test holds the two
+/// equal.
+fn timestamp_digits(t: &DateTime<Utc>) -> Option<[u8; 27]> {
+    use chrono::{Datelike, Timelike};
+    let year = u32::try_from(t.year()).ok().filter(|y| *y <= 9999)?;
+    let micros = t.timestamp_subsec_micros();
+    if micros >= 1_000_000 {
+        return None;
+    }
+    let mut b = *b"0000-00-00T00:00:00.000000Z";
+    let mut put = |at: usize, width: usize, mut v: u32| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, t.month());
+    put(8, 2, t.day());
+    put(11, 2, t.hour());
+    put(14, 2, t.minute());
+    put(17, 2, t.second());
+    put(20, 6, micros);
+    Some(b)
 }
 
 fn opt(s: &Option<String>) -> Value {
@@ -413,12 +452,12 @@ pub fn digest_of_object(record: &Value) -> Result<[u8; 32], String> {
 /// The record digest: the log's entry for the event.
 ///
 /// Sealing and `verify` compute one per event, so this writes the JCS
-/// encoding straight into the hash: the record's keys in their fixed
-/// canonical order, strings escaped by `serde_json` (whose escaping is
-/// JCS's), and only `sessionContext` / `details` canonicalised generically.
+/// encoding directly: the record's keys in their fixed canonical order,
+/// strings escaped by `serde_json` (whose escaping is JCS's), and only
+/// `sessionContext` / `details` canonicalised generically.
 /// It produces exactly the bytes of [`encode_v2`] (the plain
 /// build-a-`Value`-then-canonicalise form, kept as the reference and for
-/// proofs, which print the record object) without its allocations; unit
+/// proofs, which print the record object) without building the object; unit
 /// tests and a property test hold the two together.
 pub fn record_digest(r: &StoredRecord, salts: &Salts) -> Result<[u8; 32], String> {
     record_digest_opened(
@@ -433,26 +472,15 @@ pub fn record_digest(r: &StoredRecord, salts: &Salts) -> Result<[u8; 32], String
 /// [`record_digest`] of a record some of whose paths were erased (their
 /// kept commitments stand for the values): the digest sealed before the
 /// erasure, as long as nothing else changed.
+///
+/// The encoding is written into one buffer and hashed at once: written
+/// straight into the SHA-256 state, its hundred small pieces per record
+/// each paid the state's buffering (a profile of sealing showed it).
 pub fn record_digest_opened(r: &StoredRecord, o: Openings<'_>) -> Result<[u8; 32], String> {
-    let mut w = HashingWriter(Sha256::new());
-    w.0.update(RECORD_PREFIX_V2);
-    write_record(&mut w, r, o)?;
-    Ok(w.0.finalize().into())
-}
-
-/// Feeds what is written into a SHA-256 state, so an encoding is hashed as
-/// it is produced, never held in memory.
-struct HashingWriter(Sha256);
-
-impl std::io::Write for HashingWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    let mut bytes = Vec::with_capacity(1024);
+    bytes.extend_from_slice(RECORD_PREFIX_V2);
+    write_record(&mut bytes, r, o)?;
+    Ok(Sha256::digest(&bytes).into())
 }
 
 fn no_value(path: &str) -> String {
@@ -495,25 +523,27 @@ fn write_record<W: std::io::Write>(
     out.key("correlationId")?.opt(&r.correlation_id)?;
     out.key("dataClassification")?.opt(&r.data_classification)?;
     out.key("details")?
-        .container("details", r.details.as_ref(), salts)?;
+        .container("details", r.details.as_ref(), salts, &paths)?;
     out.key("eventId")?.opt(&r.event_id)?;
-    out.key("eventTime")?
-        .string(&timestamp_text(&r.event_time))?;
+    out.key("eventTime")?.timestamp(&r.event_time)?;
     out.key("eventVersion")?.opt(&r.event_version)?;
     out.key("hash")?.string(&r.hash)?;
     out.key("hashAlgorithm")?.string(&r.hash_algorithm)?;
     out.key("hashProvided")?
         .raw(if r.hash_provided { b"true" } else { b"false" })?;
     out.key("idempotencyKey")?.string(&r.idempotency_key)?;
-    out.key("ingestedAt")?
-        .string(&timestamp_text(&r.ingested_at))?;
+    out.key("ingestedAt")?.timestamp(&r.ingested_at)?;
     out.key("organizationId")?.opt(&r.organization_id)?;
     out.key("outcomeDescription")?.opt(&r.outcome_description)?;
     out.key("principalId")?
         .personal("principalId", &r.principal_id, salts)?;
     out.key("retentionPolicy")?.opt(&r.retention_policy)?;
-    out.key("sessionContext")?
-        .container("sessionContext", r.session_context.as_ref(), salts)?;
+    out.key("sessionContext")?.container(
+        "sessionContext",
+        r.session_context.as_ref(),
+        salts,
+        &paths,
+    )?;
     out.key("signature")?.opt(&r.signature)?;
     out.key("signatureAlgorithm")?.opt(&r.signature_algorithm)?;
     out.key("signatureKeyId")?.opt(&r.signature_key_id)?;
@@ -544,18 +574,34 @@ impl<'w, W: std::io::Write> JcsObject<'w, W> {
         self.w.write_all(b).map_err(io_err)
     }
 
-    /// `,"<key>":` (no comma before the first member).
+    /// `,"<key>":` (no comma before the first member). The record's keys
+    /// are ASCII letters, which JSON writes as they are.
     fn key(&mut self, k: &str) -> Result<&mut Self, String> {
+        debug_assert!(k.bytes().all(|b| b.is_ascii_alphabetic()));
         if !std::mem::take(&mut self.first) {
             self.raw(b",")?;
         }
-        self.string(k)?;
-        self.raw(b":")?;
+        self.raw(b"\"")?;
+        self.raw(k.as_bytes())?;
+        self.raw(b"\":")?;
         Ok(self)
     }
 
     fn string(&mut self, s: &str) -> Result<(), String> {
         serde_json::to_writer(&mut *self.w, s).map_err(io_err)
+    }
+
+    /// A timestamp as [`timestamp_text`] writes it (a JSON string that
+    /// needs no escaping).
+    fn timestamp(&mut self, t: &DateTime<Utc>) -> Result<(), String> {
+        match timestamp_digits(t) {
+            Some(b) => {
+                self.raw(b"\"")?;
+                self.raw(&b)?;
+                self.raw(b"\"")
+            }
+            None => self.string(&timestamp_text(t)),
+        }
     }
 
     fn opt(&mut self, s: &Option<String>) -> Result<(), String> {
@@ -606,16 +652,17 @@ impl<'w, W: std::io::Write> JcsObject<'w, W> {
     /// `sessionContext` / `details`: canonicalised as a whole, unless some
     /// of its top-level keys are salted; then member by member, in JCS key
     /// order (UTF-16 code units), salted values as their commitments.
+    /// `paths` are `salts.paths()`, listed once per record by the caller.
     fn container(
         &mut self,
         name: &str,
         v: Option<&Value>,
         salts: Openings<'_>,
+        paths: &[&str],
     ) -> Result<(), String> {
-        let salted: Vec<(&str, &str, Opening<'_>)> = salts
-            .paths()?
-            .into_iter()
-            .filter_map(|path| {
+        let salted: Vec<(&str, &str, Opening<'_>)> = paths
+            .iter()
+            .filter_map(|&path| {
                 let key = path.strip_prefix(name)?.strip_prefix('.')?;
                 Some((path, key, salts.get(path)?))
             })
@@ -666,6 +713,9 @@ mod tests {
         assert_eq!(hex32(&format!("{lower}00")), None, "33 bytes");
         assert_eq!(hex32(&format!("{}zz", &lower[..62])), None, "not hex");
         assert_eq!(hex32(""), None);
+        assert_eq!(hex32(&format!("0x{}", &lower[..62])), None, "0x prefix");
+        assert_eq!(hex32(&format!("0x{lower}")), None, "0x prefix");
+        assert_eq!(hex32(&format!("0X{}", &lower[..62])), None, "0X prefix");
     }
 
     #[test]
@@ -909,6 +959,22 @@ mod tests {
             let direct = record_digest(&r, &salts);
             let plain = encode_v2(&r, &salts).map(|b| <[u8; 32]>::from(Sha256::digest(b)));
             proptest::prop_assert_eq!(direct, plain);
+        }
+    }
+
+    proptest::proptest! {
+        /// The hand-written timestamp is chrono's RFC 3339 text, at any
+        /// microsecond from year 0 to 9999 and beyond (where chrono writes it).
+        #[test]
+        fn timestamps_are_written_as_chrono_writes_them(
+            secs in -70_000_000_000i64..300_000_000_000i64,
+            micros in 0u32..1_000_000,
+        ) {
+            let t = DateTime::from_timestamp(secs, micros * 1_000).expect("in chrono's range");
+            proptest::prop_assert_eq!(
+                timestamp_text(&t),
+                t.to_rfc3339_opts(SecondsFormat::Micros, true)
+            );
         }
     }
 
