@@ -331,9 +331,9 @@ pub fn timestamp_text(t: &DateTime<Utc>) -> String {
 /// [`timestamp_text`] as fixed-size bytes (`YYYY-MM-DDTHH:MM:SS.ffffffZ`),
 /// for years 0 to 9999 and no leap second; `None` otherwise, where only
 /// chrono's own formatting is used. Written by hand because sealing and
-/// `verify` write two per record, and chrono's general formatter cost more
-/// than the record's other fields together; a property test holds the two
-/// equal.
+/// `verify` write two per record and this fixed shape needs nothing of
+/// chrono's general formatter (1% of sealing's CPU in a profile); a
+/// property test holds the two equal.
 fn timestamp_digits(t: &DateTime<Utc>) -> Option<[u8; 27]> {
     use chrono::{Datelike, Timelike};
     let year = u32::try_from(t.year()).ok().filter(|y| *y <= 9999)?;
