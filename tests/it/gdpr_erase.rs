@@ -1156,3 +1156,225 @@ async fn a_held_or_malformed_erasure_request_from_the_queue_is_dead_lettered_wit
     drop_test_keys(&s, &c).await;
     s.env.cleanup().await;
 }
+
+/// The export and report jobs of `requester`: (id, artifact withdrawn or
+/// expired).
+async fn jobs_of(pg: &tokio_postgres::Client, requester: &str) -> Vec<(String, bool)> {
+    pg.query(
+        "SELECT id, artifact_removed_at IS NOT NULL FROM export_jobs WHERE requester_id = $1
+         UNION ALL
+         SELECT id, expires_at <= now() FROM report_jobs WHERE requester_id = $1",
+        &[&requester],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_withdraws_the_artifacts_that_may_hold_the_subject_and_finishes_a_withdrawal_redis_interrupted(
+) {
+    let s = LogEnv::new("gdpr_withdraw").await;
+    let mut c = with_gdpr(&s);
+    c.export.link_secret = "test-link-secret".to_owned().into();
+    c.export.poll_interval_ms = 100;
+    c.report.poll_interval_ms = 100;
+    let events: Vec<Value> = (0..400).map(subject_event).collect();
+    let worker_config = || {
+        let mut w = s.worker_config();
+        w.snapshot.personal_fields = c.snapshot.personal_fields.clone();
+        w.export = c.export.clone();
+        w.report = c.report.clone();
+        w
+    };
+    s.ingest(&events, |w| *w = worker_config()).await;
+
+    // Three artifacts made by the running worker: an export and a report
+    // over the last hours (they hold the subject's values), and an export
+    // of March 2024 (none of the subject's events).
+    let from = ts(7200);
+    let to = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let export = |from: &str, to: &str, requester: &str| {
+        json!({"exportFilters": {"from": from, "to": to}, "format": "ndjson",
+               "compression": "gzip", "requesterId": requester})
+        .to_string()
+        .into_bytes()
+    };
+    let worker = InProcessWorker::start(worker_config());
+    s.env
+        .add_entries(&[
+            (Some("export.audit"), export(&from, &to, "officer-recent")),
+            (
+                Some("export.audit"),
+                export(
+                    "2024-03-01T00:00:00Z",
+                    "2024-04-01T00:00:00Z",
+                    "officer-2024",
+                ),
+            ),
+            (
+                Some("report.compliance"),
+                json!({"kind": "hipaa-audit-trail", "from": from, "to": to,
+                       "requesterId": "auditor-recent"})
+                .to_string()
+                .into_bytes(),
+            ),
+        ])
+        .await;
+    wait_until(Duration::from_secs(120), "three artifacts made", || async {
+        s.env
+            .pg
+            .query_one(
+                "SELECT (SELECT count(*) FROM export_jobs WHERE status = 'completed' AND notified_at IS NOT NULL)
+                      + (SELECT count(*) FROM report_jobs WHERE status = 'completed' AND notified_at IS NOT NULL)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 3
+    })
+    .await;
+    worker.stop().await;
+    let store_before = store_dump(s.storage.path());
+    assert!(
+        store_before.contains(SUBJECTS[ERASED]),
+        "the recent artifacts hold the subject before the erasure"
+    );
+    let recent_export = jobs_of(&s.env.pg, "officer-recent").await[0].0.clone();
+    let recent_report = jobs_of(&s.env.pg, "auditor-recent").await[0].0.clone();
+
+    // Redis refuses the notifications: the notification key is moved
+    // aside and a plain string put in its place, so XADD fails WRONGTYPE.
+    let notifications = c.export.notifications_key.clone();
+    let notices_before = s.env.stream_fields(&notifications).await.len();
+    assert!(notices_before >= 3, "each artifact was announced");
+    let aside = format!("{notifications}:aside");
+    let mut conn = s.env.redis_conn().await;
+    let _: () = redis::cmd("RENAME")
+        .arg(&notifications)
+        .arg(&aside)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&notifications)
+        .arg("not a stream")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut pg = client(&c).await;
+    let eraser = eraser(&c).await;
+    let req = EraseRequest {
+        subject_id: SUBJECTS[ERASED].into(),
+        organization_id: None,
+    };
+    let err = eraser
+        .erase(&mut pg, &req, "dpo@clinic.test", "test:withdraw-1")
+        .await
+        .unwrap_err();
+    let EraseError::Incomplete(msg) = &err else {
+        panic!("expected an incomplete erasure, got {err:?}");
+    };
+    assert!(msg.contains("cannot notify"), "{msg}");
+    assert!(msg.contains("send the same request again"), "{msg}");
+    // The rows are erased and the two jobs withdrawn; their objects are
+    // gone even though nobody could be told yet.
+    assert_eq!(principal_rows(&s.env.pg, SUBJECTS[ERASED]).await, 0);
+    assert!(jobs_of(&s.env.pg, "officer-recent").await[0].1);
+    assert!(jobs_of(&s.env.pg, "auditor-recent").await[0].1);
+    assert!(!jobs_of(&s.env.pg, "officer-2024").await[0].1);
+    let open: i64 = s
+        .env
+        .pg
+        .query_one(
+            "SELECT count(*) FROM gdpr_withdrawals WHERE done_at IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(open, 2, "both withdrawals wait for their notification");
+
+    // Redis takes notifications again; the same request finishes them.
+    let _: () = redis::cmd("DEL")
+        .arg(&notifications)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("RENAME")
+        .arg(&aside)
+        .arg(&notifications)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let done = eraser
+        .erase(&mut pg, &req, "dpo@clinic.test", "test:withdraw-1")
+        .await
+        .unwrap();
+    assert_eq!(done.rows_erased, 0, "the rows were erased by the first run");
+    assert_eq!(
+        done.artifacts_withdrawn,
+        vec![recent_export.clone(), recent_report.clone()]
+    );
+    let withdrawn: Vec<(String, String, String)> = s
+        .env
+        .stream_fields(&notifications)
+        .await
+        .into_iter()
+        .filter(|n| n["type"].ends_with(b".withdrawn"))
+        .map(|n| {
+            let text = |k: &str| String::from_utf8(n[k].clone()).unwrap();
+            (text("type"), text("jobId"), text("requesterId"))
+        })
+        .collect();
+    assert_eq!(
+        withdrawn,
+        vec![
+            (
+                "export.withdrawn".to_owned(),
+                recent_export.clone(),
+                "officer-recent".to_owned()
+            ),
+            (
+                "report.withdrawn".to_owned(),
+                recent_report.clone(),
+                "auditor-recent".to_owned()
+            ),
+        ],
+        "each requester is told once"
+    );
+    // A third run has nothing left to withdraw or announce.
+    let again = eraser
+        .erase(&mut pg, &req, "dpo@clinic.test", "test:withdraw-1")
+        .await
+        .unwrap();
+    assert_eq!(again.artifacts_withdrawn, done.artifacts_withdrawn);
+    assert_eq!(
+        s.env.stream_fields(&notifications).await.len(),
+        notices_before + withdrawn.len(),
+        "the two withdrawals were added, nothing more"
+    );
+
+    // The object store holds none of the erased values; the 2024 export
+    // is still there.
+    let store = store_dump(s.storage.path());
+    for v in personal_values(ERASED) {
+        assert!(!store.contains(&v), "{v} is still in the object store");
+    }
+    let kept_key: String = s
+        .env
+        .pg
+        .query_one(
+            "SELECT artifact_key FROM export_jobs WHERE requester_id = 'officer-2024'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(s.storage.path().join(kept_key).exists());
+    drop_test_keys(&s, &c).await;
+    s.env.cleanup().await;
+}

@@ -16,13 +16,16 @@
 //!    export and report requests that named the subject;
 //! 4. purges the dead letters and alerts about the subject from Redis;
 //! 5. withdraws export and report artifacts not yet expired that may hold
-//!    the subject's rows (deletes them and notifies each requester);
+//!    the subject's rows: the jobs are expired and listed in
+//!    `gdpr_withdrawals` within step 2's transaction, then their objects
+//!    are deleted and each requester notified;
 //! 6. records the erasure itself as an audit event
 //!    (`gdpr.erasure.completed`), which names the subject only by its
 //!    pseudonym.
 //!
 //! A retried request (same source) finds its erasure again; a second run
-//! finds nothing left to rewrite and repeats steps 4–6 harmlessly.
+//! finds nothing left to rewrite, finishes the withdrawals still open and
+//! repeats steps 4 and 6 harmlessly.
 
 use std::collections::BTreeSet;
 
@@ -547,10 +550,6 @@ impl Eraser {
             .collect();
         let first = rows.iter().map(|r| r.event_time).min();
         let last = rows.iter().map(|r| r.event_time).max();
-        let withdrawn = match (first, last) {
-            (Some(first), Some(last)) => withdraw_artifacts(&tx, &orgs, first, last).await?,
-            _ => Vec::new(),
-        };
         let erased = c.ids.len() as u64;
         self.record_request(
             &tx,
@@ -565,6 +564,9 @@ impl Eraser {
             Some(now),
         )
         .await?;
+        if let (Some(first), Some(last)) = (first, last) {
+            withdraw_artifacts(&tx, &id, &orgs, first, last).await?;
+        }
         tx.commit().await?;
         tracing::info!(erasure = %id, rows = erased, elapsed_ms = started.elapsed().as_millis() as u64, "erasure: rows rewritten and committed");
 
@@ -586,11 +588,31 @@ impl Eraser {
                 problems.push(e);
                 0
             });
-        for w in &withdrawn {
-            if let Err(e) = self.remove_artifacts(w).await {
-                problems.push(e);
+        // Withdrawals still open: this run's, or those an earlier run of
+        // the same request could not finish (object store or Redis down).
+        for w in open_withdrawals(client, &id).await? {
+            match self.remove_artifacts(&w).await {
+                Ok(()) => {
+                    client
+                        .execute(
+                            "UPDATE gdpr_withdrawals SET done_at = now()
+                              WHERE erasure_id = $1 AND kind = $2 AND job_id = $3",
+                            &[&id, &w.kind, &w.job_id],
+                        )
+                        .await?;
+                }
+                Err(e) => problems.push(e),
             }
         }
+        let withdrawn: Vec<String> = client
+            .query(
+                "SELECT job_id FROM gdpr_withdrawals WHERE erasure_id = $1 ORDER BY kind, job_id",
+                &[&id],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         let erasure = Erasure {
             id: id.clone(),
             subject_pseudonym: pseudonym.clone(),
@@ -599,7 +621,7 @@ impl Eraser {
             values_not_erasable: not_erasable,
             dead_letters_purged,
             alerts_purged,
-            artifacts_withdrawn: withdrawn.iter().map(|w| w.job_id.clone()).collect(),
+            artifacts_withdrawn: withdrawn,
             completed_at: now,
         };
         if !announced {
@@ -815,10 +837,11 @@ fn entry_names_subject(
     })
 }
 
-/// A completed job whose artifacts are withdrawn.
+/// A completed job whose artifacts are withdrawn (a `gdpr_withdrawals`
+/// row).
 #[derive(Debug, Clone)]
 struct Withdrawn {
-    kind: &'static str,
+    kind: String,
     job_id: String,
     requester_id: String,
     /// Objects to delete, and prefixes whose objects all go.
@@ -828,56 +851,64 @@ struct Withdrawn {
 
 /// Marks completed exports and reports whose artifacts are still
 /// downloadable and may hold rows of `orgs` within `[first, last]` as
-/// expired now, and returns them (their objects are deleted after the
-/// transaction commits).
+/// expired now, and lists them in `gdpr_withdrawals` under the erasure
+/// (their objects are deleted after the transaction commits).
 async fn withdraw_artifacts(
     tx: &tokio_postgres::Transaction<'_>,
+    erasure: &str,
     orgs: &[String],
     first: DateTime<Utc>,
     last: DateTime<Utc>,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "WITH exports AS (
+              UPDATE export_jobs SET expires_at = now(), artifact_removed_at = now()
+               WHERE status = 'completed' AND artifact_removed_at IS NULL AND origin = 'queue'
+                 AND (filters->>'organizationId' IS NULL OR filters->>'organizationId' = ANY ($2))
+                 AND (filters->>'from')::timestamptz <= $4 AND (filters->>'to')::timestamptz > $3
+              RETURNING id, requester_id, artifact_key, parts_prefix),
+         reports AS (
+              UPDATE report_jobs SET expires_at = now()
+               WHERE status = 'completed' AND origin = 'queue'
+                 AND (expires_at IS NULL OR expires_at > now())
+                 AND (organization_id IS NULL OR organization_id = ANY ($2))
+                 AND period_from <= $4 AND period_to > $3
+              RETURNING id, requester_id, artifact_prefix)
+         INSERT INTO gdpr_withdrawals (erasure_id, kind, job_id, requester_id, object_keys, prefixes)
+         SELECT $1, 'export', id, requester_id,
+                ARRAY[artifact_key, artifact_key || '.manifest.json'], ARRAY[parts_prefix]
+           FROM exports
+         UNION ALL
+         SELECT $1, 'report', id, requester_id, ARRAY[]::text[], ARRAY[artifact_prefix]
+           FROM reports",
+        &[&erasure, &orgs, &first, &last],
+    )
+    .await
+    .map(|_| ())
+}
+
+/// The erasure's withdrawals whose objects are not yet deleted or whose
+/// requester is not yet notified.
+async fn open_withdrawals(
+    client: &tokio_postgres::Client,
+    erasure: &str,
 ) -> Result<Vec<Withdrawn>, tokio_postgres::Error> {
-    let mut out = Vec::new();
-    let exports = tx
+    Ok(client
         .query(
-            "UPDATE export_jobs SET expires_at = now(), artifact_removed_at = now()
-              WHERE status = 'completed' AND artifact_removed_at IS NULL AND origin = 'queue'
-                AND (filters->>'organizationId' IS NULL OR filters->>'organizationId' = ANY ($1))
-                AND (filters->>'from')::timestamptz <= $3 AND (filters->>'to')::timestamptz > $2
-             RETURNING id, requester_id, artifact_key, parts_prefix",
-            &[&orgs, &first, &last],
+            "SELECT kind, job_id, requester_id, object_keys, prefixes FROM gdpr_withdrawals
+              WHERE erasure_id = $1 AND done_at IS NULL ORDER BY kind, job_id",
+            &[&erasure],
         )
-        .await?;
-    for r in &exports {
-        let key: String = r.get(2);
-        out.push(Withdrawn {
-            kind: "export",
-            job_id: r.get(0),
-            requester_id: r.get(1),
-            keys: vec![key.clone(), format!("{key}.manifest.json")],
-            prefixes: vec![r.get(3)],
-        });
-    }
-    let reports = tx
-        .query(
-            "UPDATE report_jobs SET expires_at = now()
-              WHERE status = 'completed' AND origin = 'queue'
-                AND (expires_at IS NULL OR expires_at > now())
-                AND (organization_id IS NULL OR organization_id = ANY ($1))
-                AND period_from <= $3 AND period_to > $2
-             RETURNING id, requester_id, artifact_prefix",
-            &[&orgs, &first, &last],
-        )
-        .await?;
-    for r in &reports {
-        out.push(Withdrawn {
-            kind: "report",
-            job_id: r.get(0),
-            requester_id: r.get(1),
-            keys: Vec::new(),
-            prefixes: vec![r.get(2)],
-        });
-    }
-    Ok(out)
+        .await?
+        .iter()
+        .map(|r| Withdrawn {
+            kind: r.get(0),
+            job_id: r.get(1),
+            requester_id: r.get(2),
+            keys: r.get(3),
+            prefixes: r.get(4),
+        })
+        .collect())
 }
 
 /// The `gdpr.erasure.completed` audit event: the subject appears only as
