@@ -281,8 +281,10 @@ async fn erasure_replaces_one_subjects_values_everywhere_while_the_log_and_its_p
     }
     assert!(before.iter().any(|p| erased_events.contains(&p.event)));
 
-    // Erase.
-    let eraser = eraser(&c).await;
+    // Erase. The rows are rewritten by two connections at once, as an
+    // erasure of `SPLIT_ROWS` rows or more is.
+    let mut eraser = eraser(&c).await;
+    eraser.split_rows = 500;
     let req = EraseRequest {
         subject_id: SUBJECTS[ERASED].into(),
         organization_id: None,
@@ -308,6 +310,25 @@ async fn erasure_replaces_one_subjects_values_everywhere_while_the_log_and_its_p
         .unwrap();
     assert_eq!(again.id, done.id);
     assert_eq!(again.rows_erased, 0);
+    let recorded: i64 = pg
+        .query_one(
+            "SELECT rows_erased FROM gdpr_erasures WHERE id = $1",
+            &[&done.id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        recorded as usize,
+        erased_events.len(),
+        "both halves are counted in the request's record"
+    );
+    let writers: i64 = pg
+        .query_one("SELECT count(DISTINCT xmin::text) FROM audit_erasures", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(writers, 2, "the erasure records come from two transactions");
 
     // The erasure is itself an audit event, stored like any other.
     let worker = InProcessWorker::start(s.worker_config());
