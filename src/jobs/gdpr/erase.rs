@@ -563,12 +563,15 @@ impl Eraser {
                 Some((client, _)) => {
                     let second = c.split_off(c.ids.len() / 2);
                     let htx = client.transaction().await?;
-                    // Each half's function takes a SHARE lock on
-                    // legal_holds. A hold being placed between the two
-                    // requests would queue behind the first and ahead of
-                    // the second, and wait for a commit that waits for the
-                    // second: a wait PostgreSQL cannot see as a deadlock.
-                    // The lock timeout ends it (both halves roll back, the
+                    // Neither half commits before both are done, so a
+                    // lock one half waits for can be held by a transaction
+                    // that waits, through its client, for this one: a
+                    // cycle PostgreSQL cannot see as a deadlock. Two cases:
+                    // a hold being placed between the halves' SHARE locks
+                    // on legal_holds (it queues behind the first and ahead
+                    // of the second), and a second erasure of the same
+                    // rows whose halves each won the other's race. The
+                    // lock timeout ends both (these halves roll back, the
                     // erasure fails as a database error and is retried).
                     let bounded = "SET LOCAL lock_timeout = '10s'";
                     tx.batch_execute(bounded).await?;
