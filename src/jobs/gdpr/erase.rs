@@ -382,12 +382,12 @@ pub struct Eraser {
 
 /// From this many rows on, the rows are rewritten by two connections at
 /// once, each in its own transaction: the database function's work is all
-/// in its one backend, and a second backend took a fifth to a quarter off the
-/// erasure on two cores (benches/README.md, "GDPR erasure"). The two
-/// commit one after the other, so such an erasure is
-/// not one transaction: should the second half fail, the first stays
-/// erased under the request id and the same request sent again erases the
-/// rest under that id. Smaller erasures stay one transaction.
+/// in its one backend, and a second backend took a fifth to a quarter off
+/// the erasure on two cores (benches/README.md, "GDPR erasure"). The two
+/// commit one after the other, so such an erasure is not one transaction:
+/// should the second half fail, the first stays erased under the request
+/// id and the same request sent again erases the rest under that id.
+/// Smaller erasures stay one transaction.
 pub const SPLIT_ROWS: usize = 10_000;
 
 /// The select list of [`SubjectRow`]. Salts and kept commitments are
