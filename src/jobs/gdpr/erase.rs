@@ -551,7 +551,7 @@ impl Eraser {
         let mut helper = None;
         if c.ids.len() >= self.split_rows.max(2) {
             match crate::db::connect(&self.database).await {
-                Ok((client, task)) => helper = Some((client, task)),
+                Ok(connected) => helper = Some(connected),
                 Err(e) => tracing::warn!(erasure = %id, error = %e,
                     "erasure: no second database connection; all rows through one"),
             }
@@ -689,31 +689,28 @@ impl Eraser {
                 problems.push(e);
                 0
             });
-        // Withdrawals still open: this run's, or those an earlier run of
-        // the same request could not finish (object store or Redis down).
-        for w in open_withdrawals(client, &id).await? {
-            match self.remove_artifacts(&w).await {
-                Ok(()) => {
-                    client
-                        .execute(
-                            "UPDATE gdpr_withdrawals SET done_at = now()
-                              WHERE erasure_id = $1 AND kind = $2 AND job_id = $3",
-                            &[&id, &w.kind, &w.job_id],
-                        )
-                        .await?;
+        // Every withdrawal of the erasure is listed in its outcome; those
+        // still open (this run's, or those an earlier run of the same
+        // request could not finish: object store or Redis down) are done
+        // now.
+        let mut withdrawn = Vec::new();
+        for w in withdrawals(client, &id).await? {
+            if !w.done {
+                match self.remove_artifacts(&w).await {
+                    Ok(()) => {
+                        client
+                            .execute(
+                                "UPDATE gdpr_withdrawals SET done_at = now()
+                                  WHERE erasure_id = $1 AND kind = $2 AND job_id = $3",
+                                &[&id, &w.kind, &w.job_id],
+                            )
+                            .await?;
+                    }
+                    Err(e) => problems.push(e),
                 }
-                Err(e) => problems.push(e),
             }
+            withdrawn.push(w.job_id);
         }
-        let withdrawn: Vec<String> = client
-            .query(
-                "SELECT job_id FROM gdpr_withdrawals WHERE erasure_id = $1 ORDER BY kind, job_id",
-                &[&id],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
         let erasure = Erasure {
             id: id.clone(),
             subject_pseudonym: pseudonym.clone(),
@@ -948,6 +945,8 @@ struct Withdrawn {
     /// Objects to delete, and prefixes whose objects all go.
     keys: Vec<String>,
     prefixes: Vec<String>,
+    /// Its objects are gone and its requester was told.
+    done: bool,
 }
 
 /// Marks completed exports and reports whose artifacts are still
@@ -988,16 +987,15 @@ async fn withdraw_artifacts(
     .map(|_| ())
 }
 
-/// The erasure's withdrawals whose objects are not yet deleted or whose
-/// requester is not yet notified.
-async fn open_withdrawals(
+/// The erasure's withdrawals, in (kind, job id) order.
+async fn withdrawals(
     client: &tokio_postgres::Client,
     erasure: &str,
 ) -> Result<Vec<Withdrawn>, tokio_postgres::Error> {
     Ok(client
         .query(
-            "SELECT kind, job_id, requester_id, object_keys, prefixes FROM gdpr_withdrawals
-              WHERE erasure_id = $1 AND done_at IS NULL ORDER BY kind, job_id",
+            "SELECT kind, job_id, requester_id, object_keys, prefixes, done_at IS NOT NULL
+               FROM gdpr_withdrawals WHERE erasure_id = $1 ORDER BY kind, job_id",
             &[&erasure],
         )
         .await?
@@ -1008,6 +1006,7 @@ async fn open_withdrawals(
             requester_id: r.get(2),
             keys: r.get(3),
             prefixes: r.get(4),
+            done: r.get(5),
         })
         .collect())
 }
