@@ -48,6 +48,10 @@ pub struct TestEnv {
     pub redis: redis::Client,
     pub pg: tokio_postgres::Client,
     pub http_port: u16,
+    /// This test's object store directory (under the system's temporary
+    /// directory), so no test writes to the default `artifacts` folder
+    /// that `scripts/run.sh` uses.
+    pub storage: std::path::PathBuf,
 }
 
 impl TestEnv {
@@ -76,6 +80,7 @@ impl TestEnv {
             redis: redis::Client::open(test_redis_url()).unwrap(),
             pg,
             http_port: free_port(),
+            storage: std::env::temp_dir().join("audit-worker-it").join(&name),
             name,
         }
     }
@@ -98,6 +103,7 @@ impl TestEnv {
         c.dlq.key = self.dlq.clone();
         c.bullmq.queues = vec![self.queue.clone()];
         c.bullmq.drain_delay_secs = 1;
+        c.storage.url = self.storage.display().to_string();
         c.http.listen = format!("127.0.0.1:{}", self.http_port);
         c
     }
@@ -124,6 +130,7 @@ impl TestEnv {
             ),
             ("AUDIT_WORKER__BULLMQ__DRAIN_DELAY_SECS".into(), "1".into()),
             ("AUDIT_WORKER__HTTP__LISTEN".into(), c.http.listen),
+            ("AUDIT_WORKER__STORAGE__URL".into(), c.storage.url),
             ("AUDIT_WORKER__LOG__FORMAT".into(), "text".into()),
         ]
     }
@@ -395,6 +402,7 @@ impl TestEnv {
             .arg(&self.dlq)
             .query_async(&mut conn)
             .await;
+        let _ = std::fs::remove_dir_all(&self.storage);
     }
 }
 
