@@ -67,7 +67,7 @@ if [ -n "${AUDIT_WORKER_BIN:-}" ]; then
   cargo bench --locked --bench bullmq_crate_noop --no-run
 elif [ "$PROFILE" = release ]; then
   cargo build --release --locked --bin audit-worker
-  BIN=target/release/audit-worker
+  BIN="${CARGO_TARGET_DIR:-target}/release/audit-worker"
   cargo bench --locked --bench bullmq_crate_noop --no-run
 else
   cargo build --locked --bin audit-worker

@@ -22,7 +22,7 @@ if [ -n "${AUDIT_WORKER_BIN:-}" ]; then
   BIN="$AUDIT_WORKER_BIN"
 else
   cargo build --release --quiet
-  BIN=target/release/audit-worker
+  BIN="${CARGO_TARGET_DIR:-target}/release/audit-worker"
 fi
 
 export AUDIT_WORKER__DATABASE__URL="$BASE"

@@ -15,4 +15,4 @@ case " $* " in
   *" --config"*) ;;
   *) export AUDIT_WORKER__SNAPSHOT__DEV_SIGNING_KEY="${AUDIT_WORKER__SNAPSHOT__DEV_SIGNING_KEY:-true}" ;;
 esac
-exec target/release/audit-worker run "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/audit-worker" run "$@"
