@@ -6,10 +6,16 @@
 # row id, as the worker stores them. Variants, each on emptied tables after
 # a CHECKPOINT, RUNS times (default 3) in turn:
 #
-#   insert+conflict  the statement in use: INSERT ... SELECT ... ON CONFLICT
-#                    DO NOTHING RETURNING, the salts of the returned rows in
-#                    the same statement; batches of 1,000 (sink.batch_size)
-#   insert           the same without ON CONFLICT
+#   insert           the statement in use: INSERT ... SELECT ... RETURNING
+#                    without ON CONFLICT, the salts (json) in the same
+#                    statement, taken from the input (every row is inserted,
+#                    or none); batches of 1,000 (sink.batch_size)
+#   insert+conflict  the statement the sink falls back to after a unique
+#                    violation: ON CONFLICT DO NOTHING, the salts of the
+#                    returned rows only
+#   insert-jsonb     the statement used before: salts as jsonb, joined with
+#                    the returned rows
+#   insert-nosalts   the statement in use without the salts: the floor
 #   copy+salts       COPY of the rows, then COPY of their salts
 #   copy             COPY of the rows alone: what benches/ingest.sh compares
 #                    the worker with (there in binary format)
@@ -56,6 +62,8 @@ CREATE INDEX ON audit_log (leaf_index) WHERE leaf_index IS NOT NULL;
 CREATE INDEX ON audit_log (organization_id, event_time);
 CREATE INDEX ON audit_log (principal_id, event_time);
 CREATE TABLE audit_salts (audit_id bigint PRIMARY KEY,
+  salts json NOT NULL CHECK (json_typeof(salts) = 'object'));
+CREATE TABLE audit_salts_jsonb (audit_id bigint PRIMARY KEY,
   salts jsonb NOT NULL CHECK (jsonb_typeof(salts) = 'object'));
 -- The events: ~600 bytes each with session context, four salted values.
 CREATE TABLE src AS
@@ -80,31 +88,34 @@ SQL
 COLS="id, event_time, timestamp_raw, idempotency_key, event_id, action, status, principal_id, organization_id,
       target_resource_type, target_resource_id, outcome_description, hash, hash_provided, data_classification,
       session_context, details, source"
-batches() { # $1: "ON CONFLICT ..." or empty
+batches() { # $1: "ON CONFLICT ..." or empty; $2: the salts statement
   cat <<SQL
 DO \$\$ DECLARE n bigint; BEGIN FOR b IN 0..($N - 1) / 1000 LOOP
   WITH input AS (SELECT * FROM src WHERE g > b * 1000 AND g <= (b + 1) * 1000),
   inserted AS (INSERT INTO audit_log ($COLS)
       SELECT id, t, raw, k, k, 'record.read', 'success', p, o, 'Patient', target, 'read', hash, true, 'PHI', sc, de, 'stream:bench'
         FROM input ORDER BY g $1 RETURNING id),
-  salted AS (INSERT INTO audit_salts SELECT i.id, i.salts::jsonb FROM inserted r JOIN input i USING (id))
-  SELECT count(*) INTO STRICT n FROM inserted;
+  salted AS ($2)
+  SELECT count(*) INTO STRICT n FROM inserted r JOIN input i USING (id);
 END LOOP; END \$\$;
 SQL
 }
 variant_sql() {
   case "$1" in
-    insert+conflict) batches "ON CONFLICT (idempotency_key, event_time) DO NOTHING" ;;
-    insert) batches "" ;;
+    insert) batches "" "INSERT INTO audit_salts SELECT i.id, i.salts::json FROM input i" ;;
+    insert+conflict) batches "ON CONFLICT (idempotency_key, event_time) DO NOTHING" \
+      "INSERT INTO audit_salts SELECT i.id, i.salts::json FROM inserted r JOIN input i USING (id)" ;;
+    insert-jsonb) batches "" "INSERT INTO audit_salts_jsonb SELECT i.id, i.salts::jsonb FROM inserted r JOIN input i USING (id)" ;;
+    insert-nosalts) batches "" "SELECT 1" ;;
     copy+salts) printf '%s\n' "\\copy audit_log ($(echo $COLS)) FROM '$WORK/rows.copy'" "\\copy audit_salts FROM '$WORK/salts.copy'" ;;
     copy) printf '%s\n' "\\copy audit_log ($(echo $COLS)) FROM '$WORK/rows.copy'" ;;
   esac
 }
 declare -A total
-VARIANTS="insert+conflict insert copy+salts copy"
+VARIANTS="${VARIANTS:-insert insert+conflict insert-jsonb insert-nosalts copy+salts copy}"
 for run in $(seq 1 "$RUNS"); do
   for v in $VARIANTS; do
-    psql -q "$BASE" -c "SET search_path = \"$SCHEMA\"" -c "TRUNCATE audit_log, audit_salts" -c "CHECKPOINT" >/dev/null
+    psql -q "$BASE" -c "SET search_path = \"$SCHEMA\"" -c "TRUNCATE audit_log, audit_salts, audit_salts_jsonb" -c "CHECKPOINT" >/dev/null
     start=$(date +%s.%N)
     { echo "SET search_path = \"$SCHEMA\"; SET jit = off;"; variant_sql "$v"; } | psql -q -v ON_ERROR_STOP=1 "$BASE" >/dev/null
     secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.3f", b - a }')

@@ -227,6 +227,12 @@ pub async fn connect(
 
 /// Creates the schema if missing and applies pending migrations.
 pub async fn migrate(config: &Config) -> Result<Vec<String>, DbError> {
+    migrate_to(config, None).await
+}
+
+/// [`migrate`], stopping after migration `version` when one is given: the
+/// upgrade tests start from the schema an earlier release left.
+pub async fn migrate_to(config: &Config, version: Option<u32>) -> Result<Vec<String>, DbError> {
     let (mut client, conn_task) = connect(config).await?;
     // Replicas starting together must not migrate concurrently (the
     // history table and CREATE SCHEMA race): one waits for the other on a
@@ -241,7 +247,11 @@ pub async fn migrate(config: &Config) -> Result<Vec<String>, DbError> {
             config.database.schema
         ))
         .await?;
-    let report = migrations::runner()
+    let mut runner = migrations::runner();
+    if let Some(v) = version {
+        runner = runner.set_target(refinery::Target::Version(v as _));
+    }
+    let report = runner
         .run_async(&mut client)
         .await
         .map_err(|e| DbError::Migration(e.to_string()))?;

@@ -6,7 +6,7 @@ use serde_json::Value;
 use tokio_postgres::Row;
 
 use crate::integrity::record::{
-    kept_from_json, record_digest_opened, record_object_opened, salts_from_json, Openings,
+    kept_from_json, record_digest_opened, record_object_opened, salts_from_text, Openings,
     StoredRecord,
 };
 
@@ -17,7 +17,7 @@ pub const RECORD_COLUMNS: &str = "a.idempotency_key, a.event_id, a.event_time, a
      a.target_resource_id, a.outcome_description, a.hash, a.hash_algorithm, a.hash_provided, \
      a.signature, a.signature_algorithm, a.signature_key_id, a.event_version, a.correlation_id, \
      a.data_classification, a.retention_policy, a.session_context, a.details, a.source, \
-     a.ingested_at, s.salts, e.commitments, e.requests";
+     a.ingested_at, s.salts::text, e.commitments, e.requests";
 
 /// How many columns [`RECORD_COLUMNS`] selects.
 pub const RECORD_COLUMN_COUNT: usize = 28;
@@ -31,7 +31,8 @@ pub const SALTS_JOIN: &str = "LEFT JOIN audit_salts s ON s.audit_id = a.id \
 /// paths, the erasure record (kept commitments and the requests).
 #[derive(Debug, Clone, Default)]
 pub struct StoredOpenings {
-    pub salts: Option<Value>,
+    /// `audit_salts.salts`: the JSON text as stored.
+    pub salts: Option<String>,
     pub kept: Option<Value>,
     /// `[{"request", "at", "paths"}]` of the erasures of this row.
     pub erasures: Option<Value>,
@@ -97,7 +98,7 @@ pub fn record_from_row(r: &Row, at: usize) -> Option<(StoredRecord, StoredOpenin
 /// kept commitments; the error says what in the stored data prevents
 /// computing it.
 pub fn stored_digest(rec: &StoredRecord, o: &StoredOpenings) -> Result<[u8; 32], String> {
-    let salts = salts_from_json(o.salts.as_ref())?;
+    let salts = salts_from_text(o.salts.as_deref())?;
     let kept = kept_from_json(o.kept.as_ref())?;
     record_digest_opened(
         rec,
@@ -110,7 +111,7 @@ pub fn stored_digest(rec: &StoredRecord, o: &StoredOpenings) -> Result<[u8; 32],
 
 /// The record object (as a v2 proof prints it) of a stored record.
 pub fn stored_object(rec: &StoredRecord, o: &StoredOpenings) -> Result<Value, String> {
-    let salts = salts_from_json(o.salts.as_ref())?;
+    let salts = salts_from_text(o.salts.as_deref())?;
     let kept = kept_from_json(o.kept.as_ref())?;
     record_object_opened(
         rec,

@@ -577,9 +577,12 @@ fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
 /// rows the INSERT returns are matched to their input (and their salts) by
 /// that number: the statement returns the ordinal (1-based) of every input
 /// row it inserted. When a batch holds one key twice, the first occurrence
-/// is inserted and the later one returns nothing.
+/// is inserted and the later one returns nothing. `$salts_of` names the
+/// rows whose salts are stored: those the INSERT returned, or, where every
+/// row is inserted or the statement fails ([`InsertMode::AllNew`]), the
+/// input itself, which spares PostgreSQL a join per batch.
 macro_rules! insert_sql {
-    ($on_conflict:literal) => {
+    ($on_conflict:literal, $salts_of:literal) => {
         concat!(
             "\
 WITH input AS (
@@ -612,8 +615,10 @@ WITH input AS (
             "    RETURNING id
 ), salted AS (
     INSERT INTO audit_salts (audit_id, salts)
-    SELECT i.id, i.salts::jsonb
-      FROM inserted r JOIN input i USING (id)
+    SELECT i.id, i.salts::json
+      FROM ",
+            $salts_of,
+            "
      WHERE i.salts IS NOT NULL
 )
 SELECT i.n FROM inserted r JOIN input i USING (id)"
@@ -622,9 +627,12 @@ SELECT i.n FROM inserted r JOIN input i USING (id)"
 }
 
 /// [`InsertMode::SkipExisting`].
-const INSERT_SQL: &str = insert_sql!("    ON CONFLICT (idempotency_key, event_time) DO NOTHING\n");
+const INSERT_SQL: &str = insert_sql!(
+    "    ON CONFLICT (idempotency_key, event_time) DO NOTHING\n",
+    "inserted r JOIN input i USING (id)"
+);
 /// [`InsertMode::AllNew`].
-const INSERT_NEW_SQL: &str = insert_sql!("");
+const INSERT_NEW_SQL: &str = insert_sql!("", "input i");
 
 /// Inserts the rows `idx` of `records` in one statement and returns, for
 /// each of `idx` in order, whether it was inserted (false: its key existed

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use audit_worker::config::Config;
 use audit_worker::integrity::checkpoint::Ed25519NoteSigner;
+use audit_worker::integrity::record::salts_from_text;
 use audit_worker::jobs::snapshot::{SnapshotSummary, Snapshotter};
 use audit_worker::jobs::verify::{self, FindingKind, VerifyReport};
 use chrono::Utc;
@@ -201,7 +202,7 @@ async fn ingest_stores_a_fresh_salt_per_personal_field_in_the_same_write_as_the_
     let rows = env
         .pg
         .query(
-            "SELECT a.idempotency_key, s.salts FROM audit_log a
+            "SELECT a.idempotency_key, s.salts::jsonb FROM audit_log a
                LEFT JOIN audit_salts s ON s.audit_id = a.id
               ORDER BY a.idempotency_key",
             &[],
@@ -262,6 +263,71 @@ async fn ingest_stores_a_fresh_salt_per_personal_field_in_the_same_write_as_the_
         .unwrap()
         .get(0);
     assert_eq!(leaked, 0);
+    env.cleanup().await;
+}
+
+/// Salts stored while the column was `jsonb` read back the same once the
+/// upgrade made it `json` (the text the worker writes, not parsed again by
+/// PostgreSQL at each insert), and the column still refuses text that is
+/// not a JSON object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn salts_stored_before_the_upgrade_to_a_json_column_read_back_unchanged() {
+    let env = TestEnv::new("salts_json_upgrade").await;
+    let config = env.config();
+    let before = audit_worker::db::migrate_to(&config, Some(28))
+        .await
+        .unwrap();
+    assert!(
+        before.iter().all(|m| !m.contains("salts_as_json")),
+        "{before:?}"
+    );
+    let salt = "ab".repeat(32);
+    env.pg
+        .execute(
+            "INSERT INTO audit_salts (audit_id, salts)
+             VALUES (7, jsonb_build_object('principalId', $1::text, 'sessionContext.ipAddress', $1::text))",
+            &[&salt],
+        )
+        .await
+        .unwrap();
+    let applied = audit_worker::db::migrate(&config).await.unwrap();
+    assert!(
+        applied.iter().any(|m| m.contains("salts_as_json")),
+        "{applied:?}"
+    );
+
+    let row = env
+        .pg
+        .query_one(
+            "SELECT pg_typeof(salts)::text, salts::text FROM audit_salts WHERE audit_id = 7",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "json");
+    let salts = salts_from_text(Some(row.get::<_, &str>(1))).unwrap();
+    assert_eq!(
+        salts.into_iter().collect::<Vec<_>>(),
+        vec![
+            ("principalId".to_string(), [0xab; 32]),
+            ("sessionContext.ipAddress".to_string(), [0xab; 32]),
+        ]
+    );
+    for (bad, what) in [
+        ("[1]", "audit_salts_salts_check"),
+        ("{", "invalid input syntax for type json"),
+    ] {
+        let err = env
+            .pg
+            .execute(
+                "INSERT INTO audit_salts (audit_id, salts) VALUES (8, $1::text::json)",
+                &[&bad],
+            )
+            .await
+            .unwrap_err();
+        let msg = err.as_db_error().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains(what), "{bad}: {msg}");
+    }
     env.cleanup().await;
 }
 
@@ -353,7 +419,7 @@ async fn verify_names_the_event_for_a_change_to_any_stored_column_or_salt_of_a_s
     ))
     .await;
     s.tamper(&format!(
-        "UPDATE audit_salts SET salts = jsonb_set(salts, '{{principalId}}', to_jsonb(repeat('0', 64)))
+        "UPDATE audit_salts SET salts = jsonb_set(salts::jsonb, '{{principalId}}', to_jsonb(repeat('0', 64)))::json
           WHERE audit_id = (SELECT id FROM audit_log WHERE idempotency_key = 'evt-{}')",
         n + 1
     ))
@@ -364,7 +430,7 @@ async fn verify_names_the_event_for_a_change_to_any_stored_column_or_salt_of_a_s
     ))
     .await;
     s.tamper(&format!(
-        "UPDATE audit_salts SET salts = salts - 'details.email'
+        "UPDATE audit_salts SET salts = (salts::jsonb - 'details.email')::json
           WHERE audit_id = (SELECT id FROM audit_log WHERE idempotency_key = 'evt-{}')",
         n + 3
     ))

@@ -41,7 +41,7 @@ use serde_json::{json, Map, Value};
 use super::hold::{self, HeldRow, Hold};
 use super::pseudonym::Pseudonymizer;
 use crate::integrity::record::{
-    commitment, kept_from_json, salts_from_json, KeptCommitments, PersonalFields, Salts,
+    commitment, kept_from_json, salts_from_text, KeptCommitments, PersonalFields, Salts,
 };
 use crate::jobs::internal_event::{EventRecorder, InternalEvent};
 use crate::storage::Storage;
@@ -395,7 +395,7 @@ pub const SPLIT_ROWS: usize = 10_000;
 /// `audit_salts` to find a tenth of it.
 const SUBJECT_COLUMNS: &str = "a.id, a.event_time, a.organization_id, a.principal_id, \
      a.target_resource_id, a.session_context, a.details, \
-     (SELECT s.salts FROM audit_salts s WHERE s.audit_id = a.id), \
+     (SELECT s.salts::text FROM audit_salts s WHERE s.audit_id = a.id), \
      (SELECT e.commitments FROM audit_erasures e WHERE e.audit_id = a.id)";
 
 impl Eraser {
@@ -497,7 +497,7 @@ impl Eraser {
                 target_resource_id: r.get(4),
                 session_context: r.get(5),
                 details: r.get(6),
-                salts: salts_from_json(r.get::<_, Option<Value>>(7).as_ref())
+                salts: salts_from_text(r.get::<_, Option<&str>>(7))
                     .map_err(EraseError::Integrity)?,
                 kept: kept_from_json(r.get::<_, Option<Value>>(8).as_ref())
                     .map_err(EraseError::Integrity)?,
