@@ -2,14 +2,14 @@
 -- instead of `jsonb`.
 --
 -- Why: every ingested event with personal values adds one salts row, and
--- PostgreSQL converted each one into jsonb's binary form on insert (and
--- parsed it again for the CHECK on its type). Measured with
+-- PostgreSQL converted each one into jsonb's binary form on insert; `json`
+-- only checks the text's syntax and stores it as it is. Measured with
 -- benches/write_paths.sh, 200,000 events: the rows and their salts took
 -- 2.63 s with jsonb salts against 2.18 s with json ones (the sink now also
 -- takes them from its input rather than joining them with the inserted
--- rows), the rows alone 1.91 s. `json`
--- still refuses text that is not JSON, so an export's `salts` stays
--- well-formed; the reader checks it is an object of 64-hex-digit salts.
+-- rows), the rows alone 1.91 s. `json` still refuses text that is not
+-- JSON, so an export's `salts` stays well-formed; the reader checks it is
+-- an object of 64-hex-digit salts.
 -- Nothing filters or indexes by the salts' content: sealing, `verify` and
 -- exports read the object whole, and only the erasure below edits it.
 --
