@@ -25,6 +25,8 @@
 # the rows.
 #
 # Usage: benches/write_paths.sh [N]
+#   VARIANTS="insert insert-jsonb copy" runs only those (space-separated);
+#   the ratios need `copy` among them.
 # Needs: PostgreSQL (AUDIT_WORKER_BENCH_DATABASE_URL, default the local
 # audit_worker_bench database, created if missing) and psql.
 set -euo pipefail
@@ -125,6 +127,6 @@ for run in $(seq 1 "$RUNS"); do
 done
 echo "== mean of $RUNS runs, $N events; ratio = rows/s against plain COPY of the rows alone"
 for v in $VARIANTS; do
-  printf '%-16s %6.2f s  ratio %.2f\n' "$v" "$(awk -v t="${total[$v]}" -v r="$RUNS" 'BEGIN { print t / r }')" \
-    "$(awk -v c="${total[copy]}" -v t="${total[$v]}" 'BEGIN { print c / t }')"
+  printf '%-16s %6.2f s  ratio %s\n' "$v" "$(awk -v t="${total[$v]}" -v r="$RUNS" 'BEGIN { print t / r }')" \
+    "$(awk -v c="${total[copy]:-}" -v t="${total[$v]}" 'BEGIN { if (c == "") print "-"; else printf "%.2f", c / t }')"
 done
