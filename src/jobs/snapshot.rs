@@ -998,7 +998,7 @@ async fn read_unsealed(
             chunk.push(UnsealedRow {
                 event_time: rec.event_time,
                 row_id: r.get(0),
-                key: rec.idempotency_key,
+                key: rec.idempotency_key.into_owned(),
                 digest,
                 ingested_at: rec.ingested_at,
             });

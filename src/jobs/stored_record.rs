@@ -2,6 +2,8 @@
 //! record digest (leaf v2): the one place that maps columns to
 //! [`StoredRecord`], shared by sealing, `verify` and `prove`.
 
+use std::borrow::Cow;
+
 use serde_json::Value;
 use tokio_postgres::Row;
 
@@ -57,33 +59,37 @@ impl StoredOpenings {
 /// The record whose columns start at `at`, or `None` when the row is
 /// missing (a LEFT JOIN found nothing), with its stored salts and erasure
 /// record.
-pub fn record_from_row(r: &Row, at: usize) -> Option<(StoredRecord, StoredOpenings)> {
-    let key: Option<String> = r.get(at);
+pub fn record_from_row(r: &Row, at: usize) -> Option<(StoredRecord<'_>, StoredOpenings)> {
+    // Text columns borrow the row (`&str`); `Cow` lets tests and callers
+    // that build a record by hand own theirs.
+    let text = |i: usize| Cow::Borrowed(r.get::<_, &str>(i));
+    let opt_text = |i: usize| r.get::<_, Option<&str>>(i).map(Cow::Borrowed);
+    let key: Option<&str> = r.get(at);
     let rec = StoredRecord {
-        idempotency_key: key?,
-        event_id: r.get(at + 1),
+        idempotency_key: Cow::Borrowed(key?),
+        event_id: opt_text(at + 1),
         event_time: r.get(at + 2),
-        timestamp_raw: r.get(at + 3),
-        action: r.get(at + 4),
-        status: r.get(at + 5),
-        principal_id: r.get(at + 6),
-        organization_id: r.get(at + 7),
-        target_resource_type: r.get(at + 8),
-        target_resource_id: r.get(at + 9),
-        outcome_description: r.get(at + 10),
-        hash: r.get(at + 11),
-        hash_algorithm: r.get(at + 12),
+        timestamp_raw: text(at + 3),
+        action: text(at + 4),
+        status: text(at + 5),
+        principal_id: opt_text(at + 6),
+        organization_id: opt_text(at + 7),
+        target_resource_type: opt_text(at + 8),
+        target_resource_id: opt_text(at + 9),
+        outcome_description: opt_text(at + 10),
+        hash: text(at + 11),
+        hash_algorithm: text(at + 12),
         hash_provided: r.get(at + 13),
-        signature: r.get(at + 14),
-        signature_algorithm: r.get(at + 15),
-        signature_key_id: r.get(at + 16),
-        event_version: r.get(at + 17),
-        correlation_id: r.get(at + 18),
-        data_classification: r.get(at + 19),
-        retention_policy: r.get(at + 20),
+        signature: opt_text(at + 14),
+        signature_algorithm: opt_text(at + 15),
+        signature_key_id: opt_text(at + 16),
+        event_version: opt_text(at + 17),
+        correlation_id: opt_text(at + 18),
+        data_classification: opt_text(at + 19),
+        retention_policy: opt_text(at + 20),
         session_context: r.get(at + 21),
         details: r.get(at + 22),
-        source: r.get(at + 23),
+        source: text(at + 23),
         ingested_at: r.get(at + 24),
     };
     let openings = StoredOpenings {
@@ -97,7 +103,7 @@ pub fn record_from_row(r: &Row, at: usize) -> Option<(StoredRecord, StoredOpenin
 /// The record digest of a stored record, opened by its stored salts and
 /// kept commitments; the error says what in the stored data prevents
 /// computing it.
-pub fn stored_digest(rec: &StoredRecord, o: &StoredOpenings) -> Result<[u8; 32], String> {
+pub fn stored_digest(rec: &StoredRecord<'_>, o: &StoredOpenings) -> Result<[u8; 32], String> {
     let salts = salts_from_text(o.salts.as_deref())?;
     let kept = kept_from_json(o.kept.as_ref())?;
     record_digest_opened(
@@ -110,7 +116,7 @@ pub fn stored_digest(rec: &StoredRecord, o: &StoredOpenings) -> Result<[u8; 32],
 }
 
 /// The record object (as a v2 proof prints it) of a stored record.
-pub fn stored_object(rec: &StoredRecord, o: &StoredOpenings) -> Result<Value, String> {
+pub fn stored_object(rec: &StoredRecord<'_>, o: &StoredOpenings) -> Result<Value, String> {
     let salts = salts_from_text(o.salts.as_deref())?;
     let kept = kept_from_json(o.kept.as_ref())?;
     record_object_opened(

@@ -789,12 +789,13 @@ pub async fn verify_scope(
         let l_snapshot: i64 = entry.get(1);
         let l_time: DateTime<Utc> = entry.get(2);
         let l_row: i64 = entry.get(3);
-        let l_key: String = entry.get(4);
+        // Borrowed: an owned copy per leaf is made only for a finding.
+        let l_key: &str = entry.get(4);
         let leaf = hash_from_bytes(entry.get::<_, &[u8]>(5)).unwrap_or(zero);
         let ledger_hash = merkle::leaf_hash(&leaf);
         if let Some(arrived) = entry.get::<_, Option<DateTime<Utc>>>(8 + RECORD_COLUMN_COUNT) {
             report.late.push(LateEvent {
-                event: l_key.clone(),
+                event: l_key.to_owned(),
                 leaf_index: i,
                 snapshot_id: l_snapshot,
                 event_time: l_time,
@@ -815,15 +816,19 @@ pub async fn verify_scope(
                 // Dropped by retention: the ledger's digest stands for it.
                 None if pruned_leaf(&mut report.pruned, l_time, i) => leaf,
                 None => {
-                    report
-                        .findings
-                        .push(row_missing(l_key, l_row, l_time, i, l_snapshot));
+                    report.findings.push(row_missing(
+                        l_key.to_owned(),
+                        l_row,
+                        l_time,
+                        i,
+                        l_snapshot,
+                    ));
                     zero
                 }
                 Some(c) => {
                     if let Some((paths, requests)) = c.erased {
                         report.erased.push(ErasedEvent {
-                            event: l_key.clone(),
+                            event: l_key.to_owned(),
                             leaf_index: i,
                             event_time: c.event_time,
                             paths,
@@ -833,7 +838,7 @@ pub async fn verify_scope(
                     if !c.problems.is_empty() {
                         report.findings.push(Finding {
                             kind: FindingKind::Altered,
-                            event: Some(l_key),
+                            event: Some(l_key.to_owned()),
                             row_id: entry.get(7),
                             event_time: Some(c.event_time),
                             leaf_index: Some(i),
@@ -877,7 +882,7 @@ pub async fn verify_scope(
             None => {
                 report
                     .findings
-                    .push(row_missing(l_key, l_row, l_time, i, l_snapshot));
+                    .push(row_missing(l_key.to_owned(), l_row, l_time, i, l_snapshot));
                 trees.push(ledger_hash, zero);
             }
             Some(r) => {
@@ -893,7 +898,7 @@ pub async fn verify_scope(
                 if r.get::<_, i64>(2) != l_row || r.get::<_, DateTime<Utc>>(3) != l_time {
                     what.push("its id or event_time differs from the ledger".into());
                 }
-                if r.get::<_, String>(4) != l_key {
+                if r.get::<_, &str>(4) != l_key {
                     what.push(format!(
                         "its idempotency key differs from the ledger ({l_key})"
                     ));

@@ -1058,7 +1058,7 @@ mod tests {
         Pseudonymizer::new(Secret::from("test-pseudonym-key".to_owned()))
     }
 
-    fn record(principal: &str, target: &str) -> StoredRecord {
+    fn record(principal: &str, target: &str) -> StoredRecord<'static> {
         StoredRecord {
             idempotency_key: "e1".into(),
             event_id: Some("e1".into()),
@@ -1066,12 +1066,12 @@ mod tests {
             timestamp_raw: "2026-01-01T00:00:00.000Z".into(),
             action: "read".into(),
             status: "success".into(),
-            principal_id: Some(principal.into()),
+            principal_id: Some(principal.to_owned().into()),
             organization_id: Some("org-a".into()),
             target_resource_type: Some("Patient".into()),
-            target_resource_id: Some(target.into()),
+            target_resource_id: Some(target.to_owned().into()),
             outcome_description: None,
-            hash: "00".repeat(32),
+            hash: "00".repeat(32).into(),
             hash_algorithm: "SHA-256".into(),
             hash_provided: false,
             signature: None,
@@ -1094,9 +1094,9 @@ mod tests {
         SubjectRow {
             id: 1,
             event_time: r.event_time,
-            organization_id: r.organization_id.clone(),
-            principal_id: r.principal_id.clone(),
-            target_resource_id: r.target_resource_id.clone(),
+            organization_id: r.organization_id.as_deref().map(str::to_owned),
+            principal_id: r.principal_id.as_deref().map(str::to_owned),
+            target_resource_id: r.target_resource_id.as_deref().map(str::to_owned),
             session_context: r.session_context.clone(),
             details: r.details.clone(),
             salts: salts.clone(),
@@ -1106,19 +1106,19 @@ mod tests {
 
     /// Applies a plan as the database function does: values replaced,
     /// salts of erased paths removed, commitments kept.
-    fn apply(
-        r: &StoredRecord,
+    fn apply<'a>(
+        r: &StoredRecord<'a>,
         salts: &Salts,
         plan: &RowPlan,
-    ) -> (StoredRecord, Salts, KeptCommitments) {
+    ) -> (StoredRecord<'a>, Salts, KeptCommitments) {
         let mut r = r.clone();
         let mut salts = salts.clone();
         let mut kept = KeptCommitments::new();
         for (path, v) in &plan.values {
             let v = v.as_str().unwrap().to_owned();
             match path.split_once('.') {
-                None if path == "principalId" => r.principal_id = Some(v),
-                None => r.target_resource_id = Some(v),
+                None if path == "principalId" => r.principal_id = Some(v.into()),
+                None => r.target_resource_id = Some(v.into()),
                 Some(("details", k)) => r.details.as_mut().unwrap()[k] = json!(v),
                 Some((_, k)) => r.session_context.as_mut().unwrap()[k] = json!(v),
             }
