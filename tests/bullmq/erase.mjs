@@ -4,7 +4,7 @@
 // acknowledgement lost with its worker) and waits again. Prints what Node
 // sees of both runs: state, attemptsMade, failedReason, return value.
 import { Job, Queue } from 'bullmq';
-import { env, emit, fail, queueOptions, pollUntil } from './lib.mjs';
+import { env, emit, fail, queueOptions, waitFinished } from './lib.mjs';
 
 const data = JSON.parse(process.env.DATA ?? fail('DATA is required'));
 const name = process.env.NAME ?? 'gdpr.erase';
@@ -12,30 +12,8 @@ const queue = new Queue(env.queue, queueOptions());
 await queue.waitUntilReady();
 const job = await queue.add(name, data, { attempts: 5, backoff: { type: 'fixed', delay: 200 } });
 
-async function finished() {
-  let state;
-  await pollUntil(
-    async () => {
-      state = await queue.getJobState(job.id);
-      return state === 'completed' || state === 'failed';
-    },
-    env.timeoutMs,
-    `job ${job.id} to finish`,
-  );
-  const j = await Job.fromId(queue, job.id);
-  let returnvalue = j.returnvalue ?? null;
-  if (typeof returnvalue === 'string') {
-    try {
-      returnvalue = JSON.parse(returnvalue);
-    } catch {
-      // left as the raw string
-    }
-  }
-  return { state, attemptsMade: j.attemptsMade, failedReason: j.failedReason ?? null, returnvalue };
-}
-
-const first = await finished();
+const first = await waitFinished(queue, job.id);
 await (await Job.fromId(queue, job.id)).retry(first.state);
-const second = await finished();
+const second = await waitFinished(queue, job.id);
 emit({ id: job.id, first, second });
 await queue.close();

@@ -4,6 +4,7 @@
 // Rust tests (tests/it/bullmq.rs) parse.
 import { createHash, createHmac } from 'node:crypto';
 import { readFileSync } from 'node:fs';
+import { Job } from 'bullmq';
 
 /** Settings from the environment: the Rust test sets them per test. */
 export const env = {
@@ -157,4 +158,32 @@ export async function pollUntil(pred, timeoutMs, what, everyMs = 100) {
     if (Date.now() - started > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await new Promise((r) => setTimeout(r, everyMs));
   }
+}
+
+/**
+ * Waits until job `id` of `queue` is completed or failed, polling its state
+ * (a QueueEvents subscription can miss a job that finishes before its first
+ * read of the events stream), and returns what Node sees of it: state,
+ * attemptsMade, failedReason and the return value, parsed when it is JSON.
+ */
+export async function waitFinished(queue, id) {
+  let state;
+  await pollUntil(
+    async () => {
+      state = await queue.getJobState(id);
+      return state === 'completed' || state === 'failed';
+    },
+    env.timeoutMs,
+    `job ${id} to finish`,
+  );
+  const j = await Job.fromId(queue, id);
+  let returnvalue = j.returnvalue ?? null;
+  if (typeof returnvalue === 'string') {
+    try {
+      returnvalue = JSON.parse(returnvalue);
+    } catch {
+      // left as the raw string
+    }
+  }
+  return { state, attemptsMade: j.attemptsMade, failedReason: j.failedReason ?? null, returnvalue };
 }

@@ -1,22 +1,14 @@
 // Adds one `report.compliance` job whose data is the JSON in REPORT, waits
-// until BullMQ reports it finished, and prints its id, state and return
-// value (audit-worker answers {"jobId", "status", "deduplicated"}).
-import { Queue, QueueEvents } from 'bullmq';
-import { env, emit, fail, queueOptions } from './lib.mjs';
+// until BullMQ reports it finished, and prints its id, state, failed reason
+// and return value (audit-worker answers {"jobId", "status", "deduplicated"}).
+import { Queue } from 'bullmq';
+import { env, emit, fail, queueOptions, waitFinished } from './lib.mjs';
 
 const raw = process.env.REPORT;
 if (!raw) fail('environment variable REPORT is required');
 const queue = new Queue(env.queue, queueOptions());
-const events = new QueueEvents(env.queue, queueOptions());
-await events.waitUntilReady();
+await queue.waitUntilReady();
 const job = await queue.add('report.compliance', JSON.parse(raw));
-let returnvalue = null;
-let failedReason = null;
-try {
-  returnvalue = await job.waitUntilFinished(events, env.timeoutMs);
-} catch (e) {
-  failedReason = String(e.message ?? e);
-}
-emit({ id: job.id, state: await job.getState(), returnvalue, failedReason });
-await events.close();
+const { state, returnvalue, failedReason } = await waitFinished(queue, job.id);
+emit({ id: job.id, state, returnvalue, failedReason });
 await queue.close();

@@ -634,7 +634,10 @@ async fn report_requested_through_bullmq_completes_with_artifacts_and_its_audit_
     .unwrap();
     let out = crate::bullmq::node_json(&x.env, "report.mjs", &[("REPORT", body)]).await;
     assert_eq!(out["state"], "completed", "{out}");
-    let id = out["returnvalue"]["jobId"].as_str().unwrap().to_owned();
+    let id = out["returnvalue"]["jobId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the job's return value names the report job: {out}"))
+        .to_owned();
     assert_eq!(out["returnvalue"]["deduplicated"], false);
     let source: String = x
         .env
