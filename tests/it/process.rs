@@ -221,3 +221,35 @@ async fn configuration_errors_name_the_setting_and_exit_non_zero() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("very-secret-hmac"));
     env.cleanup().await;
 }
+
+/// The binary starts jemalloc with the options `src/main.rs` gives it (one
+/// arena, freed pages returned after a second): jemalloc's own statistics,
+/// printed on stderr at exit when asked through its environment variable,
+/// show the options in force.
+#[test]
+#[cfg_attr(not(feature = "jemalloc"), ignore = "built without jemalloc")]
+fn the_binary_runs_jemalloc_with_one_arena_and_a_one_second_decay() {
+    let out = Command::new(env!("CARGO_BIN_EXE_audit-worker"))
+        .arg("--version")
+        .env("_RJEM_MALLOC_CONF", "stats_print:true")
+        .stdout(Stdio::null())
+        .output()
+        .expect("worker binary runs");
+    assert!(out.status.success());
+    let stats = String::from_utf8_lossy(&out.stderr);
+    for option in [
+        "opt.narenas: 1",
+        "opt.dirty_decay_ms: 1000 ",
+        "opt.muzzy_decay_ms: 0 ",
+    ] {
+        assert!(
+            stats.lines().any(|l| l.trim_start().starts_with(option)),
+            "{option:?} not among jemalloc's options:\n{}",
+            stats
+                .lines()
+                .filter(|l| l.contains("opt."))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
