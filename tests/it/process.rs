@@ -237,13 +237,16 @@ fn the_binary_runs_jemalloc_with_one_arena_and_a_one_second_decay() {
         .expect("worker binary runs");
     assert!(out.status.success());
     let stats = String::from_utf8_lossy(&out.stderr);
+    // Each line is `opt.NAME: VALUE`, and the decays add ` (arenas...)`.
     for option in [
         "opt.narenas: 1",
-        "opt.dirty_decay_ms: 1000 ",
-        "opt.muzzy_decay_ms: 0 ",
+        "opt.dirty_decay_ms: 1000",
+        "opt.muzzy_decay_ms: 0",
     ] {
         assert!(
-            stats.lines().any(|l| l.trim_start().starts_with(option)),
+            stats.lines().map(str::trim).any(|l| l == option
+                || l.strip_prefix(option)
+                    .is_some_and(|rest| rest.starts_with(' '))),
             "{option:?} not among jemalloc's options:\n{}",
             stats
                 .lines()
