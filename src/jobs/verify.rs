@@ -816,13 +816,9 @@ pub async fn verify_scope(
                 // Dropped by retention: the ledger's digest stands for it.
                 None if pruned_leaf(&mut report.pruned, l_time, i) => leaf,
                 None => {
-                    report.findings.push(row_missing(
-                        l_key.to_owned(),
-                        l_row,
-                        l_time,
-                        i,
-                        l_snapshot,
-                    ));
+                    report
+                        .findings
+                        .push(row_missing(l_key, l_row, l_time, i, l_snapshot));
                     zero
                 }
                 Some(c) => {
@@ -882,7 +878,7 @@ pub async fn verify_scope(
             None => {
                 report
                     .findings
-                    .push(row_missing(l_key.to_owned(), l_row, l_time, i, l_snapshot));
+                    .push(row_missing(l_key, l_row, l_time, i, l_snapshot));
                 trees.push(ledger_hash, zero);
             }
             Some(r) => {
@@ -1461,7 +1457,7 @@ pub fn verify_proof(
 
 /// The finding for a ledger entry whose audit row is gone.
 fn row_missing(
-    key: String,
+    key: &str,
     row_id: i64,
     event_time: DateTime<Utc>,
     leaf_index: i64,
@@ -1469,7 +1465,7 @@ fn row_missing(
 ) -> Finding {
     Finding {
         kind: FindingKind::Deleted,
-        event: Some(key),
+        event: Some(key.to_owned()),
         row_id: Some(row_id),
         event_time: Some(event_time),
         leaf_index: Some(leaf_index),
