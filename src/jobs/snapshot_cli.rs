@@ -107,12 +107,15 @@ pub async fn verify(
 ) -> anyhow::Result<bool> {
     let verifier = snapshot::load_verifier(&config.snapshot)?;
     let mut client = connect(config).await?;
+    // A second connection reads half the leaves (see `verify_scope`).
+    let mut helper = connect(config).await?;
     let mut report = verify::verify_scope(
         &mut client,
         &verifier,
         &config.snapshot.origin,
         scope,
         config.snapshot.page_size,
+        Some(&mut helper),
     )
     .await?;
     let note = match trusted {

@@ -84,18 +84,44 @@ impl LogEnv {
             .unwrap()
     }
 
-    pub async fn verify(&self) -> VerifyReport {
-        let c = self.config();
-        let (mut client, conn) = audit_worker::db::pg_config(&c)
+    /// A new connection to this log's database.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = audit_worker::db::pg_config(&self.config())
             .unwrap()
             .connect(tokio_postgres::NoTls)
             .await
             .unwrap();
         tokio::spawn(conn);
+        client
+    }
+
+    /// Verifies the whole log twice, on one connection in pages of 5000
+    /// and on two connections in chunks of 7 leaves (every other chunk on
+    /// the helper), and checks that both find exactly the same.
+    pub async fn verify(&self) -> VerifyReport {
+        let c = self.config();
         let verifier = audit_worker::jobs::snapshot::load_verifier(&c.snapshot).unwrap();
-        verify::verify(&mut client, &verifier, ORIGIN, None, 5000)
+        let mut client = self.client().await;
+        let one = verify::verify(&mut client, &verifier, ORIGIN, None, 5000)
             .await
-            .unwrap()
+            .unwrap();
+        let mut helper = self.client().await;
+        let two = verify::verify_scope(
+            &mut client,
+            &verifier,
+            ORIGIN,
+            verify::Scope::All,
+            7,
+            Some(&mut helper),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            serde_json::to_value(&one).unwrap(),
+            serde_json::to_value(&two).unwrap(),
+            "verify on two connections found something else than on one"
+        );
+        one
     }
 
     /// Runs the worker binary with `args` against this log (its schema,
@@ -936,29 +962,44 @@ async fn an_independent_tlog_tiles_reader_follows_the_log_over_http() {
 
     // Incremental verification: only what was appended since the older
     // checkpoint is re-checked.
-    let c = s.config();
-    let (mut client, conn) = audit_worker::db::pg_config(&c)
-        .unwrap()
-        .connect(tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut client = s.client().await;
     let key = audit_worker::integrity::checkpoint::NoteVerifier::parse(&s.verifier).unwrap();
-    let since = verify::verify_scope(&mut client, &key, ORIGIN, verify::Scope::Since(300), 1000)
-        .await
-        .unwrap();
+    let since = verify::verify_scope(
+        &mut client,
+        &key,
+        ORIGIN,
+        verify::Scope::Since(300),
+        1000,
+        None,
+    )
+    .await
+    .unwrap();
     assert!(since.ok(), "{:?}", since.findings);
     assert_eq!(since.leaves_checked, 400);
-    assert!(
-        verify::verify_scope(&mut client, &key, ORIGIN, verify::Scope::Since(299), 1000)
-            .await
-            .is_err()
-    );
+    assert!(verify::verify_scope(
+        &mut client,
+        &key,
+        ORIGIN,
+        verify::Scope::Since(299),
+        1000,
+        None
+    )
+    .await
+    .is_err());
     s.tamper("UPDATE audit_log SET details = '{}' WHERE idempotency_key IN ('evt-5', 'evt-500')")
         .await;
-    let since = verify::verify_scope(&mut client, &key, ORIGIN, verify::Scope::Since(300), 1000)
-        .await
-        .unwrap();
+    // The same through two connections, 7 leaves per chunk.
+    let mut helper = s.client().await;
+    let since = verify::verify_scope(
+        &mut client,
+        &key,
+        ORIGIN,
+        verify::Scope::Since(300),
+        7,
+        Some(&mut helper),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         events_of(&since, FindingKind::Altered),
         BTreeSet::from(["evt-500".to_string()])

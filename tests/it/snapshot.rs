@@ -91,18 +91,36 @@ impl SnapEnv {
             .unwrap()
     }
 
-    async fn verify(&self, only: Option<i64>) -> VerifyReport {
-        let c = self.config();
-        let (mut client, conn) = audit_worker::db::pg_config(&c)
+    async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = audit_worker::db::pg_config(&self.config())
             .unwrap()
             .connect(tokio_postgres::NoTls)
             .await
             .unwrap();
         tokio::spawn(conn);
-        let verifier = audit_worker::jobs::snapshot::load_verifier(&c.snapshot).unwrap();
-        verify::verify(&mut client, &verifier, ORIGIN, only, 5000)
+        client
+    }
+
+    /// Verifies on one connection in pages of 5000, and on two
+    /// connections in chunks of 7 leaves, and checks both find the same.
+    async fn verify(&self, only: Option<i64>) -> VerifyReport {
+        let verifier =
+            audit_worker::jobs::snapshot::load_verifier(&self.config().snapshot).unwrap();
+        let mut client = self.client().await;
+        let one = verify::verify(&mut client, &verifier, ORIGIN, only, 5000)
             .await
-            .unwrap()
+            .unwrap();
+        let mut helper = self.client().await;
+        let scope = only.map_or(verify::Scope::All, verify::Scope::Snapshot);
+        let two = verify::verify_scope(&mut client, &verifier, ORIGIN, scope, 7, Some(&mut helper))
+            .await
+            .unwrap();
+        assert_eq!(
+            serde_json::to_value(&one).unwrap(),
+            serde_json::to_value(&two).unwrap(),
+            "verify on two connections found something else than on one"
+        );
+        one
     }
 
     /// Inserts events `from..to` directly, one millisecond apart from
