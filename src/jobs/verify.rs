@@ -289,20 +289,6 @@ const ROW_COLUMNS: &str = "leaf_index, snapshot_id, id, event_time, idempotency_
      timestamp_raw, action, status, principal_id, organization_id, target_resource_type, \
      target_resource_id, outcome_description";
 
-/// Each ledger entry of a range of leaves with the row it names (leaf v2
-/// rows carry no leaf number of their own), that row's salts and its
-/// erasure record.
-static LEDGER_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!(
-        "SELECT l.leaf_index, l.snapshot_id, l.event_time, l.row_id, l.idempotency_key, l.leaf,
-                l.leaf_version, a.id, {RECORD_COLUMNS}, l.late_arrival
-           FROM seal_ledger l
-           LEFT JOIN audit_log a ON a.event_time = l.event_time AND a.id = l.row_id
-           {SALTS_JOIN}
-          WHERE l.leaf_index >= $1 AND l.leaf_index < $2 ORDER BY l.leaf_index"
-    )
-});
-
 /// The planner settings of a lane while it reads chunks. A chunk's ledger
 /// entries come fastest in order from the ledger's primary key: right after
 /// sealing, the ledger's statistics are stale and the planner picks a
@@ -321,7 +307,16 @@ const DEFAULT_PLANNER_SETTINGS: &str =
 async fn chunk_queries(tx: &Transaction<'_>) -> Result<ChunkQueries, SnapshotError> {
     tx.batch_execute(CHUNK_PLANNER_SETTINGS).await?;
     Ok(ChunkQueries {
-        ledger: tx.prepare(&LEDGER_SQL).await?,
+        ledger: tx
+            .prepare(&format!(
+                "SELECT l.leaf_index, l.snapshot_id, l.event_time, l.row_id, l.idempotency_key,
+                        l.leaf, l.leaf_version, a.id, {RECORD_COLUMNS}, l.late_arrival
+                   FROM seal_ledger l
+                   LEFT JOIN audit_log a ON a.event_time = l.event_time AND a.id = l.row_id
+                   {SALTS_JOIN}
+                  WHERE l.leaf_index >= $1 AND l.leaf_index < $2 ORDER BY l.leaf_index"
+            ))
+            .await?,
         claimants: tx
             .prepare(&format!(
                 "SELECT {ROW_COLUMNS} FROM audit_log
@@ -465,7 +460,8 @@ struct CheckedChunk {
 
 /// The two queries of a chunk, prepared on one lane's connection.
 struct ChunkQueries {
-    /// Ledger entries joined to their rows and salts ([`LEDGER_SQL`]).
+    /// Each ledger entry with the row it names (leaf v2 rows carry no leaf
+    /// number of their own), that row's salts and its erasure record.
     ledger: Statement,
     /// Rows claiming a leaf ([`ROW_COLUMNS`] by `leaf_index`).
     claimants: Statement,
@@ -525,7 +521,7 @@ struct CheckedLedger<'a> {
 impl<'a> CheckedLedger<'a> {
     /// Reads leaves `[start, end)` through `lanes`, `page` leaves per chunk.
     fn new(
-        lanes: Vec<(&'a Transaction<'a>, ChunkQueries)>,
+        lanes: &'a [(&'a Transaction<'a>, ChunkQueries)],
         start: i64,
         end: i64,
         page: i32,
@@ -533,14 +529,10 @@ impl<'a> CheckedLedger<'a> {
         use futures::StreamExt;
         let page = i64::from(page.max(1));
         let depth = lanes.len() * CHUNKS_IN_FLIGHT_PER_LANE;
-        let lanes = std::sync::Arc::new(lanes);
         let chunks = futures::stream::iter((start..end).step_by(page as usize).enumerate())
             .map(move |(k, from)| {
-                let lanes = lanes.clone();
-                async move {
-                    let (tx, queries) = &lanes[k % lanes.len()];
-                    checked_chunk(tx, queries, from..(from + page).min(end)).await
-                }
+                let (tx, queries) = &lanes[k % lanes.len()];
+                checked_chunk(tx, queries, from..(from + page).min(end))
             })
             .buffered(depth)
             .boxed();
@@ -670,8 +662,8 @@ async fn join_snapshot<'h>(
 ///
 /// With a `helper` connection the leaves are read through both
 /// connections at once (see [`CheckedLedger`]): about 30% less wall time on
-/// a large log on two cores, since reading the rows is as much of the work as checking
-/// them. The findings are the same either way.
+/// a large log on two cores, since reading the rows is as much of the work
+/// as checking them. The findings are the same either way.
 pub async fn verify_scope(
     client: &mut tokio_postgres::Client,
     verifier: &NoteVerifier,
@@ -883,7 +875,7 @@ pub async fn verify_scope(
     if let Some(h) = &helper_tx {
         lanes.push((h, chunk_queries(h).await?));
     }
-    let mut ledger = CheckedLedger::new(lanes, s, e, page);
+    let mut ledger = CheckedLedger::new(&lanes, s, e, page);
     let zero: Hash = [0; 32];
     for index in start..end {
         let i = index as i64;

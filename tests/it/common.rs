@@ -539,3 +539,40 @@ pub async fn patient_redis(client: &redis::Client) -> redis::RedisResult<Multipl
         )
         .await
 }
+
+/// A new connection to `config`'s database (its schema on the search path).
+pub async fn pg_client(config: &Config) -> tokio_postgres::Client {
+    let (client, conn) = audit_worker::db::pg_config(config)
+        .unwrap()
+        .connect(NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+/// Verifies `scope` of `config`'s log twice, on one connection in pages of
+/// 5000 and on two connections in chunks of 7 leaves (every other chunk on
+/// the second), checks that both find exactly the same, and returns it.
+pub async fn verify_both_ways(
+    config: &Config,
+    origin: &str,
+    scope: audit_worker::jobs::verify::Scope,
+) -> audit_worker::jobs::verify::VerifyReport {
+    use audit_worker::jobs::verify::verify_scope;
+    let verifier = audit_worker::jobs::snapshot::load_verifier(&config.snapshot).unwrap();
+    let mut client = pg_client(config).await;
+    let one = verify_scope(&mut client, &verifier, origin, scope, 5000, None)
+        .await
+        .unwrap();
+    let mut helper = pg_client(config).await;
+    let two = verify_scope(&mut client, &verifier, origin, scope, 7, Some(&mut helper))
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&one).unwrap(),
+        serde_json::to_value(&two).unwrap(),
+        "verify on two connections found something else than on one"
+    );
+    one
+}

@@ -86,42 +86,13 @@ impl LogEnv {
 
     /// A new connection to this log's database.
     pub async fn client(&self) -> tokio_postgres::Client {
-        let (client, conn) = audit_worker::db::pg_config(&self.config())
-            .unwrap()
-            .connect(tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        client
+        pg_client(&self.config()).await
     }
 
-    /// Verifies the whole log twice, on one connection in pages of 5000
-    /// and on two connections in chunks of 7 leaves (every other chunk on
-    /// the helper), and checks that both find exactly the same.
+    /// Verifies the whole log on one connection and on two, and checks
+    /// both find exactly the same.
     pub async fn verify(&self) -> VerifyReport {
-        let c = self.config();
-        let verifier = audit_worker::jobs::snapshot::load_verifier(&c.snapshot).unwrap();
-        let mut client = self.client().await;
-        let one = verify::verify(&mut client, &verifier, ORIGIN, None, 5000)
-            .await
-            .unwrap();
-        let mut helper = self.client().await;
-        let two = verify::verify_scope(
-            &mut client,
-            &verifier,
-            ORIGIN,
-            verify::Scope::All,
-            7,
-            Some(&mut helper),
-        )
-        .await
-        .unwrap();
-        assert_eq!(
-            serde_json::to_value(&one).unwrap(),
-            serde_json::to_value(&two).unwrap(),
-            "verify on two connections found something else than on one"
-        );
-        one
+        verify_both_ways(&self.config(), ORIGIN, verify::Scope::All).await
     }
 
     /// Runs the worker binary with `args` against this log (its schema,

@@ -91,36 +91,11 @@ impl SnapEnv {
             .unwrap()
     }
 
-    async fn client(&self) -> tokio_postgres::Client {
-        let (client, conn) = audit_worker::db::pg_config(&self.config())
-            .unwrap()
-            .connect(tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        client
-    }
-
-    /// Verifies on one connection in pages of 5000, and on two
-    /// connections in chunks of 7 leaves, and checks both find the same.
+    /// Verifies on one connection and on two, and checks both find the
+    /// same.
     async fn verify(&self, only: Option<i64>) -> VerifyReport {
-        let verifier =
-            audit_worker::jobs::snapshot::load_verifier(&self.config().snapshot).unwrap();
-        let mut client = self.client().await;
-        let one = verify::verify(&mut client, &verifier, ORIGIN, only, 5000)
-            .await
-            .unwrap();
-        let mut helper = self.client().await;
         let scope = only.map_or(verify::Scope::All, verify::Scope::Snapshot);
-        let two = verify::verify_scope(&mut client, &verifier, ORIGIN, scope, 7, Some(&mut helper))
-            .await
-            .unwrap();
-        assert_eq!(
-            serde_json::to_value(&one).unwrap(),
-            serde_json::to_value(&two).unwrap(),
-            "verify on two connections found something else than on one"
-        );
-        one
+        verify_both_ways(&self.config(), ORIGIN, scope).await
     }
 
     /// Inserts events `from..to` directly, one millisecond apart from
