@@ -41,7 +41,7 @@ use crate::integrity::merkle::{self, Hash, TreeBuilder};
 use crate::integrity::record::LEAF_VERSION_V2;
 use crate::jobs::internal_event::{EventRecorder, InternalEvent};
 use crate::jobs::merkle_stream::{consistency_plan, hash_from_bytes};
-use crate::jobs::stored_record::{record_from_row, stored_digest, RECORD_COLUMNS, SALTS_JOIN};
+use crate::jobs::stored_record::{record_from_row, salts_join_for, stored_digest, RECORD_COLUMNS};
 use crate::jobs::{JobError, JobHandler};
 use crate::outage::OutageLog;
 use crate::storage::Storage;
@@ -972,17 +972,32 @@ async fn read_unsealed(
     chunks: tokio::sync::mpsc::Sender<Result<Vec<UnsealedRow>, SnapshotError>>,
 ) {
     use futures::TryStreamExt;
-    let sql = format!(
-        "SELECT a.id, {RECORD_COLUMNS} FROM audit_log a {SALTS_JOIN}
-          WHERE ($1::timestamptz IS NULL OR a.event_time >= $1) AND a.event_time < $2
-            AND a.snapshot_id IS NULL
-            AND NOT EXISTS (SELECT 1 FROM seal_ledger l
-                             WHERE l.event_time = a.event_time AND l.row_id = a.id)
-          ORDER BY a.event_time, a.id"
-    );
+    let mut reader = reader;
     let run = async {
+        // One snapshot for the erasure check and the read; no parallel
+        // workers: read in the primary key's order, the rows come sorted
+        // for 3.8 CPU-s of the database's time per 1,000,000 instead of 6.5
+        // (parallel scans, hash joins and a sort), and sealing already keeps
+        // both cores busy (measured: 7.2 s instead of 8.4 to 9.6 s).
+        let tx = reader
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        tx.batch_execute("SET LOCAL max_parallel_workers_per_gather = 0")
+            .await?;
+        let salts_join = salts_join_for(&tx).await?;
+        let sql = format!(
+            "SELECT a.id, {RECORD_COLUMNS} FROM audit_log a {salts_join}
+              WHERE ($1::timestamptz IS NULL OR a.event_time >= $1) AND a.event_time < $2
+                AND a.snapshot_id IS NULL
+                AND NOT EXISTS (SELECT 1 FROM seal_ledger l
+                                 WHERE l.event_time = a.event_time AND l.row_id = a.id)
+              ORDER BY a.event_time, a.id"
+        );
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&from, &to];
-        let rows = reader.query_raw(&sql, params).await?;
+        let rows = tx.query_raw(&sql, params).await?;
         futures::pin_mut!(rows);
         let mut chunk = Vec::with_capacity(READ_CHUNK);
         while let Some(r) = rows.try_next().await? {

@@ -107,15 +107,16 @@ pub async fn verify(
 ) -> anyhow::Result<bool> {
     let verifier = snapshot::load_verifier(&config.snapshot)?;
     let mut client = connect(config).await?;
-    // A second connection reads half the leaves (see `verify_scope`).
-    let mut helper = connect(config).await?;
+    // A second connection reads half the leaves, a third looks for unsealed
+    // rows meanwhile (see `verify_scope`).
+    let mut helpers = [connect(config).await?, connect(config).await?];
     let mut report = verify::verify_scope(
         &mut client,
         &verifier,
         &config.snapshot.origin,
         scope,
         config.snapshot.page_size,
-        Some(&mut helper),
+        &mut helpers,
     )
     .await?;
     let note = match trusted {

@@ -29,6 +29,32 @@ pub const RECORD_COLUMN_COUNT: usize = 28;
 pub const SALTS_JOIN: &str = "LEFT JOIN audit_salts s ON s.audit_id = a.id \
      LEFT JOIN audit_erasures e ON e.audit_id = a.id";
 
+/// [`SALTS_JOIN`] for a read whose snapshot holds no erasure record at all:
+/// the same columns (the erasure's always NULL) without an index probe of
+/// `audit_erasures` per row, which costs a 1,000,000-row read about 0.6 to
+/// 1.3 CPU-s of the database's time even when that table is empty.
+const SALTS_JOIN_NO_ERASURES: &str = "LEFT JOIN audit_salts s ON s.audit_id = a.id \
+     LEFT JOIN (SELECT * FROM audit_erasures WHERE false) e ON e.audit_id = a.id";
+
+/// The join for a large read of stored records in `tx`'s snapshot:
+/// [`SALTS_JOIN`], or its cheaper form when no event has been erased.
+/// `tx` must be a `REPEATABLE READ` transaction (or hold the snapshot
+/// the read runs in), so that no erasure can commit between this check
+/// and the read.
+pub async fn salts_join_for(
+    tx: &tokio_postgres::Transaction<'_>,
+) -> Result<&'static str, tokio_postgres::Error> {
+    let any: bool = tx
+        .query_one("SELECT EXISTS (SELECT 1 FROM audit_erasures)", &[])
+        .await?
+        .get(0);
+    Ok(if any {
+        SALTS_JOIN
+    } else {
+        SALTS_JOIN_NO_ERASURES
+    })
+}
+
 /// What opens a stored record's commitments: its salts and, for erased
 /// paths, the erasure record (kept commitments and the requests).
 #[derive(Debug, Clone, Default)]

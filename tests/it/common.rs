@@ -552,8 +552,9 @@ pub async fn pg_client(config: &Config) -> tokio_postgres::Client {
 }
 
 /// Verifies `scope` of `config`'s log twice, on one connection in pages of
-/// 5000 and on two connections in chunks of 7 leaves (every other chunk on
-/// the second), checks that both find exactly the same, and returns it.
+/// 5000 and on three connections in chunks of 7 leaves (every other chunk
+/// on the second, the unsealed-rows check on the third, beside the leaves),
+/// checks that both find exactly the same, and returns it.
 pub async fn verify_both_ways(
     config: &Config,
     origin: &str,
@@ -562,11 +563,11 @@ pub async fn verify_both_ways(
     use audit_worker::jobs::verify::verify_scope;
     let verifier = audit_worker::jobs::snapshot::load_verifier(&config.snapshot).unwrap();
     let mut client = pg_client(config).await;
-    let one = verify_scope(&mut client, &verifier, origin, scope, 5000, None)
+    let one = verify_scope(&mut client, &verifier, origin, scope, 5000, &mut [])
         .await
         .unwrap();
-    let mut helper = pg_client(config).await;
-    let two = verify_scope(&mut client, &verifier, origin, scope, 7, Some(&mut helper))
+    let mut helpers = [pg_client(config).await, pg_client(config).await];
+    let two = verify_scope(&mut client, &verifier, origin, scope, 7, &mut helpers)
         .await
         .unwrap();
     assert_eq!(

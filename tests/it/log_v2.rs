@@ -941,7 +941,7 @@ async fn an_independent_tlog_tiles_reader_follows_the_log_over_http() {
         ORIGIN,
         verify::Scope::Since(300),
         1000,
-        None,
+        &mut [],
     )
     .await
     .unwrap();
@@ -953,21 +953,21 @@ async fn an_independent_tlog_tiles_reader_follows_the_log_over_http() {
         ORIGIN,
         verify::Scope::Since(299),
         1000,
-        None
+        &mut []
     )
     .await
     .is_err());
     s.tamper("UPDATE audit_log SET details = '{}' WHERE idempotency_key IN ('evt-5', 'evt-500')")
         .await;
-    // The same through two connections, 7 leaves per chunk.
-    let mut helper = s.client().await;
+    // The same through three connections, 7 leaves per chunk.
+    let mut helpers = [s.client().await, s.client().await];
     let since = verify::verify_scope(
         &mut client,
         &key,
         ORIGIN,
         verify::Scope::Since(300),
         7,
-        Some(&mut helper),
+        &mut helpers,
     )
     .await
     .unwrap();
