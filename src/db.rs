@@ -65,6 +65,21 @@ pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, DbError> {
     Ok(pg)
 }
 
+/// Opens a read-only `REPEATABLE READ` transaction on `client`: one
+/// consistent view of the database for every query in it, which checks,
+/// proofs, reports and the sealing read need when they read several
+/// tables (or one table several times).
+pub async fn read_only_snapshot(
+    client: &mut tokio_postgres::Client,
+) -> Result<tokio_postgres::Transaction<'_>, tokio_postgres::Error> {
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+}
+
 /// The TLS connector `database.sslmode` asks for (`None`: plain TCP).
 pub fn tls_connector(
     config: &Config,

@@ -140,12 +140,7 @@ pub async fn check_extends(
         ))]);
     }
     let size = cp.size();
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?;
+    let tx = crate::db::read_only_snapshot(client).await?;
     let head: i64 = tx
         .query_one("SELECT tree_size FROM snapshot_log_head", &[])
         .await?

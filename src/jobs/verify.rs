@@ -649,12 +649,7 @@ async fn join_snapshot<'h>(
             "PostgreSQL exported an unexpected snapshot id {id:?}"
         )));
     }
-    let joined = helper
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?;
+    let joined = crate::db::read_only_snapshot(helper).await?;
     joined
         .batch_execute(&format!("SET TRANSACTION SNAPSHOT '{id}'"))
         .await?;
@@ -687,12 +682,7 @@ pub async fn verify_scope(
     };
     let mut report = VerifyReport::default();
     // One consistent view of the whole database for the whole check.
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?;
+    let tx = crate::db::read_only_snapshot(client).await?;
 
     // 1. The checkpoint chain. Snapshots are few (one per schedule slot).
     let mut snapshots: Vec<StoredSnapshot> = tx
@@ -1299,12 +1289,7 @@ pub async fn prove(
     event: &str,
     page: i32,
 ) -> Result<InclusionProof, SnapshotError> {
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?;
+    let tx = crate::db::read_only_snapshot(client).await?;
     // The ledger says which leaf sealed the event (rows sealed with leaf
     // v1 also carry it; v2 rows do not). The key's rows are found through
     // audit_log's key index first (MATERIALIZED), then their entries

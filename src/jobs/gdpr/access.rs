@@ -223,13 +223,8 @@ pub async fn write_proofs(
             break;
         }
     }
-    let transaction = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?;
-    let tx: &tokio_postgres::Transaction<'_> = &transaction;
+    let transaction = crate::db::read_only_snapshot(&mut client).await?;
+    let tx = &transaction;
     let latest: Option<LatestCheckpoint> = verify::latest_checkpoint(tx).await?;
     let path = proofs_path(&job.artifact_key);
     let upload = storage.store.put_multipart(&path).await?;

@@ -778,13 +778,7 @@ where
     R: AsRef<[String]>,
 {
     let db = |e: tokio_postgres::Error| crate::db::root_cause(&e);
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(db)?;
+    let tx = crate::db::read_only_snapshot(client).await.map_err(db)?;
     let orgs = request.org_filter();
     let hipaa = if hipaa_actions.is_some() {
         " AND (data_classification = 'PHI' OR action = ANY($4))"
