@@ -573,7 +573,7 @@ pub async fn verify_both_ways(
     assert_eq!(
         serde_json::to_value(&one).unwrap(),
         serde_json::to_value(&two).unwrap(),
-        "verify on two connections found something else than on one"
+        "verify on three connections found something else than on one"
     );
     one
 }

@@ -89,7 +89,7 @@ impl LogEnv {
         pg_client(&self.config()).await
     }
 
-    /// Verifies the whole log on one connection and on two, and checks
+    /// Verifies the whole log on one connection and on three, and checks
     /// both find exactly the same.
     pub async fn verify(&self) -> VerifyReport {
         verify_both_ways(&self.config(), ORIGIN, verify::Scope::All).await

@@ -91,7 +91,7 @@ impl SnapEnv {
             .unwrap()
     }
 
-    /// Verifies on one connection and on two, and checks both find the
+    /// Verifies on one connection and on three, and checks both find the
     /// same.
     async fn verify(&self, only: Option<i64>) -> VerifyReport {
         let scope = only.map_or(verify::Scope::All, verify::Scope::Snapshot);
