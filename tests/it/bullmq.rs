@@ -612,6 +612,104 @@ async fn bullmq_job_data_that_is_not_json_is_dead_lettered_with_its_original_byt
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bullmq_raw_data_reads_of_300_jobs_share_script_calls_and_each_job_gets_its_own_answer() {
+    use audit_worker::source::bullmq::data_reader::JobDataReader;
+    use audit_worker::source::bullmq::job_data::JobData;
+    let env = TestEnv::new("bq_datareader").await;
+    let limit = 100usize;
+    let key = |i: usize| format!("bull:{}:{i}", env.queue);
+    // Job i's stored data: none for every 10th (the job was removed), over
+    // the limit for every 7th, otherwise bytes only job i has (not UTF-8).
+    let stored = |i: usize| -> Option<Vec<u8>> {
+        if i % 10 == 0 {
+            return None;
+        }
+        let mut data = format!("{{\"job\":{i}}}").into_bytes();
+        data.push(0xff);
+        if i % 7 == 0 {
+            data.resize(limit + 1 + i, b' ');
+        }
+        Some(data)
+    };
+    let jobs = 300;
+    let mut conn = env.redis_conn().await;
+    let mut pipe = redis::pipe();
+    for i in 0..jobs {
+        if let Some(data) = stored(i) {
+            pipe.hset(key(i), "data", data).ignore();
+        }
+    }
+    let _: () = pipe.query_async(&mut conn).await.unwrap();
+
+    let client = redis::Client::open(test_redis_url()).unwrap();
+    let manager = redis::aio::ConnectionManager::new(client).await.unwrap();
+    let errors = prometheus::IntCounter::new("errors", "errors").unwrap();
+    let reader = JobDataReader::start(
+        audit_worker::source::RedisConn::Single(manager),
+        env.dlq.clone(),
+        move || limit,
+        errors.clone(),
+    );
+    let source = |i: usize| format!("bullmq:{}:{i}", env.queue);
+    let reads = (0..jobs).map(|i| {
+        let (key, source) = (key(i), source(i));
+        let reader = &reader;
+        async move {
+            reader
+                .read(key, "audit.event", &source, 1 + i as u64 % 3)
+                .await
+        }
+    });
+    let answers = futures::future::join_all(reads).await;
+
+    let mut too_large = Vec::new();
+    for (i, answer) in answers.into_iter().enumerate() {
+        let answer = answer.unwrap_or_else(|e| panic!("job {i}: {e}"));
+        match stored(i) {
+            None => assert_eq!(answer, JobData::Bytes(b"null".to_vec()), "job {i}"),
+            Some(data) if data.len() > limit => {
+                assert_eq!(
+                    answer,
+                    JobData::DeadLettered {
+                        bytes: data.len() as u64
+                    },
+                    "job {i}"
+                );
+                too_large.push(i);
+            }
+            Some(data) => assert_eq!(answer, JobData::Bytes(data), "job {i}"),
+        }
+    }
+    // 300 reads issued at once went out in a few calls (at most 256 jobs
+    // each), not one call per job.
+    let calls = reader.calls();
+    assert!(
+        (2..=10).contains(&calls),
+        "{calls} script calls for {jobs} reads"
+    );
+    assert_eq!(errors.get(), 0);
+    // Each oversized job's dead letter holds its own bytes, source and attempt.
+    let letters = env.dlq_entries().await;
+    assert_eq!(letters.len(), too_large.len());
+    for i in too_large {
+        let letter = letters
+            .iter()
+            .find(|l| field(l, "source") == source(i))
+            .unwrap_or_else(|| panic!("no dead letter for job {i}"));
+        assert_eq!(letter["data"], stored(i).unwrap(), "job {i}");
+        assert_eq!(field(letter, "reason"), "too_large");
+        assert_eq!(field(letter, "attempts"), (1 + i % 3).to_string());
+        assert_eq!(field(letter, "name"), "audit.event");
+    }
+    let _: () = redis::cmd("DEL")
+        .arg((0..jobs).map(key).collect::<Vec<_>>())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    cleanup(env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bullmq_worker_stops_fetching_while_the_circuit_breaker_is_open() {
     let env = TestEnv::new("bq_breaker").await;
     let worker = spawn_worker(

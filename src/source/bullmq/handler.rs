@@ -8,10 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bullmq::{Job, QueueKeys};
-use redis::Value as RedisValue;
 use serde_json::Value;
 
-use super::job_data::{parse_job_data, JobData};
+use super::job_data::JobData;
 use super::{approx_data_bytes, InFlight, Shared};
 use crate::dlq::DeadLetter;
 use crate::dlq::RejectReason;
@@ -130,45 +129,16 @@ impl QueueHandler {
     /// parse that keeps the last of duplicate keys and turns data that is
     /// not JSON into `null`. Validating that would store what the producer
     /// never sent, where the stream source refuses it, so every job's raw
-    /// bytes are read back (one round trip beside the crate's own). Data
-    /// over `validation.max_event_bytes` is dead-lettered inside Redis by
-    /// the same script instead of being read again.
+    /// bytes are read back, in groups shared by the jobs in flight
+    /// ([`super::data_reader`]). Data over `validation.max_event_bytes` is
+    /// dead-lettered inside Redis by the same script instead of being read
+    /// again.
     async fn job_bytes(&self, job: &Job, name: &str, source: &str) -> Result<JobData, String> {
-        let s = &self.shared;
-        let mut conn = s.commands.clone();
-        let key = self.keys.job_key(job.id());
-        let failed_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let attempts = u64::from(job.attempts_made()) + 1;
-        let mut last = String::new();
-        for attempt in 1..=3u64 {
-            let r: redis::RedisResult<RedisValue> = s
-                .job_data
-                .key(&key)
-                .key(&s.dlq_key)
-                .arg(s.processor.policy().max_event_bytes)
-                .arg(name)
-                .arg(source)
-                .arg(&failed_at)
-                .arg(attempts)
-                .invoke_async(&mut conn)
-                .await;
-            match r.map(parse_job_data) {
-                Ok(Some(data)) => return Ok(data),
-                Ok(None) => {
-                    last = "unexpected reply from the job data script".into();
-                }
-                Err(e) => {
-                    s.processor
-                        .metrics()
-                        .redis_errors
-                        .with_label_values(&["bullmq_hget"])
-                        .inc();
-                    last = e.to_string();
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-        }
-        Err(format!("cannot read the job's raw data from Redis: {last}"))
+        self.shared
+            .job_data
+            .read(self.keys.job_key(job.id()), name, source, attempts)
+            .await
     }
 
     /// Counts and logs a job whose data the script dead-lettered, and the

@@ -29,10 +29,12 @@
 //! infrastructure reason; it waits in `delayed` and comes back.
 //!
 //! Gaps in bullmq-official 1.4.4 worked around here (see the README too):
-//! - A job's `data` is handed over parsed; when it is not JSON the crate
-//!   silently turns it into `null`. For such jobs the original bytes are
-//!   read back with one HGET (key from the crate's `QueueKeys`, see [`job_data`]) so the
-//!   dead letter keeps them.
+//! - A job's `data` is handed over parsed: lossily converted to UTF-8, its
+//!   duplicate keys collapsed, and turned into `null` when it is not JSON.
+//!   Every job's original bytes are read back (key from the crate's
+//!   `QueueKeys`, see [`job_data`]), one script call serving all the jobs
+//!   waiting for theirs ([`data_reader`]), so validation, the row and the
+//!   dead letter see what the producer sent.
 //! - The worker's event channel is unbounded and fills with two events per
 //!   job unless someone reads it: [`drain_events`] reads it.
 //! - Retried attempts do not record their `failedReason` on the job (Node's
@@ -44,6 +46,7 @@
 //! of data); `QueueHandler::hold_while_unwritable` holds jobs already
 //! fetched.
 
+pub mod data_reader;
 pub mod handler;
 pub mod job_data;
 
@@ -61,8 +64,8 @@ use crate::config::{BullmqConfig, Config, Secret};
 use crate::processor::Processor;
 use crate::telemetry::Metrics;
 
+use data_reader::JobDataReader;
 use handler::QueueHandler;
-use job_data::JOB_DATA_LUA;
 
 /// What the jobs of every queue share.
 pub(crate) struct Shared {
@@ -70,12 +73,11 @@ pub(crate) struct Shared {
     dlq_key: String,
     /// Decides every job's outcome.
     processor: Processor,
-    /// Our own Redis connection, for dead letters (never BullMQ's keys,
-    /// except the one read by [`job_data`]).
+    /// Our own Redis connection, for dead letters (never BullMQ's keys).
     commands: RedisConn,
     outage_retry_delay: Duration,
-    /// [`JOB_DATA_LUA`], loaded once per connection (EVALSHA).
-    job_data: redis::Script,
+    /// Reads each job's raw data (the one read of BullMQ's keys of ours).
+    job_data: JobDataReader,
     /// Approximate bytes of the data of every job in flight (all queues).
     in_flight_bytes: AtomicU64,
     /// `bullmq.max_in_flight_data_bytes`: fetching pauses above it.
@@ -111,13 +113,22 @@ impl BullmqSource {
     /// expires and BullMQ's stalled-job check puts them back in the queue.
     pub async fn run(self) {
         let shutdown = self.processor.shutdown().clone();
+        let policy_of = self.processor.clone();
         let shared = Arc::new(Shared {
             prefix: self.settings.prefix.clone(),
+            job_data: JobDataReader::start(
+                self.commands.clone(),
+                self.dlq_key.clone(),
+                move || policy_of.policy().max_event_bytes,
+                self.processor
+                    .metrics()
+                    .redis_errors
+                    .with_label_values(&["bullmq_hget"]),
+            ),
             dlq_key: self.dlq_key,
             processor: self.processor,
             commands: self.commands,
             outage_retry_delay: Duration::from_millis(self.settings.outage_retry_delay_ms),
-            job_data: redis::Script::new(JOB_DATA_LUA),
             in_flight_bytes: AtomicU64::new(0),
             max_in_flight_bytes: self.settings.max_in_flight_data_bytes,
         });
