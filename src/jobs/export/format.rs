@@ -60,6 +60,14 @@ pub const COLUMNS: [&str; 30] = [
 
 /// The SELECT list producing [`COLUMNS`] in order (JSON columns as text,
 /// which PostgreSQL renders deterministically for jsonb).
+///
+/// Each subquery is one index probe per row, which costs PostgreSQL more
+/// than reading the row itself, so there are as few as the columns allow:
+/// the ledger entry's leaf index and version come as one `"<index>
+/// <version>"` text ([`ExportRow::from_pg`] splits it), and the erasure
+/// probe runs only when the statement's snapshot holds any erasure (an
+/// uncorrelated `EXISTS`, evaluated once per statement, so a page read
+/// while an erasure commits is consistent either way).
 pub const SELECT_LIST: &str = "id, event_time, timestamp_raw, event_id, action, status, \
     principal_id, organization_id, target_resource_type, target_resource_id, \
     outcome_description, data_classification, correlation_id, event_version, \
@@ -67,11 +75,10 @@ pub const SELECT_LIST: &str = "id, event_time, timestamp_raw, event_id, action, 
     signature, signature_algorithm, signature_key_id, ingested_at, \
     idempotency_key, to_jsonb(hash_provided)::text, source, \
     (SELECT s.salts::text FROM audit_salts s WHERE s.audit_id = audit_log.id), \
-    (SELECT to_jsonb(l.leaf_index)::text FROM seal_ledger l \
+    (SELECT l.leaf_index || ' ' || l.leaf_version FROM seal_ledger l \
       WHERE l.event_time = audit_log.event_time AND l.row_id = audit_log.id), \
-    (SELECT to_jsonb(l.leaf_version)::text FROM seal_ledger l \
-      WHERE l.event_time = audit_log.event_time AND l.row_id = audit_log.id), \
-    (SELECT e.commitments::text FROM audit_erasures e WHERE e.audit_id = audit_log.id)";
+    CASE WHEN (SELECT EXISTS (SELECT 1 FROM audit_erasures)) THEN \
+      (SELECT e.commitments::text FROM audit_erasures e WHERE e.audit_id = audit_log.id) END";
 
 /// One exported value.
 #[derive(Debug, Clone, Copy)]
@@ -97,6 +104,7 @@ impl<'a> ExportRow<'a> {
         let j = |i: usize| -> Result<Cell<'a>, tokio_postgres::Error> {
             Ok(Cell::Json(row.try_get::<_, Option<&str>>(i)?))
         };
+        let (leaf_index, leaf_version) = ledger_cells(row.try_get(27)?);
         Ok(Self {
             cells: [
                 Cell::Int(row.try_get(0)?),
@@ -126,11 +134,21 @@ impl<'a> ExportRow<'a> {
                 j(24)?,
                 t(25)?,
                 j(26)?,
-                j(27)?,
+                leaf_index,
+                leaf_version,
                 j(28)?,
-                j(29)?,
             ],
         })
+    }
+}
+
+/// Splits the ledger column of [`SELECT_LIST`] (`"<index> <version>"`, or
+/// none while the row is unsealed) into the leaf index and leaf version,
+/// both integers as JSON text.
+fn ledger_cells(ledger: Option<&str>) -> (Cell<'_>, Cell<'_>) {
+    match ledger.and_then(|l| l.split_once(' ')) {
+        Some((index, version)) => (Cell::Json(Some(index)), Cell::Json(Some(version))),
+        None => (Cell::Json(None), Cell::Json(None)),
     }
 }
 
@@ -421,6 +439,19 @@ pub fn compress_whole(
 mod tests {
     use super::*;
     use std::io::Read;
+
+    #[test]
+    fn the_ledger_column_splits_into_leaf_index_and_version_or_two_nulls() {
+        let json = |c: Cell<'_>| match c {
+            Cell::Json(j) => j.map(str::to_owned),
+            _ => panic!("not a JSON cell"),
+        };
+        let (index, version) = ledger_cells(Some("1048575 2"));
+        assert_eq!(json(index).as_deref(), Some("1048575"));
+        assert_eq!(json(version).as_deref(), Some("2"));
+        let (index, version) = ledger_cells(None);
+        assert_eq!((json(index), json(version)), (None, None));
+    }
 
     fn row<'a>(id: i64, text: &'a str, json: Option<&'a str>) -> ExportRow<'a> {
         let t = DateTime::from_timestamp(1_709_251_200, 123_456_000).unwrap();
