@@ -464,31 +464,50 @@ impl Exporter {
         let mut upload: Option<WriteMultipart> = None;
         let mut in_part = 0u64;
         let mut last = after;
-        let result: Result<(), ExportError> = async {
-            // The next page, fetched while the current one is formatted and
-            // compressed: the database and the encoder work at once.
-            let mut prefetched: Option<Vec<tokio_postgres::Row>> = None;
+        // Two sides at once, joined by a one-page channel: the fetching
+        // side reads the part's pages one after the other, keeping up to
+        // two ahead of the encoding side, which formats and compresses
+        // each page on a blocking thread and writes it to the upload. The
+        // database and the encoder each go at their own pace instead of
+        // waiting for each other at every page (at most three pages are
+        // held at once).
+        let (pages_tx, mut pages_rx) =
+            tokio::sync::mpsc::channel::<(Vec<tokio_postgres::Row>, Key)>(1);
+        let fetch = async move {
+            let mut after = after;
+            let mut fetched = 0u64;
             loop {
-                let limit = (limits.page_rows as u64).min(limits.part_rows - in_part);
+                let limit = (limits.page_rows as u64).min(limits.part_rows - fetched);
                 if limit == 0 {
                     break;
                 }
-                let rows = match prefetched.take() {
-                    Some(rows) => rows,
-                    None => query.page(client, statement, last, limit as i64).await?,
-                };
+                let rows = query.page(client, statement, after, limit as i64).await?;
                 let got = rows.len() as u64;
                 if got == 0 {
                     break;
                 }
-                let page_last = page_key(&rows)?;
+                after = page_key(&rows)?;
+                fetched += got;
+                if pages_tx.send((rows, after)).await.is_err() {
+                    // The encoding side stopped; its error is the one reported.
+                    break;
+                }
+                if got < limit {
+                    break;
+                }
+            }
+            Ok::<_, ExportError>(())
+        };
+        let encode = async {
+            while let Some((rows, page_last)) = pages_rx.recv().await {
+                let got = rows.len() as u64;
                 let first_index = job.rows_done as u64 + in_part;
                 let mut enc = encoder
                     .take()
                     .ok_or_else(|| ExportError::Io("encoder lost".into()))?;
                 // Formatting and compressing a page is CPU work: keep it off
                 // the async threads that serve Redis and HTTP.
-                let encoded = tokio::task::spawn_blocking(move || {
+                let (enc, out) = tokio::task::spawn_blocking(move || {
                     let mut exported = Vec::with_capacity(rows.len());
                     for r in &rows {
                         exported.push(ExportRow::from_pg(r).map_err(std::io::Error::other)?);
@@ -496,19 +515,9 @@ impl Exporter {
                     enc.write_rows(&exported, first_index)?;
                     let out = enc.take_output()?;
                     Ok::<_, std::io::Error>((enc, out))
-                });
-                let next_limit = (limits.page_rows as u64).min(limits.part_rows - in_part - got);
-                let (encoded, next) = if got == limit && next_limit > 0 {
-                    let (encoded, next) = tokio::join!(
-                        encoded,
-                        query.page(client, statement, page_last, next_limit as i64)
-                    );
-                    (encoded, Some(next))
-                } else {
-                    (encoded.await, None)
-                };
-                let (enc, out) = encoded.map_err(|e| ExportError::Io(e.to_string()))??;
-                prefetched = next.transpose()?;
+                })
+                .await
+                .map_err(|e| ExportError::Io(e.to_string()))??;
                 encoder = Some(enc);
                 if !out.is_empty() {
                     let w = match upload.as_mut() {
@@ -523,13 +532,13 @@ impl Exporter {
                 if let Some(p) = progress {
                     p.fetch_add(got, Ordering::Relaxed);
                 }
-                if got < limit {
-                    break;
-                }
             }
-            Ok(())
-        }
-        .await;
+            Ok::<_, ExportError>(())
+        };
+        let (fetched, encoded) = tokio::join!(fetch, encode);
+        // A failed encoding side stops the fetching side without an error
+        // of its own; a failed fetching side ends the pages early.
+        let result = encoded.and(fetched);
         if let Err(e) = result {
             if let Some(w) = upload {
                 let _ = w.abort().await;
