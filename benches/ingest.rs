@@ -83,8 +83,7 @@ async fn main() {
 
     // A worker has run against this database before: the schema and the
     // accepted window's partitions exist, as on any restart in production.
-    let bin =
-        std::env::var("AUDIT_WORKER_BIN").unwrap_or_else(|_| "target/release/audit-worker".into());
+    let bin = worker_bin();
     warm_up(&bin, &tag, &pg, &schema_worker).await;
 
     // Pre-fill the stream.
@@ -279,8 +278,7 @@ async fn drain() {
     let mut rc = client.get_multiplexed_async_connection().await.unwrap();
     prefill(&mut rc, &stream, n).await;
 
-    let bin =
-        std::env::var("AUDIT_WORKER_BIN").unwrap_or_else(|_| "target/release/audit-worker".into());
+    let bin = worker_bin();
     let (mut child, port) = spawn_worker(&bin, &tag, &schema, &stream, None, &[]);
     // Wait for the breaker to open (default settings: 5 failed attempts).
     let breaker_url = format!("http://127.0.0.1:{port}/health/circuit-breaker");
@@ -363,8 +361,7 @@ async fn latency() {
     };
     let n = env_num("BENCH_EVENTS", 100_000.0) as usize;
     let seconds = env_num("BENCH_SECONDS", 15.0);
-    let bin =
-        std::env::var("AUDIT_WORKER_BIN").unwrap_or_else(|_| "target/release/audit-worker".into());
+    let bin = worker_bin();
     let pg = connect_db().await;
     let client = redis::Client::open(REDIS).unwrap();
     let mut rc = client.get_multiplexed_async_connection().await.unwrap();
@@ -571,6 +568,15 @@ async fn reqwest_lite(url: &str) -> Option<String> {
     reqwest::get(url).await.ok()?.text().await.ok()
 }
 
+/// The worker binary the benchmark runs: `AUDIT_WORKER_BIN`, or the
+/// release build in `CARGO_TARGET_DIR` (default `target`).
+fn worker_bin() -> String {
+    std::env::var("AUDIT_WORKER_BIN").unwrap_or_else(|_| {
+        let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+        format!("{target}/release/audit-worker")
+    })
+}
+
 /// Starts one release worker process on `stream`, writing to `schema`, with
 /// its own HTTP port (returned); `consumer` names it when several share the
 /// stream.
@@ -624,8 +630,7 @@ async fn sharded() {
     let tag = format!("bench_{}", std::process::id());
     let pg = connect_db().await;
     let schema = format!("{tag}_sharded");
-    let bin =
-        std::env::var("AUDIT_WORKER_BIN").unwrap_or_else(|_| "target/release/audit-worker".into());
+    let bin = worker_bin();
     warm_up(&bin, &tag, &pg, &schema).await;
 
     // A three-master cluster on loopback, in a directory of its own.
