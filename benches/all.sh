@@ -25,6 +25,6 @@ grep -h '^latency at' "$logs/latency.log"
 grep -h '^ratios:' "$logs/bullmq.log" | sed 's/^/BullMQ: /'
 grep -h '^CPU-seconds' "$logs/bullmq.log" | sed 's/^/BullMQ: /'
 awk '/^COPY TO STDOUT \| gzip -6:/ {for (i = 1; i <= NF; i++) if ($i == "rows/s") copy = $(i - 1)}
-     /^audit-worker export \(csv.gz\):/ {for (i = 1; i <= NF; i++) if ($i == "rows/s") ours = $(i - 1)}
-     /^export peak RSS:/ {rss = $0}
+     /^audit-worker export \(csv.gz\):/ {for (i = 1; i <= NF; i++) if ($i == "rows/s") ours = $(i - 1); csv = 1}
+     /^export peak RSS:/ && csv {rss = $0; csv = 0}
      END {if (copy > 0) printf "export: ratio audit-worker / (COPY | gzip -6): %.2f (%s vs %s rows/s); %s\n", ours / copy, ours, copy, rss}' "$logs/export.log"
