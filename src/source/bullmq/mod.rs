@@ -76,7 +76,7 @@ pub(crate) struct Shared {
     /// Our own Redis connection, for dead letters (never BullMQ's keys).
     commands: RedisConn,
     outage_retry_delay: Duration,
-    /// Reads each job's raw data (the one read of BullMQ's keys of ours).
+    /// Reads each job's raw data: our only access to BullMQ's keys.
     job_data: JobDataReader,
     /// Approximate bytes of the data of every job in flight (all queues).
     in_flight_bytes: AtomicU64,
