@@ -977,6 +977,158 @@ async fn an_export_killed_mid_way_resumes_to_a_byte_identical_artifact() {
     x.cleanup().await;
 }
 
+/// The local ports of `pid`'s TCP connections to the test database's
+/// port, read from /proc (the process's socket inodes, matched in
+/// /proc/net/tcp and tcp6), so a test can find that process's backends in
+/// `pg_stat_activity.client_port` among every other test's.
+fn pg_client_ports(pid: u32) -> Vec<i32> {
+    let server: tokio_postgres::Config = test_database_url().parse().unwrap();
+    let server_port = server.get_ports().first().copied().unwrap_or(5432);
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let port = |addr: &str| i32::from_str_radix(addr.rsplit(':').next().unwrap_or(""), 16).ok();
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let cols: Vec<&str> = line.split_whitespace().collect();
+                    let (local, remote, inode) = (cols.get(1)?, cols.get(2)?, cols.get(9)?);
+                    (port(remote) == Some(i32::from(server_port)) && inodes.contains(*inode))
+                        .then(|| port(local))
+                        .flatten()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_whose_page_query_fails_mid_part_resumes_with_every_row_once() {
+    let x = ExportEnv::new("export_pgcancel").await;
+    let total = 200_000i64;
+    x.fill(total).await;
+    let (part_rows, page_rows) = (10_000u64, 1_000u32);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_audit-worker"));
+    cmd.arg("run");
+    for (k, v) in x.env_vars(part_rows, page_rows) {
+        cmd.env(k, v);
+    }
+    cmd.env("AUDIT_WORKER__EXPORT__RETRY_DELAY_SECS", "1");
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("worker binary starts");
+    x.env.wait_for_schema().await;
+    let filters = json!({"from": "2024-03-01", "to": "2024-04-01"});
+    x.env
+        .add_entries(&[(
+            Some("export.audit"),
+            request(filters, "csv", "gzip", "officer"),
+        )])
+        .await;
+    let id = || async {
+        x.env
+            .pg
+            .query_opt("SELECT id FROM export_jobs", &[])
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, String>(0))
+    };
+    wait_until(Duration::from_secs(30), "job recorded", || async {
+        id().await.is_some()
+    })
+    .await;
+    let id = id().await.unwrap();
+    wait_until(
+        Duration::from_secs(120),
+        "two parts checkpointed",
+        || async { x.job(&id).await.get::<_, i32>(5) >= 2 },
+    )
+    .await;
+    // Cancel the page query while it runs (this worker's only; the page
+    // query's text is longer than `pg_stat_activity` keeps, so it is
+    // matched by its start). The connection stays usable, so the part's
+    // checkpoint would succeed: only the page read fails, and a part cut
+    // short by it must fail the attempt, not be recorded as whole.
+    let ports = pg_client_ports(child.id());
+    assert!(!ports.is_empty(), "the worker's connections to PostgreSQL");
+    let failed_attempt = || async {
+        x.env
+            .pg
+            .query_one(
+                "SELECT last_error IS NOT NULL OR status <> 'exporting' FROM export_jobs WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    };
+    let mut cancels = 0i64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !failed_attempt().await && std::time::Instant::now() < deadline {
+        cancels += x
+            .env
+            .pg
+            .query_one(
+                "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity \
+                 WHERE client_port = ANY($1) AND state = 'active' \
+                 AND query LIKE 'SELECT id, event_time, timestamp_raw, %'",
+                &[&ports],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(cancels > 0, "a page query was cancelled");
+
+    x.wait_notified(&id, Duration::from_secs(300)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let job = x
+        .env
+        .pg
+        .query_one(
+            "SELECT attempts, last_error FROM export_jobs WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let (attempts, last_error): (i32, Option<String>) = (job.get(0), job.get(1));
+    assert!(
+        attempts >= 2,
+        "the failed attempt was retried: attempts {attempts}, last error {last_error:?}"
+    );
+    // Every row exactly once: the part cut short by the failed page read
+    // was not checkpointed as whole.
+    let artifact = x.artifact_bytes(&id).await;
+    let plain = decompress(&artifact, "gzip");
+    let mut reader = csv::Reader::from_reader(&plain[..]);
+    let mut ids = std::collections::HashSet::new();
+    let mut rows = 0i64;
+    for record in reader.records() {
+        ids.insert(record.unwrap()[0].to_owned());
+        rows += 1;
+    }
+    assert_eq!(rows, total, "every row");
+    assert_eq!(ids.len() as i64, total, "each row once");
+    x.cleanup().await;
+}
+
 /// A connection of its own to the test's schema, for a transaction that
 /// stays open across other work.
 async fn session(env: &TestEnv) -> tokio_postgres::Client {
