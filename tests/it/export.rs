@@ -85,6 +85,26 @@ impl ExportEnv {
         v
     }
 
+    /// Starts a worker process (`audit-worker run`) with this test's
+    /// [`ExportEnv::env_vars`] and `extra` variables, output discarded.
+    pub(crate) fn spawn_worker(
+        &self,
+        part_rows: u64,
+        page_rows: u32,
+        extra: &[(&str, &str)],
+    ) -> std::process::Child {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_audit-worker"));
+        cmd.arg("run");
+        for (k, v) in self.env_vars(part_rows, page_rows) {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        cmd.spawn().expect("worker binary starts")
+    }
+
     async fn exporter(&self) -> (Arc<Exporter>, ExportHandler) {
         let config = self.config();
         let pool = audit_worker::db::connect_pool(&config).await.unwrap();
@@ -858,15 +878,7 @@ async fn an_export_killed_mid_way_resumes_to_a_byte_identical_artifact() {
     let total = 200_000i64;
     x.fill(total).await;
     let (part_rows, page_rows) = (10_000u64, 2_000u32);
-    let spawn = || {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_audit-worker"));
-        cmd.arg("run");
-        for (k, v) in x.env_vars(part_rows, page_rows) {
-            cmd.env(k, v);
-        }
-        cmd.stdout(Stdio::null()).stderr(Stdio::null());
-        cmd.spawn().expect("worker binary starts")
-    };
+    let spawn = || x.spawn_worker(part_rows, page_rows, &[]);
     let filters = json!({"from": "2024-03-01", "to": "2024-04-01"});
     let mut child = spawn();
     x.env.wait_for_schema().await;
@@ -1021,17 +1033,11 @@ async fn an_export_whose_page_query_fails_mid_part_resumes_with_every_row_once()
     let total = 200_000i64;
     x.fill(total).await;
     let (part_rows, page_rows) = (10_000u64, 1_000u32);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_audit-worker"));
-    cmd.arg("run");
-    for (k, v) in x.env_vars(part_rows, page_rows) {
-        cmd.env(k, v);
-    }
-    cmd.env("AUDIT_WORKER__EXPORT__RETRY_DELAY_SECS", "1");
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("worker binary starts");
+    let mut child = x.spawn_worker(
+        part_rows,
+        page_rows,
+        &[("AUDIT_WORKER__EXPORT__RETRY_DELAY_SECS", "1")],
+    );
     x.env.wait_for_schema().await;
     let filters = json!({"from": "2024-03-01", "to": "2024-04-01"});
     x.env

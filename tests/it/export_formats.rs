@@ -486,23 +486,8 @@ async fn a_parquet_export_killed_mid_way_resumes_to_a_byte_identical_file() {
     let total = 60_000i64;
     x.fill(total).await;
     let (part_rows, page_rows) = (4_000u64, 1_000u32);
-    let env_vars = || {
-        let mut v = x.env_vars(part_rows, page_rows);
-        v.push((
-            "AUDIT_WORKER__EXPORT__PARQUET_ROW_GROUP_ROWS".into(),
-            "1500".into(),
-        ));
-        v
-    };
-    let spawn = || {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_audit-worker"));
-        cmd.arg("run");
-        for (k, v) in env_vars() {
-            cmd.env(k, v);
-        }
-        cmd.stdout(Stdio::null()).stderr(Stdio::null());
-        cmd.spawn().expect("worker binary starts")
-    };
+    let row_groups = [("AUDIT_WORKER__EXPORT__PARQUET_ROW_GROUP_ROWS", "1500")];
+    let spawn = || x.spawn_worker(part_rows, page_rows, &row_groups);
     let filters = json!({"from": "2024-03-01", "to": "2024-04-01"});
     let mut child = spawn();
     x.env.wait_for_schema().await;
@@ -575,7 +560,10 @@ async fn a_parquet_export_killed_mid_way_resumes_to_a_byte_identical_file() {
         "--out",
     ])
     .arg(out_dir.path());
-    for (k, v) in env_vars() {
+    for (k, v) in x.env_vars(part_rows, page_rows) {
+        cmd.env(k, v);
+    }
+    for (k, v) in row_groups {
         cmd.env(k, v);
     }
     let out = cmd.stderr(Stdio::piped()).output().unwrap();
