@@ -15,6 +15,7 @@ pub mod dev_key;
 pub mod export;
 pub mod gdpr;
 pub mod internal_event;
+pub mod key_windows;
 pub mod log_monitor;
 pub mod merkle_stream;
 pub mod published;

@@ -12,14 +12,33 @@ use crate::integrity::record::{
     StoredRecord,
 };
 
+/// The `audit_log a` columns of a stored record, the first 25 of
+/// [`RECORD_COLUMNS`] (a macro so that both select lists are one literal).
+macro_rules! row_record_columns {
+    () => {
+        "a.idempotency_key, a.event_id, a.event_time, a.timestamp_raw, \
+         a.action, a.status, a.principal_id, a.organization_id, a.target_resource_type, \
+         a.target_resource_id, a.outcome_description, a.hash, a.hash_algorithm, a.hash_provided, \
+         a.signature, a.signature_algorithm, a.signature_key_id, a.event_version, a.correlation_id, \
+         a.data_classification, a.retention_policy, a.session_context, a.details, a.source, \
+         a.ingested_at"
+    };
+}
+
 /// The select list of a stored record: `audit_log` as `a`, joined with
 /// [`SALTS_JOIN`]. [`RECORD_COLUMN_COUNT`] columns.
-pub const RECORD_COLUMNS: &str = "a.idempotency_key, a.event_id, a.event_time, a.timestamp_raw, \
-     a.action, a.status, a.principal_id, a.organization_id, a.target_resource_type, \
-     a.target_resource_id, a.outcome_description, a.hash, a.hash_algorithm, a.hash_provided, \
-     a.signature, a.signature_algorithm, a.signature_key_id, a.event_version, a.correlation_id, \
-     a.data_classification, a.retention_policy, a.session_context, a.details, a.source, \
-     a.ingested_at, s.salts::text, e.commitments, e.requests";
+pub const RECORD_COLUMNS: &str = concat!(
+    row_record_columns!(),
+    ", s.salts::text, e.commitments, e.requests"
+);
+
+/// [`RECORD_COLUMNS`] for a read that fetches the salts apart (by id
+/// range, see [`crate::jobs::key_windows`]): the same layout, the salts
+/// column NULL; `audit_log a` joined with an [`erasures_join_for`] only.
+pub const RECORD_COLUMNS_SALTS_APART: &str = concat!(
+    row_record_columns!(),
+    ", NULL::text, e.commitments, e.requests"
+);
 
 /// How many columns [`RECORD_COLUMNS`] selects.
 pub const RECORD_COLUMN_COUNT: usize = 28;
@@ -36,22 +55,43 @@ pub const SALTS_JOIN: &str = "LEFT JOIN audit_salts s ON s.audit_id = a.id \
 const SALTS_JOIN_NO_ERASURES: &str = "LEFT JOIN audit_salts s ON s.audit_id = a.id \
      LEFT JOIN (SELECT * FROM audit_erasures WHERE false) e ON e.audit_id = a.id";
 
+/// The erasure half of [`SALTS_JOIN`], and of [`SALTS_JOIN_NO_ERASURES`].
+const ERASURES_JOIN: &str = "LEFT JOIN audit_erasures e ON e.audit_id = a.id";
+const NO_ERASURES_JOIN: &str =
+    "LEFT JOIN (SELECT * FROM audit_erasures WHERE false) e ON e.audit_id = a.id";
+
+/// Whether `tx`'s snapshot holds any erasure record. `tx` must be a
+/// `REPEATABLE READ` transaction (or hold the snapshot the reads run in),
+/// so that no erasure can commit between this check and the reads.
+async fn any_erasures(tx: &tokio_postgres::Transaction<'_>) -> Result<bool, tokio_postgres::Error> {
+    Ok(tx
+        .query_one("SELECT EXISTS (SELECT 1 FROM audit_erasures)", &[])
+        .await?
+        .get(0))
+}
+
 /// The join for a large read of stored records in `tx`'s snapshot:
-/// [`SALTS_JOIN`], or its cheaper form when no event has been erased.
-/// `tx` must be a `REPEATABLE READ` transaction (or hold the snapshot
-/// the read runs in), so that no erasure can commit between this check
-/// and the read.
+/// [`SALTS_JOIN`], or its cheaper form when no event has been erased
+/// (`tx` as for [`any_erasures`]).
 pub async fn salts_join_for(
     tx: &tokio_postgres::Transaction<'_>,
 ) -> Result<&'static str, tokio_postgres::Error> {
-    let any: bool = tx
-        .query_one("SELECT EXISTS (SELECT 1 FROM audit_erasures)", &[])
-        .await?
-        .get(0);
-    Ok(if any {
+    Ok(if any_erasures(tx).await? {
         SALTS_JOIN
     } else {
         SALTS_JOIN_NO_ERASURES
+    })
+}
+
+/// The join for a large read of [`RECORD_COLUMNS_SALTS_APART`] in `tx`'s
+/// snapshot: the erasure records, or none when no event has been erased.
+pub async fn erasures_join_for(
+    tx: &tokio_postgres::Transaction<'_>,
+) -> Result<&'static str, tokio_postgres::Error> {
+    Ok(if any_erasures(tx).await? {
+        ERASURES_JOIN
+    } else {
+        NO_ERASURES_JOIN
     })
 }
 

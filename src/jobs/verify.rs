@@ -24,11 +24,12 @@ use crate::integrity::record::{
     digest_of_object, hex32, timestamp_text, LEAF_VERSION_V1, LEAF_VERSION_V2,
 };
 use crate::integrity::{canonical_hash_v1, HashedFields};
+use crate::jobs::key_windows::{self, KeyIndex};
 use crate::jobs::merkle_stream::{hash_from_bytes, PagedRows, RangeHasher};
 use crate::jobs::snapshot::SnapshotError;
 use crate::jobs::stored_record::{
-    record_from_row, salts_join_for, stored_digest, stored_object, RECORD_COLUMNS,
-    RECORD_COLUMN_COUNT, SALTS_JOIN,
+    erasures_join_for, record_from_row, stored_digest, stored_object, RECORD_COLUMNS,
+    RECORD_COLUMNS_SALTS_APART, SALTS_JOIN,
 };
 
 /// What kind of problem a finding is.
@@ -285,6 +286,10 @@ fn stored_snapshot(r: &Row) -> StoredSnapshot {
     }
 }
 
+/// A chunk's ledger entry columns (as `l`); the last is the late arrival.
+const LEDGER_COLUMNS: &str = "l.leaf_index, l.snapshot_id, l.event_time, l.row_id, \
+     l.idempotency_key, l.leaf, l.leaf_version, l.late_arrival";
+
 /// Row columns read for checking a sealed row.
 const ROW_COLUMNS: &str = "leaf_index, snapshot_id, id, event_time, idempotency_key, hash, \
      timestamp_raw, action, status, principal_id, organization_id, target_resource_type, \
@@ -303,24 +308,43 @@ const CHUNK_PLANNER_SETTINGS: &str =
 const DEFAULT_PLANNER_SETTINGS: &str =
     "SET LOCAL max_parallel_workers_per_gather TO DEFAULT; SET LOCAL enable_bitmapscan TO DEFAULT";
 
-/// Prepares a chunk's two queries on `tx`'s connection, with
-/// [`CHUNK_PLANNER_SETTINGS`] for the transaction; `salts_join` is the
-/// check's [`salts_join_for`].
+/// Prepares a chunk's queries on `tx`'s connection, with
+/// [`CHUNK_PLANNER_SETTINGS`] for the transaction; `erasures_join` is the
+/// check's [`erasures_join_for`].
 async fn chunk_queries(
     tx: &Transaction<'_>,
-    salts_join: &str,
+    erasures_join: &str,
 ) -> Result<ChunkQueries, SnapshotError> {
     tx.batch_execute(CHUNK_PLANNER_SETTINGS).await?;
     Ok(ChunkQueries {
         ledger: tx
             .prepare(&format!(
-                "SELECT l.leaf_index, l.snapshot_id, l.event_time, l.row_id, l.idempotency_key,
-                        l.leaf, l.leaf_version, a.id, {RECORD_COLUMNS}, l.late_arrival
-                   FROM seal_ledger l
-                   LEFT JOIN audit_log a ON a.event_time = l.event_time AND a.id = l.row_id
-                   {salts_join}
+                "SELECT {LEDGER_COLUMNS} FROM seal_ledger l
                   WHERE l.leaf_index >= $1 AND l.leaf_index < $2 ORDER BY l.leaf_index"
             ))
+            .await?,
+        rows_in_range: tx
+            .prepare(&format!(
+                "SELECT a.id, {RECORD_COLUMNS_SALTS_APART} FROM audit_log a {erasures_join}
+                  WHERE a.event_time >= $1 AND a.event_time <= $3
+                    AND (a.event_time, a.id) >= ($1, $2) AND (a.event_time, a.id) <= ($3, $4)
+                  ORDER BY a.event_time, a.id LIMIT $5"
+            ))
+            .await?,
+        rows_by_key: tx
+            .prepare(&format!(
+                "SELECT a.id, {RECORD_COLUMNS_SALTS_APART}
+                   FROM unnest($1::timestamptz[], $2::bigint[]) k(event_time, id)
+                   JOIN audit_log a ON a.event_time = k.event_time AND a.id = k.id
+                   {erasures_join}"
+            ))
+            .await?,
+        salts: tx
+            .prepare(
+                "SELECT audit_id, salts::text FROM audit_salts WHERE audit_id >= $1 AND audit_id <= $2
+                 UNION ALL
+                 SELECT audit_id, salts::text FROM audit_salts WHERE audit_id = ANY($3)",
+            )
             .await?,
         claimants: tx
             .prepare(&format!(
@@ -397,14 +421,16 @@ struct RowCheck {
     problems: Vec<String>,
 }
 
-/// Checks the row joined to ledger entry `entry` (columns as the ledger
-/// query selects them); `None` for a leaf v1 entry or a missing row.
-fn check_row(entry: &Row) -> Option<RowCheck> {
+/// Checks `row`, the row ledger entry `entry` names (`a.id` then
+/// [`RECORD_COLUMNS_SALTS_APART`]), opened by `salts`, its stored salts;
+/// `None` for a leaf v1 entry or a missing row.
+fn check_row(entry: &Row, row: Option<&Row>, salts: Option<&str>) -> Option<RowCheck> {
     if entry.get::<_, i16>(6) != LEAF_VERSION_V2 {
         return None;
     }
     let leaf = hash_from_bytes(entry.get::<_, &[u8]>(5)).unwrap_or([0; 32]);
-    let (rec, openings) = record_from_row(entry, 8)?;
+    let (rec, mut openings) = record_from_row(row?, 1)?;
+    openings.salts = salts.map(str::to_owned);
     let digest = stored_digest(&rec, &openings);
     let erased_paths = openings.erased_paths();
     let mut problems = Vec::new();
@@ -463,11 +489,17 @@ struct CheckedChunk {
     claimants: Vec<Row>,
 }
 
-/// The two queries of a chunk, prepared on one lane's connection.
+/// The queries of a chunk, prepared on one lane's connection.
 struct ChunkQueries {
-    /// Each ledger entry with the row it names (leaf v2 rows carry no leaf
-    /// number of their own), that row's salts and its erasure record.
+    /// The chunk's ledger entries ([`LEDGER_COLUMNS`]).
     ledger: Statement,
+    /// The rows of a range of `audit_log`'s primary key, in its order, at
+    /// most `$5` (`a.id`, then [`RECORD_COLUMNS_SALTS_APART`]).
+    rows_in_range: Statement,
+    /// The same columns for listed `(event_time, id)` keys.
+    rows_by_key: Statement,
+    /// The salts of a range of row ids and of listed ones.
+    salts: Statement,
     /// Rows claiming a leaf ([`ROW_COLUMNS`] by `leaf_index`).
     claimants: Statement,
 }
@@ -476,23 +508,98 @@ struct ChunkQueries {
 /// one before it is checked, so each connection always has a query queued.
 const CHUNKS_IN_FLIGHT_PER_LANE: usize = 2;
 
-/// Reads one chunk of leaves on `tx` (both queries pipelined), then checks
-/// its rows ([`check_row`]) on a blocking thread.
+/// A row's primary key in `audit_log`.
+type RowKey = (DateTime<Utc>, i64);
+
+/// The key of a row read by [`ChunkQueries::rows_in_range`] or
+/// [`ChunkQueries::rows_by_key`].
+fn read_row_key(r: &Row) -> RowKey {
+    (r.get(3), r.get(0))
+}
+
+/// Reads one chunk of leaves on `tx`, then checks its rows
+/// ([`check_row`]) on a blocking thread.
+///
+/// The rows and salts the chunk's leaf v2 entries name are read apart from
+/// the ledger, mostly as one range of each key ([`key_windows`]): the
+/// rows from the first to the last of the entries that are not late (they
+/// were sealed in key order), the salts over [`key_windows::id_window`];
+/// the rest, and whatever a range read cut off at its limit, by key. A row
+/// that none of the reads returns does not exist in this snapshot.
 async fn checked_chunk(
     tx: &Transaction<'_>,
     queries: &ChunkQueries,
     leaves: std::ops::Range<i64>,
 ) -> Result<CheckedChunk, SnapshotError> {
     let bounds: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&leaves.start, &leaves.end];
-    let (rows, claimants) = futures::try_join!(
+    let (ledger, claimants) = futures::try_join!(
         tx.query(&queries.ledger, &bounds),
         tx.query(&queries.claimants, &bounds)
     )?;
+    // Per entry: the key of the row it names when it is leaf v2 (leaf v1
+    // rows are checked through the claimants), and whether it came late.
+    let wanted: Vec<Option<(RowKey, bool)>> = ledger
+        .iter()
+        .map(|l| {
+            (l.get::<_, i16>(6) == LEAF_VERSION_V2).then(|| {
+                let late = l.get::<_, Option<DateTime<Utc>>>(7).is_some();
+                ((l.get(2), l.get(3)), late)
+            })
+        })
+        .collect();
+    let (in_order, by_key): (Vec<RowKey>, Vec<RowKey>) = {
+        let (in_order, late): (Vec<_>, Vec<_>) = wanted.iter().flatten().partition(|w| !w.1);
+        let keys = |v: Vec<&(RowKey, bool)>| v.into_iter().map(|w| w.0).collect();
+        (keys(in_order), keys(late))
+    };
+    let mut ids: Vec<i64> = wanted.iter().flatten().map(|w| w.0 .1).collect();
+    let salts_window = key_windows::id_window(&mut ids);
+    let (lo, hi) = salts_window.range.unwrap_or((1, 0));
+    let range = in_order.iter().min().zip(in_order.iter().max());
+    let limit = key_windows::range_read_limit(in_order.len());
+    let read_range = async {
+        match range {
+            Some((first, last)) => {
+                tx.query(
+                    &queries.rows_in_range,
+                    &[&first.0, &first.1, &last.0, &last.1, &limit],
+                )
+                .await
+            }
+            None => Ok(Vec::new()),
+        }
+    };
+    let salts_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+        [&lo, &hi, &salts_window.outside];
+    let (mut rows, listed, salts) = futures::try_join!(
+        read_range,
+        rows_by_keys(tx, queries, &by_key),
+        tx.query(&queries.salts, &salts_params)
+    )?;
+    if rows.len() as i64 == limit {
+        // The range held more rows than the limit: read the rest by key.
+        let last_read = rows.last().map(read_row_key);
+        let rest: Vec<RowKey> = in_order
+            .into_iter()
+            .filter(|k| Some(*k) > last_read)
+            .collect();
+        rows.extend(rows_by_keys(tx, queries, &rest).await?);
+    }
+    rows.extend(listed);
     let entries = tokio::task::spawn_blocking(move || {
-        rows.into_iter()
-            .map(|r| {
-                let c = check_row(&r);
-                (r, c)
+        let mut row_at = KeyIndex::new(rows.iter().map(read_row_key));
+        let mut salts_at = KeyIndex::new(salts.iter().map(|s| s.get::<_, i64>(0)));
+        ledger
+            .into_iter()
+            .zip(wanted)
+            .map(|(l, wanted)| {
+                let key = wanted.map(|w| w.0);
+                let row = key.and_then(|k| row_at.find(&k)).map(|i| &rows[i]);
+                let salt = key
+                    .and_then(|k| salts_at.find(&k.1))
+                    .and_then(|i| salts[i].get::<_, Option<&str>>(1));
+                let c = check_row(&l, row, salt);
+                (l, c)
             })
             .collect()
     })
@@ -503,6 +610,19 @@ async fn checked_chunk(
         entries,
         claimants,
     })
+}
+
+/// The rows of `keys` ([`ChunkQueries::rows_by_key`]); none for no keys.
+async fn rows_by_keys(
+    tx: &Transaction<'_>,
+    queries: &ChunkQueries,
+    keys: &[RowKey],
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (times, ids): (Vec<DateTime<Utc>>, Vec<i64>) = keys.iter().copied().unzip();
+    tx.query(&queries.rows_by_key, &[&times, &ids]).await
 }
 
 /// The ledger entries in leaf order, each with its row checked
@@ -871,10 +991,10 @@ pub async fn verify_scope(
         Some(h) if e > s => Some(join_snapshot(&tx, h).await?),
         _ => None,
     };
-    let salts_join = salts_join_for(&tx).await?;
-    let mut lanes = vec![(&tx, chunk_queries(&tx, salts_join).await?)];
+    let erasures_join = erasures_join_for(&tx).await?;
+    let mut lanes = vec![(&tx, chunk_queries(&tx, erasures_join).await?)];
     if let Some(h) = &helper_tx {
-        lanes.push((h, chunk_queries(h, salts_join).await?));
+        lanes.push((h, chunk_queries(h, erasures_join).await?));
     }
     // 4 (run now, beside the leaves, when a connection is free for it):
     // unsealed rows inside a sealed range. Its findings are reported in
@@ -925,7 +1045,7 @@ pub async fn verify_scope(
             let l_key: &str = entry.get(4);
             let leaf = hash_from_bytes(entry.get::<_, &[u8]>(5)).unwrap_or(zero);
             let ledger_hash = merkle::leaf_hash(&leaf);
-            if let Some(arrived) = entry.get::<_, Option<DateTime<Utc>>>(8 + RECORD_COLUMN_COUNT) {
+            if let Some(arrived) = entry.get::<_, Option<DateTime<Utc>>>(7) {
                 report.late.push(LateEvent {
                     event: l_key.to_owned(),
                     leaf_index: i,
@@ -967,7 +1087,7 @@ pub async fn verify_scope(
                             report.findings.push(Finding {
                                 kind: FindingKind::Altered,
                                 event: Some(l_key.to_owned()),
-                                row_id: entry.get(7),
+                                row_id: Some(l_row),
                                 event_time: Some(c.event_time),
                                 leaf_index: Some(i),
                                 snapshot_id: Some(l_snapshot),

@@ -516,6 +516,43 @@ async fn verify_names_each_altered_deleted_and_inserted_event_after_triggers_are
     s.env.cleanup().await;
 }
 
+/// `verify` reads a chunk's rows as one key range with a row limit, and the
+/// rows past the limit by key: with 500 forged rows between two sealed
+/// ones, the 7-leaf chunks of `verify_both_ways` hit the limit, and the
+/// rows after the forged ones must still each be checked, not reported
+/// missing (and the 5,000-leaf chunk, under no limit, must agree).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_checks_the_rows_after_more_forged_rows_than_a_chunk_reads_in_one_range() {
+    let s = SnapEnv::new("snapcrowd").await;
+    let t0 = Utc::now() - chrono::Duration::hours(3);
+    s.insert_events("a", 0, 2_000, t0).await;
+    let snap = s.snapshotter().await;
+    s.snapshot(&snap, "one", None, Utc::now()).await;
+    assert!(s.verify(None).await.ok());
+
+    s.env
+        .pg
+        .batch_execute(
+            "ALTER TABLE audit_log DISABLE TRIGGER audit_log_immutable;
+             INSERT INTO audit_log (event_time, timestamp_raw, idempotency_key, event_id, action, status, hash, hash_provided, source)
+               SELECT event_time + k * interval '1 microsecond', timestamp_raw, 'forged-' || k, 'forged-' || k,
+                      action, status, hash, true, 'forged'
+                 FROM audit_log, generate_series(1, 500) k WHERE event_id = 'evt-a-100';
+             UPDATE audit_log SET details = '{\"changed\": true}' WHERE event_id = 'evt-a-103';
+             DELETE FROM audit_log WHERE event_id = 'evt-a-104';
+             ALTER TABLE audit_log ENABLE TRIGGER audit_log_immutable;",
+        )
+        .await
+        .unwrap();
+
+    let report = s.verify(None).await;
+    assert_eq!(kinds(&report, FindingKind::Altered), vec!["evt-a-103"]);
+    assert_eq!(kinds(&report, FindingKind::Deleted), vec!["evt-a-104"]);
+    assert_eq!(kinds(&report, FindingKind::Inserted).len(), 500);
+    assert_eq!(report.leaves_checked, 2_000);
+    s.env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_snapshot_jobs_at_once_seal_every_row_exactly_once() {
     let s = SnapEnv::new("snapconcur").await;
