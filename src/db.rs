@@ -80,6 +80,29 @@ pub async fn read_only_snapshot(
         .await
 }
 
+/// Opens a read-only transaction on `helper` in the snapshot of `tx`
+/// (`pg_export_snapshot`), so that both see the same database: for a read
+/// split over connections (a check's chunks, the sealing read's salts).
+pub async fn join_snapshot<'h>(
+    tx: &tokio_postgres::Transaction<'_>,
+    helper: &'h mut tokio_postgres::Client,
+) -> Result<tokio_postgres::Transaction<'h>, tokio_postgres::Error> {
+    let id: String = tx
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await?
+        .get(0);
+    let joined = read_only_snapshot(helper).await?;
+    // SET TRANSACTION SNAPSHOT takes no parameters: the server's own id
+    // (hex digits and dashes) is quoted as a literal.
+    joined
+        .batch_execute(&format!(
+            "SET TRANSACTION SNAPSHOT '{}'",
+            id.replace('\'', "''")
+        ))
+        .await?;
+    Ok(joined)
+}
+
 /// The TLS connector `database.sslmode` asks for (`None`: plain TCP).
 pub fn tls_connector(
     config: &Config,

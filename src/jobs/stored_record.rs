@@ -95,6 +95,46 @@ pub async fn erasures_join_for(
     })
 }
 
+/// The salts of a range of row ids (`$1..=$2`) and of listed ones (`$3`):
+/// prepare once per connection for [`salts_of_rows`].
+pub const SALTS_BY_ID_WINDOW: &str =
+    "SELECT audit_id, salts::text FROM audit_salts WHERE audit_id >= $1 AND audit_id <= $2
+     UNION ALL
+     SELECT audit_id, salts::text FROM audit_salts WHERE audit_id = ANY($3)";
+
+/// The salts rows (`audit_id`, salts as text) of row ids `ids`, read with
+/// `statement` ([`SALTS_BY_ID_WINDOW`]) as one range of the primary key
+/// plus the stragglers ([`crate::jobs::key_windows::id_window`]): rows
+/// read together were mostly stored together, so this walks the index
+/// once instead of descending it per row. Look them up with
+/// [`SaltsOfRows::get`].
+pub async fn salts_of_rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    statement: &tokio_postgres::Statement,
+    mut ids: Vec<i64>,
+) -> Result<SaltsOfRows, tokio_postgres::Error> {
+    let window = crate::jobs::key_windows::id_window(&mut ids);
+    let (lo, hi) = window.range.unwrap_or((1, 0));
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&lo, &hi, &window.outside];
+    let rows = tx.query(statement, &params).await?;
+    let at = crate::jobs::key_windows::KeyIndex::new(rows.iter().map(|r| r.get::<_, i64>(0)));
+    Ok(SaltsOfRows { rows, at })
+}
+
+/// Salts read by [`salts_of_rows`], by row id.
+pub struct SaltsOfRows {
+    rows: Vec<Row>,
+    at: crate::jobs::key_windows::KeyIndex<i64>,
+}
+
+impl SaltsOfRows {
+    /// The stored salts (JSON text) of row `id`, if it has any.
+    pub fn get(&mut self, id: i64) -> Option<&str> {
+        let i = self.at.find(&id)?;
+        self.rows[i].get(1)
+    }
+}
+
 /// What opens a stored record's commitments: its salts and, for erased
 /// paths, the erasure record (kept commitments and the requests).
 #[derive(Debug, Clone, Default)]

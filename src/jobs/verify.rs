@@ -28,8 +28,8 @@ use crate::jobs::key_windows::{self, KeyIndex};
 use crate::jobs::merkle_stream::{hash_from_bytes, PagedRows, RangeHasher};
 use crate::jobs::snapshot::SnapshotError;
 use crate::jobs::stored_record::{
-    erasures_join_for, record_from_row, stored_digest, stored_object, RECORD_COLUMNS,
-    RECORD_COLUMNS_SALTS_APART, SALTS_JOIN,
+    erasures_join_for, record_from_row, salts_of_rows, stored_digest, stored_object,
+    RECORD_COLUMNS, RECORD_COLUMNS_SALTS_APART, SALTS_BY_ID_WINDOW, SALTS_JOIN,
 };
 
 /// What kind of problem a finding is.
@@ -339,13 +339,7 @@ async fn chunk_queries(
                    {erasures_join}"
             ))
             .await?,
-        salts: tx
-            .prepare(
-                "SELECT audit_id, salts::text FROM audit_salts WHERE audit_id >= $1 AND audit_id <= $2
-                 UNION ALL
-                 SELECT audit_id, salts::text FROM audit_salts WHERE audit_id = ANY($3)",
-            )
-            .await?,
+        salts: tx.prepare(SALTS_BY_ID_WINDOW).await?,
         claimants: tx
             .prepare(&format!(
                 "SELECT {ROW_COLUMNS} FROM audit_log
@@ -498,7 +492,7 @@ struct ChunkQueries {
     rows_in_range: Statement,
     /// The same columns for listed `(event_time, id)` keys.
     rows_by_key: Statement,
-    /// The salts of a range of row ids and of listed ones.
+    /// [`SALTS_BY_ID_WINDOW`].
     salts: Statement,
     /// Rows claiming a leaf ([`ROW_COLUMNS`] by `leaf_index`).
     claimants: Statement,
@@ -552,9 +546,7 @@ async fn checked_chunk(
         let keys = |v: Vec<&(RowKey, bool)>| v.into_iter().map(|w| w.0).collect();
         (keys(in_order), keys(late))
     };
-    let mut ids: Vec<i64> = wanted.iter().flatten().map(|w| w.0 .1).collect();
-    let salts_window = key_windows::id_window(&mut ids);
-    let (lo, hi) = salts_window.range.unwrap_or((1, 0));
+    let ids: Vec<i64> = wanted.iter().flatten().map(|w| w.0 .1).collect();
     let range = in_order.iter().min().zip(in_order.iter().max());
     let limit = key_windows::range_read_limit(in_order.len());
     let read_range = async {
@@ -569,12 +561,10 @@ async fn checked_chunk(
             None => Ok(Vec::new()),
         }
     };
-    let salts_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-        [&lo, &hi, &salts_window.outside];
-    let (mut rows, listed, salts) = futures::try_join!(
+    let (mut rows, listed, mut salts) = futures::try_join!(
         read_range,
         rows_by_keys(tx, queries, &by_key),
-        tx.query(&queries.salts, &salts_params)
+        salts_of_rows(tx, &queries.salts, ids)
     )?;
     if rows.len() as i64 == limit {
         // The range held more rows than the limit: read the rest by key.
@@ -588,16 +578,13 @@ async fn checked_chunk(
     rows.extend(listed);
     let entries = tokio::task::spawn_blocking(move || {
         let mut row_at = KeyIndex::new(rows.iter().map(read_row_key));
-        let mut salts_at = KeyIndex::new(salts.iter().map(|s| s.get::<_, i64>(0)));
         ledger
             .into_iter()
             .zip(wanted)
             .map(|(l, wanted)| {
                 let key = wanted.map(|w| w.0);
                 let row = key.and_then(|k| row_at.find(&k)).map(|i| &rows[i]);
-                let salt = key
-                    .and_then(|k| salts_at.find(&k.1))
-                    .and_then(|i| salts[i].get::<_, Option<&str>>(1));
+                let salt = key.and_then(|k| salts.get(k.1));
                 let c = check_row(&l, row, salt);
                 (l, c)
             })
@@ -750,30 +737,6 @@ fn builder_after(p: &StoredSnapshot) -> Option<TreeBuilder> {
         Some(cp) if b.root() == *cp.root() => Some(b),
         _ => None,
     }
-}
-
-/// Opens a read-only transaction on `helper` in the snapshot of `tx`
-/// (`pg_export_snapshot`), so both see the same database.
-async fn join_snapshot<'h>(
-    tx: &Transaction<'_>,
-    helper: &'h mut Client,
-) -> Result<Transaction<'h>, SnapshotError> {
-    let id: String = tx
-        .query_one("SELECT pg_export_snapshot()", &[])
-        .await?
-        .get(0);
-    // SET TRANSACTION SNAPSHOT takes no parameters; the id is the server's
-    // own (hex digits and dashes), checked before it is quoted.
-    if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-        return Err(SnapshotError::Integrity(format!(
-            "PostgreSQL exported an unexpected snapshot id {id:?}"
-        )));
-    }
-    let joined = crate::db::read_only_snapshot(helper).await?;
-    joined
-        .batch_execute(&format!("SET TRANSACTION SNAPSHOT '{id}'"))
-        .await?;
-    Ok(joined)
 }
 
 /// [`verify`] over a [`Scope`]; `Scope::Since(n)` checks the leaves from
@@ -988,7 +951,7 @@ pub async fn verify_scope(
     let mut helpers = helpers.iter_mut();
     let (leaves_helper, unsealed_helper) = (helpers.next(), helpers.next());
     let helper_tx = match leaves_helper {
-        Some(h) if e > s => Some(join_snapshot(&tx, h).await?),
+        Some(h) if e > s => Some(crate::db::join_snapshot(&tx, h).await?),
         _ => None,
     };
     let erasures_join = erasures_join_for(&tx).await?;
@@ -1001,7 +964,7 @@ pub async fn verify_scope(
     // their place below, after the leaves'.
     let unsealed_ranges = sealed_ranges(&snapshots, &scope);
     let unsealed_tx = match unsealed_helper {
-        Some(h) if !unsealed_ranges.is_empty() => Some(join_snapshot(&tx, h).await?),
+        Some(h) if !unsealed_ranges.is_empty() => Some(crate::db::join_snapshot(&tx, h).await?),
         _ => None,
     };
     let unsealed_early = async {
