@@ -82,7 +82,8 @@ pub async fn read_only_snapshot(
 
 /// Opens a read-only transaction on `helper` in the snapshot of `tx`
 /// (`pg_export_snapshot`), so that both see the same database: for a read
-/// split over connections (a check's chunks, the sealing read's salts).
+/// split over connections (`verify`'s chunks and its search for unsealed
+/// rows).
 pub async fn join_snapshot<'h>(
     tx: &tokio_postgres::Transaction<'_>,
     helper: &'h mut tokio_postgres::Client,

@@ -55,8 +55,9 @@ pub const SALTS_JOIN: &str = "LEFT JOIN audit_salts s ON s.audit_id = a.id \
 const SALTS_JOIN_NO_ERASURES: &str = "LEFT JOIN audit_salts s ON s.audit_id = a.id \
      LEFT JOIN (SELECT * FROM audit_erasures WHERE false) e ON e.audit_id = a.id";
 
-/// The erasure half of [`SALTS_JOIN`], and of [`SALTS_JOIN_NO_ERASURES`].
+/// The erasure half of [`SALTS_JOIN`].
 const ERASURES_JOIN: &str = "LEFT JOIN audit_erasures e ON e.audit_id = a.id";
+/// The erasure half of [`SALTS_JOIN_NO_ERASURES`].
 const NO_ERASURES_JOIN: &str =
     "LEFT JOIN (SELECT * FROM audit_erasures WHERE false) e ON e.audit_id = a.id";
 
