@@ -541,11 +541,14 @@ async fn checked_chunk(
             })
         })
         .collect();
-    let (in_order, by_key): (Vec<RowKey>, Vec<RowKey>) = {
-        let (in_order, late): (Vec<_>, Vec<_>) = wanted.iter().flatten().partition(|w| !w.1);
-        let keys = |v: Vec<&(RowKey, bool)>| v.into_iter().map(|w| w.0).collect();
-        (keys(in_order), keys(late))
-    };
+    let (mut in_order, mut by_key): (Vec<RowKey>, Vec<RowKey>) = (Vec::new(), Vec::new());
+    for &(key, late) in wanted.iter().flatten() {
+        if late {
+            by_key.push(key)
+        } else {
+            in_order.push(key)
+        }
+    }
     let ids: Vec<i64> = wanted.iter().flatten().map(|w| w.0 .1).collect();
     let range = in_order.iter().min().zip(in_order.iter().max());
     let limit = key_windows::range_read_limit(in_order.len());
