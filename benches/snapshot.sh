@@ -106,6 +106,9 @@ grep -E 'Elapsed \(wall' "$WORK/snapshot2.time"
 /usr/bin/time -v "$BIN" verify --since "$N" > "$WORK/verify2.out" 2> "$WORK/verify2.time" || { cat "$WORK/verify2.out"; exit 1; }
 tail -1 "$WORK/verify2.out"
 grep -E 'Elapsed \(wall|Maximum resident' "$WORK/verify2.time"
+echo "== a scheduled seal with nothing new (late events looked for among the arrivals since the last seal, not the whole log)"
+/usr/bin/time -v "$BIN" snapshot --to "$(until_event $((N + HOUR)))" > /dev/null 2> "$WORK/snapshot_empty.time"
+grep -E 'Elapsed \(wall' "$WORK/snapshot_empty.time"
 
 if [ "${PROVE_AT_10X:-0}" = 1 ]; then
   TOTAL=$((N * 10))

@@ -485,6 +485,19 @@ impl Snapshotter {
             )
             .await?
             .get(0);
+        // What the latest scheduled snapshot vouches for: a scheduled seal
+        // reads only the rows that arrived since, of all before its range.
+        let arrivals = tx
+            .query_opt(
+                "SELECT arrivals_xmin, arrivals_before FROM snapshots
+                  WHERE arrivals_xmin IS NOT NULL ORDER BY id DESC LIMIT 1",
+                &[],
+            )
+            .await?
+            .map(|r| ArrivalsMark {
+                xmin: r.get(0),
+                before: r.get(1),
+            });
         let base = prev_size as i64;
         // The tiles follow the ledger in the same transaction: brought up
         // to the previous size first (a log sealed before tiles existed),
@@ -493,11 +506,10 @@ impl Snapshotter {
         let mut tiles =
             crate::jobs::tile_store::TileAppender::open(&tx, prev_size, self.settings.page_size)
                 .await?;
-        let appended = self
+        let (appended, new_arrivals) = self
             .append_to_ledger(
                 &tx,
-                from,
-                to,
+                unsealed_reads(from, to, arrivals),
                 base,
                 snapshot_id,
                 &mut LogTail {
@@ -574,8 +586,9 @@ impl Snapshotter {
             "INSERT INTO snapshots (id, range_from, range_to, record_count, first_event, last_event,
                                     first_event_time, last_event_time, previous_tree_size, tree_size,
                                     root, checkpoint_note, key_name, consistency_proof, frontier,
-                                    manifest_path, job_id, leaf_version)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+                                    manifest_path, job_id, leaf_version, arrivals_xmin, arrivals_before)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+                     $19, $20)",
             &[
                 &snapshot_id,
                 &from,
@@ -595,6 +608,8 @@ impl Snapshotter {
                 &manifest_path,
                 &job,
                 &LEAF_VERSION_V2,
+                &new_arrivals.map(|m| m.xmin),
+                &new_arrivals.map(|m| m.before),
             ],
         )
         .await?;
@@ -621,12 +636,13 @@ impl Snapshotter {
         self.summary(snapshot_id).await
     }
 
-    /// Appends the range's unsealed events (rows without a ledger entry) to
-    /// the ledger in (event_time, id) order, numbered from `base`, each
+    /// Appends the unsealed events `reads` name (rows without a ledger
+    /// entry) to the ledger in (event_time, id) order, numbered from `base`, each
     /// with its record digest (leaf v2) computed from the row and its
     /// salts, and extends the tree and the tiles with each leaf as it goes
     /// (nothing is read back). Reads audit_log, never writes it. Returns
-    /// how many.
+    /// how many, and what a scheduled seal's reads vouch for (see
+    /// [`ArrivalsMark`]).
     ///
     /// Three stages overlap: a second connection streams the rows and a
     /// task of its own computes their digests ([`read_unsealed`]), while
@@ -638,12 +654,11 @@ impl Snapshotter {
     async fn append_to_ledger(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
-        from: Option<DateTime<Utc>>,
-        to: DateTime<Utc>,
+        reads: UnsealedReads,
         base: i64,
         snapshot_id: i64,
         tail: &mut LogTail<'_>,
-    ) -> Result<u64, SnapshotError> {
+    ) -> Result<(u64, Option<ArrivalsMark>), SnapshotError> {
         let page = self.settings.page_size.max(1) as usize;
         // Ranges earlier snapshots sealed: an event inside one is late.
         let sealed: Vec<(Option<DateTime<Utc>>, DateTime<Utc>)> = tx
@@ -655,7 +670,7 @@ impl Snapshotter {
         let sealed = SealedRanges::new(sealed);
         let reader = self.pool.get().await?;
         let (chunks, mut arriving) = tokio::sync::mpsc::channel(4);
-        let reading = tokio::spawn(read_unsealed(reader, from, to, chunks));
+        let reading = tokio::spawn(read_unsealed(reader, reads, chunks));
         let mut next = base;
         let mut batch = LedgerBatch::default();
         while let Some(chunk) = arriving.recv().await {
@@ -671,11 +686,11 @@ impl Snapshotter {
                 }
             }
         }
-        reading
+        let vouched = reading
             .await
             .map_err(|e| SnapshotError::Integrity(format!("the sealing reader stopped: {e}")))?;
         batch.flush(tx, snapshot_id).await?;
-        Ok((next - base) as u64)
+        Ok(((next - base) as u64, vouched))
     }
 
     /// Reads a recorded snapshot as its manifest.
@@ -961,20 +976,92 @@ struct UnsealedRow {
 /// Rows per message from the reader to the sealing transaction.
 const READ_CHUNK: usize = 1024;
 
-/// Streams the unsealed rows of `[from, to)` in (event_time, id) order on
-/// its own connection, computes each record digest, and sends them in
-/// chunks. A failure is sent as the last message; a closed channel (the
-/// sealing transaction failed) ends the read.
-async fn read_unsealed(
-    reader: deadpool_postgres::Object,
+/// What a scheduled snapshot (one that seals everything before its end)
+/// vouches for, so that the next one need not read the whole log to find
+/// late events: every row with `event_time` before `before` inserted by a
+/// transaction below `xmin` is sealed. `xmin` is the xmin of the seal's
+/// read snapshot: every transaction below it had ended when the read
+/// began, so the read saw all its rows. A transaction from `xmin` on may
+/// have committed after; the next scheduled seal reads those rows through
+/// the arrival index on `ingest_xid` (`audit_log_arrival`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ArrivalsMark {
+    xmin: i64,
+    before: DateTime<Utc>,
+}
+
+/// One read of unsealed rows (no ledger entry yet), in (event_time, id)
+/// order.
+#[derive(Debug, PartialEq)]
+enum UnsealedRead {
+    /// The unsealed rows of `[from, to)` (`from` None: the beginning).
+    Range {
+        from: Option<DateTime<Utc>>,
+        to: DateTime<Utc>,
+    },
+    /// The unsealed rows before `before` inserted by transactions from
+    /// `xmin` on: the late events since the mark.
+    Arrivals { xmin: i64, before: DateTime<Utc> },
+}
+
+/// The reads of a seal, in leaf order, and the end it vouches for (see
+/// [`ArrivalsMark`]) when it seals everything before that end.
+#[derive(Debug, PartialEq)]
+struct UnsealedReads {
+    reads: Vec<UnsealedRead>,
+    vouches_before: Option<DateTime<Utc>>,
+}
+
+/// Plans the reads of a seal of `[from, to)` given the latest mark. A
+/// seal with a `from` reads its range. One without reads everything before
+/// `to`: with a mark, that is the late arrivals before the mark's end (by
+/// transaction id, in proportion to what arrived since) followed by the
+/// range from the mark's end (in proportion to its length); every row of
+/// the first read lies before every row of the second, so the leaves stay
+/// in (event_time, id) order. Without a mark (the first scheduled seal,
+/// or a log sealed before marks were kept) it reads the whole range once.
+fn unsealed_reads(
     from: Option<DateTime<Utc>>,
     to: DateTime<Utc>,
+    mark: Option<ArrivalsMark>,
+) -> UnsealedReads {
+    let reads = match (from, mark) {
+        (None, Some(mark)) => {
+            let mut reads = vec![UnsealedRead::Arrivals {
+                xmin: mark.xmin,
+                before: mark.before.min(to),
+            }];
+            if mark.before < to {
+                reads.push(UnsealedRead::Range {
+                    from: Some(mark.before),
+                    to,
+                });
+            }
+            reads
+        }
+        _ => vec![UnsealedRead::Range { from, to }],
+    };
+    UnsealedReads {
+        reads,
+        vouches_before: from.is_none().then_some(to),
+    }
+}
+
+/// Streams the unsealed rows `reads` name, in order, on its own connection
+/// and in one snapshot, computes each record digest, and sends them in
+/// chunks. A failure is sent as the last message; a closed channel (the
+/// sealing transaction failed) ends the read. Returns the mark the reads
+/// vouch for, if any (`None` as well when the read failed or stopped).
+async fn read_unsealed(
+    reader: deadpool_postgres::Object,
+    reads: UnsealedReads,
     chunks: tokio::sync::mpsc::Sender<Result<Vec<UnsealedRow>, SnapshotError>>,
-) {
+) -> Option<ArrivalsMark> {
     use futures::TryStreamExt;
+    use tokio_postgres::types::ToSql;
     let mut reader = reader;
     let run = async {
-        // One snapshot for the erasure check and the read. No parallel
+        // One snapshot for the erasure check and the reads. No parallel
         // workers: the primary key read in order brings the rows sorted for
         // 3.8 CPU-s of the database's time per 1,000,000 instead of 6.5
         // (parallel scans, a hash of every salt ever stored, a sort), on
@@ -983,48 +1070,77 @@ async fn read_unsealed(
         tx.batch_execute("SET LOCAL max_parallel_workers_per_gather = 0")
             .await?;
         let salts_join = salts_join_for(&tx).await?;
-        let sql = format!(
-            "SELECT a.id, {RECORD_COLUMNS} FROM audit_log a {salts_join}
-              WHERE ($1::timestamptz IS NULL OR a.event_time >= $1) AND a.event_time < $2
-                AND a.snapshot_id IS NULL
-                AND NOT EXISTS (SELECT 1 FROM seal_ledger l
-                                 WHERE l.event_time = a.event_time AND l.row_id = a.id)
-              ORDER BY a.event_time, a.id"
-        );
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&from, &to];
-        let rows = tx.query_raw(&sql, params).await?;
-        futures::pin_mut!(rows);
+        // The snapshot is taken by the statement above; its xmin is what
+        // the reads vouch for.
+        let xmin: i64 = tx
+            .query_one(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+                &[],
+            )
+            .await?
+            .get(0);
         let mut chunk = Vec::with_capacity(READ_CHUNK);
-        while let Some(r) = rows.try_next().await? {
-            let (rec, salts) = record_from_row(&r, 1)
-                .ok_or_else(|| SnapshotError::Integrity("a row without a key".into()))?;
-            let digest = stored_digest(&rec, &salts).map_err(|e| {
-                SnapshotError::Integrity(format!(
-                    "event {} (event_time {}): {e}",
-                    rec.idempotency_key,
-                    rec.event_time.to_rfc3339()
-                ))
-            })?;
-            chunk.push(UnsealedRow {
-                event_time: rec.event_time,
-                row_id: r.get(0),
-                key: rec.idempotency_key.into_owned(),
-                digest,
-                ingested_at: rec.ingested_at,
-            });
-            if chunk.len() == READ_CHUNK
-                && chunks.send(Ok(std::mem::take(&mut chunk))).await.is_err()
-            {
-                return Ok(());
+        for read in &reads.reads {
+            // The arrival condition is written as the index's expression,
+            // so that the planner can use it.
+            let (rows_of, params): (&str, [&(dyn ToSql + Sync); 2]) = match read {
+                UnsealedRead::Range { from, to } => (
+                    "($1::timestamptz IS NULL OR a.event_time >= $1) AND a.event_time < $2",
+                    [from, to],
+                ),
+                UnsealedRead::Arrivals { xmin, before } => (
+                    "(a.ingest_xid::text)::bigint >= $1 AND a.event_time < $2",
+                    [xmin, before],
+                ),
+            };
+            let sql = format!(
+                "SELECT a.id, {RECORD_COLUMNS} FROM audit_log a {salts_join}
+                  WHERE {rows_of} AND a.snapshot_id IS NULL
+                    AND NOT EXISTS (SELECT 1 FROM seal_ledger l
+                                     WHERE l.event_time = a.event_time AND l.row_id = a.id)
+                  ORDER BY a.event_time, a.id"
+            );
+            let rows = tx.query_raw(&sql, params).await?;
+            futures::pin_mut!(rows);
+            while let Some(r) = rows.try_next().await? {
+                let (rec, salts) = record_from_row(&r, 1)
+                    .ok_or_else(|| SnapshotError::Integrity("a row without a key".into()))?;
+                let digest = stored_digest(&rec, &salts).map_err(|e| {
+                    SnapshotError::Integrity(format!(
+                        "event {} (event_time {}): {e}",
+                        rec.idempotency_key,
+                        rec.event_time.to_rfc3339()
+                    ))
+                })?;
+                chunk.push(UnsealedRow {
+                    event_time: rec.event_time,
+                    row_id: r.get(0),
+                    key: rec.idempotency_key.into_owned(),
+                    digest,
+                    ingested_at: rec.ingested_at,
+                });
+                if chunk.len() == READ_CHUNK
+                    && chunks.send(Ok(std::mem::take(&mut chunk))).await.is_err()
+                {
+                    return Ok(None);
+                }
             }
         }
-        if !chunk.is_empty() {
-            let _ = chunks.send(Ok(chunk)).await;
+        if !chunk.is_empty() && chunks.send(Ok(chunk)).await.is_err() {
+            return Ok(None);
         }
-        Ok::<(), SnapshotError>(())
+        Ok::<_, SnapshotError>(
+            reads
+                .vouches_before
+                .map(|before| ArrivalsMark { xmin, before }),
+        )
     };
-    if let Err(e) = run.await {
-        let _ = chunks.send(Err(e)).await;
+    match run.await {
+        Ok(mark) => mark,
+        Err(e) => {
+            let _ = chunks.send(Err(e)).await;
+            None
+        }
     }
 }
 
@@ -1120,6 +1236,7 @@ impl LedgerBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::TimeZone;
 
     #[test]
     fn requests_parse_with_defaults_and_bad_ones_say_why() {
@@ -1170,6 +1287,68 @@ mod tests {
         assert_eq!(
             schedule_slot(&config, now).0,
             "schedule:2024-05-06T06:30:00Z"
+        );
+    }
+
+    #[test]
+    fn a_scheduled_seal_reads_late_arrivals_since_the_mark_then_its_new_range() {
+        let t = |h: u32| Utc.with_ymd_and_hms(2026, 3, 1, h, 0, 0).unwrap();
+        let mark = ArrivalsMark {
+            xmin: 900,
+            before: t(10),
+        };
+        // No `from`, a mark: arrivals before the mark's end, then the rest.
+        assert_eq!(
+            unsealed_reads(None, t(11), Some(mark)),
+            UnsealedReads {
+                reads: vec![
+                    UnsealedRead::Arrivals {
+                        xmin: 900,
+                        before: t(10)
+                    },
+                    UnsealedRead::Range {
+                        from: Some(t(10)),
+                        to: t(11)
+                    },
+                ],
+                vouches_before: Some(t(11)),
+            }
+        );
+        // An end at or before the mark's: arrivals up to that end only.
+        for to in [t(9), t(10)] {
+            assert_eq!(
+                unsealed_reads(None, to, Some(mark)),
+                UnsealedReads {
+                    reads: vec![UnsealedRead::Arrivals {
+                        xmin: 900,
+                        before: to
+                    }],
+                    vouches_before: Some(to),
+                }
+            );
+        }
+        // No mark yet: the whole range once, and it vouches for its end.
+        assert_eq!(
+            unsealed_reads(None, t(11), None),
+            UnsealedReads {
+                reads: vec![UnsealedRead::Range {
+                    from: None,
+                    to: t(11)
+                }],
+                vouches_before: Some(t(11)),
+            }
+        );
+        // A requested range reads just that range and vouches for nothing:
+        // rows before its start may still be unsealed.
+        assert_eq!(
+            unsealed_reads(Some(t(3)), t(11), Some(mark)),
+            UnsealedReads {
+                reads: vec![UnsealedRead::Range {
+                    from: Some(t(3)),
+                    to: t(11)
+                }],
+                vouches_before: None,
+            }
         );
     }
 

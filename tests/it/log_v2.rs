@@ -1238,6 +1238,101 @@ async fn an_event_arriving_after_its_period_was_sealed_is_sealed_next_and_listed
     s.env.cleanup().await;
 }
 
+/// A scheduled seal reads, of everything before its range, only the rows
+/// of transactions that had not ended when the previous scheduled seal
+/// read (its snapshot's xmin). A writer whose transaction is still open
+/// across a seal must not slip under that mark: its late row is sealed by
+/// the seal after it commits. (A mark taken as "the newest transaction so
+/// far" would skip it for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_event_committed_after_a_seal_read_is_sealed_by_the_next_scheduled_seal() {
+    let s = LogEnv::new("late_inflight").await;
+    s.ingest(&(0..10).map(event).collect::<Vec<_>>(), |_| {})
+        .await;
+    let first = s.seal("first").await;
+    assert_eq!(first.record_count, 10);
+    // A writer stores a copy of a sealed event under a new key, so that it
+    // is late, and keeps its transaction open.
+    let mut writer = s.client().await;
+    let open = writer.transaction().await.unwrap();
+    let columns = "event_time, timestamp_raw, action, status, principal_id, organization_id, \
+                   target_resource_type, target_resource_id, outcome_description, hash, \
+                   hash_algorithm, hash_provided, signature, signature_algorithm, \
+                   signature_key_id, event_version, correlation_id, data_classification, \
+                   retention_policy, session_context, details, source";
+    let id: i64 = open
+        .query_one(
+            &format!(
+                "INSERT INTO audit_log (idempotency_key, event_id, {columns})
+                 SELECT 'evt-inflight', 'evt-inflight', {columns} FROM audit_log
+                  WHERE event_id = 'evt-5'
+                 RETURNING id"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    open.execute(
+        "INSERT INTO audit_salts (audit_id, salts)
+         SELECT $1, s.salts FROM audit_salts s JOIN audit_log a ON a.id = s.audit_id
+          WHERE a.event_id = 'evt-5'",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    // A timely event, and a scheduled seal while the writer is still open.
+    let mut timely = event(10);
+    timely["timestamp"] = json!(ts(0));
+    s.ingest(&[timely], |_| {}).await;
+    let second = s.seal("second").await;
+    assert_eq!(
+        (second.previous_tree_size, second.tree_size),
+        (10, 11),
+        "the open transaction's row is not visible to the second seal"
+    );
+    open.commit().await.unwrap();
+    let third = s.seal("third").await;
+    assert_eq!((third.previous_tree_size, third.tree_size), (11, 12));
+    let sealed: Vec<(String, bool)> = s
+        .env
+        .pg
+        .query(
+            "SELECT idempotency_key, late_arrival IS NOT NULL FROM seal_ledger WHERE leaf_index = 11",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(sealed, vec![("evt-inflight".to_string(), true)]);
+    // Every scheduled seal recorded its mark, ending where its range ends.
+    let recorded: Vec<bool> = s
+        .env
+        .pg
+        .query(
+            "SELECT arrivals_xmin IS NOT NULL AND arrivals_before = range_to
+               FROM snapshots ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(recorded, vec![true, true, true]);
+    let report = s.verify().await;
+    assert!(report.ok(), "{:?}", report.findings);
+    let late: Vec<(&str, i64)> = report
+        .late
+        .iter()
+        .map(|l| (l.event.as_str(), l.snapshot_id))
+        .collect();
+    assert_eq!(late, vec![("evt-inflight", third.snapshot_id)]);
+    s.env.cleanup().await;
+}
+
 /// A metric's value from the worker's /metrics (`name` with its labels).
 /// The value of the sample `name` (with its labels, as printed) on the
 /// worker's /metrics.
