@@ -25,6 +25,7 @@ pub mod snapshot;
 pub mod snapshot_cli;
 pub mod stored_record;
 pub mod tile_store;
+pub mod unsealed;
 pub mod verify;
 
 use std::sync::Arc;

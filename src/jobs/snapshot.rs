@@ -42,6 +42,7 @@ use crate::integrity::record::LEAF_VERSION_V2;
 use crate::jobs::internal_event::{EventRecorder, InternalEvent};
 use crate::jobs::merkle_stream::{consistency_plan, hash_from_bytes};
 use crate::jobs::stored_record::{record_from_row, salts_join_for, stored_digest, RECORD_COLUMNS};
+use crate::jobs::unsealed::{seal_reads, ArrivalsMark, SealReads, SealedRanges};
 use crate::jobs::{JobError, JobHandler};
 use crate::outage::OutageLog;
 use crate::storage::Storage;
@@ -509,7 +510,7 @@ impl Snapshotter {
         let (appended, new_arrivals) = self
             .append_to_ledger(
                 &tx,
-                unsealed_reads(from, to, arrivals),
+                seal_reads(from, to, arrivals),
                 base,
                 snapshot_id,
                 &mut LogTail {
@@ -654,7 +655,7 @@ impl Snapshotter {
     async fn append_to_ledger(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
-        reads: UnsealedReads,
+        reads: SealReads,
         base: i64,
         snapshot_id: i64,
         tail: &mut LogTail<'_>,
@@ -931,31 +932,6 @@ pub fn creation_event(s: &SnapshotSummary) -> InternalEvent {
     }
 }
 
-/// The event-time ranges earlier snapshots sealed, merged, for telling a
-/// late event (its time lies in one) from a timely one.
-struct SealedRanges(Vec<(Option<DateTime<Utc>>, DateTime<Utc>)>);
-
-impl SealedRanges {
-    fn new(mut ranges: Vec<(Option<DateTime<Utc>>, DateTime<Utc>)>) -> Self {
-        ranges.sort_by_key(|(f, _)| *f);
-        let mut merged: Vec<(Option<DateTime<Utc>>, DateTime<Utc>)> = Vec::new();
-        for (f, t) in ranges {
-            match merged.last_mut() {
-                Some((_, lt)) if f.is_none_or(|f| f <= *lt) => *lt = (*lt).max(t),
-                _ => merged.push((f, t)),
-            }
-        }
-        Self(merged)
-    }
-
-    fn contains(&self, t: DateTime<Utc>) -> bool {
-        // Few ranges after merging (one per gap between requested ranges).
-        self.0
-            .iter()
-            .any(|(f, to)| f.is_none_or(|f| f <= t) && t < *to)
-    }
-}
-
 /// What grows with each leaf a sealing transaction appends: the tree (for
 /// the new root) and the stored tiles (for proofs).
 struct LogTail<'a> {
@@ -976,77 +952,6 @@ struct UnsealedRow {
 /// Rows per message from the reader to the sealing transaction.
 const READ_CHUNK: usize = 1024;
 
-/// What a scheduled snapshot (one that seals everything before its end)
-/// vouches for, so that the next one need not read the whole log to find
-/// late events: every row with `event_time` before `before` inserted by a
-/// transaction below `xmin` is sealed. `xmin` is the xmin of the seal's
-/// read snapshot: every transaction below it had ended when the read
-/// began, so the read saw all its rows. A transaction from `xmin` on may
-/// have committed after; the next scheduled seal reads those rows through
-/// the arrival index on `ingest_xid` (`audit_log_arrival`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct ArrivalsMark {
-    xmin: i64,
-    before: DateTime<Utc>,
-}
-
-/// One read of unsealed rows (no ledger entry yet), in (event_time, id)
-/// order.
-#[derive(Debug, PartialEq)]
-enum UnsealedRead {
-    /// The unsealed rows of `[from, to)` (`from` None: the beginning).
-    Range {
-        from: Option<DateTime<Utc>>,
-        to: DateTime<Utc>,
-    },
-    /// The unsealed rows before `before` inserted by transactions from
-    /// `xmin` on: the late events since the mark.
-    Arrivals { xmin: i64, before: DateTime<Utc> },
-}
-
-/// The reads of a seal, in leaf order, and the end it vouches for (see
-/// [`ArrivalsMark`]) when it seals everything before that end.
-#[derive(Debug, PartialEq)]
-struct UnsealedReads {
-    reads: Vec<UnsealedRead>,
-    vouches_before: Option<DateTime<Utc>>,
-}
-
-/// Plans the reads of a seal of `[from, to)` given the latest mark. A
-/// seal with a `from` reads its range. One without reads everything before
-/// `to`: with a mark, that is the late arrivals before the mark's end (by
-/// transaction id, in proportion to what arrived since) followed by the
-/// range from the mark's end (in proportion to its length); every row of
-/// the first read lies before every row of the second, so the leaves stay
-/// in (event_time, id) order. Without a mark (the first scheduled seal,
-/// or a log sealed before marks were kept) it reads the whole range once.
-fn unsealed_reads(
-    from: Option<DateTime<Utc>>,
-    to: DateTime<Utc>,
-    mark: Option<ArrivalsMark>,
-) -> UnsealedReads {
-    let reads = match (from, mark) {
-        (None, Some(mark)) => {
-            let mut reads = vec![UnsealedRead::Arrivals {
-                xmin: mark.xmin,
-                before: mark.before.min(to),
-            }];
-            if mark.before < to {
-                reads.push(UnsealedRead::Range {
-                    from: Some(mark.before),
-                    to,
-                });
-            }
-            reads
-        }
-        _ => vec![UnsealedRead::Range { from, to }],
-    };
-    UnsealedReads {
-        reads,
-        vouches_before: from.is_none().then_some(to),
-    }
-}
-
 /// Streams the unsealed rows `reads` name, in order, on its own connection
 /// and in one snapshot, computes each record digest, and sends them in
 /// chunks. A failure is sent as the last message; a closed channel (the
@@ -1054,11 +959,10 @@ fn unsealed_reads(
 /// vouch for, if any (`None` as well when the read failed or stopped).
 async fn read_unsealed(
     reader: deadpool_postgres::Object,
-    reads: UnsealedReads,
+    reads: SealReads,
     chunks: tokio::sync::mpsc::Sender<Result<Vec<UnsealedRow>, SnapshotError>>,
 ) -> Option<ArrivalsMark> {
     use futures::TryStreamExt;
-    use tokio_postgres::types::ToSql;
     let mut reader = reader;
     let run = async {
         // One snapshot for the erasure check and the reads. No parallel
@@ -1081,26 +985,15 @@ async fn read_unsealed(
             .get(0);
         let mut chunk = Vec::with_capacity(READ_CHUNK);
         for read in &reads.reads {
-            // The arrival condition is written as the index's expression,
-            // so that the planner can use it.
-            let (rows_of, params): (&str, [&(dyn ToSql + Sync); 2]) = match read {
-                UnsealedRead::Range { from, to } => (
-                    "($1::timestamptz IS NULL OR a.event_time >= $1) AND a.event_time < $2",
-                    [from, to],
-                ),
-                UnsealedRead::Arrivals { xmin, before } => (
-                    "(a.ingest_xid::text)::bigint >= $1 AND a.event_time < $2",
-                    [xmin, before],
-                ),
-            };
             let sql = format!(
                 "SELECT a.id, {RECORD_COLUMNS} FROM audit_log a {salts_join}
-                  WHERE {rows_of} AND a.snapshot_id IS NULL
+                  WHERE {} AND a.snapshot_id IS NULL
                     AND NOT EXISTS (SELECT 1 FROM seal_ledger l
                                      WHERE l.event_time = a.event_time AND l.row_id = a.id)
-                  ORDER BY a.event_time, a.id"
+                  ORDER BY a.event_time, a.id",
+                read.condition()
             );
-            let rows = tx.query_raw(&sql, params).await?;
+            let rows = tx.query_raw(&sql, read.params()).await?;
             futures::pin_mut!(rows);
             while let Some(r) = rows.try_next().await? {
                 let (rec, salts) = record_from_row(&r, 1)
@@ -1236,7 +1129,6 @@ impl LedgerBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::TimeZone;
 
     #[test]
     fn requests_parse_with_defaults_and_bad_ones_say_why() {
@@ -1287,68 +1179,6 @@ mod tests {
         assert_eq!(
             schedule_slot(&config, now).0,
             "schedule:2024-05-06T06:30:00Z"
-        );
-    }
-
-    #[test]
-    fn a_scheduled_seal_reads_late_arrivals_since_the_mark_then_its_new_range() {
-        let t = |h: u32| Utc.with_ymd_and_hms(2026, 3, 1, h, 0, 0).unwrap();
-        let mark = ArrivalsMark {
-            xmin: 900,
-            before: t(10),
-        };
-        // No `from`, a mark: arrivals before the mark's end, then the rest.
-        assert_eq!(
-            unsealed_reads(None, t(11), Some(mark)),
-            UnsealedReads {
-                reads: vec![
-                    UnsealedRead::Arrivals {
-                        xmin: 900,
-                        before: t(10)
-                    },
-                    UnsealedRead::Range {
-                        from: Some(t(10)),
-                        to: t(11)
-                    },
-                ],
-                vouches_before: Some(t(11)),
-            }
-        );
-        // An end at or before the mark's: arrivals up to that end only.
-        for to in [t(9), t(10)] {
-            assert_eq!(
-                unsealed_reads(None, to, Some(mark)),
-                UnsealedReads {
-                    reads: vec![UnsealedRead::Arrivals {
-                        xmin: 900,
-                        before: to
-                    }],
-                    vouches_before: Some(to),
-                }
-            );
-        }
-        // No mark yet: the whole range once, and it vouches for its end.
-        assert_eq!(
-            unsealed_reads(None, t(11), None),
-            UnsealedReads {
-                reads: vec![UnsealedRead::Range {
-                    from: None,
-                    to: t(11)
-                }],
-                vouches_before: Some(t(11)),
-            }
-        );
-        // A requested range reads just that range and vouches for nothing:
-        // rows before its start may still be unsealed.
-        assert_eq!(
-            unsealed_reads(Some(t(3)), t(11), Some(mark)),
-            UnsealedReads {
-                reads: vec![UnsealedRead::Range {
-                    from: Some(t(3)),
-                    to: t(11)
-                }],
-                vouches_before: None,
-            }
         );
     }
 

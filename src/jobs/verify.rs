@@ -31,6 +31,7 @@ use crate::jobs::stored_record::{
     erasures_join_for, record_from_row, salts_of_rows, stored_digest, stored_object,
     RECORD_COLUMNS, RECORD_COLUMNS_SALTS_APART, SALTS_BY_ID_WINDOW, SALTS_JOIN,
 };
+use crate::jobs::unsealed::{check_reads, ArrivalsMark, SealedRanges, UnsealedRead};
 
 /// What kind of problem a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -266,10 +267,12 @@ struct StoredSnapshot {
     frontier: Vec<Vec<u8>>,
     /// The signed checkpoint, if the note opened.
     signed: Option<Checkpoint>,
+    /// What the seal vouched for, if it sealed everything before its end.
+    arrivals: Option<ArrivalsMark>,
 }
 
 const SNAPSHOT_COLUMNS: &str = "id, range_from, range_to, previous_tree_size, tree_size, root, \
-     checkpoint_note, consistency_proof, frontier";
+     checkpoint_note, consistency_proof, frontier, arrivals_xmin, arrivals_before";
 
 fn stored_snapshot(r: &Row) -> StoredSnapshot {
     StoredSnapshot {
@@ -283,6 +286,10 @@ fn stored_snapshot(r: &Row) -> StoredSnapshot {
         proof: r.get(7),
         frontier: r.get(8),
         signed: None,
+        arrivals: r
+            .get::<_, Option<i64>>(9)
+            .zip(r.get::<_, Option<DateTime<Utc>>>(10))
+            .map(|(xmin, before)| ArrivalsMark { xmin, before }),
     }
 }
 
@@ -965,14 +972,21 @@ pub async fn verify_scope(
     // 4 (run now, beside the leaves, when a connection is free for it):
     // unsealed rows inside a sealed range. Its findings are reported in
     // their place below, after the leaves'.
-    let unsealed_ranges = sealed_ranges(&snapshots, &scope);
+    //    A check since a checkpoint looks, below the end its seal vouched
+    //    for, only at rows stored after that seal read (see
+    //    `crate::jobs::unsealed`): the rest is a full check's.
+    let since_mark = match (since, scope.first()) {
+        (1.., Some(&first)) => snapshots[..first].iter().rev().find_map(|s| s.arrivals),
+        _ => None,
+    };
+    let unsealed_reads = check_reads(&sealed_ranges(&snapshots, &scope), since_mark);
     let unsealed_tx = match unsealed_helper {
-        Some(h) if !unsealed_ranges.is_empty() => Some(crate::db::join_snapshot(&tx, h).await?),
+        Some(h) if !unsealed_reads.is_empty() => Some(crate::db::join_snapshot(&tx, h).await?),
         _ => None,
     };
     let unsealed_early = async {
         match &unsealed_tx {
-            Some(t) => Some(unsealed_rows(t, &unsealed_ranges).await),
+            Some(t) => Some(unsealed_rows(t, &unsealed_reads).await),
             None => None,
         }
     };
@@ -1224,7 +1238,7 @@ pub async fn verify_scope(
     //    the signed log does not vouch for them, so they are reported.
     let unsealed = match unsealed_early {
         Some(rows) => rows?,
-        None => unsealed_rows(&tx, &unsealed_ranges).await?,
+        None => unsealed_rows(&tx, &unsealed_reads).await?,
     };
     for r in &unsealed {
         report.findings.push(row_finding(
@@ -1244,44 +1258,34 @@ pub async fn verify_scope(
 
 /// The time ranges the snapshots in `scope` sealed, overlapping ones
 /// merged: where an unsealed row means something was inserted.
-fn sealed_ranges(
-    snapshots: &[StoredSnapshot],
-    scope: &[usize],
-) -> Vec<(Option<DateTime<Utc>>, DateTime<Utc>)> {
-    let mut ranges: Vec<(Option<DateTime<Utc>>, DateTime<Utc>)> = scope
-        .iter()
-        .map(|&i| (snapshots[i].range_from, snapshots[i].range_to))
-        .collect();
-    ranges.sort_by_key(|(f, _)| *f);
-    let mut merged: Vec<(Option<DateTime<Utc>>, DateTime<Utc>)> = Vec::new();
-    for (f, t) in ranges {
-        match merged.last_mut() {
-            Some((_, lt)) if f.is_none_or(|f| f <= *lt) => *lt = (*lt).max(t),
-            _ => merged.push((f, t)),
-        }
-    }
-    merged
+fn sealed_ranges(snapshots: &[StoredSnapshot], scope: &[usize]) -> SealedRanges {
+    SealedRanges::new(
+        scope
+            .iter()
+            .map(|&i| (snapshots[i].range_from, snapshots[i].range_to))
+            .collect(),
+    )
 }
 
-/// Rows inside `ranges` that no ledger entry seals (at most 10,000 per
-/// range): an anti-join of `audit_log` against the ledger.
+/// The rows `reads` name that no ledger entry seals (at most 10,000 per
+/// read): an anti-join of `audit_log` against the ledger.
 async fn unsealed_rows(
     tx: &Transaction<'_>,
-    ranges: &[(Option<DateTime<Utc>>, DateTime<Utc>)],
+    reads: &[UnsealedRead],
 ) -> Result<Vec<Row>, SnapshotError> {
     let mut rows = Vec::new();
-    for (f, t) in ranges {
+    for read in reads {
         rows.extend(
             tx.query(
                 &format!(
                     "SELECT {ROW_COLUMNS} FROM audit_log a
-                      WHERE snapshot_id IS NULL AND ($1::timestamptz IS NULL OR event_time >= $1)
-                        AND event_time < $2
+                      WHERE a.snapshot_id IS NULL AND {}
                         AND NOT EXISTS (SELECT 1 FROM seal_ledger l
                                          WHERE l.event_time = a.event_time AND l.row_id = a.id)
-                      ORDER BY event_time, id LIMIT 10000"
+                      ORDER BY event_time, id LIMIT 10000",
+                    read.condition()
                 ),
-                &[f, t],
+                &read.params(),
             )
             .await?,
         );

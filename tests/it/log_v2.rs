@@ -979,6 +979,32 @@ async fn an_independent_tlog_tiles_reader_follows_the_log_over_http() {
         events_of(&s.verify().await, FindingKind::Altered),
         BTreeSet::from(["evt-5".to_string(), "evt-500".to_string()])
     );
+    // Rows forged into the first snapshot's range after both seals. A
+    // check since 300 looks below the end that snapshot's seal vouched for
+    // only at rows stored after it read: it finds the forgery stored as a
+    // writer would store it, not the one given an old transaction id,
+    // which the full check finds.
+    s.tamper(&copy_event_sql("evt-5", "evt-forged", false)).await;
+    s.tamper(&copy_event_sql("evt-5", "evt-forged-old-xid", true))
+        .await;
+    let since = verify::verify_scope(
+        &mut client,
+        &key,
+        ORIGIN,
+        verify::Scope::Since(300),
+        7,
+        &mut helpers,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        events_of(&since, FindingKind::Inserted),
+        BTreeSet::from(["evt-forged".to_string()])
+    );
+    assert_eq!(
+        events_of(&s.verify().await, FindingKind::Inserted),
+        BTreeSet::from(["evt-forged".to_string(), "evt-forged-old-xid".to_string()])
+    );
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_audit-worker"));
     cmd.args(["verify", "--since", "300"]);
     for (k, v) in s.env.env_vars() {
@@ -1238,6 +1264,31 @@ async fn an_event_arriving_after_its_period_was_sealed_is_sealed_next_and_listed
     s.env.cleanup().await;
 }
 
+/// SQL that stores a copy of the stored event `of` (its columns and salts)
+/// under the key and eventId `key`, as a writer (or a forger) could.
+/// `keep_xid`: the copy keeps the original row's inserting transaction id
+/// (`ingest_xid`) instead of getting its own.
+fn copy_event_sql(of: &str, key: &str, keep_xid: bool) -> String {
+    let columns = "event_time, timestamp_raw, action, status, principal_id, organization_id, \
+                   target_resource_type, target_resource_id, outcome_description, hash, \
+                   hash_algorithm, hash_provided, signature, signature_algorithm, \
+                   signature_key_id, event_version, correlation_id, data_classification, \
+                   retention_policy, session_context, details, source";
+    let (xid_column, xid) = match keep_xid {
+        true => ("ingest_xid, ", "ingest_xid, "),
+        false => ("", ""),
+    };
+    format!(
+        "WITH copy AS (
+           INSERT INTO audit_log (idempotency_key, event_id, {xid_column}{columns})
+           SELECT '{key}', '{key}', {xid}{columns} FROM audit_log WHERE event_id = '{of}'
+           RETURNING id)
+         INSERT INTO audit_salts (audit_id, salts)
+         SELECT copy.id, s.salts FROM copy, audit_salts s JOIN audit_log a ON a.id = s.audit_id
+          WHERE a.event_id = '{of}'"
+    )
+}
+
 /// A scheduled seal reads, of everything before its range, only the rows
 /// of transactions that had not ended when the previous scheduled seal
 /// read (its snapshot's xmin). A writer whose transaction is still open
@@ -1255,32 +1306,9 @@ async fn a_late_event_committed_after_a_seal_read_is_sealed_by_the_next_schedule
     // is late, and keeps its transaction open.
     let mut writer = s.client().await;
     let open = writer.transaction().await.unwrap();
-    let columns = "event_time, timestamp_raw, action, status, principal_id, organization_id, \
-                   target_resource_type, target_resource_id, outcome_description, hash, \
-                   hash_algorithm, hash_provided, signature, signature_algorithm, \
-                   signature_key_id, event_version, correlation_id, data_classification, \
-                   retention_policy, session_context, details, source";
-    let id: i64 = open
-        .query_one(
-            &format!(
-                "INSERT INTO audit_log (idempotency_key, event_id, {columns})
-                 SELECT 'evt-inflight', 'evt-inflight', {columns} FROM audit_log
-                  WHERE event_id = 'evt-5'
-                 RETURNING id"
-            ),
-            &[],
-        )
+    open.batch_execute(&copy_event_sql("evt-5", "evt-inflight", false))
         .await
-        .unwrap()
-        .get(0);
-    open.execute(
-        "INSERT INTO audit_salts (audit_id, salts)
-         SELECT $1, s.salts FROM audit_salts s JOIN audit_log a ON a.id = s.audit_id
-          WHERE a.event_id = 'evt-5'",
-        &[&id],
-    )
-    .await
-    .unwrap();
+        .unwrap();
     // A timely event, and a scheduled seal while the writer is still open.
     let mut timely = event(10);
     timely["timestamp"] = json!(ts(0));
