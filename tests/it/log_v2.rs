@@ -95,6 +95,43 @@ impl LogEnv {
         verify_both_ways(&self.config(), ORIGIN, verify::Scope::All).await
     }
 
+    /// Verifies the whole log, asserts it is sound, and returns the late
+    /// events it lists, with the snapshot that sealed each.
+    pub async fn verify_ok_late(&self) -> Vec<(String, i64)> {
+        let report = self.verify().await;
+        assert!(report.ok(), "{:?}", report.findings);
+        report
+            .late
+            .iter()
+            .map(|l| (l.event.clone(), l.snapshot_id))
+            .collect()
+    }
+
+    /// Verifies what was appended since the checkpoint of `size`, in
+    /// chunks of `page` leaves, with `helpers` more connections.
+    pub async fn verify_since(
+        &self,
+        size: u64,
+        page: i32,
+        helpers: usize,
+    ) -> Result<VerifyReport, audit_worker::jobs::snapshot::SnapshotError> {
+        let mut client = self.client().await;
+        let mut more = Vec::new();
+        for _ in 0..helpers {
+            more.push(self.client().await);
+        }
+        let key = audit_worker::integrity::checkpoint::NoteVerifier::parse(&self.verifier).unwrap();
+        verify::verify_scope(
+            &mut client,
+            &key,
+            ORIGIN,
+            verify::Scope::Since(size),
+            page,
+            &mut more,
+        )
+        .await
+    }
+
     /// Runs the worker binary with `args` against this log (its schema,
     /// origin, signing key and object store).
     pub fn worker_cli(&self, args: &[&std::ffi::OsStr]) -> std::process::Output {
@@ -933,44 +970,14 @@ async fn an_independent_tlog_tiles_reader_follows_the_log_over_http() {
 
     // Incremental verification: only what was appended since the older
     // checkpoint is re-checked.
-    let mut client = s.client().await;
-    let key = audit_worker::integrity::checkpoint::NoteVerifier::parse(&s.verifier).unwrap();
-    let since = verify::verify_scope(
-        &mut client,
-        &key,
-        ORIGIN,
-        verify::Scope::Since(300),
-        1000,
-        &mut [],
-    )
-    .await
-    .unwrap();
+    let since = s.verify_since(300, 1000, 0).await.unwrap();
     assert!(since.ok(), "{:?}", since.findings);
     assert_eq!(since.leaves_checked, 400);
-    assert!(verify::verify_scope(
-        &mut client,
-        &key,
-        ORIGIN,
-        verify::Scope::Since(299),
-        1000,
-        &mut []
-    )
-    .await
-    .is_err());
+    assert!(s.verify_since(299, 1000, 0).await.is_err());
     s.tamper("UPDATE audit_log SET details = '{}' WHERE idempotency_key IN ('evt-5', 'evt-500')")
         .await;
     // The same through three connections, 7 leaves per chunk.
-    let mut helpers = [s.client().await, s.client().await];
-    let since = verify::verify_scope(
-        &mut client,
-        &key,
-        ORIGIN,
-        verify::Scope::Since(300),
-        7,
-        &mut helpers,
-    )
-    .await
-    .unwrap();
+    let since = s.verify_since(300, 7, 2).await.unwrap();
     assert_eq!(
         events_of(&since, FindingKind::Altered),
         BTreeSet::from(["evt-500".to_string()])
@@ -984,23 +991,17 @@ async fn an_independent_tlog_tiles_reader_follows_the_log_over_http() {
     // only at rows stored after it read: it finds the forgery stored as a
     // writer would store it, not the one given an old transaction id,
     // which the full check finds.
-    s.tamper(&copy_event_sql("evt-5", "evt-forged", false)).await;
+    s.tamper(&copy_event_sql("evt-5", "evt-forged", false))
+        .await;
     s.tamper(&copy_event_sql("evt-5", "evt-forged-old-xid", true))
         .await;
-    let since = verify::verify_scope(
-        &mut client,
-        &key,
-        ORIGIN,
-        verify::Scope::Since(300),
-        7,
-        &mut helpers,
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        events_of(&since, FindingKind::Inserted),
-        BTreeSet::from(["evt-forged".to_string()])
-    );
+    for (page, helpers) in [(1000, 0), (7, 2)] {
+        let since = s.verify_since(300, page, helpers).await.unwrap();
+        assert_eq!(
+            events_of(&since, FindingKind::Inserted),
+            BTreeSet::from(["evt-forged".to_string()])
+        );
+    }
     assert_eq!(
         events_of(&s.verify().await, FindingKind::Inserted),
         BTreeSet::from(["evt-forged".to_string(), "evt-forged-old-xid".to_string()])
@@ -1253,14 +1254,10 @@ async fn an_event_arriving_after_its_period_was_sealed_is_sealed_next_and_listed
         .unwrap();
     let marked: Vec<(String, bool)> = marked.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(marked, vec![("evt-late".to_string(), true)]);
-    let report = s.verify().await;
-    assert!(report.ok(), "{:?}", report.findings);
-    let late: Vec<(&str, i64)> = report
-        .late
-        .iter()
-        .map(|l| (l.event.as_str(), l.snapshot_id))
-        .collect();
-    assert_eq!(late, vec![("evt-late", second.snapshot_id)]);
+    assert_eq!(
+        s.verify_ok_late().await,
+        vec![("evt-late".to_string(), second.snapshot_id)]
+    );
     s.env.cleanup().await;
 }
 
@@ -1350,14 +1347,10 @@ async fn a_late_event_committed_after_a_seal_read_is_sealed_by_the_next_schedule
         .map(|r| r.get(0))
         .collect();
     assert_eq!(recorded, vec![true, true, true]);
-    let report = s.verify().await;
-    assert!(report.ok(), "{:?}", report.findings);
-    let late: Vec<(&str, i64)> = report
-        .late
-        .iter()
-        .map(|l| (l.event.as_str(), l.snapshot_id))
-        .collect();
-    assert_eq!(late, vec![("evt-inflight", third.snapshot_id)]);
+    assert_eq!(
+        s.verify_ok_late().await,
+        vec![("evt-inflight".to_string(), third.snapshot_id)]
+    );
     s.env.cleanup().await;
 }
 
