@@ -4,7 +4,9 @@
 //! A request (queue message, schedule slot or CLI) becomes a row in
 //! `snapshot_jobs`, deduplicated by its source. The executor leases a job
 //! and runs ONE transaction that locks the log head, reads the unsealed
-//! rows of the range (no ledger entry yet) in (event_time, id) order,
+//! rows of the range (no ledger entry yet; for a scheduled snapshot, of
+//! everything before its range only what arrived since the previous one:
+//! see [`crate::jobs::unsealed`]) in (event_time, id) order,
 //! appends their record digests (leaf v2) to the append-only `seal_ledger`
 //! (audit rows are never written), extends the tree from
 //! the previous snapshot's stored frontier, signs the checkpoint, records
