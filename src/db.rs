@@ -80,6 +80,21 @@ pub async fn read_only_snapshot(
         .await
 }
 
+/// The xmin of `tx`'s snapshot as a bigint: every transaction below it had
+/// ended when the snapshot was taken (`tx` a `REPEATABLE READ` transaction
+/// that has run a statement, so that its snapshot is fixed).
+pub async fn snapshot_xmin(
+    tx: &tokio_postgres::Transaction<'_>,
+) -> Result<i64, tokio_postgres::Error> {
+    Ok(tx
+        .query_one(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
 /// Opens a read-only transaction on `helper` in the snapshot of `tx`
 /// (`pg_export_snapshot`), so that both see the same database: for a read
 /// split over connections (`verify`'s chunks and its search for unsealed

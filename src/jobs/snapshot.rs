@@ -44,7 +44,7 @@ use crate::integrity::record::LEAF_VERSION_V2;
 use crate::jobs::internal_event::{EventRecorder, InternalEvent};
 use crate::jobs::merkle_stream::{consistency_plan, hash_from_bytes};
 use crate::jobs::stored_record::{record_from_row, salts_join_for, stored_digest, RECORD_COLUMNS};
-use crate::jobs::unsealed::{seal_reads, ArrivalsMark, SealReads, SealedRanges};
+use crate::jobs::unsealed::{seal_reads, ArrivalsMark, SealedRanges};
 use crate::jobs::{JobError, JobHandler};
 use crate::outage::OutageLog;
 use crate::storage::Storage;
@@ -512,7 +512,7 @@ impl Snapshotter {
         let (appended, new_arrivals) = self
             .append_to_ledger(
                 &tx,
-                seal_reads(from, to, arrivals),
+                SealRequest { from, to, arrivals },
                 base,
                 snapshot_id,
                 &mut LogTail {
@@ -639,8 +639,8 @@ impl Snapshotter {
         self.summary(snapshot_id).await
     }
 
-    /// Appends the unsealed events `reads` name (rows without a ledger
-    /// entry) to the ledger in (event_time, id) order, numbered from `base`, each
+    /// Appends the unsealed events the request names (rows without a
+    /// ledger entry; see [`seal_reads`]) to the ledger in (event_time, id) order, numbered from `base`, each
     /// with its record digest (leaf v2) computed from the row and its
     /// salts, and extends the tree and the tiles with each leaf as it goes
     /// (nothing is read back). Reads audit_log, never writes it. Returns
@@ -657,7 +657,7 @@ impl Snapshotter {
     async fn append_to_ledger(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
-        reads: SealReads,
+        request: SealRequest,
         base: i64,
         snapshot_id: i64,
         tail: &mut LogTail<'_>,
@@ -673,7 +673,7 @@ impl Snapshotter {
         let sealed = SealedRanges::new(sealed);
         let reader = self.pool.get().await?;
         let (chunks, mut arriving) = tokio::sync::mpsc::channel(4);
-        let reading = tokio::spawn(read_unsealed(reader, reads, chunks));
+        let reading = tokio::spawn(read_unsealed(reader, request, chunks));
         let mut next = base;
         let mut batch = LedgerBatch::default();
         while let Some(chunk) = arriving.recv().await {
@@ -954,14 +954,23 @@ struct UnsealedRow {
 /// Rows per message from the reader to the sealing transaction.
 const READ_CHUNK: usize = 1024;
 
-/// Streams the unsealed rows `reads` name, in order, on its own connection
-/// and in one snapshot, computes each record digest, and sends them in
-/// chunks. A failure is sent as the last message; a closed channel (the
-/// sealing transaction failed) ends the read. Returns the mark the reads
-/// vouch for, if any (`None` as well when the read failed or stopped).
+/// What a seal reads: the unsealed rows of `[from, to)`, knowing the
+/// latest mark.
+struct SealRequest {
+    from: Option<DateTime<Utc>>,
+    to: DateTime<Utc>,
+    arrivals: Option<ArrivalsMark>,
+}
+
+/// Streams the unsealed rows of the request (planned by [`seal_reads`]
+/// once this read's snapshot is known) in order, on its own connection and
+/// in one snapshot, computes each record digest, and sends them in chunks.
+/// A failure is sent as the last message; a closed channel (the sealing
+/// transaction failed) ends the read. Returns the mark the reads vouch
+/// for, if any (`None` as well when the read failed or stopped).
 async fn read_unsealed(
     reader: deadpool_postgres::Object,
-    reads: SealReads,
+    request: SealRequest,
     chunks: tokio::sync::mpsc::Sender<Result<Vec<UnsealedRow>, SnapshotError>>,
 ) -> Option<ArrivalsMark> {
     use futures::TryStreamExt;
@@ -978,13 +987,12 @@ async fn read_unsealed(
         let salts_join = salts_join_for(&tx).await?;
         // The snapshot is taken by the statement above; its xmin is what
         // the reads vouch for.
-        let xmin: i64 = tx
-            .query_one(
-                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
-                &[],
-            )
-            .await?
-            .get(0);
+        let xmin = crate::db::snapshot_xmin(&tx).await?;
+        let reads = seal_reads(
+            request.from,
+            request.to,
+            request.arrivals.and_then(|m| m.usable(xmin)),
+        );
         let mut chunk = Vec::with_capacity(READ_CHUNK);
         for read in &reads.reads {
             let sql = format!(

@@ -63,6 +63,18 @@ pub struct ArrivalsMark {
     pub before: DateTime<Utc>,
 }
 
+impl ArrivalsMark {
+    /// The mark, if it can be trusted by a reader whose snapshot's xmin is
+    /// `xmin`. Transaction ids only grow in one cluster, so a mark above
+    /// it was recorded by another one (a log restored from a logical dump
+    /// into a cluster whose ids are lower): rows stored now would all look
+    /// older than the mark, so it is not used, and the read covers
+    /// everything, as without a mark.
+    pub fn usable(self, xmin: i64) -> Option<Self> {
+        (self.xmin <= xmin).then_some(self)
+    }
+}
+
 /// One read of unsealed rows: those with `event_time` in `[from, to)`,
 /// and, when `arrived_from` is set, inserted by a transaction from that id
 /// on (`ingest_xid`).
@@ -278,6 +290,13 @@ mod tests {
                 read(Some(13), 14, None)
             ]
         );
+    }
+
+    #[test]
+    fn a_mark_from_ids_above_the_readers_is_not_used() {
+        assert_eq!(mark().usable(900), Some(mark()));
+        assert_eq!(mark().usable(5_000), Some(mark()));
+        assert_eq!(mark().usable(899), None);
     }
 
     #[test]

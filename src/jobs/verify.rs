@@ -976,7 +976,14 @@ pub async fn verify_scope(
     //    for, only at rows stored after that seal read (see
     //    `crate::jobs::unsealed`): the rest is a full check's.
     let since_mark = match (since, scope.first()) {
-        (1.., Some(&first)) => snapshots[..first].iter().rev().find_map(|s| s.arrivals),
+        (1.., Some(&first)) => {
+            let xmin = crate::db::snapshot_xmin(&tx).await?;
+            snapshots[..first]
+                .iter()
+                .rev()
+                .find_map(|s| s.arrivals)
+                .and_then(|m| m.usable(xmin))
+        }
         _ => None,
     };
     let unsealed_reads = check_reads(&sealed_ranges(&snapshots, &scope), since_mark);

@@ -1261,6 +1261,50 @@ async fn an_event_arriving_after_its_period_was_sealed_is_sealed_next_and_listed
     s.env.cleanup().await;
 }
 
+/// A log restored from a logical dump into another cluster keeps its
+/// snapshots' marks, but the new cluster's transaction ids may be lower:
+/// every row stored there would look older than the mark. A seal whose own
+/// snapshot's xmin is below the latest mark does not use it, and reads
+/// everything before its end, as the first seal did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mark_above_the_clusters_transaction_ids_is_not_trusted() {
+    let s = LogEnv::new("late_restored").await;
+    s.ingest(&(0..10).map(event).collect::<Vec<_>>(), |_| {})
+        .await;
+    s.seal("first").await;
+    s.env
+        .pg
+        .batch_execute(
+            "ALTER TABLE snapshots DISABLE TRIGGER snapshots_guard;
+             UPDATE snapshots SET arrivals_xmin = 4000000000000000;
+             ALTER TABLE snapshots ENABLE TRIGGER snapshots_guard;",
+        )
+        .await
+        .unwrap();
+    let mut late = event(10);
+    late["eventId"] = json!("evt-late");
+    late["timestamp"] = json!(ts(3_000));
+    s.ingest(&[late], |_| {}).await;
+    let second = s.seal("second").await;
+    assert_eq!((second.previous_tree_size, second.tree_size), (10, 11));
+    let mark: i64 = s
+        .env
+        .pg
+        .query_one(
+            "SELECT arrivals_xmin FROM snapshots WHERE id = $1",
+            &[&second.snapshot_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(mark < 4_000_000_000_000_000, "{mark}");
+    assert_eq!(
+        s.verify_ok_late().await,
+        vec![("evt-late".to_string(), second.snapshot_id)]
+    );
+    s.env.cleanup().await;
+}
+
 /// SQL that stores a copy of the stored event `of` (its columns and salts)
 /// under the key and eventId `key`, as a writer (or a forger) could.
 /// `keep_xid`: the copy keeps the original row's inserting transaction id
