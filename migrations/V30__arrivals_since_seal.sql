@@ -40,6 +40,14 @@
 CREATE INDEX IF NOT EXISTS audit_log_arrival ON audit_log
     USING brin (((ingest_xid::text)::bigint)) WITH (autosummarize = on);
 
+-- The planner needs statistics of the index's expression to see that few
+-- rows arrived since a mark; without them it assumes a third of the table
+-- and reads every earlier row in key order instead (measured on 1,000,000
+-- rows: 0.8 s instead of 0.1 ms). ANALYZE gathers them for each partition
+-- (sampling a fixed number of rows each); autovacuum keeps them current
+-- for partitions that still grow, and gathers them for new partitions.
+ANALYZE audit_log;
+
 ALTER TABLE snapshots ADD COLUMN arrivals_xmin bigint;
 ALTER TABLE snapshots ADD COLUMN arrivals_before timestamptz;
 ALTER TABLE snapshots ADD CONSTRAINT snapshots_arrivals_both
