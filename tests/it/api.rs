@@ -973,18 +973,12 @@ async fn subject_access_through_the_api_needs_gdpr_stays_in_the_keys_organisatio
     let expected: BTreeSet<String> = api
         .x
         .env
-        .pg
-        .query(
+        .column(
             "SELECT idempotency_key FROM audit_log
               WHERE (principal_id = 'user-7' OR target_resource_id = 'user-7')
                 AND organization_id = 'org-2'",
-            &[],
         )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .await;
     assert_eq!(exported, expected);
     assert_eq!(expected.len(), 3);
     let dir = tempfile::tempdir().unwrap();

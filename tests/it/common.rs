@@ -171,6 +171,20 @@ impl TestEnv {
         self.add_entries(&payloads).await
     }
 
+    /// The first column of every row `sql` returns, in order.
+    pub async fn column<T: for<'a> tokio_postgres::types::FromSql<'a>, C: FromIterator<T>>(
+        &self,
+        sql: &str,
+    ) -> C {
+        self.pg
+            .query(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
     pub async fn row_count(&self) -> i64 {
         self.pg
             .query_one("SELECT count(*) FROM audit_log", &[])

@@ -602,17 +602,11 @@ async fn a_parquet_export_killed_mid_way_resumes_to_a_byte_identical_file() {
         .collect();
     let want: Vec<i64> = x
         .env
-        .pg
-        .query(
+        .column(
             "SELECT id FROM audit_log WHERE event_time >= '2024-03-01' \
              AND event_time < '2024-04-01' ORDER BY event_time, id",
-            &[],
         )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .await;
     assert_eq!(ids.len(), want.len());
     assert!(ids == want, "every row exactly once, in export order");
     x.cleanup().await;

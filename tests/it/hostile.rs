@@ -344,16 +344,10 @@ async fn hostile_entries_are_dead_lettered_with_stable_codes_or_stored_byte_exac
 
     assert_stored_as_sent(&env, &accepted).await;
     let tables: Vec<String> = env
-        .pg
-        .query(
+        .column(
             "SELECT tablename::text FROM pg_tables WHERE schemaname = current_schema() ORDER BY 1",
-            &[],
         )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .await;
     assert!(
         tables.contains(&"audit_log_y2017m02".to_string()),
         "{tables:?}"

@@ -1379,17 +1379,11 @@ async fn a_late_event_committed_after_a_seal_read_is_sealed_by_the_next_schedule
     // Every scheduled seal recorded its mark, ending where its range ends.
     let recorded: Vec<bool> = s
         .env
-        .pg
-        .query(
+        .column(
             "SELECT arrivals_xmin IS NOT NULL AND arrivals_before = range_to
                FROM snapshots ORDER BY id",
-            &[],
         )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .await;
     assert_eq!(recorded, vec![true, true, true]);
     assert_eq!(
         s.verify_ok_late().await,

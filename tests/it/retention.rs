@@ -211,16 +211,8 @@ async fn retention_drops_only_expired_sealed_unheld_partitions_and_the_log_stays
 
     let january_ids: Vec<i64> = s
         .env
-        .pg
-        .query(
-            "SELECT id FROM audit_log WHERE event_time < '2018-02-01'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .column("SELECT id FROM audit_log WHERE event_time < '2018-02-01'")
+        .await;
     assert_eq!(january_ids.len(), 5);
 
     // Only the retention role may take the drop path, and it cannot
