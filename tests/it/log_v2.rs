@@ -1307,16 +1307,17 @@ async fn a_mark_above_the_clusters_transaction_ids_is_not_trusted() {
 
 /// SQL that stores a copy of the stored event `of` (its columns and salts)
 /// under the key and eventId `key`, as a writer (or a forger) could.
-/// `keep_xid`: the copy keeps the original row's inserting transaction id
-/// (`ingest_xid`) instead of getting its own.
-fn copy_event_sql(of: &str, key: &str, keep_xid: bool) -> String {
+/// `old_xid`: the copy claims to have been inserted by transaction 3, the
+/// first normal one, older than any seal's mark (even when other tests'
+/// open transactions hold the cluster's xmin back), instead of its own.
+fn copy_event_sql(of: &str, key: &str, old_xid: bool) -> String {
     let columns = "event_time, timestamp_raw, action, status, principal_id, organization_id, \
                    target_resource_type, target_resource_id, outcome_description, hash, \
                    hash_algorithm, hash_provided, signature, signature_algorithm, \
                    signature_key_id, event_version, correlation_id, data_classification, \
                    retention_policy, session_context, details, source";
-    let (xid_column, xid) = match keep_xid {
-        true => ("ingest_xid, ", "ingest_xid, "),
+    let (xid_column, xid) = match old_xid {
+        true => ("ingest_xid, ", "'3'::xid8, "),
         false => ("", ""),
     };
     format!(
